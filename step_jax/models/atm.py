@@ -1,0 +1,120 @@
+"""SegViT's Attention-to-Mask (ATM) decoder and DToP's per-exit variant.
+
+SegViT v1 (zbwxp/SegVit `ATMHead`): one learned query per class; for each of `num_stages`
+feature levels, deepest first, a Linear+LayerNorm projection and a 3-layer post-norm
+transformer decoder whose cross-attention logits (pre-softmax, averaged over heads, from
+the last layer) are that stage's mask logits. Queries carry over from stage to stage;
+mask logits are summed across stages; a shared Linear gives (C+1)-way class logits with
+"no object" last.
+
+DToP (`PruneHead`): the same decoder on one feature level, its own queries, and a binary
+class head (present, no-object) per class query.
+
+Masks are returned per token ([B, Q, N]); the segmenter owns the token→grid mapping, so
+padded or shared tokens (dCTS) and halted tokens (early exit) never need a square reshape.
+"""
+from typing import Any, Optional, Sequence
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+
+from step_jax.models import attention
+
+Dtype = Any
+
+
+class DecoderLayer(nn.Module):
+  """torch `TransformerDecoderLayer` (post-norm, ReLU, dropout 0.1) with ATM cross-attention."""
+  num_heads: int
+  dropout: float = 0.1
+  dtype: Dtype = jnp.float32
+  param_dtype: Dtype = jnp.float32
+
+  @nn.compact
+  def __call__(self, q, memory, key_mask=None, *, train=False):
+    d = q.shape[-1]
+    kw = dict(dtype=self.dtype, param_dtype=self.param_dtype)
+    drop = lambda x: nn.Dropout(self.dropout, deterministic=not train)(x)
+    norm = lambda name: nn.LayerNorm(1e-5, name=name, **kw)
+    dense = lambda f, name: nn.Dense(f, kernel_init=nn.initializers.truncated_normal(0.02),
+                                     name=name, **kw)
+    y = attention.SelfAttention(self.num_heads, self.dropout, name="self_attn", **kw)(
+        q, train=train)
+    q = norm("norm1")(q + drop(y))
+    y, logits = attention.CrossAttention(self.num_heads, self.dropout, name="cross_attn",
+                                         **kw)(q, memory, key_mask, train=train)
+    q = norm("norm2")(q + drop(y))
+    y = dense(d, "linear2")(drop(nn.relu(dense(4 * d, "linear1")(q))))
+    return norm("norm3")(q + drop(y)), logits
+
+
+class ATMHead(nn.Module):
+  """ATM decoder over `num_stages` feature levels.
+
+  Attributes:
+    num_classes: C; one query per class.
+    dim: decoder width (SegViT: 384 for ViT-B, 512 for ViT-L).
+    binary_cls: DToP head: class logits [.., 2] = (present, no-object) per query instead of
+      SegViT's [.., C+1].
+  """
+  num_classes: int
+  dim: int = 384
+  num_heads: int = 12
+  num_layers: int = 3
+  num_stages: int = 3
+  binary_cls: bool = False
+  dropout: float = 0.1
+  dtype: Dtype = jnp.float32
+  param_dtype: Dtype = jnp.float32
+
+  @nn.compact
+  def __call__(self, features: Sequence[jax.Array], key_mask=None, *, train=False):
+    """features: `num_stages` arrays [B, N, D], shallowest first (as the encoder emits them).
+
+    Returns dict(pred_logits [B,Q,K], pred_masks [B,Q,N] (fp32), aux=[dict, ...]) where aux
+    holds the earlier (deeper-first) stages' outputs for deep supervision.
+    """
+    if len(features) != self.num_stages:
+      raise ValueError(f"ATMHead expects {self.num_stages} feature maps, got {len(features)}")
+    kw = dict(dtype=self.dtype, param_dtype=self.param_dtype)
+    b = features[0].shape[0]
+    queries = self.param("queries", nn.initializers.normal(1.0),
+                         (self.num_classes, self.dim), self.param_dtype)
+    q = jnp.broadcast_to(queries.astype(self.dtype), (b, self.num_classes, self.dim))
+    class_embed = nn.Dense(2 if self.binary_cls else self.num_classes + 1,
+                           kernel_init=nn.initializers.truncated_normal(0.02),
+                           name="class_embed", **kw)
+    stage_logits, stage_masks, masks = [], [], 0.0
+    for i, x in enumerate(reversed(features)):  # deepest first
+      x = nn.Dense(self.dim, kernel_init=nn.initializers.truncated_normal(0.02),
+                   name=f"input_proj_{i}", **kw)(x)
+      memory = nn.LayerNorm(1e-5, name=f"proj_norm_{i}", **kw)(x)
+      for j in range(self.num_layers):
+        q, logits = DecoderLayer(self.num_heads, self.dropout, name=f"decoder_{i}_{j}",
+                                 **kw)(q, memory, key_mask, train=train)
+      masks = masks + logits  # last layer's logits; summed over stages
+      stage_masks.append(masks)
+      stage_logits.append(class_embed(q).astype(jnp.float32))
+    aux = [dict(pred_logits=l, pred_masks=m) for l, m in zip(stage_logits[:-1], stage_masks[:-1])]
+    return dict(pred_logits=stage_logits[-1], pred_masks=stage_masks[-1], aux=aux)
+
+
+def class_probs(pred_logits):
+  """Class probabilities: [B, Q, C] for the (C+1)-way head (no-object column dropped),
+  [B, Q] = p(present) for DToP's binary head."""
+  p = jax.nn.softmax(pred_logits.astype(jnp.float32), axis=-1)
+  return p[..., 0] if p.shape[-1] == 2 else p[..., :-1]
+
+
+def semantic_scores(pred_logits, mask_logits):
+  """Class scores [B, C, ...] from class logits [B,Q,K] and mask logits [B, Q, ...].
+
+  (C+1)-way head: Σ_q softmax(cls_q)[c] · σ(mask_q)   (SegViT `semantic_inference`).
+  Binary head:    p_q(present) · σ(mask_q)             (DToP, Q == C).
+  """
+  p = class_probs(pred_logits)
+  m = jax.nn.sigmoid(mask_logits.astype(jnp.float32))
+  if p.ndim == 2:
+    return p.reshape(p.shape + (1,) * (m.ndim - 2)) * m
+  return jnp.einsum("bqc,bq...->bc...", p, m)
