@@ -93,6 +93,7 @@ class ATMHead(nn.Module):
       for j in range(self.num_layers):
         q, logits = DecoderLayer(self.num_heads, self.dropout, name=f"decoder_{i}_{j}",
                                  **kw)(q, memory, key_mask, train=train)
+      self.sow("intermediates", "stage_logits", logits)  # for tests and analysis
       masks = masks + logits  # last layer's logits; summed over stages
       stage_masks.append(masks)
       stage_logits.append(class_embed(q).astype(jnp.float32))

@@ -1,0 +1,80 @@
+"""Shared config pieces: `path:arg` parsing, datasets, backbone/head presets, optimiser.
+
+Configs are code: every launch is `--config=configs/<file>.py:<k=v,...>` plus optional
+`--config.a.b=value` overrides (ml_collections).
+"""
+import ml_collections
+
+
+def parse_arg(arg, **defaults):
+  """'variant=B/16,res=512,smoke' → ConfigDict with typed values (types from `defaults`)."""
+  out = ml_collections.ConfigDict(defaults)
+  for item in filter(None, (arg or "").split(",")):
+    key, eq, value = item.partition("=")
+    if key not in defaults:
+      raise ValueError(f"unknown config argument {key!r}; allowed: {sorted(defaults)}")
+    if not eq:  # a bare flag means True
+      value = "True"
+    kind = type(defaults[key])
+    if kind is bool:
+      if value.lower() not in ("true", "false", "1", "0"):
+        raise ValueError(f"config argument {key}={value!r} must be true or false")
+      value = value.lower() in ("true", "1")
+    out[key] = kind(value) if kind is not bool else value
+  return out
+
+
+# name: (num_classes, ignore_index, default crop, train steps (paper), eval stride)
+DATASETS = {
+    "synthetic": dict(num_classes=6, ignore_index=255, crop=128),
+    "ade20k": dict(num_classes=150, ignore_index=255, crop=512, steps=160_000),
+    "coco_stuff10k": dict(num_classes=171, ignore_index=255, crop=512, steps=80_000),
+    "cityscapes": dict(num_classes=19, ignore_index=255, crop=1024, steps=90_000),
+    "camvid": dict(num_classes=11, ignore_index=11, crop=480, steps=20_000),
+}
+
+# SegViT/DToP backbone and head presets (reference-implementations.md §2-3).
+# variant: (out_layers, head_dim, head_heads, drop_path)
+BACKBONES = {
+    "Mu/16": ((2, 3, 4), 64, 4, 0.0),
+    "Ti/16": ((6, 8, 12), 192, 6, 0.1),
+    "S/16": ((6, 8, 12), 256, 8, 0.1),
+    "B/16": ((6, 8, 12), 384, 12, 0.1),
+    "L/16": ((8, 16, 24), 512, 16, 0.3),
+}
+
+
+def dataset_config(name, res, data_dir=""):
+  if name not in DATASETS:
+    raise ValueError(f"unknown dataset {name!r}; choose from {sorted(DATASETS)}")
+  d = DATASETS[name]
+  res = res or d["crop"]
+  data = ml_collections.ConfigDict(dict(
+      name=name, image_size=(res, res), data_dir=data_dir, train_split="train",
+      eval_split="val" if name != "synthetic" else "val",
+      num_train=512, num_eval=64,   # synthetic only
+      seed=0))
+  return data, d["num_classes"], d["ignore_index"]
+
+
+def model_config(variant, res):
+  if variant not in BACKBONES:
+    raise ValueError(f"unknown variant {variant!r}; choose from {sorted(BACKBONES)}")
+  out_layers, head_dim, head_heads, drop_path = BACKBONES[variant]
+  return ml_collections.ConfigDict(dict(
+      variant=variant, out_layers=out_layers, head_dim=head_dim, head_heads=head_heads,
+      head_layers=3, head_dropout=0.1, drop_path=drop_path, dtype="float32", remat=False,
+      posemb_grid=(res // 16, res // 16), pixel_mean=(127.5,) * 3, pixel_std=(127.5,) * 3))
+
+
+def optim_config(total_steps, lr=6e-5):
+  """AdamW + linear warmup + poly decay, head lr ×10, clipping (SegViT/DToP/STEP §4.1)."""
+  return ml_collections.ConfigDict(dict(
+      lr=lr, weight_decay=0.01, b1=0.9, b2=0.999, head_lr_mult=10.0, schedule="poly",
+      poly_power=1.0, warmup_steps=min(1500, max(total_steps // 20, 1)), warmup_init=1e-6,
+      clip_norm=35.0, total_steps=total_steps))
+
+
+def loss_config():
+  return ml_collections.ConfigDict(dict(
+      type="atm", ce_weight=1.0, focal_weight=20.0, dice_weight=1.0, no_object_weight=0.1))

@@ -1,0 +1,235 @@
+"""FLOP counting: analytic (fvcore convention) and XLA's own count.
+
+Convention (reference-implementations.md §4, DESIGN.md §3): papers in this line of work report
+fvcore `FlopCountAnalysis` numbers, where **one multiply-add counts as one FLOP** (so their
+"GFLOPs" are GMACs). fvcore counts these ops and nothing else:
+
+* matmul / linear / einsum / bmm / conv: one per multiply-add; biases are not counted;
+* `layer_norm` (and group/instance norm): `numel * 5` with an affine transform (`* 4` without),
+  fvcore's own "rough estimate" (`norm_flop_counter`), which we copy so totals match;
+* `upsample_bilinear2d`: 4 per output element.
+
+Elementwise ops (residual adds, GELU/ReLU, scaling, sigmoid), softmax, reductions and
+`upsample_bicubic2d` (position-embedding resampling) are not counted. Neither is torch's
+`scaled_dot_product_attention`, which newer torch `nn.MultiheadAttention(need_weights=False)`
+dispatches to; we count the attention matmuls anyway (2·Q²·d in the ATM self-attention, well
+under 1% of any model here) because they are real work.
+
+Every function is parameterised by token counts (floats are fine: averages over a validation
+set), so that supertokens (fewer tokens, variable per image) and early exit (fewer tokens from
+one stage to the next) reuse them: sum `vit_block_macs` over blocks with each block's count.
+
+`xla_flops` gives XLA's count of a jitted function for cross-checks. XLA counts 2 FLOPs per
+multiply-add and also counts elementwise ops, so `xla_flops / 2` sits slightly above our
+analytic MACs (see tests/test_flops.py for the measured gaps).
+
+CLI: `python -m step_jax.flops --config=configs/segvit.py:variant=B/16,dataset=ade20k,res=512`
+prints one JSON line {gflops, backbone, heads, tokens, image_size, config}.
+"""
+import json
+from typing import Any, Dict, Optional, Sequence, Union
+
+import jax
+
+from step_jax.models import vit as vit_lib
+
+Number = Union[int, float]
+
+# fvcore `norm_flop_counter`: numel * (5 if affine else 4). All our LayerNorms are affine.
+LAYER_NORM_MACS_PER_ELEMENT = 5
+# fvcore `elementwise_flop_counter(0, 4)` for `upsample_bilinear2d`.
+BILINEAR_MACS_PER_OUTPUT = 4
+
+
+def layer_norm_macs(n_tokens: Number, dim: int) -> float:
+  """Affine LayerNorm over [n_tokens, dim], as fvcore counts it (5 per element)."""
+  return float(LAYER_NORM_MACS_PER_ELEMENT * n_tokens * dim)
+
+
+def patch_embed_macs(n_tokens: Number, width: int, patch_size: int, in_ch: int = 3) -> float:
+  """Linear embedding of `n_tokens` p×p×in_ch patches (= the stride-p conv of timm/mmseg).
+
+  Supertokens are superpatches resized to p×p and embedded with the same weights, so the
+  count per token is the same; the resize itself is not counted (fvcore would not either).
+  """
+  return float(n_tokens * patch_size * patch_size * in_ch * width)
+
+
+def vit_block_macs(n_tokens: Number, width: int, mlp_dim: int,
+                   n_keys: Optional[Number] = None) -> float:
+  """One pre-norm ViT block on `n_tokens` tokens of width D.
+
+  qkv 3·N·D², QKᵀ N·Nk·D, AV N·Nk·D, proj N·D², MLP 2·N·D·mlp, two LayerNorms 2·5·N·D.
+  GELU, softmax, scaling and residual adds are not counted (fvcore).
+
+  Args:
+    n_tokens: N, the tokens that are processed (queries).
+    n_keys: Nk, the tokens attended to; defaults to N. Pass the bucket capacity here (and as
+      n_tokens) for *executed* FLOPs of a masked, padded bucket.
+  """
+  n, d = n_tokens, width
+  nk = n if n_keys is None else n_keys
+  linear = 3 * n * d * d + n * d * d + 2 * n * d * mlp_dim
+  attention = 2 * n * nk * d
+  norms = 2 * layer_norm_macs(n, d)
+  return float(linear + attention + norms)
+
+
+def atm_decoder_layer_macs(num_queries: Number, n_tokens: Number, dim: int) -> float:
+  """One ATM decoder layer (post-norm torch TransformerDecoderLayer + ATM cross-attention).
+
+  self-attention: in_proj 3·Q·d², QKᵀ and AV 2·Q²·d, out_proj Q·d²;
+  cross-attention: q Q·d², k and v 2·N·d², logits Q·N·d, AV Q·N·d, proj Q·d²;
+  FFN d→4d→d: 2·Q·d·4d; three LayerNorms on [Q, d].
+  """
+  q, n, d = num_queries, n_tokens, dim
+  self_attn = 3 * q * d * d + 2 * q * q * d + q * d * d
+  cross_attn = q * d * d + 2 * n * d * d + 2 * q * n * d + q * d * d
+  ffn = 2 * q * d * 4 * d
+  norms = 3 * layer_norm_macs(q, d)
+  return float(self_attn + cross_attn + ffn + norms)
+
+
+def atm_head_macs(n_tokens_per_stage: Sequence[Number], num_queries: Number, dim: int,
+                  in_width: Union[int, Sequence[int]], num_layers: int, num_classes_out: int,
+                  upsample_hw: Optional[Sequence[int]] = None) -> float:
+  """SegViT ATM head (or one DToP PruneHead when given one stage).
+
+  Per stage: input_proj N·C_in·d + LayerNorm(N, d), `num_layers` decoder layers, class_embed
+  Q·d·K (K = num_classes_out: C+1 for SegViT, 2 for DToP's binary head). Stage mask logits are
+  summed on the token grid (elementwise, not counted). Finally, when `upsample_hw` = (H, W) is
+  given, the bilinear upsampling of the Q mask maps to pixels: 4·Q·H·W.
+
+  (SegViT's torch head applies class_embed to every decoder layer's queries and interpolates
+  each layer's map to the same grid; both are < 0.1 % of the head and we count what our
+  `atm.ATMHead` runs: class_embed once per stage.)
+  """
+  widths = ([in_width] * len(n_tokens_per_stage) if isinstance(in_width, int)
+            else list(in_width))
+  if len(widths) != len(n_tokens_per_stage):
+    raise ValueError(f"in_width has {len(widths)} entries for {len(n_tokens_per_stage)} stages")
+  total = 0.0
+  for n, c_in in zip(n_tokens_per_stage, widths):
+    total += n * c_in * dim + layer_norm_macs(n, dim)
+    total += num_layers * atm_decoder_layer_macs(num_queries, n, dim)
+    total += num_queries * dim * num_classes_out
+  if upsample_hw is not None:
+    total += BILINEAR_MACS_PER_OUTPUT * num_queries * upsample_hw[0] * upsample_hw[1]
+  return float(total)
+
+
+def semantic_inference_macs(num_queries: Number, num_classes: int, height: int,
+                            width: int) -> float:
+  """einsum('bqc,bqhw->bchw') of SegViT's `semantic_inference`: Q·C·H·W.
+
+  Not part of our default count: the STEP paper's SegViT figures (113 @ B/512 ADE, 110 @ B/512
+  Cityscapes, 373 @ L/512 COCO-Stuff) fit the model *without* it, while the SegViT README's
+  (120.9 @ B/512 ADE, 383.9 @ L/512 COCO-Stuff) fit the model *with* it.
+  """
+  return float(num_queries * num_classes * height * width)
+
+
+def segvit_macs(variant: str, image_size: Sequence[int], num_classes: int,
+                out_layers: Sequence[int], head_dim: int, head_layers: int = 3,
+                include_semantic: bool = False) -> Dict[str, float]:
+  """MACs of a plain SegViT forward on one H×W image: dict(backbone, heads, total, tokens).
+
+  backbone = patch embedding + all `depth` blocks (the segmenter runs every block, whatever
+  `out_layers` is); heads = ATM head with one stage per out layer, Q = C queries, a (C+1)-way
+  class head, mask upsampling to H×W (+ the semantic einsum if `include_semantic`).
+  """
+  v = vit_lib.decode_variant(variant)
+  p, d = v["patch_size"], v["width"]
+  h, w = int(image_size[0]), int(image_size[1])
+  if h % p or w % p:
+    raise ValueError(f"image size {h}x{w} is not a multiple of the patch size {p}")
+  n = (h // p) * (w // p)
+  out_layers = tuple(out_layers)
+  if not out_layers or min(out_layers) < 1 or max(out_layers) > v["depth"]:
+    raise ValueError(f"out_layers={out_layers} must be 1-based layers within depth "
+                     f"{v['depth']} of {variant}")
+  backbone = patch_embed_macs(n, d, p) + v["depth"] * vit_block_macs(n, d, v["mlp_dim"])
+  heads = atm_head_macs([n] * len(out_layers), num_classes, head_dim, d, head_layers,
+                        num_classes + 1, upsample_hw=(h, w))
+  if include_semantic:
+    heads += semantic_inference_macs(num_classes, num_classes, h, w)
+  return dict(backbone=backbone, heads=heads, total=backbone + heads, tokens=n)
+
+
+def _require(cfg, dotted: str):
+  node = cfg
+  for part in dotted.split("."):
+    try:
+      node = node[part]
+    except (KeyError, AttributeError, TypeError):
+      raise KeyError(f"config has no `{dotted}` (needed for FLOP counting)") from None
+  return node
+
+
+def model_macs(config, include_semantic: bool = False) -> Dict[str, float]:
+  """GFLOPs (fvcore convention: 1e9 multiply-adds) of a plain SegViT config.
+
+  Reads:
+    config.num_classes           C (queries = C, class head C+1)
+    config.data.image_size       (H, W) of the evaluated crop
+    config.model.variant         e.g. 'B/16' (step_jax.models.vit.decode_variant)
+    config.model.out_layers      1-based blocks feeding the ATM head, e.g. (6, 8, 12)
+    config.model.head_dim        ATM width d
+    config.model.head_layers     decoder layers per stage (optional, default 3 as
+                                 segmenter.build)
+  Raises KeyError naming the first missing key.
+
+  Returns dict(backbone, heads, total) in GFLOPs (1e9 MACs).
+  """
+  image_size = tuple(_require(config, "data.image_size"))
+  if len(image_size) != 2:
+    raise ValueError(f"config.data.image_size must be (H, W), got {image_size}")
+  model = _require(config, "model")
+  head_layers = model.get("head_layers", 3) if hasattr(model, "get") else 3
+  m = segvit_macs(_require(config, "model.variant"), image_size,
+                  int(_require(config, "num_classes")), _require(config, "model.out_layers"),
+                  int(_require(config, "model.head_dim")), int(head_layers),
+                  include_semantic=include_semantic)
+  return {k: m[k] / 1e9 for k in ("backbone", "heads", "total")}
+
+
+def xla_flops(fn, *args) -> float:
+  """XLA's FLOP count of `jax.jit(fn)(*args)` (2 per multiply-add, elementwise ops included).
+
+  `args` may be arrays or `jax.ShapeDtypeStruct` pytrees (nothing is executed). Returns
+  float('nan') where the backend gives no cost analysis.
+  """
+  cost = jax.jit(fn).lower(*args).compile().cost_analysis()
+  if isinstance(cost, (list, tuple)):  # older jax: one dict per computation
+    cost = cost[0] if cost else None
+  if not cost or "flops" not in cost:
+    return float("nan")
+  return float(cost["flops"])
+
+
+def _main(argv):
+  del argv
+  from absl import flags  # pylint: disable=g-import-not-at-top
+  from ml_collections import config_flags  # pylint: disable=g-import-not-at-top
+  cfg = flags.FLAGS.config
+  m = model_macs(cfg)
+  v = vit_lib.decode_variant(cfg.model.variant)
+  h, w = tuple(cfg.data.image_size)
+  print(json.dumps(dict(gflops=round(m["total"], 4), backbone=round(m["backbone"], 4),
+                        heads=round(m["heads"], 4),
+                        tokens=(h // v["patch_size"]) * (w // v["patch_size"]),
+                        image_size=[h, w],
+                        config=config_flags.get_config_filename(flags.FLAGS["config"]))))
+
+
+def run():
+  """Console entry point (`step-flops` in pyproject.toml) and `python -m step_jax.flops`."""
+  from absl import app  # pylint: disable=g-import-not-at-top
+  from ml_collections import config_flags  # pylint: disable=g-import-not-at-top
+  config_flags.DEFINE_config_file("config", None, "path/to/config.py[:args]",
+                                  lock_config=True)
+  app.run(_main)
+
+
+if __name__ == "__main__":
+  run()

@@ -1,0 +1,25 @@
+"""Entry point: python -m step_jax.main --config=configs/<file>.py:<args> --workdir=DIR."""
+from absl import app
+from absl import flags
+from ml_collections import config_flags
+
+from step_jax import train
+
+_CONFIG = config_flags.DEFINE_config_file("config", None, "Config file (path:arg).",
+                                          lock_config=True)
+_WORKDIR = flags.DEFINE_string("workdir", None, "Directory for metrics and checkpoints.")
+flags.mark_flags_as_required(["config", "workdir"])
+
+
+def main(argv):
+  if len(argv) > 1:
+    raise app.UsageError(f"unexpected arguments: {argv[1:]}")
+  train.train_and_evaluate(_CONFIG.value, _WORKDIR.value)
+
+
+def run():  # console script `step-train`
+  app.run(main)
+
+
+if __name__ == "__main__":
+  run()

@@ -1,0 +1,46 @@
+"""Optimiser: AdamW with warmup + poly/cosine decay, head lr multiplier, no decay on
+norms/biases/embeddings, global-norm clipping (SegViT/DToP/STEP recipes)."""
+import jax
+import jax.numpy as jnp
+import optax
+
+# Parameter names that never get weight decay (mmseg `paramwise_cfg` / big_vision habit).
+_NO_DECAY = ("bias", "scale", "pos_embedding", "queries")
+
+
+def learning_rate_fn(cfg, base_lr=None):
+  lr = cfg.lr if base_lr is None else base_lr
+  warm = int(cfg.warmup_steps)
+  init = min(cfg.get("warmup_init", 1e-6), lr)
+  decay_steps = max(int(cfg.total_steps) - warm, 1)
+  if cfg.schedule == "poly":
+    decay = optax.polynomial_schedule(lr, 0.0, cfg.get("poly_power", 1.0), decay_steps)
+  elif cfg.schedule == "cosine":
+    decay = optax.cosine_decay_schedule(lr, decay_steps)
+  elif cfg.schedule == "constant":
+    decay = optax.constant_schedule(lr)
+  else:
+    raise ValueError(f"optim.schedule={cfg.schedule!r}: use 'poly', 'cosine' or 'constant'")
+  if warm <= 0:
+    return decay
+  return optax.join_schedules([optax.linear_schedule(init, lr, warm), decay], [warm])
+
+
+def _decay_mask(params):
+  """True where weight decay applies: kernels, not biases/norm scales/embedding tables."""
+  return jax.tree_util.tree_map_with_path(
+      lambda path, _: getattr(path[-1], "key", None) not in _NO_DECAY, params)
+
+
+def make_optimizer(cfg):
+  """cfg: config.optim. Everything but the 'backbone' subtree trains at lr × head_lr_mult."""
+  def adamw(lr):
+    return optax.adamw(lr, b1=cfg.b1, b2=cfg.b2, weight_decay=cfg.weight_decay,
+                       mask=_decay_mask)
+  labels = lambda params: {k: ("backbone" if k == "backbone" else "head") for k in params}
+  tx = optax.multi_transform(
+      {"backbone": adamw(learning_rate_fn(cfg)),
+       "head": adamw(learning_rate_fn(cfg, cfg.lr * cfg.head_lr_mult))}, labels)
+  if cfg.get("clip_norm"):
+    tx = optax.chain(optax.clip_by_global_norm(cfg.clip_norm), tx)
+  return tx

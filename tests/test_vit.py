@@ -1,0 +1,106 @@
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from step_jax.models import vit
+
+
+def tiny(**kw):
+  cfg = dict(width=32, depth=3, mlp_dim=64, num_heads=2, posemb_grid=(4, 4))
+  cfg.update(kw)
+  return vit.ViT(**cfg)
+
+
+def test_decode_variant():
+  assert vit.decode_variant("B/16") == dict(width=768, depth=12, mlp_dim=3072, num_heads=12,
+                                            patch_size=16)
+  assert vit.decode_variant("L/16")["depth"] == 24
+  with pytest.raises(ValueError, match="unknown ViT variant"):
+    vit.decode_variant("H/14x")
+
+
+def test_shapes_and_intermediates():
+  m = tiny()
+  x = jax.random.normal(jax.random.key(0), (2, 48, 80, 3))
+  params = m.init(jax.random.key(1), x)
+  y, outs = m.apply(params, x)
+  assert y.shape == (2, 3, 5, 32)
+  assert len(outs) == 3 and outs[-1].shape == (2, 15, 32)
+  np.testing.assert_array_equal(outs[-1].reshape(y.shape), y)  # final_norm=False
+
+
+def test_rejects_sizes_off_the_patch_grid():
+  m = tiny()
+  with pytest.raises(ValueError, match="not a multiple of the patch size"):
+    m.init(jax.random.key(0), jnp.zeros((1, 40, 48, 3)))
+
+
+def test_patch_embedding_equals_strided_conv():
+  m = tiny()
+  x = jax.random.normal(jax.random.key(0), (1, 32, 48, 3))
+  params = m.init(jax.random.key(1), x)
+  tokens = m.apply(params, x, method=lambda mod, im: mod.embed_patches(mod.patchify(im)))
+  k = params["params"]["embedding"]["kernel"].reshape(16, 16, 3, 32)  # HWIO
+  conv = jax.lax.conv_general_dilated(x, k, (16, 16), "VALID",
+                                      dimension_numbers=("NHWC", "HWIO", "NHWC"))
+  conv = conv + params["params"]["embedding"]["bias"]
+  np.testing.assert_allclose(tokens, conv, atol=1e-4)
+
+
+def test_posemb_resample_identity_and_smoothness():
+  m = tiny()
+  params = m.init(jax.random.key(0), jnp.zeros((1, 64, 64, 3)))
+  same = m.apply(params, (4, 4), method=lambda mod, g: mod.posemb(g))
+  np.testing.assert_array_equal(same, params["params"]["pos_embedding"])
+  big = m.apply(params, (8, 12), method=lambda mod, g: mod.posemb(g))
+  assert big.shape == (8, 12, 32)
+  # A constant embedding stays constant under (partition-of-unity) bicubic resampling.
+  const = jax.tree_util.tree_map_with_path(
+      lambda p, v: jnp.ones_like(v) if p[-1].key == "pos_embedding" else v, params)
+  np.testing.assert_allclose(m.apply(const, (7, 9), method=lambda mod, g: mod.posemb(g)),
+                             1.0, atol=1e-5)
+
+
+def test_key_mask_makes_padding_invisible():
+  """Padded tokens (any values) behind a False key mask never change valid outputs."""
+  m = tiny()
+  x = jax.random.normal(jax.random.key(0), (2, 10, 32))
+  params = m.init(jax.random.key(1), jnp.zeros((1, 32, 32, 3)))
+  run = lambda t, mask: m.apply(params, t, mask, method=lambda mod, a, b: mod.run_blocks(a, b))
+  ref = run(x, None)[-1]
+  pad = jax.random.normal(jax.random.key(2), (2, 6, 32)) * 100
+  mask = jnp.concatenate([jnp.ones((2, 10), bool), jnp.zeros((2, 6), bool)], 1)
+  out = run(jnp.concatenate([x, pad], 1), mask)[-1]
+  np.testing.assert_allclose(out[:, :10], ref, atol=1e-5)
+
+
+def test_drop_path_train_vs_eval():
+  m = tiny(drop_path=0.5)
+  x = jax.random.normal(jax.random.key(0), (8, 32, 32, 3))
+  params = m.init(jax.random.key(1), x)
+  e1, _ = m.apply(params, x)
+  e2, _ = m.apply(params, x)
+  np.testing.assert_array_equal(e1, e2)
+  t1, _ = m.apply(params, x, train=True, rngs={"dropout": jax.random.key(3)})
+  assert not np.allclose(t1, e1)
+
+
+def test_remat_same_values_and_grads():
+  x = jax.random.normal(jax.random.key(0), (2, 32, 32, 3))
+  plain, remat = tiny(), tiny(remat=True)
+  params = plain.init(jax.random.key(1), x)
+  f = lambda m: lambda p: jnp.sum(m.apply(p, x)[0] ** 2)
+  np.testing.assert_allclose(f(plain)(params), f(remat)(params), rtol=1e-6)
+  g1, g2 = jax.grad(f(plain))(params), jax.grad(f(remat))(params)
+  jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-6), g1, g2)
+
+
+def test_bf16_close_to_fp32():
+  x = jax.random.normal(jax.random.key(0), (2, 32, 32, 3))
+  params = tiny().init(jax.random.key(1), x)
+  y32, _ = tiny().apply(params, x)
+  y16, _ = tiny(dtype=jnp.bfloat16).apply(params, x)
+  assert y16.dtype == jnp.bfloat16
+  err = np.abs(np.asarray(y16, np.float32) - np.asarray(y32))
+  assert err.max() < 0.1 * np.abs(np.asarray(y32)).max()
