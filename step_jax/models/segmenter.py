@@ -8,13 +8,14 @@ Models return `(outputs, aux)`: `outputs` is what the losses consume; `aux` carr
 analysis (token grid, later supertoken leaf maps and exit masks).
 """
 import functools
-from typing import Optional, Sequence
+from typing import Optional, Sequence, Union
 
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
 from step_jax.models import atm
+from step_jax.models import early_exit
 from step_jax.models import resize
 from step_jax.models import supertokens
 from step_jax.models import vit as vit_lib
@@ -37,6 +38,14 @@ class Segmenter(nn.Module):
       batch's largest token count is selected on device (`lax.switch`), so only these shapes
       are ever compiled and fewer tokens really cost less.
     policy: module mapping pixels to {k: logits [B, H/(16k), W/(16k)]} (dcts/cts).
+    exit_layers: 1-based blocks after which an auxiliary exit head sits (DToP/STEP, e.g.
+      (6, 8) for ViT-B); empty = no early exit. With exits, `head` is the final DToP head
+      (binary, one stage) on block `out_layers == (depth,)`.
+    exit_heads: one single-stage binary ATM head per exit layer.
+    exit_threshold: confidence τ above which tokens halt (per exit, or one for all).
+    exit_mode: 'mask' (halted tokens masked in place) or 'compact' (active tokens gathered
+      into the smallest capacity bucket of `exit_buckets` at every exit).
+    keep_top_k: DToP keeps the k most confident halting candidates per class as context.
   """
   backbone: vit_lib.ViT
   head: atm.ATMHead
@@ -50,6 +59,12 @@ class Segmenter(nn.Module):
   buckets: Sequence[float] = (1.0,)
   ignore_index: int = 255
   policy: Optional[nn.Module] = None
+  exit_layers: Sequence[int] = ()
+  exit_heads: Sequence[nn.Module] = ()
+  exit_threshold: Union[float, Sequence[float]] = 1.0
+  exit_mode: str = "compact"
+  keep_top_k: int = 5
+  exit_buckets: Sequence[float] = (0.25, 0.375, 0.5, 0.625, 0.75, 0.875, 1.0)
 
   def normalize(self, images):
     if images.ndim != 4 or images.shape[-1] != 3:
@@ -98,10 +113,79 @@ class Segmenter(nn.Module):
       return (n - 3 * self.cts_shared,)
     return supertokens.bucket_capacities(n, self.buckets)
 
-  def encode_decode(self, x, key_mask, grid, *, train):
-    """Tokens [B, C, D] (+ key mask) → ViT → ATM head; outputs per token."""
-    outs = self.backbone.run_blocks(x, key_mask, train=train)
-    return self.head([outs[i - 1] for i in self.out_layers], key_mask, train=train)
+  def encode_decode(self, x, key_mask, *, train):
+    """Tokens [B, C, D] (+ key mask) → ViT → ATM head(s); outputs per token.
+
+    Without exits: SegViT's multi-stage head on `out_layers`. With exits: the staged DToP
+    encoder. `token_maps` holds per-token maps that the caller un-shares to the grid.
+    """
+    if not self.exit_layers:
+      outs = self.backbone.run_blocks(x, key_mask, train=train)
+      out = self.head([outs[i - 1] for i in self.out_layers], key_mask, train=train)
+      return dict(out, token_maps={}, stats={})
+    return self.staged(x, key_mask, train=train)
+
+  def run_stage(self, x, active, start, stop, head_index, capacity, train):
+    """Blocks [start, stop) and exit head `head_index` on the active tokens.
+
+    capacity None: every token in place, halted ones hidden by the key mask. Otherwise the
+    active tokens are gathered into `capacity` slots, run, and scattered back.
+    Returns (x [B, N, D], class logits [B, Q, 2], mask logits [B, Q, N]).
+    """
+    head = (list(self.exit_heads) + [self.head])[head_index]
+    if capacity is None:
+      y = self.backbone.run_blocks(x, active, start, stop, train=train)[-1]
+      out = head([y], active, train=train)
+      return y, out["pred_logits"], out["pred_masks"]
+    idx, sub_active = early_exit.compact_indices(active, capacity)
+    y = self.backbone.run_blocks(early_exit.gather(x, idx), sub_active, start, stop,
+                                 train=train)[-1]
+    out = head([y], sub_active, train=train)
+    x = early_exit.scatter(x, y, idx, sub_active)
+    b, q, n = x.shape[0], out["pred_masks"].shape[1], x.shape[1]
+    masks = early_exit.scatter(jnp.zeros((b, n, q), jnp.float32),
+                               jnp.swapaxes(out["pred_masks"], 1, 2), idx, sub_active)
+    return x, out["pred_logits"], jnp.swapaxes(masks, 1, 2)
+
+  def staged(self, x, key_mask, *, train):
+    """DToP: stages separated by exit heads; confident tokens halt; a canvas of mask logits."""
+    b, n, _ = x.shape
+    depth = len(self.backbone.blocks)
+    if tuple(self.out_layers) != (depth,) or len(self.exit_heads) != len(self.exit_layers):
+      raise ValueError(f"early exit needs out_layers == ({depth},) and one exit head per exit "
+                       f"layer; got out_layers={tuple(self.out_layers)}, "
+                       f"{len(self.exit_heads)} heads for exit_layers={tuple(self.exit_layers)}")
+    taus = self.exit_threshold
+    taus = tuple(taus) if isinstance(taus, (tuple, list)) else (taus,) * len(self.exit_layers)
+    bounds = (0,) + tuple(self.exit_layers) + (depth,)
+    active = jnp.ones((b, n), bool) if key_mask is None else key_mask
+    halt_stage = jnp.full((b, n), len(self.exit_layers), jnp.int32)  # exit index, or last
+    canvas = jnp.zeros((b, self.head.num_classes, n), jnp.float32)
+    results, counts, caps_used = [], [], []
+    caps = supertokens.bucket_capacities(n, self.exit_buckets, multiple=8)
+    for s in range(len(bounds) - 1):
+      counts.append(jnp.sum(active, axis=-1))
+      run = functools.partial(Segmenter.run_stage, start=bounds[s], stop=bounds[s + 1],
+                              head_index=s, train=train)
+      if self.exit_mode == "compact" and s > 0 and len(caps) > 1:
+        idx = supertokens.bucket_index(counts[-1], caps)
+        branches = [functools.partial(run, capacity=c) for c in caps]
+        x, cls, masks = nn.switch(idx, branches, self, x, active)
+        caps_used.append(jnp.asarray(caps, jnp.int32)[idx])
+      elif self.exit_mode in ("compact", "mask"):
+        x, cls, masks = run(self, x, active, capacity=None)
+        caps_used.append(jnp.asarray(n, jnp.int32))
+      else:
+        raise ValueError(f"exit_mode={self.exit_mode!r}: use 'mask' or 'compact'")
+      canvas = jnp.where(active[:, None, :], masks, canvas)   # halted tokens keep old logits
+      results.append(dict(pred_logits=cls, pred_masks=canvas))
+      if s < len(self.exit_layers):
+        halt = early_exit.halting(jax.lax.stop_gradient(cls), jax.lax.stop_gradient(masks),
+                                  active, taus[s], self.keep_top_k)
+        halt_stage = jnp.where(halt, s, halt_stage)
+        active &= ~halt
+    return dict(results[-1], aux=results[:-1], token_maps=dict(halt_stage=halt_stage),
+                stats=dict(active_tokens=jnp.stack(counts, 1), stage_capacity=jnp.stack(caps_used)))
 
   def run_supertokens(self, x, layout, grid, capacity, train):
     """Gathers `capacity` supertokens, runs the network, un-shares masks to the grid."""
@@ -112,10 +196,12 @@ class Segmenter(nn.Module):
     pos, _ = supertokens.gather_tokens(
         jnp.broadcast_to(pos_table, (x.shape[0],) + pos_table.shape[1:]), layout, capacity)
     tokens = self.backbone.embed_patches(patches) + pos
-    head_out = self.encode_decode(tokens, valid, grid, train=train)
+    out = self.encode_decode(tokens, valid, train=train)
     unshare = lambda o: dict(pred_logits=o["pred_logits"],
                              pred_masks=supertokens.unshare(o["pred_masks"], layout["leaf"]))
-    return dict(unshare(head_out), aux=[unshare(o) for o in head_out["aux"]])
+    return dict(unshare(out), aux=[unshare(o) for o in out["aux"]], stats=out["stats"],
+                token_maps={k: supertokens.unshare(v, layout["leaf"])
+                            for k, v in out["token_maps"].items()})
 
   @nn.compact
   def __call__(self, images, *, train=False, labels=None, capacity=None):
@@ -132,7 +218,7 @@ class Segmenter(nn.Module):
     info = dict(grid=grid)
     if self.merge == "none":
       tokens = self.backbone.embed(x).reshape(b, grid[0] * grid[1], -1)
-      out = self.encode_decode(tokens, None, grid, train=train)
+      out = self.encode_decode(tokens, None, train=train)
     else:
       level = self.merge_levels(images, labels)
       layout = supertokens.token_layout(level)
@@ -151,6 +237,8 @@ class Segmenter(nn.Module):
                              pred_masks=o["pred_masks"].reshape(b, -1, *grid))
     outputs = to_grid(out)
     outputs["aux"] = [to_grid(o) for o in out["aux"]]
+    info.update(out["stats"])
+    info.update({k: v.reshape(b, *grid) for k, v in out["token_maps"].items()})
     return outputs, info
 
 
