@@ -23,6 +23,11 @@ def make_model(mode="compact", tau=1.0, merge="none", exits=(1, 2),
                              exit_mode=mode, exit_buckets=exit_buckets, **kw)
 
 
+def japply(model, *args, **kw):
+  """model.apply under jit (eager Flax with lax.switch is slow on CPU)."""
+  return jax.jit(functools.partial(model.apply, **kw))(*args)
+
+
 def _images(b=2, h=96, w=128, seed=0):
   return jax.random.uniform(jax.random.key(seed), (b, h, w, 3), minval=0, maxval=255)
 
@@ -52,7 +57,7 @@ def test_threshold_one_is_exactly_the_no_exit_model():
   images = _images()
   params = _params(images)
   m = make_model("mask", tau=1.0)
-  out, info = m.apply(params, images)
+  out, info = japply(m, params, images)
   assert np.all(np.asarray(info["halt_stage"]) == 2)          # nobody halted
   # Reference: all blocks on all tokens, then the final head alone.
   def manual(mdl, im):
@@ -64,13 +69,13 @@ def test_threshold_one_is_exactly_the_no_exit_model():
   np.testing.assert_allclose(out["pred_masks"].reshape(ref["pred_masks"].shape),
                              ref["pred_masks"], atol=1e-5)
   np.testing.assert_allclose(out["pred_logits"], ref["pred_logits"], atol=1e-5)
-  compact, _ = make_model("compact", tau=1.0).apply(params, images)
+  compact, _ = japply(make_model("compact", tau=1.0), params, images)
   np.testing.assert_allclose(compact["pred_masks"], out["pred_masks"], atol=1e-5)
 
 
 def _tau_halting_about_half(params, images):
   """The median first-exit confidence: about half of the tokens halt at exit 1."""
-  out = make_model("mask", tau=1.0).apply(params, images)[0]["aux"][0]
+  out = japply(make_model("mask", tau=1.0), params, images)[0]["aux"][0]
   c, _ = early_exit.token_confidence(out["pred_logits"], out["pred_masks"].reshape(
       out["pred_masks"].shape[:2] + (-1,)))
   return float(np.quantile(np.asarray(c), 0.5))
@@ -80,8 +85,8 @@ def _check_compact_equals_mask(images, merge="none", **kw):
   params = make_model(merge=merge, **kw).init(jax.random.key(0), images, **(
       {"labels": kw_labels(images)} if merge == "oracle" else {}))
   tau = _tau_halting_about_half(params, images) if merge == "none" else 0.2
-  call = lambda mode: make_model(mode, tau, merge=merge, **kw).apply(
-      params, images, **({"labels": kw_labels(images)} if merge == "oracle" else {}))
+  call = lambda mode: japply(make_model(mode, tau, merge=merge, **kw), params, images, **(
+      {"labels": kw_labels(images)} if merge == "oracle" else {}))
   masked, info_m = call("mask")
   compact, info_c = call("compact")
   halted = np.asarray(info_m["halt_stage"]) < 2
@@ -139,8 +144,8 @@ def test_halted_tokens_never_influence_later_layers():
     x = jax.random.normal(jax.random.key(1), (2, 48, 32))
     active = jax.random.uniform(jax.random.key(2), (2, 48)) < 0.5
     garbage = jnp.where(active[..., None], x, 1e3 * jax.random.normal(jax.random.key(3), x.shape))
-    y1, c1, m1 = m.apply(params, x, active, method=stage2)
-    y2, c2, m2 = m.apply(params, garbage, active, method=stage2)
+    y1, c1, m1 = japply(m, params, x, active, method=stage2)
+    y2, c2, m2 = japply(m, params, garbage, active, method=stage2)
     a = np.asarray(active)
     np.testing.assert_allclose(np.asarray(y1)[a], np.asarray(y2)[a], atol=1e-4)
     np.testing.assert_allclose(c1, c2, atol=1e-4)
@@ -152,7 +157,7 @@ def test_canvas_keeps_exit_logits_for_halted_tokens():
   images = _images()
   params = _params(images)
   tau = _tau_halting_about_half(params, images)
-  out, info = make_model("compact", tau).apply(params, images)
+  out, info = japply(make_model("compact", tau), params, images)
   hs = np.asarray(info["halt_stage"]).reshape(2, -1)
   first = np.asarray(out["aux"][0]["pred_masks"]).reshape(2, 4, -1)
   final = np.asarray(out["pred_masks"]).reshape(2, 4, -1)

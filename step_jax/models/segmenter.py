@@ -13,9 +13,11 @@ from typing import Optional, Sequence, Union
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 from step_jax.models import atm
 from step_jax.models import early_exit
+from step_jax.models import policy as policy_lib
 from step_jax.models import resize
 from step_jax.models import supertokens
 from step_jax.models import vit as vit_lib
@@ -253,8 +255,15 @@ def predict_scores(outputs, out_hw):
   return jnp.moveaxis(atm.semantic_scores(outputs["pred_logits"], masks), 1, -1)
 
 
-def build(model_cfg, num_classes: int, image_size: Sequence[int]):
-  """Builds the model from a `config.model` ConfigDict (see configs/common.py)."""
+def build(model_cfg, num_classes: int, image_size: Sequence[int], ignore_index: int = 255):
+  """Builds the model from a `config.model` ConfigDict (see configs/common.py).
+
+  Keys: variant, out_layers, head_dim, head_heads, head_layers, head_dropout, drop_path, dtype,
+  remat, posemb_grid, pixel_mean/std; token sharing: merge ('none' | 'cts' | 'dcts' |
+  'oracle'), thresholds, cts_shared, superpatch_resize, buckets, policy (a ConfigDict with
+  source, hidden); early exit: exit_layers, exit_threshold, exit_mode, keep_top_k,
+  exit_buckets, exit_head_heads.
+  """
   v = vit_lib.decode_variant(model_cfg.variant)
   dtype = jnp.dtype(model_cfg.get("dtype", "float32"))
   p = v.pop("patch_size")
@@ -262,13 +271,52 @@ def build(model_cfg, num_classes: int, image_size: Sequence[int]):
   backbone = vit_lib.ViT(**v, patch_size=p, posemb_grid=posemb_grid,
                          drop_path=model_cfg.get("drop_path", 0.0),
                          remat=model_cfg.get("remat", False), dtype=dtype)
+  depth = v["depth"]
   out_layers = tuple(model_cfg.out_layers)
-  if not out_layers or max(out_layers) > v["depth"] or min(out_layers) < 1:
-    raise ValueError(f"model.out_layers={out_layers} must be 1-based layers within depth "
-                     f"{v['depth']} of {model_cfg.variant}")
-  head = atm.ATMHead(num_classes, dim=model_cfg.head_dim, num_heads=model_cfg.head_heads,
-                     num_layers=model_cfg.get("head_layers", 3), num_stages=len(out_layers),
-                     dropout=model_cfg.get("head_dropout", 0.1), dtype=dtype)
+  exit_layers = tuple(model_cfg.get("exit_layers", ()))
+  head_kw = dict(dim=model_cfg.head_dim, num_layers=model_cfg.get("head_layers", 3),
+                 dropout=model_cfg.get("head_dropout", 0.1), dtype=dtype)
+  if exit_layers:
+    if list(exit_layers) != sorted(set(exit_layers)) or exit_layers[0] < 1 \
+        or exit_layers[-1] >= depth:
+      raise ValueError(f"model.exit_layers={exit_layers} must be increasing 1-based layers "
+                       f"below the depth {depth} of {model_cfg.variant}")
+    out_layers = (depth,)  # DToP: the final head reads the last block only
+    dtop_head = lambda: atm.ATMHead(num_classes, num_heads=model_cfg.get(
+        "exit_head_heads", model_cfg.head_heads), num_stages=1, binary_cls=True, **head_kw)
+    head, exit_heads = dtop_head(), tuple(dtop_head() for _ in exit_layers)
+  else:
+    if not out_layers or max(out_layers) > depth or min(out_layers) < 1:
+      raise ValueError(f"model.out_layers={out_layers} must be 1-based layers within depth "
+                       f"{depth} of {model_cfg.variant}")
+    head = atm.ATMHead(num_classes, num_heads=model_cfg.head_heads,
+                       num_stages=len(out_layers), **head_kw)
+    exit_heads = ()
+  merge = model_cfg.get("merge", "none")
+  if merge not in ("none", "cts", "dcts", "oracle"):
+    raise ValueError(f"model.merge={merge!r}: use 'none', 'cts', 'dcts' or 'oracle'")
+  policy = None
+  if merge in ("cts", "dcts"):
+    pc = model_cfg.policy
+    policy = policy_lib.PolicyNet(source=pc.get("source", "pypi"), hidden=pc.get("hidden", 128),
+                                  patch_size=p)
+  thresholds = tuple(model_cfg.get("thresholds", (0.6, 0.8, 0.9, 0.9)))
+  if any(not 0.0 <= t <= 1.0 for t in thresholds):
+    raise ValueError(f"model.thresholds={thresholds} must lie in [0, 1]")
+  exit_threshold = model_cfg.get("exit_threshold", 1.0)
+  if any(not 0.0 <= t <= 1.0 for t in np.atleast_1d(exit_threshold)):
+    raise ValueError(f"model.exit_threshold={exit_threshold} must lie in [0, 1]")
   return Segmenter(backbone, head, out_layers,
                    pixel_mean=tuple(model_cfg.get("pixel_mean", (127.5,) * 3)),
-                   pixel_std=tuple(model_cfg.get("pixel_std", (127.5,) * 3)))
+                   pixel_std=tuple(model_cfg.get("pixel_std", (127.5,) * 3)),
+                   merge=merge, thresholds=thresholds,
+                   cts_shared=model_cfg.get("cts_shared", 0),
+                   superpatch_resize=model_cfg.get("superpatch_resize", "area"),
+                   buckets=tuple(model_cfg.get("buckets", (1.0,))),
+                   ignore_index=ignore_index, policy=policy,
+                   exit_layers=exit_layers, exit_heads=exit_heads,
+                   exit_threshold=exit_threshold,
+                   exit_mode=model_cfg.get("exit_mode", "compact"),
+                   keep_top_k=model_cfg.get("keep_top_k", 5),
+                   exit_buckets=tuple(model_cfg.get("exit_buckets",
+                                                    (0.25, 0.375, 0.5, 0.625, 0.75, 0.875, 1.0))))

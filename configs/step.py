@@ -1,0 +1,97 @@
+"""Every row of the STEP paper's tables: SegViT, +CTS, +DToP, +CTS&DToP, +dCTS, +STEP@[…].
+
+  method   token sharing            early exit
+  segvit   –                        –
+  cts      top-K 2x2 (K=103)        –
+  dtop     –                        DToP heads at `exits`
+  cts_dtop top-K 2x2                DToP heads at `exits`
+  dcts     dCTS, thresholds `tau`   –
+  step     dCTS, thresholds `tau`   DToP heads at `exits`
+  oracle   windows pure in labels   optional (`exits`), for analysis
+
+Examples:
+  python -m step_jax.main --config=configs/step.py:method=step,variant=L/16,dataset=cityscapes,res=1024,tau=6899,exits=16 --workdir=$WD
+  python -m step_jax.flops --config=configs/step.py:method=dcts,variant=B/16,dataset=ade20k,res=512,tau=4999
+  python -m step_jax.main --config=configs/step.py:method=step,variant=Mu/16,dataset=synthetic,smoke --workdir=/tmp/step
+
+Arguments: method; variant (Mu/16 Ti/16 S/16 B/16 L/16); dataset; res (0 = dataset crop);
+tau: dCTS thresholds for 2,4,8,16 windows as digits ('6899' = .6 .8 .9 .9, '4999') or
+'-'-separated decimals ('0.6-0.8-0.9-0.9'); exits: '-'-separated 1-based layers ('6-8', '16');
+exit_tau: halting confidence (paper: .9 ADE20K/Cityscapes, .95 COCO-Stuff); smoke.
+"""
+from configs import common
+
+METHODS = ("segvit", "cts", "dtop", "cts_dtop", "dcts", "step", "oracle")
+# DToP/STEP exit placements: ViT-B @[6,8] (DToP) and @[8] (STEP); ViT-L @[8,16] and @[16]/@[18].
+DEFAULT_EXITS = {"Mu/16": "2", "Ti/16": "8", "S/16": "8", "B/16": "6-8", "L/16": "8-16"}
+# DToP's exit heads: 6 attention heads for ViT-B, 8 for ViT-L.
+DTOP_HEADS = {"Mu/16": 4, "Ti/16": 6, "S/16": 8, "B/16": 6, "L/16": 8}
+
+
+def parse_tau(tau: str):
+  if "-" in tau:
+    values = tuple(float(t) for t in tau.split("-"))
+  elif tau.isdigit() and len(tau) == 4:
+    values = tuple(int(d) / 10 for d in tau)
+  else:
+    raise ValueError(f"tau={tau!r}: give 4 digits ('6899') or 4 '-'-separated decimals")
+  if len(values) != 4 or any(not 0 <= v <= 1 for v in values):
+    raise ValueError(f"tau={tau!r} must give 4 thresholds in [0, 1] (windows 2, 4, 8, 16)")
+  return values
+
+
+def get_config(arg=None):
+  arg = common.parse_arg(arg, method="step", variant="B/16", dataset="ade20k", res=0,
+                         tau="6899", exits="", exit_tau=-1.0, smoke=False)
+  if arg.method not in METHODS:
+    raise ValueError(f"unknown method {arg.method!r}; choose from {METHODS}")
+  config = common.ml_collections.ConfigDict()
+  config.seed = 0
+  config.method = arg.method
+
+  config.data, config.num_classes, config.ignore_index = common.dataset_config(
+      arg.dataset, arg.res)
+  res = config.data.image_size[0]
+  steps = common.DATASETS[arg.dataset].get("steps", 4000)
+  config.model = common.model_config(arg.variant, res)
+  m = config.model
+
+  # Token sharing.
+  m.merge = {"cts": "cts", "cts_dtop": "cts", "dcts": "dcts", "step": "dcts",
+             "oracle": "oracle"}.get(arg.method, "none")
+  m.thresholds = parse_tau(arg.tau)
+  m.cts_shared = 103                       # CTS/STEP: 103 shared 2x2 windows at any size
+  m.superpatch_resize = "area"
+  m.buckets = (0.25, 0.375, 0.5, 0.625, 0.75, 0.875, 1.0)
+  m.policy = common.ml_collections.ConfigDict(dict(source="pypi", hidden=128, init_from=""))
+
+  # Early exit.
+  use_exits = arg.method in ("dtop", "cts_dtop", "step") or (arg.method == "oracle" and arg.exits)
+  exits = arg.exits or DEFAULT_EXITS[arg.variant]
+  m.exit_layers = tuple(int(e) for e in exits.split("-")) if use_exits else ()
+  default_tau = 0.95 if arg.dataset == "coco_stuff10k" else 0.9
+  m.exit_threshold = arg.exit_tau if arg.exit_tau >= 0 else default_tau
+  m.exit_mode = "compact"
+  m.keep_top_k = 5
+  m.exit_buckets = (0.25, 0.375, 0.5, 0.625, 0.75, 0.875, 1.0)
+  m.exit_head_heads = DTOP_HEADS[arg.variant]
+
+  config.loss = common.loss_config()
+  config.batch_size = 16
+  config.optim = common.optim_config(steps)
+  config.log_every = 50
+  config.eval_every = 2000
+  config.eval_batch_size = 8
+
+  if arg.smoke:
+    m.update(variant="Mu/16", out_layers=(2, 3, 4), head_dim=64, head_heads=4, drop_path=0.0,
+             posemb_grid=(8, 8), exit_head_heads=4)
+    if use_exits:
+      m.exit_layers = tuple(e for e in m.exit_layers if e < 4) or (2,)
+    config.data.update(image_size=(128, 128), num_train=256, num_eval=32)
+    config.batch_size = 8
+    config.optim = common.optim_config(600, lr=1e-3)
+    config.optim.head_lr_mult = 1.0
+    config.log_every = 25
+    config.eval_every = 200
+  return config
