@@ -44,6 +44,20 @@ BACKBONES = {
 }
 
 
+def aug_config(name, res):
+  """Training augmentation (step_jax/data/pipeline.py): mmseg's RandomResize(scale, ratio)
+  → RandomCrop(image_size, cat_max_ratio) → RandomFlip → PhotoMetricDistortion → Pad."""
+  if name == "synthetic":  # crops + flips only: the scenes are generated at the crop size
+    return ml_collections.ConfigDict(dict(scale=(0, 0), min_ratio=1.0, max_ratio=1.0,
+                                          cat_max_ratio=1.0, flip=True, photometric=False))
+  scale = {"ade20k": (4 * res, res),            # (2048, 512) at 512; SegViT (2560, 640) at 640
+           "coco_stuff10k": (4 * res, res),     # (2048, 512)
+           "cityscapes": (2048, 1024),          # mmseg's, whatever the crop
+           "camvid": (res, res * 3 // 4)}[name]  # (480, 360) at 480: native size at ratio 1
+  return ml_collections.ConfigDict(dict(scale=scale, min_ratio=0.5, max_ratio=2.0,
+                                        cat_max_ratio=0.75, flip=True, photometric=True))
+
+
 def dataset_config(name, res, data_dir=""):
   if name not in DATASETS:
     raise ValueError(f"unknown dataset {name!r}; choose from {sorted(DATASETS)}")
@@ -53,7 +67,7 @@ def dataset_config(name, res, data_dir=""):
       name=name, image_size=(res, res), data_dir=data_dir, train_split="train",
       eval_split="val" if name != "synthetic" else "val",
       num_train=512, num_eval=64,   # synthetic only
-      seed=0))
+      seed=0, aug=aug_config(name, res), num_workers=0, num_threads=4, prefetch=4))
   return data, d["num_classes"], d["ignore_index"]
 
 

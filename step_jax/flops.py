@@ -193,6 +193,75 @@ def model_macs(config, include_semantic: bool = False) -> Dict[str, float]:
   return {k: m[k] / 1e9 for k in ("backbone", "heads", "total")}
 
 
+def efficientnet_lite0_macs(height: int, width: int, last_stage: int = 6) -> float:
+  """EfficientNet-Lite0 features up to `last_stage` (the policy net's stride-32 map) with TF
+  'SAME' padding (output side = ceil(input / stride)); BatchNorm folds into the convs at
+  inference, as fvcore counts a frozen BN (1 per element, included)."""
+  from step_jax.models import efficientnet  # pylint: disable=g-import-not-at-top
+  h, w = -(-height // 2), -(-width // 2)
+  c = efficientnet.STEM_WIDTH
+  macs = 9 * 3 * c * h * w + c * h * w
+  for s, (expand, k, stride, out, repeats) in enumerate(efficientnet.STAGES[:last_stage + 1]):
+    for j in range(repeats):
+      st = stride if j == 0 else 1
+      mid = c * expand
+      if expand != 1:
+        macs += c * mid * h * w + mid * h * w
+      h, w = -(-h // st), -(-w // st)
+      macs += k * k * mid * h * w + mid * h * w          # depthwise
+      macs += mid * out * h * w + out * h * w            # project
+      c = out
+  return float(macs)
+
+
+def policy_macs(height: int, width: int, hidden: int = 128, patch: int = 16,
+                sizes=(2, 4, 8, 16)) -> float:
+  """The dCTS policy net: EfficientNet-Lite0 to stride 32, then per window size a 2-layer MLP
+  on pooled (mean ‖ max) 320-channel features."""
+  macs = efficientnet_lite0_macs(height, width)
+  for k in sizes:
+    n = (height // (patch * k)) * (width // (patch * k))
+    macs += n * (2 * 320 * hidden + hidden)
+  return macs
+
+
+def token_macs(config, tokens: Number, stage_tokens: Optional[Sequence[Number]] = None,
+               image_size: Optional[Sequence[int]] = None) -> Dict[str, float]:
+  """GFLOPs of a STEP-family model (any `configs/step.py` method) for given token counts.
+
+  tokens: tokens entering the encoder (supertokens, or H·W/p² without sharing);
+  stage_tokens: tokens processed by each encoder stage (len(exit_layers) + 1 entries, the
+    first equal to `tokens`); None = no halting. Pass valid counts for the useful FLOPs and
+    bucket capacities for the executed ones.
+  Returns dict(policy, backbone, heads, total) in GFLOPs. The policy net is counted for
+  'cts'/'dcts'; the oracle merge reads labels and costs nothing.
+  """
+  m = config.model
+  h, w = tuple(image_size or config.data.image_size)
+  v = vit_lib.decode_variant(m.variant)
+  p, d, depth = v["patch_size"], v["width"], v["depth"]
+  c = int(config.num_classes)
+  exits = tuple(m.get("exit_layers", ()))
+  stage_tokens = list(stage_tokens) if stage_tokens is not None else [tokens] * (len(exits) + 1)
+  if len(stage_tokens) != len(exits) + 1:
+    raise ValueError(f"stage_tokens needs {len(exits) + 1} entries for exit_layers={exits}")
+  layers = m.get("head_layers", 3)
+  backbone = patch_embed_macs(tokens, d, p)
+  bounds = (0,) + exits + (depth,)
+  for s, n in enumerate(stage_tokens):
+    backbone += (bounds[s + 1] - bounds[s]) * vit_block_macs(n, d, v["mlp_dim"])
+  if exits:  # DToP: one single-stage binary head per exit and at the end, on its stage's tokens
+    heads = sum(atm_head_macs([n], c, m.head_dim, d, layers, 2) for n in stage_tokens)
+  else:
+    heads = atm_head_macs([tokens] * len(m.out_layers), c, m.head_dim, d, layers, c + 1)
+  heads += BILINEAR_MACS_PER_OUTPUT * c * h * w      # final mask logits to pixels
+  policy = 0.0
+  if m.get("merge", "none") in ("cts", "dcts"):
+    policy = policy_macs(h, w, m.policy.get("hidden", 128), p)
+  return dict(policy=policy / 1e9, backbone=backbone / 1e9, heads=heads / 1e9,
+              total=(policy + backbone + heads) / 1e9)
+
+
 def xla_flops(fn, *args) -> float:
   """XLA's FLOP count of `jax.jit(fn)(*args)` (2 per multiply-add, elementwise ops included).
 

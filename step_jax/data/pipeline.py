@@ -1,47 +1,162 @@
-"""Minimal deterministic batching over random-access sources (numpy).
+"""Input pipelines: grain for training, plain numpy passes for evaluation.
 
-Yields dict(image uint8 [B,H,W,3], label int32 [B,H,W], valid bool [B]). Training batches are
-an endless, epoch-seeded shuffle with random horizontal flips; evaluation batches cover the
-split once and pad the last batch (valid=False) so shapes stay static under jit.
+Training (`make_train_iter`) is
+
+  MapDataset.source(src).seed(seed).shuffle().repeat(None)     one global stream, reshuffled
+    .random_map(RandomResize, RandomCrop, RandomFlip,           each epoch; augmentation is a
+                PhotoMetricDistortion).map(Pad)                 function of (seed, position)
+    .slice(process_index::process_count)                        this host's share
+    .batch(batch_size // process_count, drop_remainder=True)
+    .to_iter_dataset(ReadOptions).mp_prefetch(...)              threads, optional processes
+
+so the same config gives the same batches on any number of workers, host k's batches are
+disjoint from host j's, and together the hosts' step-s batches are the global stream's
+positions [s·B, (s+1)·B). The iterator's `get_state()`/`set_state()` (or
+`grain.checkpoint.CheckpointSave/CheckpointRestore` under orbax) resume on the exact batch.
+
+Keys read under `config.data` (defaults in parentheses):
+  name, data_dir, train_split, image_size (the crop: every batch is [b, *image_size]);
+  the shuffle and augmentation seed is `config.seed`, not data.seed
+  aug.scale (long, short) edges of mmseg's RandomResize; (0, 0) or absent: no resize
+  aug.min_ratio, aug.max_ratio  ratio range (0.5, 2.0 in mmseg; 1, 1 = fixed scale)
+  aug.cat_max_ratio  RandomCrop retry threshold (0.75 in mmseg; 1.0 = plain random crop)
+  aug.flip  random horizontal flips (True)
+  aug.photometric  mmseg PhotoMetricDistortion (False when `aug` is absent)
+  num_workers  grain worker processes (0: threads only, in this process)
+  num_threads  reader threads per process, each building whole batches (4)
+  prefetch  batches buffered per process (4; at least num_threads)
+A config without `data.aug` gets random crops + flips only (the synthetic default).
 """
+import grain
 import numpy as np
 
+from step_jax.data import get_source
+from step_jax.data import transforms
 
-def _stack(examples):
-  return dict(image=np.stack([e["image"] for e in examples]),
-              label=np.stack([e["label"] for e in examples]).astype(np.int32))
+
+################################################################################
+# Training.                                                                    #
+################################################################################
+def _get(cfg, key, default):
+  return cfg.get(key, default) if cfg is not None else default
+
+
+def augmentations(data_cfg, ignore_index):
+  """The per-example transforms, in mmseg's order, for `data_cfg.aug`."""
+  aug = data_cfg.get("aug")
+  crop = tuple(data_cfg.image_size)
+  ops = []
+  scale = tuple(_get(aug, "scale", (0, 0)))
+  if any(scale):
+    ops.append(transforms.RandomResize(
+        scale, (_get(aug, "min_ratio", 0.5), _get(aug, "max_ratio", 2.0))))
+  ops.append(transforms.RandomCrop(crop, _get(aug, "cat_max_ratio", 1.0), ignore_index))
+  if _get(aug, "flip", True):
+    ops.append(transforms.RandomFlip(0.5))
+  if _get(aug, "photometric", False):
+    ops.append(transforms.PhotoMetricDistortion())
+  ops.append(transforms.Pad(crop, ignore_index))
+  return ops
+
+
+class _ToBatch(grain.transforms.Map):
+  """Labels to int32 (the loss' dtype); images stay uint8."""
+
+  def map(self, batch):
+    return dict(image=batch["image"], label=batch["label"].astype(np.int32))
+
+
+def make_train_dataset(config, source, *, process_index=0, process_count=1):
+  """The endless, batched grain MapDataset of this host (element s = batch of step s)."""
+  if config.batch_size % process_count:
+    raise ValueError(f"batch_size={config.batch_size} is not divisible by "
+                     f"process_count={process_count}")
+  if len(source) == 0:
+    raise ValueError("the training split is empty")
+  ds = grain.MapDataset.source(source).seed(config.seed).shuffle().repeat(None)
+  for op in augmentations(config.data, config.ignore_index):
+    # Augment before slicing: an example's randomness depends on its global position only.
+    ds = ds.random_map(op) if isinstance(op, grain.transforms.RandomMap) else ds.map(op)
+  ds = ds.slice(slice(process_index, None, process_count))
+  ds = ds.batch(config.batch_size // process_count, drop_remainder=True)
+  return ds.map(_ToBatch())
+
+
+def make_train_iter(config, *, process_index=0, process_count=1, start_step=0, source=None):
+  """A grain DatasetIterator of dict(image uint8 [b,H,W,3], label int32 [b,H,W]).
+
+  Args:
+    config: the experiment config (reads config.data, seed, batch_size, ignore_index).
+    process_index, process_count: this host and the number of hosts; b = batch_size //
+      process_count.
+    start_step: the first batch is that of this step. For a resume without saved iterator
+      state. Saved state is relative to the start_step the iterator was made with: restore
+      it into an iterator made with the same start_step (0 when you checkpoint it).
+    source: overrides get_source(config.data, config.data.train_split, ...).
+  """
+  if source is None:
+    source = get_source(config.data, config.data.train_split, config.num_classes,
+                        config.ignore_index)
+  ds = make_train_dataset(config, source, process_index=process_index,
+                          process_count=process_count)
+  if start_step:
+    ds = ds.slice(slice(start_step, None))
+  data = config.data
+  threads = data.get("num_threads", 4)
+  it = ds.to_iter_dataset(grain.ReadOptions(
+      num_threads=threads, prefetch_buffer_size=max(data.get("prefetch", 4), threads)))
+  if data.get("num_workers", 0) > 0:
+    it = it.mp_prefetch(grain.MultiprocessingOptions(num_workers=data.num_workers))
+  return iter(it)
 
 
 def train_batches(source, batch_size, seed, start_step=0):
-  """Endless batches; step s of epoch e uses permutation (seed, e): resumable at any step."""
-  n = len(source)
-  if n < batch_size:
-    raise ValueError(f"training split has {n} examples, fewer than batch_size={batch_size}")
-  per_epoch = n // batch_size
+  """Endless training batches with random flips only (the original minimal pipeline).
+
+  Kept for the current train.py; new code uses make_train_iter. Adds valid=True [B].
+  """
+  if len(source) < batch_size:
+    raise ValueError(f"training split has {len(source)} examples, fewer than "
+                     f"batch_size={batch_size}")
+  ds = (grain.MapDataset.source(source).seed(seed).shuffle().repeat(None)
+        .random_map(transforms.RandomFlip(0.5))
+        .batch(batch_size, drop_remainder=True).map(_ToBatch()))
   step = start_step
   while True:
-    epoch, k = divmod(step, per_epoch)
-    perm = np.random.default_rng((seed, epoch)).permutation(n)
-    flips = np.random.default_rng((seed, epoch, 1)).random(n) < 0.5
-    idx = perm[k * batch_size:(k + 1) * batch_size]
-    exs = []
-    for i in idx:
-      ex = source[int(i)]
-      if flips[i]:
-        ex = dict(image=ex["image"][:, ::-1], label=ex["label"][:, ::-1])
-      exs.append(ex)
-    batch = _stack(exs)
+    batch = ds[step]
     batch["valid"] = np.ones(batch_size, bool)
     yield batch
     step += 1
 
 
+################################################################################
+# Evaluation.                                                                  #
+################################################################################
+def _stack(examples):
+  return dict(image=np.stack([e["image"] for e in examples]),
+              label=np.stack([e["label"] for e in examples]).astype(np.int32))
+
+
 def eval_batches(source, batch_size):
-  """One pass over the split; the last batch is padded by repeating example 0, valid=False."""
+  """One pass over a same-size split; the last batch is padded by repeating example 0,
+  valid=False. Yields dict(image uint8 [B,H,W,3], label int32 [B,H,W], valid bool [B])."""
   n = len(source)
   for start in range(0, n, batch_size):
     idx = list(range(start, min(start + batch_size, n)))
     pad = batch_size - len(idx)
-    batch = _stack([source[i] for i in idx + [0] * pad])
+    examples = [source[i] for i in idx]
+    shapes = {e["label"].shape for e in examples}
+    if len(shapes) > 1:
+      raise ValueError(f"eval_batches needs same-size examples, got sizes {sorted(shapes)}; "
+                       "use eval_examples for variable-size splits")
+    batch = _stack(examples + [examples[0]] * pad if pad else examples)
     batch["valid"] = np.array([True] * len(idx) + [False] * pad)
     yield batch
+
+
+def eval_examples(source):
+  """One pass over a split one example at a time, native size (variable-size splits such
+  as ADE20K). Yields dict(image uint8 [H,W,3], label int32 [H,W], index int)."""
+  for i in range(len(source)):
+    ex = source[i]
+    yield dict(image=ex["image"], label=ex["label"].astype(np.int32), index=i)

@@ -1,0 +1,191 @@
+"""Wall-clock and FLOPs of one configuration on the current device, as one JSON line.
+
+  python -m step_jax.benchmark --config=configs/step.py:method=step,variant=B/16,res=1024 \
+      --batch=1 --dtype=fp32 [--workdir=DIR] [--images=DIR_OR_SPLIT] [--exit_share=0.4]
+
+Timing: `--warmup` untimed calls, then `--reps` timed calls of the jitted forward (policy net,
+merge, encoder, exits, heads and the upsampled prediction), each ended by
+`block_until_ready`; median and spread are reported with the compile time.
+
+Tokens and GFLOPs: every valid token of every stage is counted (useful GFLOPs) and so is every
+slot the compiled program executes, padding and bucket capacity included (executed GFLOPs).
+
+Weights: a trained checkpoint when `--workdir` holds one; otherwise random weights, with the
+policy from `config.model.policy.init_from` when set. Halting needs trained exit heads; with
+random heads `--exit_share` calibrates each exit threshold on the benchmark images so that
+this share of the still-active tokens halts (the paper reports ~40 %), which fixes the token
+counts that the wall-clock is compared against. The JSON says which weights were used.
+"""
+import json
+import os
+import platform
+import statistics
+import time
+
+from absl import app
+from absl import flags
+import jax
+import jax.numpy as jnp
+from ml_collections import config_flags
+import numpy as np
+
+from step_jax import flops
+from step_jax.models import early_exit
+from step_jax.models import segmenter
+
+_CONFIG = config_flags.DEFINE_config_file("config", None, "Config (path:arg).")
+_WORKDIR = flags.DEFINE_string("workdir", None, "Trained run to load (optional).")
+_BATCH = flags.DEFINE_integer("batch", 1, "Images per call.")
+_DTYPE = flags.DEFINE_enum("dtype", "fp32", ["fp32", "bf16"], "Compute dtype.")
+_REPS = flags.DEFINE_integer("reps", 5, "Timed repetitions.")
+_WARMUP = flags.DEFINE_integer("warmup", 2, "Untimed calls after compilation.")
+_IMAGES = flags.DEFINE_string("images", "", "Folder of images (PNG/JPEG) to benchmark on; "
+                              "default: the config's eval split.")
+_NUM_IMAGES = flags.DEFINE_integer("num_images", 8, "How many images to use.")
+_EXIT_SHARE = flags.DEFINE_float("exit_share", -1.0, "Calibrate exit thresholds to halt this "
+                                 "share of active tokens per exit (random exit heads).")
+
+
+def random_variables(model, image_hw, seed=0):
+  """Variables of `model` drawn with numpy from eval_shape (no compiled init): kernels
+  lecun-normal, embeddings N(0, .02), norms 1, biases 0."""
+  shapes = jax.eval_shape(model.init, jax.random.key(0), jnp.zeros((1, *image_hw, 3)))
+  rng = np.random.default_rng(seed)
+
+  def draw(path, s):
+    name = getattr(path[-1], "key", "")
+    if name == "kernel":
+      return (rng.normal(size=s.shape) / np.sqrt(np.prod(s.shape[:-1]))).astype(s.dtype)
+    if name in ("pos_embedding", "queries"):
+      return (rng.normal(size=s.shape) * (0.02 if name == "pos_embedding" else 1)).astype(s.dtype)
+    return np.full(s.shape, 1.0 if name in ("scale", "var") else 0.0, s.dtype)
+
+  return jax.tree.map(jnp.asarray, jax.tree_util.tree_map_with_path(draw, shapes))
+
+
+def load_images(config, folder, n):
+  """n images resized to the config's crop, uint8 [n, H, W, 3]."""
+  from PIL import Image  # pylint: disable=g-import-not-at-top
+  h, w = config.data.image_size
+  if folder:
+    names = sorted(f for f in os.listdir(folder) if f.lower().endswith((".png", ".jpg", ".jpeg")))
+    if not names:
+      raise FileNotFoundError(f"no PNG/JPEG images in --images={folder}")
+    ims = [Image.open(os.path.join(folder, f)).convert("RGB") for f in names[:n]]
+  else:
+    from step_jax.data import get_source  # pylint: disable=g-import-not-at-top
+    src = get_source(config.data, config.data.eval_split, config.num_classes,
+                     config.ignore_index)
+    ims = [Image.fromarray(src[i]["image"]) for i in range(min(n, len(src)))]
+  return np.stack([np.asarray(im.resize((w, h), Image.BILINEAR)) for im in ims])
+
+
+def calibrate_exits(model, variables, images, share):
+  """Per-exit thresholds such that `share` of the active tokens halts at each exit."""
+  taus = []
+  for s in range(len(model.exit_layers)):
+    trial = model.clone(exit_threshold=tuple(taus) + (1.0,) * (len(model.exit_layers) - s))
+    out, info = jax.jit(trial.apply)(variables, images)
+    aux = out["aux"][s]
+    conf, _ = early_exit.token_confidence(
+        aux["pred_logits"], aux["pred_masks"].reshape(aux["pred_masks"].shape[:2] + (-1,)))
+    # Cells still active at exit s (with supertokens a token counts once per covered cell).
+    alive = np.asarray(info["halt_stage"]).reshape(conf.shape) >= s
+    taus.append(float(np.quantile(np.asarray(conf)[alive], 1 - share)))
+  return tuple(taus)
+
+
+def measure(config, variables=None, images=None, *, batch=1, dtype="fp32", reps=5, warmup=2,
+            exit_share=-1.0, weights="given"):
+  """Times the jitted forward and counts tokens/GFLOPs; returns the JSON-able dict."""
+  config = config.copy_and_resolve_references()
+  config.model.dtype = "bfloat16" if dtype == "bf16" else "float32"
+  hw = tuple(config.data.image_size)
+  model = segmenter.build(config.model, config.num_classes, hw, config.ignore_index)
+  if variables is None:
+    variables, weights = random_variables(model, hw), "random"
+    init_from = config.model.get("policy", {}).get("init_from", "")
+    if init_from and model.policy is not None:
+      from step_jax import train_policy  # pylint: disable=g-import-not-at-top
+      pol = train_policy.load_variables(init_from)
+      variables = {col: dict(variables[col], policy=pol[col]) for col in variables}
+      weights = "random ViT/heads, trained policy"
+  images = np.asarray(images)
+  if exit_share > 0 and model.exit_layers:
+    model = model.clone(exit_threshold=calibrate_exits(model, variables, images, exit_share))
+  reps_batch = np.concatenate([images] * (-(-batch // len(images))))[:batch]
+
+  def fwd(v, x):
+    out, info = model.apply(v, x)
+    return segmenter.predict_scores(out, x.shape[1:3]), info
+
+  t0 = time.perf_counter()
+  compiled = jax.jit(fwd).lower(variables, reps_batch).compile()
+  compile_s = time.perf_counter() - t0
+  for _ in range(warmup):
+    jax.block_until_ready(compiled(variables, reps_batch))
+  times = []
+  for _ in range(reps):
+    t = time.perf_counter()
+    jax.block_until_ready(compiled(variables, reps_batch))
+    times.append(time.perf_counter() - t)
+  # Token statistics over all images, one at a time (buckets follow each image).
+  useful, executed = [], []
+  n_full = (hw[0] // model.backbone.patch_size) * (hw[1] // model.backbone.patch_size)
+  single = jax.jit(fwd)
+  stage_tokens = []
+  for im in images:
+    _, info = single(variables, im[None])
+    n_tok = float(np.asarray(info.get("num_tokens", [n_full]))[0])
+    cap = float(info.get("capacity", n_full))
+    if model.exit_layers:
+      active = [float(a) for a in np.asarray(info["active_tokens"])[0]]
+      caps = [cap] + [float(c) for c in np.asarray(info["stage_capacity"])[1:]]
+      if model.exit_mode == "mask":
+        caps = [cap] * len(active)
+    else:
+      active, caps = [n_tok], [cap]
+    stage_tokens.append(active)
+    useful.append(flops.token_macs(config, n_tok, active if model.exit_layers else None))
+    executed.append(flops.token_macs(config, cap, caps if model.exit_layers else None))
+  mean = lambda rows, k: float(np.mean([r[k] for r in rows]))
+  ms = [1000 * t / batch for t in times]
+  mem = None
+  try:
+    mem = jax.devices()[0].memory_stats().get("peak_bytes_in_use")
+  except Exception:  # pylint: disable=broad-except
+    pass  # the CPU backend reports no memory statistics
+  dev = jax.devices()[0]
+  return dict(
+      config=config.get("name", ""), method=config.get("method", "segvit"),
+      variant=config.model.variant, image_size=list(hw),
+      device=f"{dev.platform}:{getattr(dev, 'device_kind', '')} ({platform.processor() or platform.machine()})",
+      dtype=dtype, batch=batch, weights=weights,
+      images_per_s=batch / statistics.median(times),
+      ms_per_image_median=statistics.median(ms), ms_per_image_min=min(ms),
+      ms_per_image_max=max(ms), compile_s=compile_s, peak_bytes=mem,
+      tokens_full=n_full, mean_tokens_per_stage=np.mean(stage_tokens, 0).round(1).tolist(),
+      exit_threshold=np.atleast_1d(model.exit_threshold).round(4).tolist()
+      if model.exit_layers else None,
+      gflops_useful=mean(useful, "total"), gflops_executed=mean(executed, "total"),
+      gflops_policy=mean(useful, "policy"), images=len(images))
+
+
+def main(argv):
+  del argv
+  config = _CONFIG.value
+  variables, weights = None, "random"
+  if _WORKDIR.value:
+    from step_jax import checkpoint  # pylint: disable=g-import-not-at-top
+    variables, weights = checkpoint.load_variables(config, _WORKDIR.value), "trained"
+  images = load_images(config, _IMAGES.value, _NUM_IMAGES.value)
+  result = measure(config, variables, images, batch=_BATCH.value, dtype=_DTYPE.value,
+                   reps=_REPS.value, warmup=_WARMUP.value, exit_share=_EXIT_SHARE.value,
+                   weights=weights)
+  result["config"] = config_flags.get_config_filename(flags.FLAGS["config"])
+  print(json.dumps(result))
+
+
+if __name__ == "__main__":
+  flags.mark_flags_as_required(["config"])
+  app.run(main)
