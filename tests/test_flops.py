@@ -9,6 +9,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import ml_collections
+import numpy as np
 import pytest
 
 from step_jax import flops
@@ -206,3 +207,35 @@ def test_cli_prints_one_json_line(tmp_path):
   assert set(rec) == {"gflops", "backbone", "heads", "tokens", "image_size", "config"}
   assert rec["tokens"] == 1024 and rec["image_size"] == [512, 512] and rec["config"] == arg
   assert rec["gflops"] == pytest.approx(flops.model_macs(SEGVIT_B512_ADE)["total"], abs=1e-3)
+
+
+# ----------------------------------------------------------------------------- dynamic tokens
+def test_token_macs_full_grid_equals_segvit_count():
+  from configs import step as step_configs
+  cfg = step_configs.get_config("method=segvit,variant=B/16,dataset=ade20k,res=512")
+  assert abs(flops.token_macs(cfg, 1024)["total"] - flops.model_macs(cfg)["total"]) < 1e-9
+
+
+def test_token_macs_stage_arithmetic_and_policy():
+  from configs import step as step_configs
+  cfg = step_configs.get_config("method=step,variant=B/16,dataset=ade20k,res=512,exits=6-8")
+  full = flops.token_macs(cfg, 1024, [1024, 1024, 1024])
+  pruned = flops.token_macs(cfg, 1024, [1024, 600, 400])
+  b = lambda n: flops.vit_block_macs(n, 768, 3072)
+  h = lambda n: flops.atm_head_macs([n], 150, 384, 768, 3, 2)
+  want = 2 * (b(1024) - b(600)) + 4 * (b(1024) - b(400)) + (h(1024) - h(600)) + (h(1024) - h(400))
+  np.testing.assert_allclose((full["total"] - pruned["total"]) * 1e9, want, rtol=1e-9)
+  assert full["policy"] == pytest.approx(flops.policy_macs(512, 512) / 1e9)
+  with pytest.raises(ValueError, match="stage_tokens"):
+    flops.token_macs(cfg, 1024, [1024])
+
+
+def test_policy_backbone_macs_match_xla():
+  from step_jax.models import efficientnet
+  model = efficientnet.EfficientNetLite0(out_indices=(4,))
+  x = jax.ShapeDtypeStruct((1, 224, 320, 3), jnp.float32)
+  variables = jax.eval_shape(model.init, jax.random.key(0), x)
+  xla = flops.xla_flops(lambda v, im: model.apply(v, im)[0], variables, x) / 2
+  ours = flops.efficientnet_lite0_macs(224, 320)
+  # XLA also counts ReLU6 clamps and BN arithmetic per element: ours <= XLA/2, within 10 %.
+  assert 0.90 < ours / xla <= 1.0, (ours, xla)
