@@ -33,19 +33,6 @@ from step_jax import flops
 from step_jax.models import early_exit
 from step_jax.models import segmenter
 
-_CONFIG = config_flags.DEFINE_config_file("config", None, "Config (path:arg).")
-_WORKDIR = flags.DEFINE_string("workdir", None, "Trained run to load (optional).")
-_BATCH = flags.DEFINE_integer("batch", 1, "Images per call.")
-_DTYPE = flags.DEFINE_enum("dtype", "fp32", ["fp32", "bf16"], "Compute dtype.")
-_REPS = flags.DEFINE_integer("reps", 5, "Timed repetitions.")
-_WARMUP = flags.DEFINE_integer("warmup", 2, "Untimed calls after compilation.")
-_IMAGES = flags.DEFINE_string("images", "", "Folder of images (PNG/JPEG) to benchmark on; "
-                              "default: the config's eval split.")
-_NUM_IMAGES = flags.DEFINE_integer("num_images", 8, "How many images to use.")
-_EXIT_SHARE = flags.DEFINE_float("exit_share", -1.0, "Calibrate exit thresholds to halt this "
-                                 "share of active tokens per exit (random exit heads).")
-
-
 def random_variables(model, image_hw, seed=0):
   """Variables of `model` drawn with numpy from eval_shape (no compiled init): kernels
   lecun-normal, embeddings N(0, .02), norms 1, biases 0."""
@@ -171,21 +158,37 @@ def measure(config, variables=None, images=None, *, batch=1, dtype="fp32", reps=
       gflops_policy=mean(useful, "policy"), images=len(images))
 
 
+def run():
+  """`python -m step_jax.benchmark` (flags are defined here so importing stays free)."""
+  config_flags.DEFINE_config_file("config", None, "Config (path:arg).")
+  flags.DEFINE_string("workdir", None, "Trained run to load (optional).")
+  flags.DEFINE_integer("batch", 1, "Images per call.")
+  flags.DEFINE_enum("dtype", "fp32", ["fp32", "bf16"], "Compute dtype.")
+  flags.DEFINE_integer("reps", 5, "Timed repetitions.")
+  flags.DEFINE_integer("warmup", 2, "Untimed calls after compilation.")
+  flags.DEFINE_string("images", "", "Folder of images (PNG/JPEG) to benchmark on; "
+                      "default: the config's eval split.")
+  flags.DEFINE_integer("num_images", 8, "How many images to use.")
+  flags.DEFINE_float("exit_share", -1.0, "Calibrate exit thresholds to halt this "
+                     "share of active tokens per exit (random exit heads).")
+  flags.mark_flags_as_required(["config"])
+  app.run(main)
+
+
 def main(argv):
   del argv
-  config = _CONFIG.value
+  f = flags.FLAGS
+  config = f.config
   variables, weights = None, "random"
-  if _WORKDIR.value:
+  if f.workdir:
     from step_jax import checkpoint  # pylint: disable=g-import-not-at-top
-    variables, weights = checkpoint.load_variables(config, _WORKDIR.value), "trained"
-  images = load_images(config, _IMAGES.value, _NUM_IMAGES.value)
-  result = measure(config, variables, images, batch=_BATCH.value, dtype=_DTYPE.value,
-                   reps=_REPS.value, warmup=_WARMUP.value, exit_share=_EXIT_SHARE.value,
-                   weights=weights)
-  result["config"] = config_flags.get_config_filename(flags.FLAGS["config"])
+    variables, weights = checkpoint.load_variables(config, f.workdir), "trained"
+  images = load_images(config, f.images, f.num_images)
+  result = measure(config, variables, images, batch=f.batch, dtype=f.dtype, reps=f.reps,
+                   warmup=f.warmup, exit_share=f.exit_share, weights=weights)
+  result["config"] = config_flags.get_config_filename(f["config"])
   print(json.dumps(result))
 
 
 if __name__ == "__main__":
-  flags.mark_flags_as_required(["config"])
-  app.run(main)
+  run()

@@ -163,6 +163,10 @@ def train_and_evaluate(config, workdir):
       [optax.linear_schedule(0.0, config.optim.lr, config.optim.warmup_steps),
        optax.constant_schedule(config.optim.lr)], [config.optim.warmup_steps]),
       weight_decay=config.optim.weight_decay)
+  if not config.policy.train_backbone:  # frozen ImageNet backbone: no updates, no decay
+    tx = optax.multi_transform(
+        {"train": tx, "frozen": optax.set_to_zero()},
+        lambda p: {k: ("frozen" if k == "backbone" else "train") for k in p})
   state = dict(params=variables["params"], opt=tx.init(variables["params"]),
                batch_stats=variables["batch_stats"])
   step_fn = jax.jit(functools.partial(train_step, model=model, tx=tx, config=config),
@@ -194,15 +198,13 @@ def train_and_evaluate(config, workdir):
   return variables, ev
 
 
-_CONFIG = config_flags.DEFINE_config_file("config", None, "Policy config (path:arg).")
-_WORKDIR = flags.DEFINE_string("workdir", None, "Output directory.")
-
-
-def main(argv):
-  del argv
-  train_and_evaluate(_CONFIG.value, _WORKDIR.value)
+def run():
+  """`python -m step_jax.train_policy` (flags are defined here so importing stays free)."""
+  config = config_flags.DEFINE_config_file("config", None, "Policy config (path:arg).")
+  workdir = flags.DEFINE_string("workdir", None, "Output directory.")
+  flags.mark_flags_as_required(["config", "workdir"])
+  app.run(lambda argv: train_and_evaluate(config.value, workdir.value))
 
 
 if __name__ == "__main__":
-  flags.mark_flags_as_required(["config", "workdir"])
-  app.run(main)
+  run()

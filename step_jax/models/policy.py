@@ -8,6 +8,7 @@ the logit. One network, one score map per window size.
 from typing import Sequence
 
 import flax.linen as nn
+import jax
 import jax.numpy as jnp
 
 from step_jax.models import efficientnet
@@ -21,8 +22,8 @@ class PolicyNet(nn.Module):
     source: EfficientNet weight source ('pypi', 'timm', 'timm_tf'), which fixes padding,
       BatchNorm eps and input normalisation (see efficientnet.SOURCES).
     hidden: width of the per-size MLP.
-    train_backbone: when False the EfficientNet runs BatchNorm in inference mode even in
-      training (a small-batch fine-tune keeps the ImageNet statistics).
+    train_backbone: when False the EfficientNet is frozen: BatchNorm in inference mode and no
+      gradient into it (only the window heads learn; much cheaper on a CPU).
   """
   sizes: Sequence[int] = (2, 4, 8, 16)
   patch_size: int = 16
@@ -43,6 +44,8 @@ class PolicyNet(nn.Module):
     x = efficientnet.normalize(images, convention)
     (f,), _ = backbone(x, train=train and self.train_backbone)
     f = f.astype(jnp.float32)
+    if not self.train_backbone:
+      f = jax.lax.stop_gradient(f)
     out = {}
     for k in self.sizes:
       nh, nw, r = gh // k, gw // k, k // 2   # the stride-32 map has one cell per 2x2 patches
