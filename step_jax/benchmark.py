@@ -68,7 +68,8 @@ def load_images(config, folder, n):
 
 
 def calibrate_exits(model, variables, images, share):
-  """Per-exit thresholds such that `share` of the active tokens halts at each exit."""
+  """Per-exit thresholds such that `share` of the active tokens are halting candidates at
+  each exit (the top-k-per-class rule then keeps a few of them: <= k·C tokens)."""
   taus = []
   for s in range(len(model.exit_layers)):
     trial = model.clone(exit_threshold=tuple(taus) + (1.0,) * (len(model.exit_layers) - s))

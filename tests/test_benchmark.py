@@ -1,0 +1,31 @@
+"""The benchmark reports consistent numbers (it is a tool, so only its bookkeeping is tested)."""
+import numpy as np
+
+from configs import step as step_configs
+from step_jax import benchmark
+
+
+def _cfg(method, **kw):
+  cfg = step_configs.get_config(f"method={method},variant=Mu/16,dataset=synthetic,smoke")
+  cfg.data.image_size = (64, 64)
+  cfg.model.posemb_grid = (4, 4)
+  cfg.model.exit_buckets = (0.5, 1.0)
+  cfg.model.update(kw)
+  return cfg
+
+
+def test_measure_dtop_compaction_counts_fewer_flops_than_segvit():
+  images = np.random.default_rng(0).integers(0, 255, (3, 64, 64, 3), dtype=np.uint8)
+  base = benchmark.measure(_cfg("segvit"), images=images, reps=1, warmup=0)
+  # keep_top_k=0: on a 4x4 grid the top-5-per-class rule would keep most candidates.
+  dtop = benchmark.measure(_cfg("dtop", exit_layers=(2,), keep_top_k=0), images=images,
+                           reps=1, warmup=0,
+                           exit_share=0.5)
+  for r in (base, dtop):
+    assert r["ms_per_image_min"] <= r["ms_per_image_median"] <= r["ms_per_image_max"]
+    assert r["gflops_executed"] >= r["gflops_useful"] > 0
+    assert r["weights"] == "random" and r["images"] == 3
+  assert base["mean_tokens_per_stage"] == [16.0]
+  first, second = dtop["mean_tokens_per_stage"]
+  assert first == 16.0 and 6.0 <= second <= 10.0      # about half halted at the exit
+  assert dtop["gflops_useful"] < base["gflops_useful"] * 1.5   # exit head adds, halting saves
