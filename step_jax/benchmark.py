@@ -83,13 +83,41 @@ def calibrate_exits(model, variables, images, share):
   return tuple(taus)
 
 
-def measure(config, variables=None, images=None, *, batch=1, dtype="fp32", reps=5, warmup=2,
-            exit_share=-1.0, weights="given"):
-  """Times the jitted forward and counts tokens/GFLOPs; returns the JSON-able dict."""
+def token_stats(config, model, variables, images):
+  """Tokens per stage and GFLOPs (useful: valid tokens; executed: compiled slots), averaged
+  over `images` run one at a time (each image picks its own buckets)."""
+  hw = tuple(config.data.image_size)
+  n_full = (hw[0] // model.backbone.patch_size) * (hw[1] // model.backbone.patch_size)
+  single = jax.jit(lambda v, x: model.apply(v, x)[1])
+  useful, executed, stage_tokens = [], [], []
+  for im in np.asarray(images):
+    info = single(variables, im[None])
+    n_tok = float(np.asarray(info.get("num_tokens", [n_full]))[0])
+    cap = float(info.get("capacity", n_full))
+    if model.exit_layers:
+      active = [float(a) for a in np.asarray(info["active_tokens"])[0]]
+      caps = [cap] * len(active) if model.exit_mode == "mask" else \
+          [cap] + [float(c) for c in np.asarray(info["stage_capacity"])[1:]]
+    else:
+      active = caps = None
+    stage_tokens.append(active or [n_tok])
+    useful.append(flops.token_macs(config, n_tok, active))
+    executed.append(flops.token_macs(config, cap, caps))
+  mean = lambda rows, k: float(np.mean([r[k] for r in rows]))
+  return dict(tokens_full=n_full,
+              mean_tokens_per_stage=np.mean(stage_tokens, 0).round(1).tolist(),
+              gflops_useful=mean(useful, "total"), gflops_executed=mean(executed, "total"),
+              gflops_policy=mean(useful, "policy"), gflops_backbone=mean(useful, "backbone"),
+              gflops_heads=mean(useful, "heads"), images=len(images))
+
+
+def prepare(config, dtype="fp32", variables=None, images=None, exit_share=-1.0):
+  """(config, model, variables, weights description) ready to run; see the module doc."""
   config = config.copy_and_resolve_references()
   config.model.dtype = "bfloat16" if dtype == "bf16" else "float32"
   hw = tuple(config.data.image_size)
   model = segmenter.build(config.model, config.num_classes, hw, config.ignore_index)
+  weights = "given"
   if variables is None:
     variables, weights = random_variables(model, hw), "random"
     init_from = config.model.get("policy", {}).get("init_from", "")
@@ -98,9 +126,19 @@ def measure(config, variables=None, images=None, *, batch=1, dtype="fp32", reps=
       pol = train_policy.load_variables(init_from)
       variables = {col: dict(variables[col], policy=pol[col]) for col in variables}
       weights = "random ViT/heads, trained policy"
-  images = np.asarray(images)
   if exit_share > 0 and model.exit_layers:
-    model = model.clone(exit_threshold=calibrate_exits(model, variables, images, exit_share))
+    model = model.clone(exit_threshold=calibrate_exits(model, variables, np.asarray(images),
+                                                       exit_share))
+  return config, model, variables, weights
+
+
+def measure(config, variables=None, images=None, *, batch=1, dtype="fp32", reps=5, warmup=2,
+            exit_share=-1.0, weights="given"):
+  """Times the jitted forward and counts tokens/GFLOPs; returns the JSON-able dict."""
+  config, model, variables, prepared = prepare(config, dtype, variables, images, exit_share)
+  weights = weights if prepared == "given" else prepared
+  hw = tuple(config.data.image_size)
+  images = np.asarray(images)
   reps_batch = np.concatenate([images] * (-(-batch // len(images))))[:batch]
 
   def fwd(v, x):
@@ -117,26 +155,7 @@ def measure(config, variables=None, images=None, *, batch=1, dtype="fp32", reps=
     t = time.perf_counter()
     jax.block_until_ready(compiled(variables, reps_batch))
     times.append(time.perf_counter() - t)
-  # Token statistics over all images, one at a time (buckets follow each image).
-  useful, executed = [], []
-  n_full = (hw[0] // model.backbone.patch_size) * (hw[1] // model.backbone.patch_size)
-  single = jax.jit(fwd)
-  stage_tokens = []
-  for im in images:
-    _, info = single(variables, im[None])
-    n_tok = float(np.asarray(info.get("num_tokens", [n_full]))[0])
-    cap = float(info.get("capacity", n_full))
-    if model.exit_layers:
-      active = [float(a) for a in np.asarray(info["active_tokens"])[0]]
-      caps = [cap] + [float(c) for c in np.asarray(info["stage_capacity"])[1:]]
-      if model.exit_mode == "mask":
-        caps = [cap] * len(active)
-    else:
-      active, caps = [n_tok], [cap]
-    stage_tokens.append(active)
-    useful.append(flops.token_macs(config, n_tok, active if model.exit_layers else None))
-    executed.append(flops.token_macs(config, cap, caps if model.exit_layers else None))
-  mean = lambda rows, k: float(np.mean([r[k] for r in rows]))
+  stats = token_stats(config, model, variables, images)
   ms = [1000 * t / batch for t in times]
   mem = None
   try:
@@ -152,11 +171,8 @@ def measure(config, variables=None, images=None, *, batch=1, dtype="fp32", reps=
       images_per_s=batch / statistics.median(times),
       ms_per_image_median=statistics.median(ms), ms_per_image_min=min(ms),
       ms_per_image_max=max(ms), compile_s=compile_s, peak_bytes=mem,
-      tokens_full=n_full, mean_tokens_per_stage=np.mean(stage_tokens, 0).round(1).tolist(),
       exit_threshold=np.atleast_1d(model.exit_threshold).round(4).tolist()
-      if model.exit_layers else None,
-      gflops_useful=mean(useful, "total"), gflops_executed=mean(executed, "total"),
-      gflops_policy=mean(useful, "policy"), images=len(images))
+      if model.exit_layers else None, **stats)
 
 
 def run():

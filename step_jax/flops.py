@@ -24,7 +24,10 @@ multiply-add and also counts elementwise ops, so `xla_flops / 2` sits slightly a
 analytic MACs (see tests/test_flops.py for the measured gaps).
 
 CLI: `python -m step_jax.flops --config=configs/segvit.py:variant=B/16,dataset=ade20k,res=512`
-prints one JSON line {gflops, backbone, heads, tokens, image_size, config}.
+prints one JSON line {gflops, backbone, heads, tokens, image_size, config}. For configs whose
+token count depends on the image (CTS/dCTS, early exit) it runs the model on `--num_images`
+real images (`--images=DIR` or the eval split) and prints the averages, the policy net
+counted, with the executed GFLOPs (padding and bucket capacity included) beside them.
 """
 import json
 from typing import Any, Dict, Optional, Sequence, Union
@@ -280,23 +283,50 @@ def _main(argv):
   del argv
   from absl import flags  # pylint: disable=g-import-not-at-top
   from ml_collections import config_flags  # pylint: disable=g-import-not-at-top
-  cfg = flags.FLAGS.config
-  m = model_macs(cfg)
-  v = vit_lib.decode_variant(cfg.model.variant)
+  f = flags.FLAGS
+  cfg = f.config
+  name = config_flags.get_config_filename(f["config"])
   h, w = tuple(cfg.data.image_size)
-  print(json.dumps(dict(gflops=round(m["total"], 4), backbone=round(m["backbone"], 4),
-                        heads=round(m["heads"], 4),
-                        tokens=(h // v["patch_size"]) * (w // v["patch_size"]),
-                        image_size=[h, w],
-                        config=config_flags.get_config_filename(flags.FLAGS["config"]))))
+  v = vit_lib.decode_variant(cfg.model.variant)
+  dynamic = cfg.model.get("merge", "none") != "none" or cfg.model.get("exit_layers", ())
+  if not dynamic:
+    m = model_macs(cfg)
+    print(json.dumps(dict(gflops=round(m["total"], 4), backbone=round(m["backbone"], 4),
+                          heads=round(m["heads"], 4),
+                          tokens=(h // v["patch_size"]) * (w // v["patch_size"]),
+                          image_size=[h, w], config=name)))
+    return
+  # Token counts depend on the image: run the model (policy, merge, exits) on real images.
+  from step_jax import benchmark  # pylint: disable=g-import-not-at-top
+  variables, weights = None, None
+  if f.workdir:
+    from step_jax import checkpoint  # pylint: disable=g-import-not-at-top
+    variables, weights = checkpoint.load_variables(cfg, f.workdir), "trained"
+  images = benchmark.load_images(cfg, f.images, f.num_images)
+  cfg, model, variables, prepared = benchmark.prepare(cfg, "fp32", variables, images,
+                                                      f.exit_share)
+  st = benchmark.token_stats(cfg, model, variables, images)
+  print(json.dumps(dict(
+      gflops=round(st["gflops_useful"], 4), gflops_executed=round(st["gflops_executed"], 4),
+      policy=round(st["gflops_policy"], 4), backbone=round(st["gflops_backbone"], 4),
+      heads=round(st["gflops_heads"], 4), tokens=st["mean_tokens_per_stage"][0],
+      tokens_per_stage=st["mean_tokens_per_stage"], tokens_full=st["tokens_full"],
+      images=st["images"], image_size=[h, w], weights=weights or prepared, config=name)))
 
 
 def run():
   """Console entry point (`step-flops` in pyproject.toml) and `python -m step_jax.flops`."""
   from absl import app  # pylint: disable=g-import-not-at-top
+  from absl import flags  # pylint: disable=g-import-not-at-top
   from ml_collections import config_flags  # pylint: disable=g-import-not-at-top
   config_flags.DEFINE_config_file("config", None, "path/to/config.py[:args]",
                                   lock_config=True)
+  flags.DEFINE_string("workdir", None, "Trained run whose weights decide the tokens.")
+  flags.DEFINE_string("images", "", "Folder of images for token-dependent configs "
+                      "(default: the config's eval split).")
+  flags.DEFINE_integer("num_images", 16, "Images to average over (token-dependent configs).")
+  flags.DEFINE_float("exit_share", -1.0, "Without trained exit heads: calibrate the exit "
+                     "thresholds to halt this share of active tokens.")
   app.run(_main)
 
 
