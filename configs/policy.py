@@ -42,7 +42,7 @@ def get_config(arg=None):
     # Frozen ImageNet backbone: XLA's CPU depthwise-conv backward makes full fine-tuning take
     # ~10 s a step on 2 cores; the heads alone train in minutes.
     config.policy.train_backbone = False
-    config.optim.update(lr=1e-3, warmup_steps=20, total_steps=400)
+    config.optim.update(lr=1e-3, warmup_steps=10, total_steps=150)
     config.log_every = 25
   elif arg.size == "smoke":
     config.data.update(image_size=(128, 128), num_train=32, num_eval=8)

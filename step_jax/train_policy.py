@@ -203,7 +203,10 @@ def run():
   config = config_flags.DEFINE_config_file("config", None, "Policy config (path:arg).")
   workdir = flags.DEFINE_string("workdir", None, "Output directory.")
   flags.mark_flags_as_required(["config", "workdir"])
-  app.run(lambda argv: train_and_evaluate(config.value, workdir.value))
+  def main(argv):
+    del argv
+    train_and_evaluate(config.value, workdir.value)
+  app.run(main)
 
 
 if __name__ == "__main__":
