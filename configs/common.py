@@ -66,6 +66,7 @@ def dataset_config(name, res, data_dir=""):
   data = ml_collections.ConfigDict(dict(
       name=name, image_size=(res, res), data_dir=data_dir, train_split="train",
       eval_split="val" if name != "synthetic" else "val",
+      split="",   # evaluate.py: evaluate this split instead of eval_split (e.g. "test")
       num_train=512, num_eval=64,   # synthetic only
       seed=0, aug=aug_config(name, res), num_workers=0, num_threads=4, prefetch=4))
   return data, d["num_classes"], d["ignore_index"]
@@ -92,3 +93,29 @@ def optim_config(total_steps, lr=6e-5):
 def loss_config():
   return ml_collections.ConfigDict(dict(
       type="atm", ce_weight=1.0, focal_weight=20.0, dice_weight=1.0, no_object_weight=0.1))
+
+
+def add_runtime_defaults(config):
+  """Checkpointing, sharding, NaN guard and evaluation-protocol keys (train.py, evaluate.py).
+
+  Call after config.data is set; configs override what they need afterwards.
+  """
+  config.checkpoint_every = 1000      # steps between checkpoints (0: final only)
+  config.keep_checkpoints = 3         # newest N kept
+  config.checkpoint_async = True      # orbax writes in the background
+  config.nan_policy = "stop"          # non-finite loss/grad: 'stop' (raise) | 'skip' (drop update)
+  config.multihost = False            # jax.distributed.initialize() (also via JAX_COORDINATOR_ADDRESS)
+  config.init_from = ""               # weights when no checkpoint: workdir | .npz | timm/mmseg .pth
+  config.profile = False              # clu Profile hook (a few steps of trace in the workdir)
+  config.sharding = ml_collections.ConfigDict(dict(
+      fsdp=False,                     # shard big params/opt state over 'data' (else replicate)
+      fsdp_min_size=2 ** 18,          # arrays smaller than this stay replicated
+      num_devices=0))                 # 0: all devices
+  config.eval = ml_collections.ConfigDict(dict(
+      mode="whole",                   # 'whole' | 'slide' (mmseg slide_inference)
+      stride=(0, 0),                  # slide stride (0: 2/3 of the window = data.image_size)
+      resize_short=0,                 # test-time resize: short side to this (0: off) ...
+      max_long=0,                     # ... long side at most this (0: no cap)
+      label_multiple=32,              # label padding multiple (fewer compiled shapes)
+      batch_size=0))                  # images per eval batch (0: config.eval_batch_size)
+  return config

@@ -38,6 +38,9 @@ def get_config(arg=None):
   config.log_every = 50
   config.eval_every = 2000
   config.eval_batch_size = 8
+  common.add_runtime_defaults(config)  # checkpoints, sharding, NaN policy, config.eval
+  if arg.dataset in ("ade20k", "coco_stuff10k"):  # SegViT/DToP test protocol
+    config.eval.update(mode="slide", resize_short=res, max_long=4 * res)
 
   if arg.smoke:  # A tiny run on a laptop CPU: a few minutes, shows learning.
     config.model.update(variant="Mu/16", out_layers=(2, 3, 4), head_dim=64, head_heads=4,

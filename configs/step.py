@@ -82,6 +82,7 @@ def get_config(arg=None):
   config.log_every = 50
   config.eval_every = 2000
   config.eval_batch_size = 8
+  common.add_runtime_defaults(config)  # checkpoints, sharding, NaN policy, config.eval
 
   if arg.smoke:
     m.update(variant="Mu/16", out_layers=(2, 3, 4), head_dim=64, head_heads=4, drop_path=0.0,

@@ -172,7 +172,8 @@ def measure(config, variables=None, images=None, *, batch=1, dtype="fp32", reps=
       ms_per_image_median=statistics.median(ms), ms_per_image_min=min(ms),
       ms_per_image_max=max(ms), compile_s=compile_s, peak_bytes=mem,
       exit_threshold=np.atleast_1d(model.exit_threshold).round(4).tolist()
-      if model.exit_layers else None, **stats)
+      if model.exit_layers else None,
+      exit_mode=model.exit_mode if model.exit_layers else None, **stats)
 
 
 def run():

@@ -1,4 +1,11 @@
-"""Entry point: python -m step_jax.main --config=configs/<file>.py:<args> --workdir=DIR."""
+"""Entry point: python -m step_jax.main --config=configs/<file>.py:<args> --workdir=DIR.
+
+Trains (sharded over all devices), checkpoints to DIR/checkpoints, evaluates, and writes
+DIR/{config.json, metrics.jsonl, eval_<split>.json}. Running the same command again resumes
+from the latest checkpoint in DIR. Override any key with --config.a.b=value, e.g.
+--config.sharding.fsdp=True, --config.model.dtype=bfloat16, --config.nan_policy=skip.
+Evaluate a checkpoint on another split with `python -m step_jax.evaluate`.
+"""
 from absl import app
 from absl import flags
 from ml_collections import config_flags

@@ -1,7 +1,25 @@
-"""Training and evaluation loop (pure step functions + a flat driver).
+"""Training: sharded jit steps, orbax checkpoints with input state, clu writers, evaluation.
 
-The data/training issue grows this into sharded, checkpointed training on real datasets;
-the entry points (`train_and_evaluate`, `evaluate`) and step functions stay.
+`train_and_evaluate(config, workdir)` is the entry point (`python -m step_jax.main`). The
+driver is one flat function in banner sections, in big_vision's order: setup → mesh →
+model/optimizer → input → state (resume) → steps → loop → final evaluation.
+
+Resume order (first that applies):
+  1. the latest committed checkpoint in `<workdir>/checkpoints` (train state + input
+     iterator state: the run continues exactly where it stopped);
+  2. `config.init_from`: weights only (another workdir, e.g. a BASE model before pruning
+     fine-tuning; a `.npz` of our names; a timm/mmseg `.pth`/`.safetensors` via
+     step_jax.convert); optimizer state and step start fresh;
+  3. random initialisation from `config.seed`.
+
+Non-finite guard: every step checks the loss terms and gradients; a non-finite update is
+*not applied* (parameters and optimizer state keep their values, inside jit) and the state
+records the first offending step and which terms/gradients were non-finite.
+`config.nan_policy='stop'` raises FloatingPointError at the next check (log step,
+checkpoint, evaluation, end) naming that step; 'skip' continues and counts skipped steps
+(`skipped_steps` in the metrics). Checking at log steps, not every step, keeps the host from
+waiting on the device; the exact step is still reported. Checkpoints are never written
+with non-finite parameters.
 """
 import functools
 import json
@@ -9,29 +27,43 @@ import os
 import time
 
 from absl import logging
+from clu import parameter_overview
 import jax
 import jax.numpy as jnp
 import numpy as np
+import optax
 
+from step_jax import checkpoint as ckpt_lib
+from step_jax import evaluate as eval_lib
+from step_jax import flops
 from step_jax import losses
-from step_jax import metrics as metrics_lib
 from step_jax import optim
+from step_jax import sharding
+from step_jax import writers
 from step_jax.data import get_source
 from step_jax.data import pipeline
 from step_jax.models import segmenter
+from step_jax.writers import periodic_actions
+
+NAN_POLICIES = ("stop", "skip")
 
 
 ################################################################################
 # Model, loss and steps.                                                       #
 ################################################################################
 def create_model(config):
-  return segmenter.build(config.model, config.num_classes, tuple(config.data.image_size))
+  return segmenter.build(config.model, config.num_classes, tuple(config.data.image_size),
+                         ignore_index=config.ignore_index)
+
+
+def _dummy_batch(config, batch=1):
+  h, w = config.data.image_size
+  return dict(image=jnp.zeros((batch, h, w, 3), jnp.uint8),
+              label=jnp.zeros((batch, h, w), jnp.int32))
 
 
 def init_params(model, config, rng):
-  h, w = config.data.image_size
-  dummy = jnp.zeros((1, h, w, 3), jnp.float32)
-  return jax.jit(model.init)(rng, dummy)["params"]
+  return jax.jit(model.init)(rng, _dummy_batch(config)["image"].astype(jnp.float32))["params"]
 
 
 def loss_fn(params, model, batch, rng, config):
@@ -43,102 +75,314 @@ def loss_fn(params, model, batch, rng, config):
                          focal_weight=lc.focal_weight, dice_weight=lc.dice_weight)
 
 
-def train_step(state, batch, rng, *, model, tx, config):
-  """One AdamW step; returns the new state and scalar metrics (incl. grad norm)."""
-  rng = jax.random.fold_in(rng, state["step"])
+def init_state(rng, *, model, tx, config):
+  """Train state: params, optimizer state, step and the non-finite guard.
+
+  guard.first_bad holds a boolean per loss term and per parameter array (in
+  `jax.tree.leaves(params)` order), set at the first non-finite step, so a 'stop' error can
+  name what went wrong.
+  """
+  params = model.init(rng, _dummy_batch(config)["image"].astype(jnp.float32))["params"]
+  _, metrics = jax.eval_shape(functools.partial(loss_fn, model=model, config=config),
+                              params, batch=_dummy_batch(config), rng=rng)
+  n_leaves = len(jax.tree.leaves(params))
+  guard = dict(skipped=jnp.zeros((), jnp.int32), first_bad_step=jnp.full((), -1, jnp.int32),
+               first_bad=dict(loss=jax.tree.map(lambda _: jnp.zeros((), bool), metrics),
+                              grads=jnp.zeros((n_leaves,), bool)))
+  return dict(params=params, opt_state=tx.init(params), step=jnp.zeros((), jnp.int32),
+              guard=guard)
+
+
+def train_step(state, batch, rng=None, *, model, tx, config):
+  """One optimizer step; non-finite updates are dropped (see module docstring).
+
+  Returns the new state and scalar metrics: loss terms, grad_norm, lr, nonfinite (0/1 for
+  this step) and skipped_steps (total so far). `rng` defaults to a key from config.seed;
+  dropout is keyed by (rng, step), so a resumed run draws the same masks.
+  """
+  if rng is None:
+    rng = jax.random.fold_in(jax.random.key(config.seed), 1)
+  step = state["step"]
   grad_fn = jax.value_and_grad(loss_fn, has_aux=True)
-  (_, metrics), grads = grad_fn(state["params"], model, batch, rng, config)
+  (_, metrics), grads = grad_fn(state["params"], model, batch, jax.random.fold_in(rng, step),
+                                config)
   updates, opt_state = tx.update(grads, state["opt_state"], state["params"])
-  params = jax.tree.map(jnp.add, state["params"], updates)
-  metrics["grad_norm"] = jnp.sqrt(sum(jnp.sum(g.astype(jnp.float32) ** 2)
-                                      for g in jax.tree.leaves(grads)))
-  return dict(params=params, opt_state=opt_state, step=state["step"] + 1), metrics
+  params = optax.apply_updates(state["params"], updates)
+
+  # One scalar decides (the global norm is non-finite iff some gradient is); the per-array
+  # flags are computed only on that rare path: hundreds of separate reductions in the main
+  # program made XLA:CPU compile 3-5x longer.
+  loss_bad = jax.tree.map(lambda v: ~jnp.all(jnp.isfinite(v)), metrics)
+  grad_norm = optax.tree.norm(grads)
+  # The update too: a finite gradient can still overflow it (e.g. a huge learning rate).
+  bad = (jnp.any(jnp.stack(jax.tree.leaves(loss_bad))) | ~jnp.isfinite(grad_norm)
+         | ~jnp.isfinite(optax.tree.norm(updates)))
+  grad_bad = jax.lax.cond(
+      bad, lambda gs: jnp.stack([~jnp.all(jnp.isfinite(g)) for g in gs]),
+      lambda gs: jnp.zeros((len(gs),), bool), jax.tree.leaves(grads))
+  keep_old = lambda new, old: jax.tree.map(lambda a, b: jnp.where(bad, b, a), new, old)
+  params = keep_old(params, state["params"])
+  opt_state = keep_old(opt_state, state["opt_state"])
+
+  new_state = dict(params=params, opt_state=opt_state, step=step + 1)
+  metrics = dict(metrics)
+  metrics["grad_norm"] = grad_norm
+  metrics["lr"] = optim.learning_rate_fn(config.optim)(step)
+  metrics["nonfinite"] = bad.astype(jnp.int32)
+  if "guard" in state:  # states built by hand (tests, notebooks) may omit the guard
+    g = state["guard"]
+    first = bad & (g["first_bad_step"] < 0)
+    new_state["guard"] = dict(
+        skipped=g["skipped"] + bad.astype(jnp.int32),
+        first_bad_step=jnp.where(first, step + 1, g["first_bad_step"]),
+        first_bad=jax.tree.map(lambda new, old: jnp.where(first, new, old),
+                               dict(loss=loss_bad, grads=grad_bad), g["first_bad"]))
+    metrics["skipped_steps"] = new_state["guard"]["skipped"]
+  return new_state, metrics
 
 
-def predict(params, images, *, model):
-  """Per-pixel class scores [B, H, W, C] at the input resolution."""
-  outputs, _ = model.apply({"params": params}, images, train=False)
-  return segmenter.predict_scores(outputs, images.shape[1:3])
+def abstract_train_state(config, model, mesh, tx=None):
+  """(eval_shape of the train state, its NamedShardings on `mesh`)."""
+  tx = tx or optim.make_optimizer(config.optim)
+  init = functools.partial(init_state, model=model, tx=tx, config=config)
+  abstract = jax.eval_shape(init, jax.random.key(config.seed))
+  return abstract, sharding.state_shardings(abstract, mesh, config)
 
 
-def eval_step(params, batch, *, model, config):
-  scores = predict(params, batch["image"], model=model)
-  pred = jnp.argmax(scores, axis=-1)
-  return metrics_lib.confusion_matrix(pred, batch["label"], config.num_classes,
-                                      config.ignore_index, batch["valid"])
+def nonfinite_report(guard, params=None) -> str:
+  """Human-readable summary of guard.first_bad ('' when no step was non-finite)."""
+  guard = jax.device_get(guard)
+  if int(guard["first_bad_step"]) < 0:
+    return ""
+  names = lambda tree: [jax.tree_util.keystr(p, simple=True, separator="/")
+                        for p, _ in jax.tree_util.tree_flatten_with_path(tree)[0]]
+  loss = [n for n, v in zip(names(guard["first_bad"]["loss"]),
+                            jax.tree.leaves(guard["first_bad"]["loss"])) if bool(v)]
+  flags = np.asarray(guard["first_bad"]["grads"])
+  grads = ([n for n, v in zip(names(params), flags) if v] if params is not None
+           else [f"#{i}" for i in np.flatnonzero(flags)])
+  more = f" (+{len(grads) - 8} more)" if len(grads) > 8 else ""
+  what = (f"loss terms {loss or 'all finite'}; gradients of {grads[:8] or 'none'}{more}"
+          if loss or grads else "loss and gradients finite, the update overflowed")
+  return (f"non-finite values at step {int(guard['first_bad_step'])}: {what}; "
+          f"{int(guard['skipped'])} step(s) skipped so far")
 
 
-def evaluate(model, params, config, split=None):
-  """Whole-image evaluation of `split` (default: config.data.eval_split)."""
-  split = split or config.data.eval_split
-  source = get_source(config.data, split, config.num_classes, config.ignore_index)
-  step = jax.jit(functools.partial(eval_step, model=model, config=config))
-  conf = np.zeros((config.num_classes,) * 2, np.int64)
-  for batch in pipeline.eval_batches(source, config.eval_batch_size):
-    conf += np.asarray(step(params, batch))
-  out = metrics_lib.summarize(conf)
-  out.update(split=split, images=len(source))
-  return out
+def check_guard(state, policy):
+  """Raises FloatingPointError under policy 'stop' if a non-finite step happened."""
+  report = nonfinite_report(state["guard"], state["params"])
+  if report and policy == "stop":
+    raise FloatingPointError(report + " (config.nan_policy='stop'; the update was not "
+                             "applied and no checkpoint was written after it)")
+  return report
+
+
+################################################################################
+# Input.                                                                       #
+################################################################################
+class LegacyTrainIter:
+  """Checkpointable wrapper of `pipeline.train_batches` (used until the grain pipeline's
+  `make_train_iter` exists). State = number of batches consumed."""
+
+  def __init__(self, source, batch_size, seed):
+    self._args = (source, batch_size, seed)
+    self._step = 0
+    self._gen = pipeline.train_batches(source, batch_size, seed, start_step=0)
+
+  def __iter__(self):
+    return self
+
+  def __next__(self):
+    self._step += 1
+    return next(self._gen)
+
+  def get_state(self) -> bytes:
+    return json.dumps({"step": self._step}).encode()
+
+  def set_state(self, state):
+    self._step = int(json.loads(state)["step"])
+    source, batch_size, seed = self._args
+    self._gen = pipeline.train_batches(source, batch_size, seed, start_step=self._step)
+
+  def start_prefetch(self):  # grain.checkpoint.CheckpointRestore calls it
+    pass
+
+
+def make_train_iter(config, mesh):
+  """This process's training batches (batch_size // process_count examples each)."""
+  pidx, pcount = jax.process_index(), jax.process_count()
+  host_batch = sharding.host_batch_size(config.batch_size, mesh)
+  if hasattr(pipeline, "make_train_iter"):
+    return pipeline.make_train_iter(config, process_index=pidx, process_count=pcount)
+  source = get_source(config.data, config.data.train_split, config.num_classes,
+                      config.ignore_index)
+  return LegacyTrainIter(source, host_batch, config.seed * 1000 + pidx)
+
+
+def _next_batch(train_iter, mesh, host_batch):
+  b = next(train_iter)
+  b = {k: np.asarray(b[k]) for k in ("image", "label")}
+  if b["image"].shape[0] != host_batch:
+    raise ValueError(f"input pipeline gave {b['image'].shape[0]} examples per process; "
+                     f"expected batch_size // process_count = {host_batch}")
+  b["label"] = b["label"].astype(np.int32)
+  return sharding.put_batch(b, mesh)
 
 
 ################################################################################
 # Driver.                                                                      #
 ################################################################################
-def _write_json(path, obj):
-  with open(path + ".tmp", "w") as f:
-    json.dump(obj, f, indent=1)
-  os.replace(path + ".tmp", path)
+def _mean_metrics(history):
+  """Averages a list of per-step metric dicts (device arrays) on the host."""
+  history = jax.device_get(history)
+  out = {k: float(np.mean([h[k] for h in history])) for k in history[0]}
+  out["nonfinite"] = int(sum(int(h["nonfinite"]) for h in history))
+  out["skipped_steps"] = int(history[-1]["skipped_steps"])
+  return out
+
+
+def evaluate(model, params, config, split=None):
+  """Backward-compatible wrapper of `evaluate.evaluate` (whole/slide per config.eval)."""
+  return eval_lib.evaluate(config, params, model=model, split=split)
 
 
 def train_and_evaluate(config, workdir):
-  """Trains `config.optim.total_steps` steps, evaluates, writes metrics to `workdir`."""
+  """Trains to `config.optim.total_steps`, resuming if possible; returns (state, metrics)."""
+  ######## Setup: distributed runtime, workdir, writers. ########
+  sharding.initialize_distributed(config)
+  workdir = os.path.abspath(workdir)
   os.makedirs(workdir, exist_ok=True)
-  _write_json(os.path.join(workdir, "config.json"), config.to_dict())
-  rng = jax.random.key(config.seed)
+  is_chief = jax.process_index() == 0
+  if is_chief:
+    ckpt_lib.write_json(os.path.join(workdir, "config.json"), config.to_dict())
+  writer = writers.create_writer(workdir, process_index=jax.process_index())
+  policy = config.get("nan_policy", "stop")
+  if policy not in NAN_POLICIES:
+    raise ValueError(f"config.nan_policy={policy!r}: use one of {NAN_POLICIES}")
+  say = lambda msg: (logging.info(msg), is_chief and print(msg, flush=True))
+
+  ######## Mesh, model, optimizer, shardings. ########
+  mesh = sharding.make_mesh(config)
   model = create_model(config)
-  params = init_params(model, config, jax.random.fold_in(rng, 0))
   tx = optim.make_optimizer(config.optim)
-  state = dict(params=params, opt_state=tx.init(params), step=jnp.zeros((), jnp.int32))
-  n_params = sum(x.size for x in jax.tree.leaves(params))
-  logging.info("model %s: %.2fM parameters", config.model.variant, n_params / 1e6)
-  print(f"model {config.model.variant}: {n_params / 1e6:.2f}M parameters", flush=True)
+  abstract, state_sh = abstract_train_state(config, model, mesh, tx)
+  say(f"mesh {dict(mesh.shape)} over {mesh.size} {jax.devices()[0].platform} device(s), "
+      f"{jax.process_count()} process(es); state arrays {sharding.describe(state_sh)}")
 
-  source = get_source(config.data, config.data.train_split, config.num_classes,
-                      config.ignore_index)
-  batches = pipeline.train_batches(source, config.batch_size, config.seed)
+  ######## Input. ########
+  host_batch = sharding.host_batch_size(config.batch_size, mesh)
+  train_iter = make_train_iter(config, mesh)
+
+  ######## State: checkpoint > init_from > scratch (see module docstring). ########
+  ckpt = ckpt_lib.Checkpointer(workdir, keep=int(config.get("keep_checkpoints", 3)),
+                               async_save=bool(config.get("checkpoint_async", True)))
+  rng = jax.random.key(config.seed)
+  if ckpt.latest_step() is not None:
+    state, train_iter, start = ckpt.restore(sharding.with_shardings(abstract, state_sh),
+                                            train_iter)
+    say(f"resumed from {ckpt.directory}/{start}")
+  else:
+    init = functools.partial(init_state, model=model, tx=tx, config=config)
+    state = jax.jit(init, out_shardings=state_sh)(jax.random.fold_in(rng, 0))
+    start = 0
+    if config.get("init_from", ""):
+      loaded = ckpt_lib.load_pretrained(config.init_from, config.model)
+      params, _ = ckpt_lib.merge_params(state["params"], loaded, source=config.init_from)
+      state = dict(state, params=params)
+      say(f"initialised weights from {config.init_from}")
+  n_params = sum(x.size for x in jax.tree.leaves(state["params"]))
+  say(f"model {config.model.variant}: {n_params / 1e6:.2f}M parameters, "
+      f"dtype {config.model.get('dtype', 'float32')}, remat {config.model.get('remat', False)}")
+  if is_chief:
+    parameter_overview.log_parameter_overview(state["params"], include_stats=False,
+                                              msg="parameters")
+    writer.write_hparams({k: v for k, v in _flat_config(config).items()})
+
+  ######## Jitted step (state donated: no second copy of params/opt state). ########
   step_fn = jax.jit(functools.partial(train_step, model=model, tx=tx, config=config),
+                    in_shardings=(state_sh, sharding.batch_sharding(mesh)),
+                    out_shardings=(state_sh, sharding.replicated(mesh)),
                     donate_argnums=(0,))
-  total = int(config.optim.total_steps)
-  log_path = os.path.join(workdir, "metrics.jsonl")
-  t0 = t_last = time.time()
-  history = []
-  with open(log_path, "a") as log:
-    for step in range(1, total + 1):
-      batch = next(batches)
-      state, m = step_fn(state, batch, jax.random.fold_in(rng, 1))
-      if step % config.log_every == 0 or step == total:
-        m = {k: float(v) for k, v in jax.device_get(m).items()}
-        if not np.isfinite(m["loss"]):
-          raise FloatingPointError(f"loss is {m['loss']} at step {step}; stopping")
-        now = time.time()
-        m.update(step=step, steps_per_s=config.log_every / max(now - t_last, 1e-9),
-                 elapsed_s=now - t0)
-        t_last = now
-        history.append(m)
-        log.write(json.dumps(m) + "\n"); log.flush()
-        print(f"step {step}/{total} loss {m['loss']:.4f} (ce {m['loss_ce']:.3f} "
-              f"focal {m['loss_focal']:.4f} dice {m['loss_dice']:.3f}) "
-              f"{m['steps_per_s']:.2f} steps/s", flush=True)
-      if step % config.eval_every == 0 and step != total:
-        ev = evaluate(model, state["params"], config)
-        print(f"step {step}: {ev['split']} mIoU {100 * ev['miou']:.2f}", flush=True)
-        log.write(json.dumps(dict(step=step, eval_miou=ev["miou"])) + "\n"); log.flush()
+  evaluator = None
 
+  def run_eval(state, step):
+    nonlocal evaluator
+    # Always the validation split here (data.split only redirects evaluate.py).
+    evaluator = evaluator or eval_lib.Evaluator(config, model, mesh,
+                                                split=config.data.eval_split)
+    ev = evaluator(state["params"])
+    writer.write_scalars(step, {f"{ev['split']}/miou": ev["miou"],
+                                f"{ev['split']}/pixel_acc": ev["pixel_acc"],
+                                f"{ev['split']}/mean_acc": ev["mean_acc"]})
+    say(f"step {step}: {ev['split']} mIoU {100 * ev['miou']:.2f} pixel acc "
+        f"{100 * ev['pixel_acc']:.2f} ({ev['compiled_shapes']} eval shape(s))")
+    return ev
+
+  ######## Loop. ########
+  total = int(config.optim.total_steps)
+  log_every = int(config.get("log_every", 50))
+  eval_every = int(config.get("eval_every", 0) or 0)
+  ckpt_every = int(config.get("checkpoint_every", 0) or 0)
+  progress = periodic_actions.ReportProgress(num_train_steps=total, writer=writer,
+                                             every_steps=log_every, every_secs=None)
+  hooks = [progress]
+  if config.get("profile", False) and is_chief:
+    hooks.append(periodic_actions.Profile(logdir=workdir, num_profile_steps=5))
+  history, t_last, step_last = [], time.time(), start
+  t0 = time.time()
+  for step in range(start + 1, total + 1):
+    with jax.profiler.StepTraceAnnotation("train", step_num=step):
+      batch = _next_batch(train_iter, mesh, host_batch)
+      state, m = step_fn(state, batch)
+    history.append(m)
+    for h in hooks:
+      h(step)
+    if step % log_every == 0 or step == total:
+      m = _mean_metrics(history)
+      history = []
+      now = time.time()
+      rate = (step - step_last) / max(now - t_last, 1e-9)
+      t_last, step_last = now, step
+      writer.write_scalars(step, m)
+      say(f"step {step}/{total} loss {m['loss']:.4f} (ce {m['loss_ce']:.3f} focal "
+          f"{m['loss_focal']:.4f} dice {m['loss_dice']:.3f}) grad {m['grad_norm']:.2f} "
+          f"lr {m['lr']:.2e} {rate:.2f} steps/s ETA {(total - step) / max(rate, 1e-9):.0f} s"
+          + (f" skipped {m['skipped_steps']}" if m["skipped_steps"] else ""))
+      report = check_guard(state, policy)
+      if report and m["nonfinite"]:
+        logging.warning(report)
+    if ckpt_every and step % ckpt_every == 0 and step != total:
+      check_guard(state, policy)
+      with progress.timed("checkpoint"):
+        ckpt.save(step, state, train_iter, config.to_dict())
+    if eval_every and step % eval_every == 0 and step != total:
+      check_guard(state, policy)
+      with progress.timed("eval"):
+        run_eval(state, step)
   train_time = time.time() - t0
-  ev = evaluate(model, state["params"], config)
-  ev.update(step=total, train_time_s=train_time)
-  _write_json(os.path.join(workdir, f"eval_{ev['split']}.json"), ev)
-  print(f"final {ev['split']} mIoU {100 * ev['miou']:.2f} pixel acc "
-        f"{100 * ev['pixel_acc']:.2f} ({ev['images']} images); trained {total} steps in "
-        f"{train_time:.0f} s", flush=True)
+
+  ######## Final checkpoint and evaluation. ########
+  check_guard(state, policy)
+  if total not in ckpt.all_steps():
+    ckpt.save(total, state, train_iter, config.to_dict(), force=True)
+  ckpt.close()
+  ev = run_eval(state, total)
+  ev.update(step=total, train_time_s=train_time, resumed_from=start,
+            gflops=float(flops.model_macs(config)["total"]),
+            skipped_steps=int(jax.device_get(state["guard"]["skipped"])))
+  if is_chief:
+    ckpt_lib.write_json(os.path.join(workdir, f"eval_{ev['split']}.json"), ev)
+  writer.close()
+  say(f"final {ev['split']} mIoU {100 * ev['miou']:.2f} pixel acc {100 * ev['pixel_acc']:.2f} "
+      f"({ev['images']} images); trained steps {start + 1}..{total} in {train_time:.0f} s")
   return state, ev
+
+
+def _flat_config(config, prefix=""):
+  out = {}
+  for k, v in config.items():
+    if hasattr(v, "items"):
+      out.update(_flat_config(v, f"{prefix}{k}."))
+    else:
+      out[f"{prefix}{k}"] = v if isinstance(v, (int, float, str, bool)) else str(v)
+  return out

@@ -1,18 +1,35 @@
-"""The training loop learns, the main job runs end to end, the optimiser does what it says."""
+"""The training loop learns, runs end to end, resumes after a kill, guards against NaNs;
+the optimiser does what it says."""
 import functools
 import json
 import os
+import signal
+import subprocess
+import sys
+import tempfile
+import textwrap
+import time
 
 import jax
 import jax.numpy as jnp
 import numpy as np
-import optax
 import pytest
 
 from configs import segvit
+from step_jax import checkpoint as ckpt_lib
 from step_jax import optim
 from step_jax import train
+from step_jax import writers
 from step_jax.data import get_source
+
+# Identical programs are compiled once per machine (also across the subprocess below).
+_CACHE = os.path.join(tempfile.gettempdir(), "step_jax_test_jit_cache")
+if not jax.config.jax_compilation_cache_dir:
+  jax.config.update("jax_compilation_cache_dir", _CACHE)
+  jax.config.update("jax_persistent_cache_min_compile_time_secs", 0)
+  jax.config.update("jax_persistent_cache_min_entry_size_bytes", 0)
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
 def _smoke(**overrides):
@@ -22,37 +39,171 @@ def _smoke(**overrides):
   return cfg
 
 
-def test_loss_falls_when_overfitting_one_batch():
+def _tiny():
+  """The smallest smoke model (one ATM stage, one decoder layer, 32x32): compiles fast."""
   cfg = _smoke()
-  cfg.optim.warmup_steps = 0
-  model = train.create_model(cfg)
-  params = train.init_params(model, cfg, jax.random.key(0))
-  tx = optim.make_optimizer(cfg.optim)
-  state = dict(params=params, opt_state=tx.init(params), step=jnp.zeros((), jnp.int32))
+  cfg.data.update(image_size=(32, 32), num_train=16, num_eval=6)
+  cfg.model.update(out_layers=(2,), head_layers=1, posemb_grid=(2, 2))
+  cfg.optim.update(total_steps=8, warmup_steps=2)
+  cfg.update(log_every=4, eval_every=0, checkpoint_every=4, keep_checkpoints=2,
+             eval_batch_size=4)
+  return cfg
+
+
+def _single_device_step():
+  """(cfg, state, jitted train_step, batch of 4) on one device, no shardings."""
+  cfg = _tiny()
+  cfg.optim.update(warmup_steps=0, total_steps=600)
+  model, tx = train.create_model(cfg), optim.make_optimizer(cfg.optim)
+  state = train.init_state(jax.random.key(0), model=model, tx=tx, config=cfg)
   src = get_source(cfg.data, "train", cfg.num_classes, cfg.ignore_index)
   batch = dict(image=np.stack([src[i]["image"] for i in range(4)]),
                label=np.stack([src[i]["label"] for i in range(4)]).astype(np.int32))
   step = jax.jit(functools.partial(train.train_step, model=model, tx=tx, config=cfg))
+  return cfg, state, step, batch
+
+
+def test_loss_falls_when_overfitting_one_batch():
+  _, state, step, batch = _single_device_step()
   first = None
   for _ in range(40):
-    state, m = step(state, batch, jax.random.key(1))
+    state, m = step(state, batch)
     first = first if first is not None else float(m["loss"])
   assert float(m["loss"]) < 0.6 * first, (first, float(m["loss"]))
 
 
 def test_main_job_end_to_end(tmp_path):
-  cfg = _smoke()
-  cfg.optim.total_steps = 6
-  cfg.log_every = 3
+  cfg = _tiny()
   cfg.eval_every = 4
-  _, ev = train.train_and_evaluate(cfg, str(tmp_path))
+  state, ev = train.train_and_evaluate(cfg, str(tmp_path))
   saved = json.load(open(tmp_path / "eval_val.json"))
-  assert saved["images"] == 8 and 0.0 <= saved["miou"] <= 1.0
+  assert saved["images"] == 6 and 0.0 <= saved["miou"] <= 1.0
   assert set(saved["per_class_iou"]) == {str(i) for i in range(6)}
-  lines = [json.loads(l) for l in open(tmp_path / "metrics.jsonl")]
-  assert [l["step"] for l in lines if "loss" in l] == [3, 6]
-  assert any("eval_miou" in l for l in lines)
+  assert saved["step"] == 8 and saved["gflops"] > 0 and saved["compiled_shapes"] == 1
+  lines = writers.read_jsonl(tmp_path / "metrics.jsonl")
+  train_lines = [l for l in lines if "loss" in l]
+  assert [l["step"] for l in train_lines] == [4, 8]
+  assert all(l["skipped_steps"] == 0 and l["grad_norm"] > 0 for l in train_lines)
+  assert [l["step"] for l in lines if "val/miou" in l] == [4, 8]
+  assert any("steps_per_sec" in l for l in lines)   # clu ReportProgress
   assert json.load(open(tmp_path / "config.json"))["model"]["variant"] == "Mu/16"
+  # Periodic (4) and final (8) checkpoints, with the input iterator's state.
+  steps = sorted(int(d) for d in os.listdir(tmp_path / "checkpoints") if d.isdigit())
+  assert steps == [4, 8]
+  assert os.listdir(tmp_path / "checkpoints" / "8" / "data")
+  assert int(state["step"]) == 8
+  # Running again resumes at the last step: nothing to train, same result.
+  _, ev2 = train.train_and_evaluate(cfg, str(tmp_path))
+  assert ev2["resumed_from"] == 8 and ev2["miou"] == ev["miou"]
+
+
+_CHILD = textwrap.dedent("""
+    import json, sys, time
+    import jax
+    jax.config.update("jax_num_cpu_devices", 4)
+    jax.config.update("jax_compilation_cache_dir", sys.argv[3])
+    jax.config.update("jax_persistent_cache_min_compile_time_secs", 0)
+    jax.config.update("jax_persistent_cache_min_entry_size_bytes", 0)
+    import ml_collections
+    from step_jax import checkpoint, train
+    cfg = ml_collections.ConfigDict(json.loads(sys.argv[2]))
+    save = checkpoint.Checkpointer.save
+    def save_then_hang(self, step, *a, **k):  # stand-in for a preemption after step 4
+      out = save(self, step, *a, **k)
+      if step == 4:
+        self.wait()
+        print("SAVED", flush=True)
+        time.sleep(600)
+      return out
+    checkpoint.Checkpointer.save = save_then_hang
+    train.train_and_evaluate(cfg, sys.argv[1])
+""")
+
+
+def test_kill_and_resume_matches_uninterrupted_run(tmp_path):
+  cfg = _tiny()
+  # Uninterrupted reference.
+  ref_state, _ = train.train_and_evaluate(cfg, str(tmp_path / "ref"))
+  ref = jax.device_get(ref_state["params"])
+  # Same run in a subprocess, SIGKILLed right after its step-4 checkpoint.
+  wd = tmp_path / "run"
+  proc = subprocess.Popen(
+      [sys.executable, "-c", _CHILD, str(wd), json.dumps(cfg.to_dict()), _CACHE],
+      cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True)
+  try:
+    deadline = time.time() + 240
+    for line in proc.stdout:
+      if "SAVED" in line or time.time() > deadline:
+        break
+    assert os.path.isdir(wd / "checkpoints" / "4"), "child never checkpointed step 4"
+    assert proc.poll() is None, "child finished before it could be killed"
+    os.kill(proc.pid, signal.SIGKILL)
+  finally:
+    proc.kill()
+    proc.wait()
+  assert sorted(os.listdir(wd / "checkpoints")) == ["4"]
+  # Resume: steps 5..8 from the checkpoint (state + grain iterator position).
+  state, ev = train.train_and_evaluate(cfg, str(wd))
+  assert ev["resumed_from"] == 4
+  got = jax.device_get(state["params"])
+  for (path, a), b in zip(jax.tree_util.tree_flatten_with_path(ref)[0], jax.tree.leaves(got)):
+    np.testing.assert_array_equal(a, b, err_msg=jax.tree_util.keystr(path))  # bit-identical
+
+
+def _nan_params(cfg, tmp_path):
+  """An init_from .npz whose class-head bias is NaN (every step's loss is non-finite)."""
+  model = train.create_model(cfg)
+  params = jax.device_get(train.init_params(model, cfg, jax.random.key(0)))
+  bias = np.array(params["head"]["class_embed"]["bias"])
+  bias[0] = np.nan
+  path = str(tmp_path / "nan.npz")
+  np.savez(path, **{"head/class_embed/bias": bias})
+  return path
+
+
+def test_nan_policy_stop_raises_with_step_and_saves_nothing(tmp_path):
+  cfg = _tiny()
+  cfg.update(init_from=_nan_params(cfg, tmp_path), nan_policy="stop", checkpoint_every=1,
+             log_every=4)
+  with pytest.raises(FloatingPointError,
+                     match=r"step 1: loss terms \['loss', 'loss_ce'\]; gradients of \['"):
+    train.train_and_evaluate(cfg, str(tmp_path / "wd"))
+  assert not [d for d in os.listdir(tmp_path / "wd" / "checkpoints") if d.isdigit()]
+
+
+def test_nan_policy_skip_counts_and_never_checkpoints_nan(tmp_path):
+  cfg = _tiny()
+  cfg.update(init_from=_nan_params(cfg, tmp_path), nan_policy="skip")
+  state, ev = train.train_and_evaluate(cfg, str(tmp_path / "wd"))
+  assert ev["skipped_steps"] == 8 and int(state["guard"]["first_bad_step"]) == 1
+  lines = [l for l in writers.read_jsonl(tmp_path / "wd" / "metrics.jsonl") if "loss" in l]
+  assert [l["skipped_steps"] for l in lines] == [4, 8] and lines[0]["nonfinite"] == 4
+  # The parameters were never updated, and nothing non-finite reached the disk.
+  assert not [d for d in os.listdir(tmp_path / "wd" / "checkpoints") if d.isdigit()]
+
+
+def test_skip_drops_only_the_bad_update():
+  """Inside the step: a NaN update leaves params and optimizer state untouched."""
+  _, state, step, batch = _single_device_step()
+  good, _ = step(state, batch)
+  bad_in = jax.tree.map(lambda x: x, good)
+  bad_in["params"]["backbone"]["pos_embedding"] = good["params"]["backbone"][
+      "pos_embedding"].at[0, 0, 0].set(jnp.inf)
+  out, m = step(bad_in, batch)
+  assert int(m["nonfinite"]) == 1 and int(out["guard"]["skipped"]) == 1
+  assert int(out["guard"]["first_bad_step"]) == 2 and int(out["step"]) == 2
+  for a, b in zip(jax.tree.leaves((bad_in["params"], bad_in["opt_state"])),
+                  jax.tree.leaves((out["params"], out["opt_state"]))):
+    np.testing.assert_array_equal(a, b)
+  report = train.nonfinite_report(out["guard"], out["params"])
+  assert "step 2" in report and "gradients of ['backbone/" in report
+  with pytest.raises(FloatingPointError, match="step 2"):
+    train.check_guard(out, "stop")
+  assert train.check_guard(out, "skip") == report
+  # A good step afterwards applies normally and the count stays.
+  fixed = dict(out, params=good["params"])
+  out2, m2 = step(fixed, batch)
+  assert int(m2["nonfinite"]) == 0 and int(out2["guard"]["skipped"]) == 1
 
 
 def test_weight_decay_mask_and_head_lr_multiplier():

@@ -1,0 +1,208 @@
+"""Checkpoints: orbax CheckpointManager for the train state + grain iterator + config.
+
+Layout: `<workdir>/checkpoints/<step>/{state, data, config}` (orbax items) and
+`<workdir>/config.json`. `state` is the whole train state (params, optimizer state, step,
+NaN-guard counters); `data` is the input iterator's state (`grain.checkpoint`), one JSON file
+per process, so a resumed run sees exactly the batches an uninterrupted one would.
+
+Restoring takes an abstract target whose leaves carry the *current* mesh's shardings
+(`sharding.with_shardings`), so a checkpoint written on 4 devices (or FSDP-sharded) loads
+onto 1 device, or the other way round.
+
+`load_init_from` brings in weights from elsewhere: another step_jax workdir (e.g. the BASE
+model for DToP-style pruning fine-tuning), a `.npz` of our parameter names, or a timm/mmseg
+PyTorch checkpoint (converted with `step_jax.convert`).
+"""
+import json
+import os
+from typing import Any, Optional
+
+from absl import logging
+import grain
+import jax
+import jax.numpy as jnp
+import numpy as np
+import orbax.checkpoint as ocp
+
+from step_jax import convert
+
+CHECKPOINT_DIR = "checkpoints"
+
+
+def write_json(path, obj):
+  """Atomic JSON write (tmp + rename): a killed job never leaves half a file."""
+  with open(path + ".tmp", "w") as f:
+    json.dump(obj, f, indent=1, default=str)
+  os.replace(path + ".tmp", path)
+
+
+def all_finite(tree) -> jax.Array:
+  """Scalar bool: every floating leaf of `tree` is finite (runs where the arrays live)."""
+  leaves = [x for x in jax.tree.leaves(tree) if jnp.issubdtype(x.dtype, jnp.inexact)]
+  return jnp.all(jnp.stack([jnp.all(jnp.isfinite(x)) for x in leaves])) if leaves else True
+
+
+_all_finite = jax.jit(all_finite)
+
+
+class Checkpointer:
+  """Periodic + final saves, keep-N, resume from the latest committed step."""
+
+  def __init__(self, workdir: str, *, keep: int = 3, async_save: bool = True):
+    self.directory = os.path.abspath(os.path.join(workdir, CHECKPOINT_DIR))
+    self._mgr = ocp.CheckpointManager(
+        self.directory,
+        options=ocp.CheckpointManagerOptions(max_to_keep=max(int(keep), 1), create=True,
+                                             enable_async_checkpointing=async_save))
+
+  def latest_step(self) -> Optional[int]:
+    return self._mgr.latest_step()
+
+  def all_steps(self):
+    return list(self._mgr.all_steps())
+
+  def save(self, step: int, state, data_iter=None, config=None, *, force=False) -> bool:
+    """Saves unless `state` holds a non-finite parameter (then logs and returns False)."""
+    if not bool(_all_finite(state["params"])):
+      logging.error("step %d: parameters are not finite; checkpoint NOT saved", step)
+      return False
+    items = dict(state=ocp.args.StandardSave(state))
+    if data_iter is not None and hasattr(data_iter, "get_state"):
+      items["data"] = grain.checkpoint.CheckpointSave(data_iter)
+    if config is not None:
+      items["config"] = ocp.args.JsonSave(json.loads(json.dumps(config, default=str)))
+    saved = self._mgr.save(int(step), args=ocp.args.Composite(**items), force=force)
+    if saved:
+      logging.info("checkpoint: saving step %d to %s", step, self.directory)
+    return saved
+
+  def restore(self, abstract_state, data_iter=None, step: Optional[int] = None):
+    """(state, data_iter, step) from `step` (default latest), placed as `abstract_state`'s
+    shardings say; the iterator is restored in place when the checkpoint has its state."""
+    step = self.latest_step() if step is None else step
+    if step is None:
+      raise FileNotFoundError(f"no checkpoint in {self.directory}")
+    items = dict(state=ocp.args.StandardRestore(abstract_state))
+    has_data = os.path.isdir(os.path.join(self.directory, str(step), "data"))
+    if data_iter is not None and hasattr(data_iter, "set_state") and has_data:
+      items["data"] = grain.checkpoint.CheckpointRestore(data_iter)
+    elif data_iter is not None:
+      logging.warning("checkpoint %d has no input-pipeline state; the data order restarts",
+                      step)
+    out = self._mgr.restore(step, args=ocp.args.Composite(**items))
+    return out["state"], (out["data"] if "data" in items else data_iter), step
+
+  def wait(self):
+    self._mgr.wait_until_finished()
+
+  def close(self):
+    self._mgr.wait_until_finished()
+    self._mgr.close()
+
+
+################################################################################
+# Weights from elsewhere (config.init_from).                                   #
+################################################################################
+def _flatten(tree, prefix=""):
+  out = {}
+  for k, v in tree.items():
+    key = f"{prefix}/{k}" if prefix else str(k)
+    if isinstance(v, dict):
+      out.update(_flatten(v, key))
+    else:
+      out[key] = np.asarray(v)
+  return out
+
+
+def _unflatten(flat):
+  tree = {}
+  for key, v in flat.items():
+    node = tree
+    *parents, leaf = key.split("/")
+    for p in parents:
+      node = node.setdefault(p, {})
+    node[leaf] = v
+  return tree
+
+
+def _params_from_workdir(path: str):
+  """Parameters (numpy) of the latest checkpoint under a workdir or checkpoints dir."""
+  ckdir = path if os.path.basename(os.path.normpath(path)) == CHECKPOINT_DIR else os.path.join(
+      path, CHECKPOINT_DIR)
+  if not os.path.isdir(ckdir):  # maybe a single step directory, <...>/checkpoints/<step>
+    ckdir = path
+  steps = [int(d) for d in os.listdir(ckdir) if d.isdigit()]
+  state_dir = (os.path.join(ckdir, str(max(steps)), "state") if steps
+               else os.path.join(path, "state"))
+  if not os.path.isdir(state_dir):
+    raise FileNotFoundError(f"init_from={path!r}: no step_jax checkpoint found")
+  ck = ocp.PyTreeCheckpointer()
+  meta = ck.metadata(state_dir).item_metadata.tree
+  restore_args = jax.tree.map(lambda _: ocp.RestoreArgs(restore_type=np.ndarray), meta)
+  tree = ck.restore(state_dir, args=ocp.args.PyTreeRestore(restore_args=restore_args))
+  return tree["params"]
+
+
+def _torch_state_dict(path: str):
+  if path.endswith(".safetensors"):
+    from safetensors.numpy import load_file  # pylint: disable=g-import-not-at-top
+    return load_file(path)
+  import torch  # pylint: disable=g-import-not-at-top  (optional: only for .pth inputs)
+  sd = torch.load(path, map_location="cpu", weights_only=True)
+  for key in ("state_dict", "model", "module"):
+    if isinstance(sd, dict) and key in sd and isinstance(sd[key], dict):
+      sd = sd[key]
+  return {k: v.float().numpy() if hasattr(v, "float") else np.asarray(v) for k, v in sd.items()}
+
+
+def _params_from_state_dict(sd, model_cfg):
+  """timm/mmseg ViT (+ optional SegViT head under decode_head.) → our params subtree."""
+  if any("/" in k for k in sd):  # an npz of our own flattened names
+    return _unflatten(sd)
+  out = {"backbone": convert.timm_vit_to_params(
+      sd, posemb_grid=tuple(model_cfg.posemb_grid) if model_cfg.get("posemb_grid") else None)}
+  if any(k.startswith("decode_head.") for k in sd):
+    out["head"] = convert.segvit_head_to_params(sd)
+  return out
+
+
+def load_pretrained(path: str, model_cfg) -> dict:
+  """Numpy params (possibly a subtree of the model's) from `path`; see module docstring."""
+  if os.path.isdir(path):
+    return _params_from_workdir(path)
+  if path.endswith(".npz"):
+    with np.load(path) as z:
+      return _params_from_state_dict(dict(z), model_cfg)
+  return _params_from_state_dict(_torch_state_dict(path), model_cfg)
+
+
+def merge_params(target, loaded, *, source="init_from"):
+  """`target` (sharded jax arrays) with every leaf of `loaded` that exists in it replaced.
+
+  Shapes must agree (a mismatch raises, naming the parameter); parameters that only one
+  side has are listed in the log. Each replaced leaf keeps the target's sharding.
+  """
+  paths_t = {jax.tree_util.keystr(p, simple=True, separator="/"): x
+             for p, x in jax.tree_util.tree_flatten_with_path(target)[0]}
+  flat_l = _flatten(loaded)
+  bad = [f"{k}: checkpoint {flat_l[k].shape} vs model {paths_t[k].shape}"
+         for k in flat_l if k in paths_t and tuple(flat_l[k].shape) != tuple(paths_t[k].shape)]
+  if bad:
+    raise ValueError(f"{source}: shape mismatch for " + "; ".join(bad[:10]))
+  used = [k for k in flat_l if k in paths_t]
+  unused = sorted(set(flat_l) - set(paths_t))
+  missing = sorted(set(paths_t) - set(flat_l))
+  logging.info("%s: loaded %d arrays; %d not in the model %s; %d model arrays kept from init "
+               "%s", source, len(used), len(unused), unused[:5], len(missing), missing[:5])
+  if not used:
+    raise ValueError(f"{source}: no parameter names in common with the model "
+                     f"(checkpoint has e.g. {sorted(flat_l)[:5]})")
+
+  def pick(path, x):
+    key = jax.tree_util.keystr(path, simple=True, separator="/")
+    if key not in flat_l:
+      return x
+    value = flat_l[key].astype(x.dtype)
+    return jax.make_array_from_callback(x.shape, x.sharding, lambda idx: value[idx])
+  return jax.tree_util.tree_map_with_path(pick, target), dict(loaded=len(used),
+                                                              unused=unused, missing=missing)

@@ -1,0 +1,380 @@
+"""Evaluation: whole-image and sliding-window inference, mIoU from a confusion matrix.
+
+    python -m step_jax.evaluate --config=configs/camvid.py:method=segvit,size=cpu \
+        --workdir=DIR [--config.data.split=test] [--config.data.data_dir=...]
+
+evaluates the latest checkpoint in DIR and writes `DIR/eval_<split>.json` with `miou`
+(fraction), `per_class_iou`, `pixel_acc`, `mean_acc`, `gflops`, `images`, `step` and
+`compiled_shapes`. Without `--config`, DIR/config.json is used.
+
+Protocol (mmseg `EncoderDecoder.inference`, single scale):
+  1. optional test-time resize (`config.eval.resize_short`, keep ratio, long side capped at
+     `config.eval.max_long`; mmcv `rescale_size` rounding, bilinear, on the host);
+  2. `mode='whole'`: the image is padded (bottom/right, with the pixel mean, i.e. zero after
+     normalisation) to a multiple of the patch size, run once, and the scores cropped back;
+     `mode='slide'`: windows of `config.data.image_size` every `config.eval.stride` pixels,
+     the last row/column of windows shifted back to end at the image border (mmseg
+     `slide_inference`), class scores summed and divided by the per-pixel window count;
+     images smaller than a window are padded as in whole mode;
+  3. scores are resized (bilinear, align_corners=False) to the label's size, then argmax;
+  4. a confusion matrix is accumulated; padded pixels and padded batch rows never count.
+
+Static shapes: images are grouped by a *bucket* shape (whole: the padded size; slide: the
+size rounded up to whole strides; labels: a multiple of `config.eval.label_multiple`, and
+of 1/8 of the side's power of two for big labels) and the
+per-image sizes travel as data, so a dataset of varying image sizes compiles only a few
+programs (their number is reported). Window positions, crops and resizes that depend on the
+true size are computed inside the program from those sizes.
+
+Multi-host: every process reads the whole split (so all agree on the batch plan) and feeds
+its rows of each global batch; the confusion matrix is a global sum.
+"""
+import collections
+import functools
+import json
+import math
+import os
+import time
+
+from absl import logging
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from step_jax import metrics as metrics_lib
+from step_jax import sharding as sharding_lib
+from step_jax.data import get_source
+from step_jax.models import resize as resize_lib
+from step_jax.models import segmenter
+from step_jax.models import vit as vit_lib
+
+
+################################################################################
+# Settings and host-side preparation.                                          #
+################################################################################
+def settings(config) -> dict:
+  """Evaluation protocol from `config.eval` (all keys optional) and the training crop."""
+  ev = config.get("eval", None)
+  ev = {} if ev is None else ev
+  crop = tuple(int(s) for s in config.data.image_size)
+  stride = ev.get("stride", None) or (0, 0)
+  stride = (int(stride), int(stride)) if np.ndim(stride) == 0 else tuple(int(s) for s in stride)
+  # mmseg's ViT-B recipe: 512 crop, 341 stride (two thirds).
+  stride = tuple(s if s > 0 else max(c * 2 // 3, 1) for s, c in zip(stride, crop))
+  mode = ev.get("mode", "whole")
+  if mode not in ("whole", "slide"):
+    raise ValueError(f"config.eval.mode={mode!r}: use 'whole' or 'slide'")
+  if any(s > c for s, c in zip(stride, crop)):
+    raise ValueError(f"config.eval.stride={stride} larger than the window {crop} leaves gaps")
+  patch = vit_lib.decode_variant(config.model.variant)["patch_size"]
+  return dict(mode=mode, crop=crop, stride=stride, patch=patch,
+              resize_short=int(ev.get("resize_short", 0) or 0),
+              max_long=int(ev.get("max_long", 0) or 0),
+              label_multiple=int(ev.get("label_multiple", 32) or 1),
+              batch_size=int(ev.get("batch_size", 0) or config.get("eval_batch_size", 8)),
+              pad_value=tuple(float(v) for v in config.model.get("pixel_mean", (127.5,) * 3)))
+
+
+def target_size(h, w, resize_short=0, max_long=0):
+  """mmcv `rescale_size(keep_ratio)`: scale = min(short/min(h,w), long/max(h,w))."""
+  if not resize_short and not max_long:
+    return h, w
+  scales = []
+  if resize_short:
+    scales.append(resize_short / min(h, w))
+  if max_long:
+    scales.append(max_long / max(h, w))
+  s = min(scales)
+  return int(h * s + 0.5), int(w * s + 0.5)
+
+
+def resize_image(image, out_hw):
+  """uint8 [H, W, 3] → uint8 [h, w, 3], bilinear, half-pixel centres, no antialias (cv2
+  INTER_LINEAR / PyTorch bilinear conventions)."""
+  h, w = image.shape[:2]
+  if (h, w) == tuple(out_hw):
+    return image
+  my = resize_lib.interp_matrix(h, out_hw[0], "bilinear")
+  mx = resize_lib.interp_matrix(w, out_hw[1], "bilinear")
+  x = np.einsum("ih,hwc->iwc", my, image.astype(np.float32))
+  x = np.einsum("jw,iwc->ijc", mx, x)
+  return np.clip(np.rint(x), 0, 255).astype(np.uint8)
+
+
+def _round_up(n, m):
+  return -(-n // m) * m
+
+
+def label_bucket(n: int, multiple: int) -> int:
+  """Padded label side: a multiple of `multiple`, coarser for big sides (at most ~1/8 of
+  padding), so datasets of many label sizes (ADE20K) compile few programs."""
+  step = max(multiple, (1 << max(int(n).bit_length() - 1, 0)) // 8)
+  return _round_up(n, step)
+
+
+def bucket_shape(hw, s) -> tuple:
+  """Padded (H, W) an image of size `hw` is computed at."""
+  if s["mode"] == "whole":
+    return tuple(_round_up(n, s["patch"]) for n in hw)
+  # slide: smallest crop + k·stride ≥ size; windows never reach past the true image except
+  # when it is smaller than a window.
+  return tuple(c + _round_up(max(n - c, 0), st) for n, c, st in zip(hw, s["crop"], s["stride"]))
+
+
+def eval_batches(source, s, batch_size, *, process_index=0, process_count=1):
+  """Yields (bucket key, host batch) with image uint8 [b, Hb, Wb, 3], label int32
+  [b, Hl, Wl] (ignore-padded), sizes int32 [b, 4] = (h, w, h_label, w_label), valid [b].
+
+  Every process walks the whole split in order; a global batch holds images of one bucket,
+  is padded with valid=False rows to `batch_size`, and each process keeps its slice of rows.
+  """
+  pending = collections.OrderedDict()
+  per_host = batch_size // process_count
+
+  def emit(key, exs):
+    (hb, wb), (hl, wl) = key
+    b = len(exs)
+    image = np.zeros((batch_size, hb, wb, 3), np.uint8)
+    label = np.full((batch_size, hl, wl), s["ignore_index"], np.int32)
+    sizes = np.tile(np.array(exs[0][2], np.int32), (batch_size, 1))
+    for k, (img, lab, sz) in enumerate(exs):
+      image[k, :img.shape[0], :img.shape[1]] = img
+      label[k, :lab.shape[0], :lab.shape[1]] = lab
+      sizes[k] = sz
+    valid = np.arange(batch_size) < b
+    rows = slice(process_index * per_host, (process_index + 1) * per_host)
+    return key, dict(image=image[rows], label=label[rows], sizes=sizes[rows], valid=valid[rows])
+
+  for i in range(len(source)):
+    ex = source[i]
+    img, lab = np.asarray(ex["image"]), np.asarray(ex["label"])
+    hr, wr = target_size(img.shape[0], img.shape[1], s["resize_short"], s["max_long"])
+    img = resize_image(img, (hr, wr))
+    key = (bucket_shape((hr, wr), s),
+           tuple(label_bucket(n, s["label_multiple"]) for n in lab.shape[:2]))
+    pending.setdefault(key, []).append((img, lab, (hr, wr) + tuple(lab.shape[:2])))
+    if len(pending[key]) == batch_size:
+      yield emit(key, pending.pop(key))
+  for key, exs in pending.items():
+    yield emit(key, exs)
+
+
+################################################################################
+# On-device inference.                                                         #
+################################################################################
+def _fill_outside(images, hw, value):
+  """Pixels outside each image's true [h, w] → `value` (float32 [B, H, W, 3])."""
+  _, hb, wb, _ = images.shape
+  inside = ((jnp.arange(hb)[None, :, None] < hw[:, 0, None, None])
+            & (jnp.arange(wb)[None, None, :] < hw[:, 1, None, None]))
+  return jnp.where(inside[..., None], images.astype(jnp.float32),
+                   jnp.asarray(value, jnp.float32))
+
+
+def slide_windows(hw, bucket_hw, crop, stride):
+  """Window origins (y [B, n], x [B, n]) and validity [B, n] for true sizes hw [B, 2].
+
+  The static window count n is the bucket's; an image uses the first
+  `(max(h - crop + stride - 1, 0) // stride + 1)` rows of windows (mmseg `slide_inference`),
+  each clipped to end inside the image: y1 = max(min(i·stride + crop, h) - crop, 0).
+  """
+  axes = []
+  for a in range(2):
+    n = (bucket_hw[a] - crop[a]) // stride[a] + 1
+    i = jnp.arange(n)[None, :]
+    size = hw[:, a, None]
+    grids = jnp.maximum(size - crop[a] + stride[a] - 1, 0) // stride[a] + 1
+    start = jnp.maximum(jnp.minimum(i * stride[a] + crop[a], size) - crop[a], 0)
+    axes.append((start, i < grids))
+  (y, vy), (x, vx) = axes
+  ny, nx = y.shape[1], x.shape[1]
+  yy = jnp.repeat(y, nx, axis=1)
+  xx = jnp.tile(x, (1, ny))
+  valid = jnp.repeat(vy, nx, axis=1) & jnp.tile(vx, (1, ny))
+  return yy, xx, valid
+
+
+def infer(params, images, hw, *, apply_fn, mode, crop, stride, pad_value):
+  """Class scores [B, Hb, Wb, C] of padded images uint8 [B, Hb, Wb, 3] with true sizes
+  hw [B, 2]; only [:h, :w] of each image is meaningful.
+
+  apply_fn(params, x float32 [B, h, w, 3] in pixel units) → scores [B, h, w, C].
+  """
+  x = _fill_outside(images, hw, pad_value)
+  if mode == "whole":
+    return apply_fn(params, x)
+  b, hb, wb, _ = x.shape
+  ch, cw = crop
+  ys, xs, valid = slide_windows(hw, (hb, wb), crop, stride)     # [B, n]
+  crop_at = jax.vmap(lambda img, y, x0: jax.lax.dynamic_slice(img, (y, x0, 0), (ch, cw, 3)))
+
+  def body(carry, win):
+    canvas, count = carry
+    y, x0, ok = win                                            # [B] each
+    scores = apply_fn(params, crop_at(x, y, x0))                # [B, ch, cw, C]
+    scores = scores * ok[:, None, None, None].astype(scores.dtype)
+
+    def add(c, n, s, yi, xi, oki):
+      c = jax.lax.dynamic_update_slice(
+          c, jax.lax.dynamic_slice(c, (yi, xi, 0), s.shape) + s, (yi, xi, 0))
+      n = jax.lax.dynamic_update_slice(
+          n, jax.lax.dynamic_slice(n, (yi, xi, 0), (ch, cw, 1)) + oki.astype(n.dtype),
+          (yi, xi, 0))
+      return c, n
+    return jax.vmap(add)(canvas, count, scores, y, x0, ok), None
+
+  num_classes = jax.eval_shape(apply_fn, params, x[:, :ch, :cw]).shape[-1]
+  init = (jnp.zeros((b, hb, wb, num_classes), jnp.float32), jnp.zeros((b, hb, wb, 1), jnp.float32))
+  (canvas, count), _ = jax.lax.scan(body, init, (ys.T, xs.T, valid.T))
+  return canvas / jnp.maximum(count, 1.0)
+
+
+def _bilinear_taps(n_in, n_out, n_out_static):
+  """PyTorch bilinear (align_corners=False) 2-tap indices/weights with traced sizes."""
+  dst = jnp.arange(n_out_static, dtype=jnp.float32)[None, :]
+  scale = n_in[:, None].astype(jnp.float32) / n_out[:, None].astype(jnp.float32)
+  src = jnp.maximum((dst + 0.5) * scale - 0.5, 0.0)
+  i0 = jnp.minimum(jnp.floor(src).astype(jnp.int32), n_in[:, None] - 1)
+  i1 = jnp.minimum(i0 + 1, n_in[:, None] - 1)
+  w1 = src - i0.astype(jnp.float32)
+  return i0, i1, 1.0 - w1, w1                                  # [B, n_out_static]
+
+
+def resize_scores(scores, in_hw, out_hw, out_static):
+  """Bilinear resize of scores [B, H, W, C] from true sizes in_hw to out_hw [B, 2], into
+  arrays of static size `out_static`. Equal sizes are reproduced exactly (weights 1, 0)."""
+  i0, i1, w0, w1 = _bilinear_taps(in_hw[:, 0], out_hw[:, 0], out_static[0])
+  take = jax.vmap(lambda s, i: jnp.take(s, i, axis=0))
+  s = take(scores, i0) * w0[..., None, None] + take(scores, i1) * w1[..., None, None]
+  i0, i1, w0, w1 = _bilinear_taps(in_hw[:, 1], out_hw[:, 1], out_static[1])
+  take = jax.vmap(lambda s, i: jnp.take(s, i, axis=1))
+  return take(s, i0) * w0[:, None, :, None] + take(s, i1) * w1[:, None, :, None]
+
+
+def eval_step(params, batch, *, apply_fn, s, num_classes, ignore_index):
+  """Confusion matrix [C, C] of one padded batch (see module docstring)."""
+  sizes = batch["sizes"]
+  scores = infer(params, batch["image"], sizes[:, :2], apply_fn=apply_fn, mode=s["mode"],
+                 crop=s["crop"], stride=s["stride"], pad_value=s["pad_value"])
+  label = batch["label"]
+  scores = resize_scores(scores, sizes[:, :2], sizes[:, 2:], label.shape[1:3])
+  pred = jnp.argmax(scores, axis=-1)
+  hl, wl = label.shape[1:3]
+  inside = ((jnp.arange(hl)[None, :, None] < sizes[:, 2, None, None])
+            & (jnp.arange(wl)[None, None, :] < sizes[:, 3, None, None]))
+  label = jnp.where(inside, label, ignore_index)
+  return metrics_lib.confusion_matrix(pred, label, num_classes, ignore_index, batch["valid"])
+
+
+def make_apply_fn(model):
+  """(params, pixels [B, h, w, 3]) → class scores [B, h, w, C] at the input resolution."""
+  def apply_fn(params, x):
+    outputs, _ = model.apply({"params": params}, x, train=False)
+    return segmenter.predict_scores(outputs, x.shape[1:3])
+  return apply_fn
+
+
+class Evaluator:
+  """Evaluates params on one split; holds the jitted step so programs compile once.
+
+  Usage: `ev = Evaluator(config, model, mesh); metrics = ev(params)`.
+  """
+
+  def __init__(self, config, model, mesh, split=None, source=None):
+    self.config = config
+    self.mesh = mesh
+    self.split = split or config.data.get("split", "") or config.data.eval_split
+    self.source = source if source is not None else get_source(
+        config.data, self.split, config.num_classes, config.ignore_index)
+    self.s = settings(config)
+    self.s["ignore_index"] = int(config.ignore_index)
+    self.batch_size = _round_up(max(self.s["batch_size"], 1),
+                                math.lcm(mesh.size, jax.process_count()))
+    self._step = jax.jit(functools.partial(
+        eval_step, apply_fn=make_apply_fn(model), s=self.s,
+        num_classes=int(config.num_classes), ignore_index=int(config.ignore_index)))
+    self.shapes = set()  # bucket shapes seen = programs compiled
+
+  def __call__(self, params):
+    conf = np.zeros((self.config.num_classes,) * 2, np.int64)
+    t0 = time.time()
+    for key, host_batch in eval_batches(self.source, self.s, self.batch_size,
+                                        process_index=jax.process_index(),
+                                        process_count=jax.process_count()):
+      self.shapes.add(key)
+      batch = sharding_lib.put_batch(host_batch, self.mesh)
+      conf += np.asarray(jax.device_get(self._step(params, batch)), np.int64)
+    names = getattr(self.source, "class_names", None)
+    out = metrics_lib.summarize(conf, list(names) if names is not None else None)
+    out.update(split=self.split, images=len(self.source), mode=self.s["mode"],
+               compiled_shapes=len(self.shapes),
+               shapes=[dict(image=list(k[0]), label=list(k[1])) for k in sorted(self.shapes)],
+               eval_time_s=time.time() - t0)
+    return out
+
+
+def evaluate(config, params, *, model=None, mesh=None, split=None, source=None):
+  """Metrics dict of `params` on `split` (default config.data.split or eval_split)."""
+  from step_jax import train  # pylint: disable=g-import-not-at-top  (train imports us)
+  model = model or train.create_model(config)
+  mesh = mesh or sharding_lib.make_mesh(config)
+  return Evaluator(config, model, mesh, split=split, source=source)(params)
+
+
+################################################################################
+# CLI.                                                                         #
+################################################################################
+def evaluate_checkpoint(config, workdir, *, step=None):
+  """Restores the latest (or `step`) checkpoint of `workdir`, evaluates, writes
+  `<workdir>/eval_<split>.json`; returns the dict written."""
+  from step_jax import checkpoint as ckpt_lib  # pylint: disable=g-import-not-at-top
+  from step_jax import flops  # pylint: disable=g-import-not-at-top
+  from step_jax import train  # pylint: disable=g-import-not-at-top
+  sharding_lib.initialize_distributed(config)
+  mesh = sharding_lib.make_mesh(config)
+  model = train.create_model(config)
+  abstract, shardings = train.abstract_train_state(config, model, mesh)
+  ckpt = ckpt_lib.Checkpointer(workdir, keep=int(config.get("keep_checkpoints", 3)))
+  if ckpt.latest_step() is None:
+    raise FileNotFoundError(f"no checkpoint under {workdir}/{ckpt_lib.CHECKPOINT_DIR}")
+  state, _, step = ckpt.restore(sharding_lib.with_shardings(abstract, shardings), step=step)
+  ckpt.close()
+  out = evaluate(config, state["params"], model=model, mesh=mesh)
+  out.update(step=int(step), gflops=float(flops.model_macs(config)["total"]),
+             gflops_image_size=list(config.data.image_size))
+  if jax.process_index() == 0:
+    ckpt_lib.write_json(os.path.join(workdir, f"eval_{out['split']}.json"), out)
+  print(f"step {step}: {out['split']} mIoU {100 * out['miou']:.2f} pixel acc "
+        f"{100 * out['pixel_acc']:.2f} ({out['images']} images, {out['mode']} mode, "
+        f"{out['compiled_shapes']} compiled shapes)", flush=True)
+  return out
+
+
+def _main(argv):
+  from absl import flags  # pylint: disable=g-import-not-at-top
+  import ml_collections  # pylint: disable=g-import-not-at-top
+  if len(argv) > 1:
+    raise ValueError(f"unexpected arguments: {argv[1:]}")
+  workdir = flags.FLAGS.workdir
+  config = flags.FLAGS.config
+  if config is None:
+    with open(os.path.join(workdir, "config.json")) as f:
+      config = ml_collections.ConfigDict(json.load(f))
+  evaluate_checkpoint(config, workdir, step=flags.FLAGS.step)
+
+
+def run():
+  """`python -m step_jax.evaluate` and the `step-eval` console script."""
+  from absl import app  # pylint: disable=g-import-not-at-top
+  from absl import flags  # pylint: disable=g-import-not-at-top
+  from ml_collections import config_flags  # pylint: disable=g-import-not-at-top
+  config_flags.DEFINE_config_file("config", None, "Config file (path:arg); default: "
+                                  "<workdir>/config.json.", lock_config=True)
+  flags.DEFINE_string("workdir", None, "Training workdir holding checkpoints/.")
+  flags.DEFINE_integer("step", None, "Checkpoint step (default: the latest).")
+  flags.mark_flags_as_required(["workdir"])
+  app.run(_main)
+
+
+if __name__ == "__main__":
+  run()
