@@ -8,7 +8,6 @@ superpatch size, and the reduction factor), <out>/policy_accuracy.md, and
 <out>/overlay_<tau>.png: val images with the superpatch grid drawn over them (colour = size).
 """
 import csv
-import functools
 import json
 import os
 import sys

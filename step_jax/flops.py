@@ -30,7 +30,7 @@ real images (`--images=DIR` or the eval split) and prints the averages, the poli
 counted, with the executed GFLOPs (padding and bucket capacity included) beside them.
 """
 import json
-from typing import Any, Dict, Optional, Sequence, Union
+from typing import Dict, Optional, Sequence, Union
 
 import jax
 

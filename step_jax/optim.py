@@ -1,7 +1,6 @@
 """Optimiser: AdamW with warmup + poly/cosine decay, head lr multiplier, no decay on
 norms/biases/embeddings, global-norm clipping (SegViT/DToP/STEP recipes)."""
 import jax
-import jax.numpy as jnp
 import optax
 
 # Parameter names that never get weight decay (mmseg `paramwise_cfg` / big_vision habit).

@@ -1,4 +1,3 @@
-import flax
 import jax
 import jax.numpy as jnp
 import numpy as np

@@ -4,7 +4,6 @@ import json
 import os
 import subprocess
 import sys
-import tempfile
 
 import jax
 import jax.numpy as jnp
@@ -20,11 +19,7 @@ from step_jax import sharding
 from step_jax import train
 from step_jax.models import resize
 
-_CACHE = os.path.join(tempfile.gettempdir(), "step_jax_test_jit_cache")
-if not jax.config.jax_compilation_cache_dir:
-  jax.config.update("jax_compilation_cache_dir", _CACHE)
-  jax.config.update("jax_persistent_cache_min_compile_time_secs", 0)
-  jax.config.update("jax_persistent_cache_min_entry_size_bytes", 0)
+_CACHE = jax.config.jax_compilation_cache_dir  # set in conftest.py
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 MEAN = (127.5, 127.5, 127.5)

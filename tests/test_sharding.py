@@ -1,7 +1,6 @@
 """Data-parallel and FSDP train steps on 4 fake CPU devices equal the 1-device step."""
 import functools
 import os
-import tempfile
 
 import jax
 import numpy as np
@@ -14,11 +13,7 @@ from step_jax import sharding
 from step_jax import train
 from step_jax.data import get_source
 
-_CACHE = os.path.join(tempfile.gettempdir(), "step_jax_test_jit_cache")
-if not jax.config.jax_compilation_cache_dir:
-  jax.config.update("jax_compilation_cache_dir", _CACHE)
-  jax.config.update("jax_persistent_cache_min_compile_time_secs", 0)
-  jax.config.update("jax_persistent_cache_min_entry_size_bytes", 0)
+_CACHE = jax.config.jax_compilation_cache_dir  # set in conftest.py
 
 
 def _tiny():

@@ -167,10 +167,10 @@ def test_threshold_one_gives_the_plain_vit_exactly():
   images = _images()
   plain = make_model()
   params = plain.init(jax.random.key(0), images)
-  ref, _ = plain.apply(params, images)
+  ref, _ = jax.jit(plain.apply)(params, images)
   dcts = make_model("dcts", thresholds=(1.0,) * 4, policy=ConstPolicy(50.0))  # σ(50) = 1.0
   p2 = {"params": dict(params["params"], policy={"bias": jnp.zeros(())})}
-  out, info = dcts.apply(p2, images)
+  out, info = jax.jit(dcts.apply)(p2, images)
   assert np.all(np.asarray(info["num_tokens"]) == 48) and np.all(np.asarray(info["level"]) == 1)
   np.testing.assert_allclose(out["pred_masks"], ref["pred_masks"], atol=1e-5)
   np.testing.assert_allclose(out["pred_logits"], ref["pred_logits"], atol=1e-5)
@@ -190,10 +190,10 @@ def test_padding_tokens_never_change_valid_outputs():
   images, labels = _images(), _oracle_labels()
   model = make_model("oracle", buckets=(1.0,))
   params = model.init(jax.random.key(0), images, labels=labels)
-  full, info = model.apply(params, images, labels=labels)          # capacity 48 (padded)
+  full, info = jax.jit(lambda p: model.apply(p, images, labels=labels))(params)  # capacity 48
   n = int(np.max(info["num_tokens"]))
   assert n < 48
-  tight, _ = model.apply(params, images, labels=labels, capacity=n)  # no padding in image 0
+  tight, _ = jax.jit(lambda p: model.apply(p, images, labels=labels, capacity=n))(params)
   np.testing.assert_allclose(tight["pred_masks"], full["pred_masks"], atol=1e-5)
   np.testing.assert_allclose(tight["pred_logits"], full["pred_logits"], atol=1e-5)
 
@@ -207,7 +207,7 @@ def test_bucket_switch_jits_once_and_picks_the_smallest_bucket():
   caps = st.bucket_capacities(48, (0.25, 0.5, 0.75, 1.0))
   want = min(c for c in caps if c >= int(np.max(info["num_tokens"])))
   assert int(info["capacity"]) == want
-  ref, _ = model.apply(params, images, labels=labels, capacity=48)
+  ref, _ = jax.jit(lambda p: model.apply(p, images, labels=labels, capacity=48))(params)
   np.testing.assert_allclose(out["pred_masks"], ref["pred_masks"], atol=1e-5)
   # Other token counts reuse the compiled program (no retrace per image).
   fwd(params, images, jnp.zeros_like(labels))
@@ -238,7 +238,7 @@ def test_policy_frozen_and_fewer_tokens_with_lower_thresholds():
   images = _images()
   model = make_model("dcts", thresholds=(0.4, 0.9, 0.9, 0.9), policy=ConstPolicy(0.0))
   params = model.init(jax.random.key(0), images)   # σ(0) = .5: only 2x2 windows pass τ=.4
-  _, info = model.apply(params, images)
+  _, info = jax.jit(model.apply)(params, images)
   assert np.all(np.asarray(info["num_tokens"]) == 48 // 4)
-  g = jax.grad(lambda p: jnp.sum(model.apply(p, images)[0]["pred_masks"]))(params)
+  g = jax.jit(jax.grad(lambda p: jnp.sum(model.apply(p, images)[0]["pred_masks"])))(params)
   assert float(g["params"]["policy"]["bias"]) == 0.0

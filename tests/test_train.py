@@ -6,7 +6,6 @@ import os
 import signal
 import subprocess
 import sys
-import tempfile
 import textwrap
 import time
 
@@ -16,18 +15,12 @@ import numpy as np
 import pytest
 
 from configs import segvit
-from step_jax import checkpoint as ckpt_lib
 from step_jax import optim
 from step_jax import train
 from step_jax import writers
 from step_jax.data import get_source
 
-# Identical programs are compiled once per machine (also across the subprocess below).
-_CACHE = os.path.join(tempfile.gettempdir(), "step_jax_test_jit_cache")
-if not jax.config.jax_compilation_cache_dir:
-  jax.config.update("jax_compilation_cache_dir", _CACHE)
-  jax.config.update("jax_persistent_cache_min_compile_time_secs", 0)
-  jax.config.update("jax_persistent_cache_min_entry_size_bytes", 0)
+_CACHE = jax.config.jax_compilation_cache_dir  # set in conftest.py
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 

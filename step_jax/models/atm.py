@@ -13,7 +13,7 @@ class head (present, no-object) per class query.
 Masks are returned per token ([B, Q, N]); the segmenter owns the token→grid mapping, so
 padded or shared tokens (dCTS) and halted tokens (early exit) never need a square reshape.
 """
-from typing import Any, Optional, Sequence
+from typing import Any, Sequence
 
 import flax.linen as nn
 import jax

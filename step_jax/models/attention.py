@@ -5,7 +5,7 @@
 
 Softmax always runs in float32, whatever the compute dtype.
 """
-from typing import Any, Optional
+from typing import Any
 
 import flax.linen as nn
 import jax

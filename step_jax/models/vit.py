@@ -5,7 +5,7 @@ The module is split into methods so that the segmenter can drive it piece by pie
 (dCTS) reuse the same patch embedding on resized superpatches, and early exit runs the
 blocks stage by stage with a key mask or on a compacted token set.
 """
-from typing import Any, Optional, Sequence
+from typing import Any, Sequence
 
 import flax.linen as nn
 import jax
