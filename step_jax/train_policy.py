@@ -40,16 +40,8 @@ def build(config):
 def init_variables(model, image_hw, seed=0, pretrained=True):
   """Variables without compiling `init` (XLA takes ~35 s for EfficientNet's initialisers on
   a CPU): shapes from eval_shape, heads drawn with numpy, backbone from ImageNet weights."""
-  shapes = jax.eval_shape(model.init, jax.random.key(0), jnp.zeros((1, *image_hw, 3)))
-  rng = np.random.default_rng(seed)
-
-  def draw(path, s):
-    name = getattr(path[-1], "key", "")
-    if name == "kernel":  # lecun normal
-      return (rng.normal(size=s.shape) / np.sqrt(np.prod(s.shape[:-1]))).astype(s.dtype)
-    return np.full(s.shape, 1.0 if name in ("scale", "var") else 0.0, s.dtype)
-
-  variables = jax.tree_util.tree_map_with_path(draw, shapes)
+  from step_jax import benchmark  # pylint: disable=g-import-not-at-top (benchmark imports us lazily)
+  variables = benchmark.random_variables(model, image_hw, seed)
   if pretrained:
     pre = convert_effnet.load_pypi_lite0(include_head=False)
     for col in ("params", "batch_stats"):
