@@ -20,7 +20,10 @@ def parse_arg(arg, **defaults):
       if value.lower() not in ("true", "false", "1", "0"):
         raise ValueError(f"config argument {key}={value!r} must be true or false")
       value = value.lower() in ("true", "1")
-    out[key] = kind(value) if kind is not bool else value
+    try:
+      out[key] = kind(value) if kind is not bool else value
+    except ValueError:
+      raise ValueError(f"config argument {key}={value!r} must be {kind.__name__}") from None
   return out
 
 
@@ -68,7 +71,8 @@ def dataset_config(name, res, data_dir=""):
       eval_split="val" if name != "synthetic" else "val",
       split="",   # evaluate.py: evaluate this split instead of eval_split (e.g. "test")
       num_train=512, num_eval=64,   # synthetic only
-      seed=0, aug=aug_config(name, res), num_workers=0, num_threads=4, prefetch=4))
+      seed=0, aug=aug_config(name, res), num_workers=0, num_threads=4, prefetch=4,
+      bad_records="fail"))   # bad training records: 'fail' (raise) | 'skip' (skip + count)
   return data, d["num_classes"], d["ignore_index"]
 
 
@@ -76,6 +80,10 @@ def model_config(variant, res):
   if variant not in BACKBONES:
     raise ValueError(f"unknown variant {variant!r}; choose from {sorted(BACKBONES)}")
   out_layers, head_dim, head_heads, drop_path = BACKBONES[variant]
+  patch = int(variant.split("/")[1])
+  if res <= 0 or res % patch:
+    raise ValueError(f"res={res} must be a positive multiple of the patch size {patch} of "
+                     f"{variant}")
   return ml_collections.ConfigDict(dict(
       variant=variant, out_layers=out_layers, head_dim=head_dim, head_heads=head_heads,
       head_layers=3, head_dropout=0.1, drop_path=drop_path, dtype="float32", remat=False,

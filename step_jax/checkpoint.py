@@ -9,12 +9,23 @@ Restoring takes an abstract target whose leaves carry the *current* mesh's shard
 (`sharding.with_shardings`), so a checkpoint written on 4 devices (or FSDP-sharded) loads
 onto 1 device, or the other way round.
 
+What can go wrong, and what happens:
+  * killed while saving: orbax writes `<step>.orbax-checkpoint-tmp*` and renames it when
+    complete, so a partial checkpoint is never listed nor restored;
+  * the latest checkpoint is unreadable (truncated or missing files): `restore()` logs a
+    warning, tries the previous one, and once one restores moves the unreadable ones to
+    `<workdir>/corrupt_checkpoints/` (kept for inspection; new saves of those steps work);
+  * the checkpoint was written by another model config: CheckpointMismatchError naming the
+    arrays whose shapes differ (or that only one side has), before anything is read.
+
 `load_init_from` brings in weights from elsewhere: another step_jax workdir (e.g. the BASE
 model for DToP-style pruning fine-tuning), a `.npz` of our parameter names, or a timm/mmseg
 PyTorch checkpoint (converted with `step_jax.convert`).
 """
 import json
 import os
+import shutil
+import time
 from typing import Any, Optional
 
 from absl import logging
@@ -43,6 +54,21 @@ def all_finite(tree) -> jax.Array:
 
 
 _all_finite = jax.jit(all_finite)
+
+
+class CheckpointMismatchError(ValueError):
+  """The checkpoint's arrays do not match the model the config builds."""
+
+
+def _saved_model_config(config_dir) -> str:
+  """' It was written with model.variant=...' from a checkpoint's config item, or ''."""
+  try:
+    with open(os.path.join(config_dir, "metadata")) as f:
+      model = json.load(f).get("model", {})
+    return (f" It was written with model.variant={model.get('variant')!r}, "
+            f"merge={model.get('merge', 'none')!r}, exit_layers={model.get('exit_layers', [])}.")
+  except (OSError, ValueError, AttributeError):
+    return ""
 
 
 class Checkpointer:
@@ -78,10 +104,37 @@ class Checkpointer:
 
   def restore(self, abstract_state, data_iter=None, step: Optional[int] = None):
     """(state, data_iter, step) from `step` (default latest), placed as `abstract_state`'s
-    shardings say; the iterator is restored in place when the checkpoint has its state."""
-    step = self.latest_step() if step is None else step
-    if step is None:
+    shardings say; the iterator is restored in place when the checkpoint has its state.
+
+    Without `step`, an unreadable latest checkpoint falls back to the previous one (see the
+    module docstring). Raises CheckpointMismatchError if the checkpoint's arrays do not
+    match `abstract_state`, FileNotFoundError if there is no checkpoint.
+    """
+    if step is not None:
+      self.check_matches(step, abstract_state)
+      return self._restore(step, abstract_state, data_iter)
+    steps = sorted(self.all_steps(), reverse=True)
+    if not steps:
       raise FileNotFoundError(f"no checkpoint in {self.directory}")
+    failed = []
+    for s in steps:
+      try:
+        self.check_matches(s, abstract_state)
+        out = self._restore(s, abstract_state, data_iter)
+      except CheckpointMismatchError:
+        raise
+      except Exception as e:  # pylint: disable=broad-except  (any unreadable file)
+        logging.warning("checkpoint %s/%d cannot be restored (%s: %s); trying the previous "
+                        "one", self.directory, s, type(e).__name__, str(e)[:500])
+        failed.append((s, e))
+        continue
+      if failed:  # only now: had nothing restored, the fault could be ours, not the files'
+        self._quarantine([f for f, _ in failed])
+      return out
+    raise RuntimeError(f"none of the checkpoints {steps} in {self.directory} could be "
+                       f"restored; first error: {failed[0][1]!r}") from failed[0][1]
+
+  def _restore(self, step, abstract_state, data_iter):
     items = dict(state=ocp.args.StandardRestore(abstract_state))
     has_data = os.path.isdir(os.path.join(self.directory, str(step), "data"))
     if data_iter is not None and hasattr(data_iter, "set_state") and has_data:
@@ -91,6 +144,49 @@ class Checkpointer:
                       step)
     out = self._mgr.restore(step, args=ocp.args.Composite(**items))
     return out["state"], (out["data"] if "data" in items else data_iter), step
+
+  def check_matches(self, step, abstract_state):
+    """Raises CheckpointMismatchError unless checkpoint `step` has exactly the arrays (paths
+    and shapes) of `abstract_state`; reads metadata only."""
+    state_dir = os.path.join(self.directory, str(step), "state")
+    meta = ocp.PyTreeCheckpointer().metadata(state_dir).item_metadata
+    if meta is None:
+      raise FileNotFoundError(f"no readable array metadata in {state_dir}")
+    saved = meta.tree
+    flat = lambda tree: {jax.tree_util.keystr(p, simple=True, separator="/"): tuple(x.shape)
+                         for p, x in jax.tree_util.tree_flatten_with_path(tree)[0]}
+    have, want = flat(saved), flat(abstract_state)
+    diff = [f"{k}: checkpoint {have[k]} vs model {want[k]}"
+            for k in want if k in have and have[k] != want[k]]
+    # Parameters first: they say what changed; optimizer-state paths repeat them.
+    params_first = lambda keys: sorted(keys, key=lambda k: (not k.startswith("params/"), k))
+    diff = params_first(diff)
+    missing, extra = params_first(set(want) - set(have)), params_first(set(have) - set(want))
+    if not (diff or missing or extra):
+      return
+    parts = [f"{len(diff)} arrays differ in shape, e.g. " + "; ".join(diff[:6])] if diff else []
+    parts += [f"{len(missing)} model arrays missing from it, e.g. {missing[:4]}"] if missing else []
+    parts += [f"{len(extra)} arrays not in the model, e.g. {extra[:4]}"] if extra else []
+    written_by = _saved_model_config(os.path.join(self.directory, str(step), "config"))
+    raise CheckpointMismatchError(
+        f"checkpoint {self.directory}/{step} does not match the model built from the "
+        f"config: {'; '.join(parts)}.{written_by} Use the config it was trained with, or "
+        "another --workdir (init_from= loads matching weights only).")
+
+  def _quarantine(self, steps):
+    """Moves unreadable step directories aside (never deletes them) so that new saves of
+    those steps are not skipped and nothing picks them up again."""
+    if jax.process_index() == 0:
+      dest_root = os.path.join(os.path.dirname(self.directory), "corrupt_checkpoints")
+      os.makedirs(dest_root, exist_ok=True)
+      for s in steps:
+        dest = os.path.join(dest_root, f"{s}.{int(time.time())}")
+        shutil.move(os.path.join(self.directory, str(s)), dest)
+        logging.warning("moved unreadable checkpoint %d to %s", s, dest)
+    if jax.process_count() > 1:
+      from jax.experimental import multihost_utils  # pylint: disable=g-import-not-at-top
+      multihost_utils.sync_global_devices("step_jax_checkpoint_quarantine")
+    self._mgr.reload()
 
   def wait(self):
     self._mgr.wait_until_finished()

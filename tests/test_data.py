@@ -374,7 +374,7 @@ def _write_camvid(root, split="train", n=3, size=(6, 8)):
   for i in range(n):
     name = f"seq_{i:04d}.png"
     Image.fromarray(_noise(size + (3,), i)).save(os.path.join(root, "CamVid", split, name))
-    label = (np.arange(size[0] * size[1]).reshape(size) % 14).astype(np.uint8)
+    label = (np.arange(size[0] * size[1]).reshape(size) % 12).astype(np.uint8)
     Image.fromarray(label).save(os.path.join(root, "CamVid", split + "annot", name))
     lines.append(f"/SegNet/CamVid/{split}/{name} /SegNet/CamVid/{split}annot/{name}\n")
   with open(os.path.join(root, "CamVid", split + ".txt"), "w") as f:
@@ -388,8 +388,8 @@ def test_camvid_source_from_split_file(tmp_path):
   ex = src[1]
   assert ex["image"].shape == (6, 8, 3) and ex["image"].dtype == np.uint8
   np.testing.assert_array_equal(ex["image"], _noise((6, 8, 3), 1))
-  raw = np.arange(48).reshape(6, 8) % 14
-  np.testing.assert_array_equal(ex["label"], np.where(raw > 11, 11, raw))   # 11 = void kept
+  raw = np.arange(48).reshape(6, 8) % 12
+  np.testing.assert_array_equal(ex["label"], raw)   # 0..10 classes, 11 = void kept
   # Without the split file, <split>/ and <split>annot/ are paired by name.
   os.remove(tmp_path / "CamVid" / "train.txt")
   assert len(get_source(_data_cfg("camvid", str(tmp_path / "CamVid")), "train", 11, 11)) == 3

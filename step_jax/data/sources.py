@@ -59,15 +59,41 @@ def identity_lut(num_classes, ignore_index):
 ################################################################################
 # Decoding.                                                                    #
 ################################################################################
+class BadRecordError(ValueError):
+  """One example cannot be used: undecodable file, wrong format, or labels out of range.
+
+  The training pipeline's `data.bad_records` policy ('fail' | 'skip') acts on these (and on
+  OSError, e.g. a file that vanished); everything else is a bug and always raises.
+  """
+
+
+# PIL modes that hold more than 8 bits per channel: converting them to RGB would silently
+# clip (16-bit) or truncate (float) the pixel values.
+_WIDE_MODES = ("I", "F", "I;16", "I;16B", "I;16L", "I;16N")
+
+
 def read_image(path):
-  """uint8 [H,W,3] RGB from an image file; a clear error names a file PIL cannot decode."""
+  """uint8 [H,W,3] RGB from an image file; grey and palette images become RGB.
+
+  Raises BadRecordError naming the file for what cannot be decoded (corrupt, truncated,
+  not an image), for 16-bit or float images and for images with transparent pixels.
+  """
   try:
     with Image.open(path) as im:
+      im.load()   # decode now: a truncated file fails here, not later in a worker
+      if im.mode in _WIDE_MODES:
+        raise BadRecordError(f"image file {path} has PIL mode {im.mode!r} (16-bit or float "
+                             "pixels); expected 8-bit RGB or grey: convert it to 8 bits first")
+      if "A" in im.getbands() and np.asarray(im.getchannel("A")).min() < 255:
+        raise BadRecordError(f"image file {path} ({im.mode}) has transparent pixels; "
+                             "expected RGB: flatten it onto a background first")
       return np.asarray(im.convert("RGB"))
   except FileNotFoundError:
     raise
   except (OSError, SyntaxError, ValueError) as e:   # PIL: UnidentifiedImageError, truncated…
-    raise ValueError(f"cannot decode image file {path}: {e}") from e
+    if isinstance(e, BadRecordError):
+      raise
+    raise BadRecordError(f"cannot decode image file {path}: {e}") from e
 
 
 def read_label(path):
@@ -75,13 +101,23 @@ def read_label(path):
   try:
     with Image.open(path) as im:
       if im.mode not in ("L", "P"):
-        raise ValueError(f"label file {path} has mode {im.mode!r}; expected single-channel "
-                         "class ids (mode L or P), not colours")
+        raise BadRecordError(f"label file {path} has mode {im.mode!r}; expected 8-bit "
+                             "single-channel class ids (mode L or P), not colours or 16 bits")
       return np.asarray(im)
   except FileNotFoundError:
     raise
   except (OSError, SyntaxError) as e:
-    raise ValueError(f"cannot decode label file {path}: {e}") from e
+    raise BadRecordError(f"cannot decode label file {path}: {e}") from e
+
+
+def check_label_values(label, valid, what, allowed):
+  """Raises BadRecordError naming `what` when `label` holds a value outside `valid` (a
+  bool [256] table); `allowed` describes the valid values for the message."""
+  bad = ~valid[label]
+  if bad.any():
+    values = np.unique(label[bad])
+    raise BadRecordError(f"{what} has label values {values[:8].tolist()} "
+                         f"({int(bad.sum())} pixels) outside {allowed}")
 
 
 def image_for_tfds(path):
@@ -95,7 +131,7 @@ def image_for_tfds(path):
   except FileNotFoundError:
     raise
   except (OSError, SyntaxError, ValueError) as e:
-    raise ValueError(f"cannot decode image file {path}: {e}") from e
+    raise BadRecordError(f"cannot decode image file {path}: {e}") from e
 
 
 def manual_dir_or_none(dl_manager):
@@ -116,18 +152,22 @@ class LabelMapped:
   RGB; labels may come as [H,W] or [H,W,1]; image and label sizes must agree.
   """
 
-  def __init__(self, source, lut, image_key="image", label_key="annotation", name=""):
+  def __init__(self, source, lut, image_key="image", label_key="annotation", name="",
+               valid=None):
     self.source, self.lut, self.name = source, np.asarray(lut, np.uint8), name
     self.image_key, self.label_key = image_key, label_key
+    # Raw label values the release can contain (bool [256]); others mean a corrupt record.
+    self.valid = np.ones(256, bool) if valid is None else np.asarray(valid, bool)
 
   def __len__(self):
     return len(self.source)
 
   def __getitem__(self, index):
+    where = f"{self.name} example {index}"
     try:
       ex = self.source[index]
     except (OSError, SyntaxError, ValueError) as e:   # a corrupt record's image bytes
-      raise ValueError(f"{self.name} example {index}: cannot decode: {e}") from e
+      raise BadRecordError(f"{where}: cannot decode: {e}") from e
     image = np.asarray(ex[self.image_key])
     raw = np.asarray(ex[self.label_key])
     if image.ndim == 2 or image.shape[-1] == 1:
@@ -135,9 +175,12 @@ class LabelMapped:
     if raw.ndim == 3:
       raw = raw[..., 0]
     if image.shape[:2] != raw.shape or image.shape[-1] != 3:
-      raise ValueError(f"{self.name} example {index}: image {image.shape} and label "
-                       f"{raw.shape} do not match")
-    return {"image": image.astype(np.uint8, copy=False), "label": self.lut[raw]}
+      raise BadRecordError(f"{where}: image {image.shape} and label {raw.shape} do not match")
+    if image.dtype != np.uint8 or raw.dtype != np.uint8:
+      raise BadRecordError(f"{where}: image {image.dtype} and label {raw.dtype}; expected "
+                           "uint8 for both")
+    check_label_values(raw, self.valid, where, "the raw label ids of the release")
+    return {"image": image, "label": self.lut[raw]}
 
 
 class CamVid:
@@ -155,6 +198,9 @@ class CamVid:
     self.split = split
     self.pairs = _camvid_pairs(self.root, split)
     self.lut = identity_lut(num_classes, ignore_index)
+    self.valid = np.zeros(256, bool)   # classes and void; anything else is a broken label
+    self.valid[:num_classes] = self.valid[ignore_index] = True
+    self.allowed = f"the classes 0..{num_classes - 1} and void {ignore_index}"
 
   def __len__(self):
     return len(self.pairs)
@@ -163,8 +209,9 @@ class CamVid:
     image_path, label_path = self.pairs[index]
     image, label = read_image(image_path), read_label(label_path)
     if image.shape[:2] != label.shape:
-      raise ValueError(f"CamVid {image_path} is {image.shape[:2]} but its label "
-                       f"{label_path} is {label.shape}")
+      raise BadRecordError(f"CamVid {image_path} is {image.shape[:2]} but its label "
+                           f"{label_path} is {label.shape}")
+    check_label_values(label, self.valid, f"CamVid label file {label_path}", self.allowed)
     return {"image": image, "label": self.lut[label]}
 
 
@@ -221,6 +268,16 @@ TFDS = {
                    cityscapes_lut, {"val": "validation"}),
 }
 NUM_CLASSES = {"ade20k": 150, "coco_stuff10k": 171, "cityscapes": 19, "camvid": 11}
+# Raw label values each release contains; any other value means a corrupt record.
+RAW_LABELS = {"ade20k": ((0, 150),), "coco_stuff10k": ((0, 182),),
+              "cityscapes": ((0, 33), (255, 255))}
+
+
+def raw_label_table(ranges):
+  valid = np.zeros(256, bool)
+  for lo, hi in ranges:
+    valid[lo:hi + 1] = True
+  return valid
 
 
 def tfds_source(name, split, data_dir, ignore_index=255):
@@ -243,4 +300,5 @@ def tfds_source(name, split, data_dir, ignore_index=255):
         f"--config.data.data_dir=<tfds data_dir> (now {data_dir or 'tfds default'}) or "
         f"prepare it once (needs requirements-tf.txt): python -m step_jax.data.prepare "
         f"--dataset={name} --data_dir=<tfds data_dir> [--manual_dir=<downloads>]") from e
-  return LabelMapped(raw, lut_fn(ignore_index), image_key, label_key, name=f"{name}/{split}")
+  return LabelMapped(raw, lut_fn(ignore_index), image_key, label_key, name=f"{name}/{split}",
+                     valid=raw_label_table(RAW_LABELS[name]))

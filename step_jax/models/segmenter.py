@@ -69,8 +69,7 @@ class Segmenter(nn.Module):
   exit_buckets: Sequence[float] = (0.25, 0.375, 0.5, 0.625, 0.75, 0.875, 1.0)
 
   def normalize(self, images):
-    if images.ndim != 4 or images.shape[-1] != 3:
-      raise ValueError(f"expected images [B, H, W, 3], got shape {images.shape}")
+    check_images(images)
     x = (images.astype(jnp.float32) - jnp.asarray(self.pixel_mean)) / jnp.asarray(self.pixel_std)
     return x.astype(self.backbone.dtype)
 
@@ -79,7 +78,7 @@ class Segmenter(nn.Module):
     h, w = images.shape[1:3]
     if h % p or w % p:
       raise ValueError(f"image size {h}x{w} is not a multiple of the patch size {p}; "
-                       "resize or pad the input first")
+                       "resize or pad the input first (evaluate.py pads to the patch grid)")
     return h // p, w // p
 
   def merge_scores(self, images, labels=None):
@@ -214,9 +213,9 @@ class Segmenter(nn.Module):
     aux: grid; with token sharing also the level map, tokens per image and the capacity used.
     capacity: force one token capacity instead of the on-device bucket choice.
     """
+    x = self.normalize(images)   # checks shape and dtype first: their errors say more
     grid = self.grid(images)
     b = images.shape[0]
-    x = self.normalize(images)
     info = dict(grid=grid)
     if self.merge == "none":
       tokens = self.backbone.embed(x).reshape(b, grid[0] * grid[1], -1)
@@ -244,6 +243,32 @@ class Segmenter(nn.Module):
     return outputs, info
 
 
+_PIXEL_DTYPES = (np.uint8, np.float16, jnp.bfloat16, np.float32, np.float64)
+
+
+def check_images(images):
+  """Raises ValueError unless `images` are RGB pixels [B, H, W, 3] in [0, 255], uint8 or float.
+
+  Shape and dtype are checked always (at trace time under jit); NaN/Inf only for concrete
+  arrays, since a jitted program cannot raise: under jit, call this on the host batch.
+  """
+  shape, dtype = tuple(images.shape), images.dtype
+  if len(shape) != 4 or shape[-1] != 3:
+    hint = {1: "; grayscale? repeat it to 3 channels", 4: "; RGBA? drop the alpha channel",
+            }.get(shape[-1] if len(shape) == 4 else 0, "")
+    if len(shape) == 3 and shape[-1] == 3:
+      hint = "; a single image? add the batch axis (images[None])"
+    raise ValueError(f"images must be [B, H, W, 3] RGB, got shape {shape}{hint}")
+  if dtype not in _PIXEL_DTYPES:
+    hint = "; 16-bit? scale to 8 bits first (e.g. x >> 8)" if dtype.itemsize == 2 else ""
+    raise ValueError(f"images have dtype {dtype}; expected uint8 or float pixels in "
+                     f"[0, 255]{hint}")
+  if jnp.issubdtype(dtype, jnp.floating) and not isinstance(images, jax.core.Tracer):
+    n = int(images.size - np.count_nonzero(np.isfinite(np.asarray(images, np.float32))))
+    if n:
+      raise ValueError(f"images contain {n} NaN/Inf values (of {images.size})")
+
+
 def upsample_masks(mask_logits, out_hw):
   """Bilinear (PyTorch align_corners=False) upsampling of [B, Q, h, w] logits to out_hw."""
   return resize.resize_2d(mask_logits, out_hw, "bilinear", axes=(-2, -1))
@@ -265,8 +290,21 @@ def build(model_cfg, num_classes: int, image_size: Sequence[int], ignore_index: 
   exit_buckets, exit_head_heads.
   """
   v = vit_lib.decode_variant(model_cfg.variant)
-  dtype = jnp.dtype(model_cfg.get("dtype", "float32"))
+  try:
+    dtype = jnp.dtype(model_cfg.get("dtype", "float32"))
+  except TypeError:
+    dtype = None
+  if dtype not in (jnp.float32, jnp.bfloat16, jnp.float16):
+    raise ValueError(f"model.dtype={model_cfg.get('dtype')!r}: use 'float32', 'bfloat16' or "
+                     "'float16'")
   p = v.pop("patch_size")
+  if len(image_size) != 2 or image_size[0] % p or image_size[1] % p:
+    raise ValueError(f"data.image_size={tuple(image_size)} is not a multiple of the patch size "
+                     f"{p} of {model_cfg.variant}; use e.g. "
+                     f"{tuple(-(-s // p) * p for s in image_size)}")
+  if num_classes < 1 or 0 <= ignore_index < num_classes:
+    raise ValueError(f"ignore_index={ignore_index} must lie outside the classes "
+                     f"0..{num_classes - 1} (num_classes={num_classes})")
   posemb_grid = tuple(model_cfg.get("posemb_grid", None) or (image_size[0] // p, image_size[1] // p))
   backbone = vit_lib.ViT(**v, patch_size=p, posemb_grid=posemb_grid,
                          drop_path=model_cfg.get("drop_path", 0.0),
@@ -306,17 +344,26 @@ def build(model_cfg, num_classes: int, image_size: Sequence[int], ignore_index: 
   exit_threshold = model_cfg.get("exit_threshold", 1.0)
   if any(not 0.0 <= t <= 1.0 for t in np.atleast_1d(exit_threshold)):
     raise ValueError(f"model.exit_threshold={exit_threshold} must lie in [0, 1]")
+  if np.ndim(exit_threshold) and len(exit_threshold) != len(exit_layers):
+    raise ValueError(f"model.exit_threshold={tuple(exit_threshold)} needs one value per exit "
+                     f"layer {exit_layers} (or a single value)")
+  exit_mode = model_cfg.get("exit_mode", "compact")
+  if exit_mode not in ("mask", "compact"):
+    raise ValueError(f"model.exit_mode={exit_mode!r}: use 'mask' or 'compact'")
+  buckets = tuple(model_cfg.get("buckets", (1.0,)))
+  if not buckets or any(not 0.0 < b <= 1.0 for b in buckets):
+    raise ValueError(f"model.buckets={buckets} must be fractions in (0, 1]")
   return Segmenter(backbone, head, out_layers,
                    pixel_mean=tuple(model_cfg.get("pixel_mean", (127.5,) * 3)),
                    pixel_std=tuple(model_cfg.get("pixel_std", (127.5,) * 3)),
                    merge=merge, thresholds=thresholds,
                    cts_shared=model_cfg.get("cts_shared", 0),
                    superpatch_resize=model_cfg.get("superpatch_resize", "area"),
-                   buckets=tuple(model_cfg.get("buckets", (1.0,))),
+                   buckets=buckets,
                    ignore_index=ignore_index, policy=policy,
                    exit_layers=exit_layers, exit_heads=exit_heads,
                    exit_threshold=exit_threshold,
-                   exit_mode=model_cfg.get("exit_mode", "compact"),
+                   exit_mode=exit_mode,
                    keep_top_k=model_cfg.get("keep_top_k", 5),
                    exit_buckets=tuple(model_cfg.get("exit_buckets",
                                                     (0.25, 0.375, 0.5, 0.625, 0.75, 0.875, 1.0))))
