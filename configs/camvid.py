@@ -11,8 +11,13 @@ the repository when it exists):
   python -m step_jax.evaluate --config=configs/camvid.py:method=segvit,size=gpu \
       --workdir=$WD --config.data.split=test --config.data.data_dir=/path/with/CamVid/test
 
-Arguments: method (segvit; cts, dcts, dtop and step come with later issues), size (cpu |
-gpu), variant (override the size's ViT, e.g. Ti/16).
+  # STEP: the policy net is trained first inside the workdir (150 steps on a CPU), then
+  # 1500 steps without pruning and 500 with pruning (DToP's two steps)
+  python -m step_jax.main --config=configs/camvid.py:method=step,size=cpu --workdir=$WD
+
+Arguments: method (segvit, cts, dcts, dtop, cts_dtop, step: see configs/step.py), size (cpu |
+gpu), variant (override the size's ViT, e.g. Ti/16), tau (dCTS thresholds, '6899' or
+'4999'), exits ('-'-separated layers; default per variant), exit_tau (halting confidence).
 
 Evaluation: the val split, whole images. `size=cpu` trains at half resolution, so it also
 tests at half resolution (short side 180) and resizes the scores back to the 480x360
@@ -21,19 +26,18 @@ labels; `size=gpu` tests at full resolution (480x360, padded to 480x368 inside t
 import os
 
 from configs import common
+from configs import step as step_config
 
-_METHODS = ("segvit", "cts", "dcts", "dtop", "step")
+_METHODS = ("segvit", "cts", "dcts", "dtop", "cts_dtop", "step")
 _REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 _DEFAULT_DATA = os.path.normpath(os.path.join(_REPO, "..", "shared", "data", "camvid_segnet"))
 
 
 def get_config(arg=None):
-  arg = common.parse_arg(arg, method="segvit", size="cpu", variant="")
+  arg = common.parse_arg(arg, method="segvit", size="cpu", variant="", tau="6899", exits="",
+                         exit_tau=0.9)
   if arg.method not in _METHODS:
     raise ValueError(f"unknown method {arg.method!r}; choose from {_METHODS}")
-  if arg.method != "segvit":
-    raise ValueError(f"method={arg.method} is not implemented yet (supertokens and early "
-                     "pruning arrive with later issues); use method=segvit")
   if arg.size not in ("cpu", "gpu"):
     raise ValueError(f"size={arg.size!r}: use cpu or gpu")
   cpu = arg.size == "cpu"
@@ -61,12 +65,23 @@ def get_config(arg=None):
   config.model = common.model_config(variant, crop[0])
   config.model.posemb_grid = (crop[0] // 16, crop[1] // 16)
   config.model.drop_path = 0.0 if cpu else 0.1
+  use_exits = step_config.set_method(config.model, arg.method, variant, tau=arg.tau,
+                                     exits=arg.exits, exit_tau=arg.exit_tau)
+  grid = (crop[0] // 16, crop[1] // 16)
+  # CTS shares 103 of the 256 2x2 windows of a 512² crop: the same fraction here.
+  config.model.cts_shared = int(0.4 * (grid[0] // 2) * (grid[1] // 2))
+  # The policy net is trained here first, on the same crops (cpu: frozen ImageNet backbone).
+  config.model.policy.update(auto_train_steps=150 if cpu else 20_000, train_backbone=not cpu,
+                             lr=1e-3 if cpu else 5e-5)
   config.loss = common.loss_config()
 
   # Optimisation: from scratch, so a larger lr than the fine-tuning recipes and no head
   # multiplier (the backbone is not pretrained).
   config.batch_size = 8 if cpu else 16
   steps = 2000 if cpu else 40_000
+  # With exits (DToP): the last quarter of the steps with pruning active.
+  config.prune_from_step = steps * 3 // 4 if use_exits else 0
+  config.train_bucketing = False  # train on one static shape (see train.train_model)
   config.optim = common.optim_config(steps, lr=1e-3 if cpu else 4e-4)
   config.optim.update(head_lr_mult=1.0, weight_decay=0.05,
                       warmup_steps=100 if cpu else 1500)

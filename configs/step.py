@@ -18,6 +18,12 @@ Arguments: method; variant (Mu/16 Ti/16 S/16 B/16 L/16); dataset; res (0 = datas
 tau: dCTS thresholds for 2,4,8,16 windows as digits ('6899' = .6 .8 .9 .9, '4999') or
 '-'-separated decimals ('0.6-0.8-0.9-0.9'); exits: '-'-separated 1-based layers ('6-8', '16');
 exit_tau: halting confidence (paper: .9 ADE20K/Cityscapes, .95 COCO-Stuff); smoke.
+
+CTS/dCTS/STEP need a trained policy net: `--config.model.policy.init_from=<workdir of
+python -m step_jax.train_policy>`, or `--config.model.policy.auto_train_steps=N` to train
+one first inside this run's workdir (the smoke config does, 60 steps). With exits, training
+follows DToP: `prune_from_step` steps without pruning, then pruning fine-tuning; for the
+separate-runs recipe set prune_from_step=0 and init_from=<the BASE run's workdir>.
 """
 from configs import common
 
@@ -40,11 +46,38 @@ def parse_tau(tau: str):
   return values
 
 
+def set_method(m, method, variant, *, tau="6899", exits="", exit_tau=0.9):
+  """Sets the token-sharing and early-exit fields of model config `m` for `method` (one of
+  METHODS); returns whether the method has early exits."""
+  if method not in METHODS:
+    raise ValueError(f"unknown method {method!r}; choose from {METHODS}")
+  # Token sharing.
+  m.merge = {"cts": "cts", "cts_dtop": "cts", "dcts": "dcts", "step": "dcts",
+             "oracle": "oracle"}.get(method, "none")
+  m.thresholds = parse_tau(tau)
+  m.cts_shared = 103                       # CTS/STEP: 103 shared 2x2 windows at any size
+  m.superpatch_resize = "area"
+  m.buckets = (0.25, 0.375, 0.5, 0.625, 0.75, 0.875, 1.0)
+  # The policy net is trained first (python -m step_jax.train_policy) and frozen here:
+  # init_from = that workdir; or auto_train_steps > 0 trains one inside this run's workdir.
+  m.policy = common.ml_collections.ConfigDict(dict(source="pypi", hidden=128, init_from="",
+                                                   auto_train_steps=0, train_backbone=True,
+                                                   lr=5e-5))
+  # Early exit.
+  use_exits = method in ("dtop", "cts_dtop", "step") or (method == "oracle" and bool(exits))
+  exits = exits or DEFAULT_EXITS[variant]
+  m.exit_layers = tuple(int(e) for e in exits.split("-")) if use_exits else ()
+  m.exit_threshold = exit_tau
+  m.exit_mode = "compact"
+  m.keep_top_k = 5
+  m.exit_buckets = (0.25, 0.375, 0.5, 0.625, 0.75, 0.875, 1.0)
+  m.exit_head_heads = DTOP_HEADS[variant]
+  return use_exits
+
+
 def get_config(arg=None):
   arg = common.parse_arg(arg, method="step", variant="B/16", dataset="ade20k", res=0,
                          tau="6899", exits="", exit_tau=-1.0, smoke=False)
-  if arg.method not in METHODS:
-    raise ValueError(f"unknown method {arg.method!r}; choose from {METHODS}")
   config = common.ml_collections.ConfigDict()
   config.seed = 0
   config.method = arg.method
@@ -56,29 +89,18 @@ def get_config(arg=None):
   config.model = common.model_config(arg.variant, res)
   m = config.model
 
-  # Token sharing.
-  m.merge = {"cts": "cts", "cts_dtop": "cts", "dcts": "dcts", "step": "dcts",
-             "oracle": "oracle"}.get(arg.method, "none")
-  m.thresholds = parse_tau(arg.tau)
-  m.cts_shared = 103                       # CTS/STEP: 103 shared 2x2 windows at any size
-  m.superpatch_resize = "area"
-  m.buckets = (0.25, 0.375, 0.5, 0.625, 0.75, 0.875, 1.0)
-  m.policy = common.ml_collections.ConfigDict(dict(source="pypi", hidden=128, init_from=""))
-
-  # Early exit.
-  use_exits = arg.method in ("dtop", "cts_dtop", "step") or (arg.method == "oracle" and arg.exits)
-  exits = arg.exits or DEFAULT_EXITS[arg.variant]
-  m.exit_layers = tuple(int(e) for e in exits.split("-")) if use_exits else ()
   default_tau = 0.95 if arg.dataset == "coco_stuff10k" else 0.9
-  m.exit_threshold = arg.exit_tau if arg.exit_tau >= 0 else default_tau
-  m.exit_mode = "compact"
-  m.keep_top_k = 5
-  m.exit_buckets = (0.25, 0.375, 0.5, 0.625, 0.75, 0.875, 1.0)
-  m.exit_head_heads = DTOP_HEADS[arg.variant]
+  use_exits = set_method(m, arg.method, arg.variant, tau=arg.tau, exits=arg.exits,
+                         exit_tau=arg.exit_tau if arg.exit_tau >= 0 else default_tau)
 
   config.loss = common.loss_config()
   config.batch_size = 16
-  config.optim = common.optim_config(steps)
+  # DToP's two steps in one run: `steps` with pruning off (all heads trained), then a
+  # quarter as many with pruning active (ADE 160k + 40k, COCO-Stuff 80k + 20k).
+  prune_steps = steps // 4 if use_exits else 0
+  config.prune_from_step = steps if use_exits else 0
+  config.train_bucketing = False  # train on one static shape (see train.train_model)
+  config.optim = common.optim_config(steps + prune_steps)
   config.log_every = 50
   config.eval_every = 2000
   config.eval_batch_size = 8
@@ -92,6 +114,9 @@ def get_config(arg=None):
     config.data.update(image_size=(128, 128), num_train=256, num_eval=32)
     config.batch_size = 8
     config.optim = common.optim_config(600, lr=1e-3)
+    config.prune_from_step = 400 if use_exits else 0
+    m.policy.update(train_backbone=False, auto_train_steps=60, lr=1e-3)
+    m.buckets = m.exit_buckets = (0.5, 1.0)   # fewer compiled branches on a CPU
     config.optim.head_lr_mult = 1.0
     config.log_every = 25
     config.eval_every = 200

@@ -111,6 +111,23 @@ def token_stats(config, model, variables, images):
               gflops_heads=mean(useful, "heads"), images=len(images))
 
 
+def eval_gflops(config, model, variables, num_images=16):
+  """GFLOPs for the eval json: the formula for static models; for supertoken/early-exit
+  models the mean over the first `num_images` eval images (at the crop size) of the useful
+  and the executed (bucket capacity) GFLOPs, with the tokens per stage."""
+  if model.merge == "none" and not model.exit_layers:
+    return dict(gflops=flops.model_macs(config)["total"])
+  h, w = config.data.image_size
+  p = model.backbone.patch_size
+  full = flops.token_macs(config, (h // p) * (w // p))["total"]   # every token, every layer
+  if model.merge == "oracle":  # needs labels; token_stats runs images only
+    return dict(gflops_full=full)
+  st = token_stats(config, model, variables, load_images(config, "", num_images))
+  return dict(gflops=st["gflops_useful"], gflops_executed=st["gflops_executed"],
+              gflops_full=full, tokens_per_stage=st["mean_tokens_per_stage"],
+              tokens_full=st["tokens_full"], gflops_images=st["images"])
+
+
 def prepare(config, dtype="fp32", variables=None, images=None, exit_share=-1.0):
   """(config, model, variables, weights description) ready to run; see the module doc."""
   config = config.copy_and_resolve_references()

@@ -254,6 +254,12 @@ def resize_scores(scores, in_hw, out_hw, out_static):
 def eval_step(params, batch, *, apply_fn, s, num_classes, ignore_index):
   """Confusion matrix [C, C] of one padded batch (see module docstring)."""
   sizes = batch["sizes"]
+  if s.get("oracle"):  # the oracle merge reads labels at the image's resolution
+    hb, wb = batch["image"].shape[1:3]
+    lab = batch["label"][:, :hb, :wb]
+    lab = jnp.pad(lab, ((0, 0), (0, hb - lab.shape[1]), (0, wb - lab.shape[2])),
+                  constant_values=ignore_index)
+    apply_fn = functools.partial(apply_fn, labels=lab)
   scores = infer(params, batch["image"], sizes[:, :2], apply_fn=apply_fn, mode=s["mode"],
                  crop=s["crop"], stride=s["stride"], pad_value=s["pad_value"])
   label = batch["label"]
@@ -266,10 +272,17 @@ def eval_step(params, batch, *, apply_fn, s, num_classes, ignore_index):
   return metrics_lib.confusion_matrix(pred, label, num_classes, ignore_index, batch["valid"])
 
 
+def as_variables(tree):
+  """Flax variables from either variables ({'params': ..., 'batch_stats': ...}) or params."""
+  return tree if "params" in tree else {"params": tree}
+
+
 def make_apply_fn(model):
-  """(params, pixels [B, h, w, 3]) → class scores [B, h, w, C] at the input resolution."""
-  def apply_fn(params, x):
-    outputs, _ = model.apply({"params": params}, x, train=False)
+  """(variables or params, pixels [B, h, w, 3]) → class scores [B, h, w, C] at the input
+  resolution (`labels` only for the oracle merge)."""
+  def apply_fn(params, x, labels=None):
+    kw = dict(labels=labels) if labels is not None else {}
+    outputs, _ = model.apply(as_variables(params), x, train=False, **kw)
     return segmenter.predict_scores(outputs, x.shape[1:3])
   return apply_fn
 
@@ -277,7 +290,8 @@ def make_apply_fn(model):
 class Evaluator:
   """Evaluates params on one split; holds the jitted step so programs compile once.
 
-  Usage: `ev = Evaluator(config, model, mesh); metrics = ev(params)`.
+  Usage: `ev = Evaluator(config, model, mesh); metrics = ev(variables)` (variables: flax
+  variables, or just the params for models without a policy net).
   """
 
   def __init__(self, config, model, mesh, split=None, source=None):
@@ -288,6 +302,11 @@ class Evaluator:
         config.data, self.split, config.num_classes, config.ignore_index)
     self.s = settings(config)
     self.s["ignore_index"] = int(config.ignore_index)
+    self.s["oracle"] = model.merge == "oracle"
+    if self.s["oracle"] and (self.s["mode"] != "whole" or self.s.get("resize_short")):
+      raise ValueError("the oracle merge is evaluated in whole mode without test-time resize "
+                       "(it reads labels at the image's resolution); set config.eval.mode="
+                       "'whole' and config.eval.resize_short=0")
     self.batch_size = _round_up(max(self.s["batch_size"], 1),
                                 math.lcm(mesh.size, jax.process_count()))
     self._step = jax.jit(functools.partial(
@@ -328,7 +347,7 @@ def evaluate_checkpoint(config, workdir, *, step=None):
   """Restores the latest (or `step`) checkpoint of `workdir`, evaluates, writes
   `<workdir>/eval_<split>.json`; returns the dict written."""
   from step_jax import checkpoint as ckpt_lib  # pylint: disable=g-import-not-at-top
-  from step_jax import flops  # pylint: disable=g-import-not-at-top
+  from step_jax import benchmark  # pylint: disable=g-import-not-at-top
   from step_jax import train  # pylint: disable=g-import-not-at-top
   sharding_lib.initialize_distributed(config)
   mesh = sharding_lib.make_mesh(config)
@@ -339,9 +358,10 @@ def evaluate_checkpoint(config, workdir, *, step=None):
     raise FileNotFoundError(f"no checkpoint under {workdir}/{ckpt_lib.CHECKPOINT_DIR}")
   state, _, step = ckpt.restore(sharding_lib.with_shardings(abstract, shardings), step=step)
   ckpt.close()
-  out = evaluate(config, state["params"], model=model, mesh=mesh)
-  out.update(step=int(step), gflops=float(flops.model_macs(config)["total"]),
-             gflops_image_size=list(config.data.image_size))
+  variables = dict(state.get("model_state", {}), params=state["params"])
+  out = evaluate(config, variables, model=model, mesh=mesh)
+  out.update(step=int(step), gflops_image_size=list(config.data.image_size),
+             **benchmark.eval_gflops(config, model, variables))
   if jax.process_index() == 0:
     ckpt_lib.write_json(os.path.join(workdir, f"eval_{out['split']}.json"), out)
   print(f"step {step}: {out['split']} mIoU {100 * out['miou']:.2f} pixel acc "

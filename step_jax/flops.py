@@ -300,8 +300,8 @@ def _main(argv):
   from step_jax import benchmark  # pylint: disable=g-import-not-at-top
   variables, weights = None, None
   if f.workdir:
-    from step_jax import checkpoint  # pylint: disable=g-import-not-at-top
-    variables, weights = checkpoint.load_variables(cfg, f.workdir), "trained"
+    from step_jax import train  # pylint: disable=g-import-not-at-top
+    variables, weights = train.restore_variables(cfg, f.workdir), "trained"
   images = benchmark.load_images(cfg, f.images, f.num_images)
   cfg, model, variables, prepared = benchmark.prepare(cfg, "fp32", variables, images,
                                                       f.exit_share)

@@ -32,14 +32,18 @@ def _decay_mask(params):
 
 
 def make_optimizer(cfg):
-  """cfg: config.optim. Everything but the 'backbone' subtree trains at lr × head_lr_mult."""
+  """cfg: config.optim. Everything but the 'backbone' subtree trains at lr × head_lr_mult;
+  the 'policy' subtree (the dCTS/CTS policy net, trained beforehand) is frozen: no update, no
+  weight decay, no optimizer moments."""
   def adamw(lr):
     return optax.adamw(lr, b1=cfg.b1, b2=cfg.b2, weight_decay=cfg.weight_decay,
                        mask=_decay_mask)
-  labels = lambda params: {k: ("backbone" if k == "backbone" else "head") for k in params}
+  group = lambda k: k if k in ("backbone", "policy") else "head"
+  labels = lambda params: {k: group(k) for k in params}
   tx = optax.multi_transform(
       {"backbone": adamw(learning_rate_fn(cfg)),
-       "head": adamw(learning_rate_fn(cfg, cfg.lr * cfg.head_lr_mult))}, labels)
+       "head": adamw(learning_rate_fn(cfg, cfg.lr * cfg.head_lr_mult)),
+       "policy": optax.set_to_zero()}, labels)
   if cfg.get("clip_norm"):
     tx = optax.chain(optax.clip_by_global_norm(cfg.clip_norm), tx)
   return tx

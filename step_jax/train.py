@@ -33,9 +33,9 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
+from step_jax import benchmark
 from step_jax import checkpoint as ckpt_lib
 from step_jax import evaluate as eval_lib
-from step_jax import flops
 from step_jax import losses
 from step_jax import optim
 from step_jax import sharding
@@ -63,34 +63,90 @@ def _dummy_batch(config, batch=1):
 
 
 def init_params(model, config, rng):
-  return jax.jit(model.init)(rng, _dummy_batch(config)["image"].astype(jnp.float32))["params"]
+  return init_variables(model, config, rng)["params"]
 
 
-def loss_fn(params, model, batch, rng, config):
-  outputs, _ = model.apply({"params": params}, batch["image"], train=True,
-                           rngs={"dropout": rng})
+def _core_model(model):
+  """The model without token sharing, for init: the same parameters minus the policy net
+  (whose variables never come from a random init), and no labels needed (oracle)."""
+  return model.clone(policy=None, merge="none") if model.merge != "none" else model
+
+
+def abstract_policy_variables(model, config):
+  """Shapes of the policy net's variables ({'params', 'batch_stats'}), or None."""
+  if model.policy is None:
+    return None
+  x = _dummy_batch(config)["image"].astype(jnp.float32)
+  return jax.eval_shape(model.policy.init, jax.random.key(0), x)
+
+
+def init_variables(model, config, rng, policy_vars=None):
+  """Flax variables {'params': ..., 'batch_stats': {'policy': ...}}.
+
+  ViT and heads come from `rng`; a CTS/dCTS policy net must be *trained* (a random one merges
+  at random), so its variables are passed in: `policy_variables` loads or trains them. Without
+  them (shape-only uses: eval_shape, restoring a checkpoint) zeros stand in.
+  """
+  x = _dummy_batch(config)["image"].astype(jnp.float32)
+  variables = {"params": _core_model(model).init(rng, x)["params"]}
+  if model.policy is not None:
+    if policy_vars is None:
+      policy_vars = jax.tree.map(lambda s: jnp.zeros(s.shape, s.dtype),
+                                 abstract_policy_variables(model, config))
+    variables["params"] = dict(variables["params"], policy=policy_vars["params"])
+    variables["batch_stats"] = {"policy": policy_vars["batch_stats"]}
+  return variables
+
+
+def model_inputs(model, batch):
+  """Keyword inputs beyond the images: the oracle merge reads the labels."""
+  return dict(labels=batch["label"]) if model.merge == "oracle" else {}
+
+
+def loss_fn(params, model, batch, rng, config, model_state=None):
+  variables = dict(model_state or {}, params=params)
+  outputs, _ = model.apply(variables, batch["image"], train=True, rngs={"dropout": rng},
+                           **model_inputs(model, batch))
   lc = config.loss
   return losses.atm_loss(outputs, batch["label"], num_classes=config.num_classes,
                          no_object_weight=lc.no_object_weight, ce_weight=lc.ce_weight,
                          focal_weight=lc.focal_weight, dice_weight=lc.dice_weight)
 
 
-def init_state(rng, *, model, tx, config):
-  """Train state: params, optimizer state, step and the non-finite guard.
+def train_model(model, config):
+  """The model the train step differentiates.
 
-  guard.first_bad holds a boolean per loss term and per parameter array (in
-  `jax.tree.leaves(params)` order), set at the first non-finite step, so a 'stop' error can
-  name what went wrong.
+  By default one static shape: supertokens in a single full-grid capacity and exits as
+  masks. The outputs are the same as with capacity buckets and compaction (padding and
+  masked tokens never change valid outputs; tests prove it), but one program compiles
+  instead of one per bucket pair (7 x 7 for STEP), which keeps XLA compile time and memory
+  sane. `config.train_bucketing=True` trains the bucketed model itself (faster steps when
+  few tokens remain, many more compiled branches).
   """
-  params = model.init(rng, _dummy_batch(config)["image"].astype(jnp.float32))["params"]
+  if config.get("train_bucketing", False):
+    return model
+  return model.clone(buckets=(1.0,), exit_mode="mask")
+
+
+def init_state(rng, policy_vars=None, *, model, tx, config):
+  """Train state: params, model_state, optimizer state, step and the non-finite guard.
+
+  model_state holds the variable collections that are not trained (the frozen policy net's
+  BatchNorm statistics); guard.first_bad holds a boolean per loss term and per parameter
+  array (in `jax.tree.leaves(params)` order), set at the first non-finite step, so a 'stop'
+  error can name what went wrong.
+  """
+  variables = init_variables(model, config, rng, policy_vars)
+  params = variables.pop("params")
   _, metrics = jax.eval_shape(functools.partial(loss_fn, model=model, config=config),
-                              params, batch=_dummy_batch(config), rng=rng)
+                              params, batch=_dummy_batch(config), rng=rng,
+                              model_state=variables)
   n_leaves = len(jax.tree.leaves(params))
   guard = dict(skipped=jnp.zeros((), jnp.int32), first_bad_step=jnp.full((), -1, jnp.int32),
                first_bad=dict(loss=jax.tree.map(lambda _: jnp.zeros((), bool), metrics),
                               grads=jnp.zeros((n_leaves,), bool)))
-  return dict(params=params, opt_state=tx.init(params), step=jnp.zeros((), jnp.int32),
-              guard=guard)
+  return dict(params=params, model_state=variables, opt_state=tx.init(params),
+              step=jnp.zeros((), jnp.int32), guard=guard)
 
 
 def train_step(state, batch, rng=None, *, model, tx, config):
@@ -105,7 +161,7 @@ def train_step(state, batch, rng=None, *, model, tx, config):
   step = state["step"]
   grad_fn = jax.value_and_grad(loss_fn, has_aux=True)
   (_, metrics), grads = grad_fn(state["params"], model, batch, jax.random.fold_in(rng, step),
-                                config)
+                                config, state.get("model_state"))
   updates, opt_state = tx.update(grads, state["opt_state"], state["params"])
   params = optax.apply_updates(state["params"], updates)
 
@@ -124,7 +180,7 @@ def train_step(state, batch, rng=None, *, model, tx, config):
   params = keep_old(params, state["params"])
   opt_state = keep_old(opt_state, state["opt_state"])
 
-  new_state = dict(params=params, opt_state=opt_state, step=step + 1)
+  new_state = dict(state, params=params, opt_state=opt_state, step=step + 1)
   metrics = dict(metrics)
   metrics["grad_norm"] = grad_norm
   metrics["lr"] = optim.learning_rate_fn(config.optim)(step)
@@ -147,6 +203,61 @@ def abstract_train_state(config, model, mesh, tx=None):
   init = functools.partial(init_state, model=model, tx=tx, config=config)
   abstract = jax.eval_shape(init, jax.random.key(config.seed))
   return abstract, sharding.state_shardings(abstract, mesh, config)
+
+
+def policy_variables(config, model, workdir):
+  """Trained policy-net variables for a CTS/dCTS model (None for other models).
+
+  From `config.model.policy.init_from` (a `train_policy` workdir or its policy_ckpt), or,
+  with `model.policy.auto_train_steps > 0`, trained first on this config's data into
+  `<workdir>/policy` (reused when it is already there, so a restarted run does not retrain).
+  """
+  if model.policy is None:
+    return None
+  from step_jax import train_policy  # pylint: disable=g-import-not-at-top
+  pc = config.model.policy
+  path = pc.get("init_from", "")
+  if not path:
+    path = os.path.join(workdir, "policy")
+    if not os.path.isdir(os.path.join(path, "policy_ckpt")):
+      if int(pc.get("auto_train_steps", 0)) <= 0:
+        raise ValueError(
+            f"model.merge={model.merge!r} needs a trained policy net: set "
+            "config.model.policy.init_from to a `python -m step_jax.train_policy` workdir, "
+            "or config.model.policy.auto_train_steps > 0 to train one here first")
+      print(f"training the policy net first ({pc.auto_train_steps} steps) into {path}",
+            flush=True)
+      train_policy.train_and_evaluate(train_policy.config_from_segmenter(config), path)
+  loaded = train_policy.load_variables(path)
+  want = jax.tree.map(lambda a: a.shape, abstract_policy_variables(model, config))
+  got = jax.tree.map(np.shape, {k: loaded[k] for k in ("params", "batch_stats")})
+  if got != want:
+    raise ValueError(f"policy checkpoint {path} does not fit model.policy (source/hidden "
+                     "differ from the config it was trained with?)")
+  return jax.tree.map(jnp.asarray, {k: loaded[k] for k in ("params", "batch_stats")})
+
+
+def restore_variables(config, workdir, step=None):
+  """Flax variables ({'params', plus 'batch_stats' with a policy net}) of the latest (or
+  `step`) checkpoint of a `step_jax.main` workdir; config None reads <workdir>/config.json."""
+  import ml_collections  # pylint: disable=g-import-not-at-top
+  if config is None:
+    path = os.path.join(workdir, "config.json")
+    if not os.path.isfile(path):
+      raise FileNotFoundError(f"no config.json in {workdir}: not a step_jax.main workdir")
+    with open(path) as f:
+      config = ml_collections.ConfigDict(json.load(f))
+  mesh = sharding.make_mesh(config)
+  model = create_model(config)
+  abstract, shardings = abstract_train_state(config, model, mesh)
+  ckpt = ckpt_lib.Checkpointer(workdir, keep=int(config.get("keep_checkpoints", 3)))
+  try:
+    if ckpt.latest_step() is None:
+      raise FileNotFoundError(f"no checkpoint under {workdir}/{ckpt_lib.CHECKPOINT_DIR}")
+    state, _, _ = ckpt.restore(sharding.with_shardings(abstract, shardings), step=step)
+  finally:
+    ckpt.close()
+  return dict(state.get("model_state", {}), params=state["params"])
 
 
 def nonfinite_report(guard, params=None) -> str:
@@ -283,12 +394,13 @@ def train_and_evaluate(config, workdir):
     say(f"resumed from {ckpt.directory}/{start}")
   else:
     init = functools.partial(init_state, model=model, tx=tx, config=config)
-    state = jax.jit(init, out_shardings=state_sh)(jax.random.fold_in(rng, 0))
+    # The policy net is trained before the segmenter (or comes with an init_from workdir).
+    pv = (None if _workdir_has_policy(config.get("init_from", ""))
+          else policy_variables(config, model, workdir))
+    state = jax.jit(init, out_shardings=state_sh)(jax.random.fold_in(rng, 0), pv)
     start = 0
     if config.get("init_from", ""):
-      loaded = ckpt_lib.load_pretrained(config.init_from, config.model)
-      params, _ = ckpt_lib.merge_params(state["params"], loaded, source=config.init_from)
-      state = dict(state, params=params)
+      state = _load_init_from(state, config)
       say(f"initialised weights from {config.init_from}")
   n_params = sum(x.size for x in jax.tree.leaves(state["params"]))
   say(f"model {config.model.variant}: {n_params / 1e6:.2f}M parameters, "
@@ -299,10 +411,19 @@ def train_and_evaluate(config, workdir):
     writer.write_hparams({k: v for k, v in _flat_config(config).items()})
 
   ######## Jitted step (state donated: no second copy of params/opt state). ########
-  step_fn = jax.jit(functools.partial(train_step, model=model, tx=tx, config=config),
-                    in_shardings=(state_sh, sharding.batch_sharding(mesh)),
-                    out_shardings=(state_sh, sharding.replicated(mesh)),
-                    donate_argnums=(0,))
+  make_step = lambda m: jax.jit(functools.partial(train_step, model=m, tx=tx, config=config),
+                                in_shardings=(state_sh, sharding.batch_sharding(mesh)),
+                                out_shardings=(state_sh, sharding.replicated(mesh)),
+                                donate_argnums=(0,))
+  step_fn = make_step(train_model(model, config))
+  # DToP's two steps in one run: up to `prune_from_step` the exits are trained with pruning
+  # off (threshold 1: every token runs every layer), then pruning is active.
+  prune_from = int(config.get("prune_from_step", 0) or 0)
+  base_step_fn = make_step(train_model(model, config).clone(exit_threshold=1.0)) if (
+      prune_from > start and model.exit_layers) else None
+  if base_step_fn is not None:
+    say(f"steps {start + 1}..{prune_from}: exits trained without pruning (DToP base); "
+        f"pruning from step {prune_from + 1}")
   evaluator = None
 
   def run_eval(state, step):
@@ -310,7 +431,7 @@ def train_and_evaluate(config, workdir):
     # Always the validation split here (data.split only redirects evaluate.py).
     evaluator = evaluator or eval_lib.Evaluator(config, model, mesh,
                                                 split=config.data.eval_split)
-    ev = evaluator(state["params"])
+    ev = evaluator(dict(state["model_state"], params=state["params"]))
     writer.write_scalars(step, {f"{ev['split']}/miou": ev["miou"],
                                 f"{ev['split']}/pixel_acc": ev["pixel_acc"],
                                 f"{ev['split']}/mean_acc": ev["mean_acc"]})
@@ -333,7 +454,7 @@ def train_and_evaluate(config, workdir):
   for step in range(start + 1, total + 1):
     with jax.profiler.StepTraceAnnotation("train", step_num=step):
       batch = _next_batch(train_iter, mesh, host_batch)
-      state, m = step_fn(state, batch)
+      state, m = (base_step_fn if base_step_fn and step <= prune_from else step_fn)(state, batch)
     history.append(m)
     for h in hooks:
       h(step)
@@ -368,14 +489,39 @@ def train_and_evaluate(config, workdir):
   ckpt.close()
   ev = run_eval(state, total)
   ev.update(step=total, train_time_s=train_time, resumed_from=start,
-            gflops=float(flops.model_macs(config)["total"]),
-            skipped_steps=int(jax.device_get(state["guard"]["skipped"])))
+            skipped_steps=int(jax.device_get(state["guard"]["skipped"])),
+            **benchmark.eval_gflops(config, model,
+                                    dict(state["model_state"], params=state["params"])))
   if is_chief:
     ckpt_lib.write_json(os.path.join(workdir, f"eval_{ev['split']}.json"), ev)
   writer.close()
   say(f"final {ev['split']} mIoU {100 * ev['miou']:.2f} pixel acc {100 * ev['pixel_acc']:.2f} "
       f"({ev['images']} images); trained steps {start + 1}..{total} in {train_time:.0f} s")
   return state, ev
+
+
+def _workdir_has_policy(path):
+  """Whether `path` is a step_jax.main workdir of a model with a (trained) policy net."""
+  cfg = os.path.join(path or "", "config.json")
+  if not os.path.isfile(cfg):
+    return False
+  with open(cfg) as f:
+    return json.load(f).get("model", {}).get("merge", "none") in ("cts", "dcts")
+
+
+def _load_init_from(state, config):
+  """state with weights from config.init_from (see module docstring); a step_jax workdir
+  also brings its non-trained collections (policy BatchNorm statistics)."""
+  path = config.init_from
+  if os.path.isfile(os.path.join(path, "config.json")):
+    loaded = jax.tree.map(np.asarray, restore_variables(None, path))
+  else:
+    loaded = dict(params=ckpt_lib.load_pretrained(path, config.model))
+  params, _ = ckpt_lib.merge_params(state["params"], loaded.pop("params"), source=path)
+  model_state = state["model_state"]
+  if loaded and model_state:
+    model_state, _ = ckpt_lib.merge_params(model_state, loaded, source=path)
+  return dict(state, params=params, model_state=model_state)
 
 
 def _flat_config(config, prefix=""):

@@ -23,7 +23,10 @@ import numpy as np
 import optax
 import orbax.checkpoint as ocp
 
+from PIL import Image
+
 from step_jax import convert_effnet
+from step_jax import evaluate as eval_lib
 from step_jax.data import get_source
 from step_jax.data import pipeline
 from step_jax.models import policy as policy_lib
@@ -51,6 +54,33 @@ def init_variables(model, image_hw, seed=0, pretrained=True):
         raise ValueError("ImageNet EfficientNet-Lite0 weights do not fit the policy backbone")
       variables[col]["backbone"] = pre[col]
   return jax.tree.map(jnp.asarray, variables)
+
+
+def config_from_segmenter(config):
+  """Policy-training config for a CTS/dCTS segmenter config: the same data at the same
+  scale (the segmenter's resize/crop/flip, no colour jitter), evaluated at the segmenter's
+  test scale, the model's policy settings, `model.policy.auto_train_steps` steps. Used when
+  the segmenter has no trained policy (`model.policy.init_from` empty)."""
+  import ml_collections  # pylint: disable=g-import-not-at-top
+  pc = config.model.policy
+  out = ml_collections.ConfigDict()
+  out.seed = config.seed
+  out.data = ml_collections.ConfigDict(config.data.to_dict())
+  out.data.aug.photometric = False
+  out.data.eval_crop = tuple(config.data.image_size)
+  out.data.eval_resize_short = int(config.get("eval", {}).get("resize_short", 0) or 0)
+  out.num_classes, out.ignore_index = config.num_classes, config.ignore_index
+  thresholds = tuple(config.model.get("thresholds", (0.6, 0.8, 0.9, 0.9)))
+  out.policy = ml_collections.ConfigDict(dict(
+      source=pc.get("source", "pypi"), hidden=pc.get("hidden", 128),
+      train_backbone=pc.get("train_backbone", False), pretrained=True, border_ignore=False,
+      thresholds=thresholds, tau_configs={"model": thresholds}))
+  out.batch_size = config.batch_size
+  steps = int(pc.get("auto_train_steps", 0))
+  out.optim = ml_collections.ConfigDict(dict(lr=pc.get("lr", 1e-3), weight_decay=1e-3,
+                                             warmup_steps=min(10, steps), total_steps=steps))
+  out.log_every = max(steps // 5, 1)
+  return out
 
 
 def targets(labels, config):
@@ -99,8 +129,15 @@ def evaluate(variables, model, config):
   counts = {k: np.zeros(4, np.int64) for k in SIZES}
   per_image = {name: {k: [] for k in ["total"] + [f"{k}x{k}" for k in (1,) + SIZES]}
                for name in taus}
+  short = int(config.data.get("eval_resize_short", 0) or 0)
   for ex in pipeline.eval_examples(source):
-    im, lab = ex["image"][:h, :w], ex["label"][:h, :w]
+    im, lab = ex["image"], ex["label"]
+    if short:  # test at the scale the segmenter sees (bilinear image, nearest label)
+      size = eval_lib.target_size(*im.shape[:2], resize_short=short)
+      im = eval_lib.resize_image(im, size)
+      lab = np.asarray(Image.fromarray(np.asarray(lab, np.uint8)).resize(
+          (size[1], size[0]), Image.NEAREST))
+    im, lab = im[:h, :w], lab[:h, :w]
     if im.shape[:2] != (h, w):
       raise ValueError(f"eval image {im.shape[:2]} is smaller than data.eval_crop={(h, w)}")
     c, tok = step(variables, im[None], lab[None].astype(np.int32))

@@ -1,0 +1,124 @@
+"""Training STEP-family models: the policy net is trained first (or loaded) and stays frozen,
+its BatchNorm statistics travel in the train state, exits train without pruning until
+`prune_from_step`, the oracle merge reads labels, and the train step uses one static shape
+with the same outputs as the bucketed inference model."""
+import json
+import os
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from configs import camvid
+from configs import step as step_config
+from step_jax import benchmark
+from step_jax import optim
+from step_jax import train
+from step_jax import train_policy
+
+
+def _tiny(method, **model):
+  cfg = step_config.get_config(f"method={method},variant=Mu/16,dataset=synthetic,smoke")
+  cfg.data.update(image_size=(64, 64), num_train=8, num_eval=4)
+  cfg.model.update(posemb_grid=(4, 4), head_layers=1, **model)
+  cfg.batch_size = 4
+  cfg.optim.update(total_steps=4, warmup_steps=1)
+  cfg.update(log_every=2, eval_every=0, checkpoint_every=0, eval_batch_size=4)
+  return cfg
+
+
+def _batch(cfg, seed=0):
+  rng = np.random.default_rng(seed)
+  h, w = cfg.data.image_size
+  return dict(image=rng.integers(0, 256, (2, h, w, 3)).astype(np.uint8),
+              label=rng.integers(0, cfg.num_classes, (2, h, w)).astype(np.int32))
+
+
+def test_optimizer_freezes_the_policy_subtree():
+  cfg = _tiny("dcts")
+  tx = optim.make_optimizer(cfg.optim)
+  params = dict(backbone=dict(kernel=jnp.ones((2, 2))), head=dict(kernel=jnp.ones((2, 2))),
+                policy=dict(kernel=jnp.ones((2, 2))))
+  grads = jax.tree.map(jnp.ones_like, params)
+  updates, _ = tx.update(grads, tx.init(params), params)
+  assert np.all(np.asarray(updates["policy"]["kernel"]) == 0)      # no step, no decay
+  assert np.all(np.asarray(updates["backbone"]["kernel"]) != 0)
+
+
+def test_policy_is_required_and_checked(tmp_path):
+  cfg = _tiny("dcts")
+  cfg.model.policy.auto_train_steps = 0
+  model = train.create_model(cfg)
+  with pytest.raises(ValueError, match="needs a trained policy net"):
+    train.policy_variables(cfg, model, str(tmp_path))
+  # A policy trained with another width does not fit.
+  other = _tiny("dcts")
+  other.model.policy.hidden = 16
+  pol = benchmark.random_variables(train.create_model(other).policy, (64, 64))
+  train_policy.save(str(tmp_path / "pol"), pol)
+  cfg.model.policy.init_from = str(tmp_path / "pol")
+  with pytest.raises(ValueError, match="does not fit"):
+    train.policy_variables(cfg, model, str(tmp_path))
+
+
+def test_static_train_model_matches_bucketed_model():
+  """Training uses one capacity and masked exits: same outputs as buckets + compaction."""
+  cfg = _tiny("step", exit_threshold=0.3)
+  model = train.create_model(cfg)
+  variables = benchmark.random_variables(model, (64, 64), seed=1)
+  images = _batch(cfg)["image"]
+  out_b, info_b = jax.jit(model.apply)(variables, images)
+  out_s, info_s = jax.jit(train.train_model(model, cfg).apply)(variables, images)
+  assert int(np.asarray(info_s["capacity"])) == 16                    # full grid
+  np.testing.assert_array_equal(info_b["halt_stage"], info_s["halt_stage"])
+  np.testing.assert_allclose(out_b["pred_masks"], out_s["pred_masks"], atol=2e-5)
+  np.testing.assert_allclose(out_b["pred_logits"], out_s["pred_logits"], atol=2e-5)
+
+
+def test_oracle_loss_reads_labels():
+  cfg = _tiny("oracle")
+  model = train.create_model(cfg)
+  params = jax.eval_shape(lambda: train.init_variables(model, cfg, jax.random.key(0)))
+  loss, _ = jax.eval_shape(lambda p, b: train.loss_fn(p, model, b, jax.random.key(0), cfg),
+                           params["params"], _batch(cfg))
+  assert loss.shape == ()
+
+
+def test_step_end_to_end_policy_frozen_and_pruning_schedule(tmp_path, capsys):
+  """method=step: auto-trains the policy into the workdir, trains 2 steps without pruning and
+  2 with, keeps the policy (params and BatchNorm statistics) exactly, reports GFLOPs from
+  real token counts, and restores as variables."""
+  cfg = _tiny("step")
+  cfg.model.policy.auto_train_steps = 1
+  cfg.prune_from_step = 2
+  wd = str(tmp_path / "run")
+  state, ev = train.train_and_evaluate(cfg, wd)
+  out = capsys.readouterr().out
+  assert "steps 1..2: exits trained without pruning" in out
+  assert "training the policy net first" in out
+  pol = train_policy.load_variables(os.path.join(wd, "policy"))
+  for col, got in (("params", state["params"]["policy"]),
+                   ("batch_stats", state["model_state"]["batch_stats"]["policy"])):
+    jax.tree.map(np.testing.assert_array_equal, jax.device_get(got), pol[col])
+  assert ev["step"] == 4 and 0.0 <= ev["miou"] <= 1.0
+  assert len(ev["tokens_per_stage"]) == 2 and ev["tokens_full"] == 16
+  assert ev["tokens_per_stage"][1] <= ev["tokens_per_stage"][0] <= 16
+  assert ev["gflops"] <= ev["gflops_executed"] + 1e-9 <= ev["gflops_full"] + 1e-9
+  with open(os.path.join(wd, "eval_val.json")) as f:
+    assert json.load(f)["gflops"] == pytest.approx(ev["gflops"])
+  variables = train.restore_variables(None, wd)
+  assert set(variables) == {"params", "batch_stats"}
+  jax.tree.map(np.testing.assert_array_equal, jax.device_get(variables["params"]),
+               jax.device_get(state["params"]))
+
+
+def test_camvid_configs_build_every_method():
+  for method in ("segvit", "cts", "dcts", "dtop", "cts_dtop", "step"):
+    cfg = camvid.get_config(f"method={method},size=cpu")
+    model = train.create_model(cfg)
+    assert (model.policy is not None) == (method in ("cts", "dcts", "cts_dtop", "step"))
+    assert bool(model.exit_layers) == (method in ("dtop", "cts_dtop", "step"))
+    assert cfg.prune_from_step == (1500 if model.exit_layers else 0)
+    if model.merge == "cts":  # K shares fit in the 11x15 grid's 5x7 complete 2x2 windows
+      assert 0 < cfg.model.cts_shared <= 35
