@@ -1,0 +1,340 @@
+"""Per-layer profile (paper figures 9-10): wall time and GFLOPs of every piece of the forward.
+
+  python -m step_jax.profile --config=configs/step.py:method=step,variant=B/16,res=1024,exits=8 \
+      --out=DIR [--images=DIR] [--workdir=DIR] [--batch=1] [--reps=5]
+
+Pieces: policy net + merge, (super)token embedding, every ViT block, every exit head (ATM head
+plus the halting rule), the final head, the upsampling of mask logits to pixels; and the whole
+jitted forward, so that "other" (full − Σ pieces: bucket switches, compaction, canvas, fusion
+lost by splitting) is visible too.
+
+Each piece is jitted on its own and fed what the model really feeds it: the model first runs on
+every image to record its token count and capacity bucket per stage (after merging, after each
+exit); a piece is compiled once per bucket it meets, warmed up, timed `--reps` times with
+`block_until_ready` (median), and an image is charged the time of its own bucket. GFLOPs come
+from step_jax/flops.py (useful: valid tokens; executed: bucket capacity), so the pieces sum to
+`flops.token_macs`; XLA's own count of each compiled piece (÷2, elementwise ops included) is
+given beside it as a cross-check.
+
+Weights: `--workdir` (a `python -m step_jax.main` run) or random ones, with exit thresholds
+calibrated to halt `--exit_share` of the active tokens per exit (as step_jax.benchmark does).
+Writes <out>/profile.{md,csv,json,png}.
+"""
+import csv
+import json
+import os
+import statistics
+import time
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from step_jax import benchmark
+from step_jax import flops
+from step_jax.models import early_exit
+from step_jax.models import segmenter
+from step_jax.models import supertokens
+from step_jax.models import vit as vit_lib
+
+
+def load(config, images, workdir=None, exit_share=0.4, dtype="fp32"):
+  """(config, model, variables, weights) as `benchmark.prepare`: a trained workdir's weights,
+  or random ones with exit thresholds calibrated to halt `exit_share` per exit."""
+  variables = None
+  if workdir:
+    from step_jax import train  # pylint: disable=g-import-not-at-top  (heavy imports)
+    variables = train.restore_variables(config, workdir)
+  config, model, variables, weights = benchmark.prepare(
+      config, dtype, variables, images, exit_share if variables is None else -1.0)
+  return config, model, variables, (f"trained ({workdir})" if workdir else weights)
+
+
+def stage_plan(model, variables, images, labels=None):
+  """Per image, as the model runs it: dict(tokens, active [per stage], caps [per stage],
+  info) where caps are the capacity buckets (padding included) and active the valid tokens."""
+  single = jax.jit(lambda v, x: model.apply(v, x)[1])
+  p = model.backbone.patch_size
+  plans = []
+  for im in np.asarray(images):
+    info = jax.device_get(single(variables, im[None]))
+    n_full = (im.shape[0] // p) * (im.shape[1] // p)
+    tokens = int(np.asarray(info.get("num_tokens", [n_full]))[0])
+    cap0 = int(info.get("capacity", n_full))
+    if model.exit_layers:
+      active = [int(a) for a in info["active_tokens"][0]]
+      caps = [cap0] + [int(c) for c in info["stage_capacity"][1:]]
+    else:
+      active, caps = [tokens], [cap0]
+    plans.append(dict(tokens=tokens, active=active, caps=caps, info=info))
+  return plans
+
+
+def _mask(cap, n_valid, batch):
+  return jnp.broadcast_to(jnp.arange(cap) < n_valid, (batch, cap))
+
+
+def pieces(config, model, plan, image, batch):
+  """[(name, layer, fn(module, *args), args, macs_useful, macs_executed, bucket key)] for
+  one image's plan; fn runs inside `model.apply(variables, *args, method=fn)`."""
+  m = config.model
+  v = vit_lib.decode_variant(m.variant)
+  p, d, depth, mlp = v["patch_size"], v["width"], v["depth"], v["mlp_dim"]
+  h, w = image.shape[:2]
+  c, layers = int(config.num_classes), m.get("head_layers", 3)
+  x = jnp.asarray(np.broadcast_to(image, (batch,) + image.shape), jnp.float32)
+  out = []
+  tokens, cap0 = plan["tokens"], plan["caps"][0]
+  # Plain SegViT runs without a key mask; every other model masks padding/halted tokens.
+  masked = model.merge != "none" or bool(model.exit_layers)
+  if model.merge in ("cts", "dcts"):
+    pm = flops.policy_macs(h, w, m.policy.get("hidden", 128), p)
+    out.append(("policy+merge", "", lambda mod, x: mod.merge_levels(x), (x,), pm, pm, 0))
+  if model.merge == "none":
+    embed = lambda mod, x: mod.backbone.embed(mod.normalize(x))
+    out.append(("embed", "", embed, (x,), flops.patch_embed_macs(tokens, d, p),
+                flops.patch_embed_macs(cap0, d, p), 0))
+  else:
+    level = jnp.asarray(np.broadcast_to(plan["info"]["level"][0], (batch, h // p, w // p)))
+
+    def embed(mod, x, level, cap=cap0):  # as Segmenter.run_supertokens, up to the tokens
+      layout = supertokens.token_layout(level)
+      patches, _ = supertokens.gather_tokens(
+          supertokens.pyramid_table(mod.normalize(x), p, mod.superpatch_resize), layout, cap)
+      table = supertokens.pyramid_table(mod.backbone.posemb((h // p, w // p))[None], 1, "area")
+      pos, _ = supertokens.gather_tokens(
+          jnp.broadcast_to(table, (batch,) + table.shape[1:]), layout, cap)
+      return mod.backbone.embed_patches(patches) + pos
+    out.append(("embed", "", embed, (x, level), flops.patch_embed_macs(tokens, d, p),
+                flops.patch_embed_macs(cap0, d, p), cap0))
+  bounds = (0,) + tuple(model.exit_layers) + (depth,)
+  for s, (n, cap) in enumerate(zip(plan["active"], plan["caps"])):
+    xs = jnp.ones((batch, cap, d), model.backbone.dtype)
+    mask = _mask(cap, n, batch) if masked else None
+    for k in range(bounds[s], bounds[s + 1]):
+      fn = lambda mod, x, mk, k=k: mod.backbone.run_blocks(x, mk, k, k + 1)[-1]
+      out.append((f"block {k + 1}", str(k + 1), fn, (xs, mask), flops.vit_block_macs(n, d, mlp),
+                  flops.vit_block_macs(cap, d, mlp), cap))
+    head_macs = lambda n: flops.atm_head_macs([n], c, m.head_dim, d, layers, 2)
+    if s < len(model.exit_layers):
+      taus = model.exit_threshold
+      tau = taus[s] if isinstance(taus, (tuple, list)) else taus
+
+      def exit_fn(mod, x, mk, s=s, tau=tau):  # ATM head + DToP halting rule
+        o = mod.exit_heads[s]([x], mk)
+        return early_exit.halting(o["pred_logits"], o["pred_masks"], mk, tau, mod.keep_top_k)
+      out.append((f"exit {s + 1}", str(bounds[s + 1]), exit_fn, (xs, mask), head_macs(n),
+                  head_macs(cap), cap))
+    elif model.exit_layers:
+      out.append(("final head", str(depth), lambda mod, x, mk: mod.head([x], mk), (xs, mask),
+                  head_macs(n), head_macs(cap), cap))
+    else:
+      nst = len(model.out_layers)
+      hm = lambda n: flops.atm_head_macs([n] * nst, c, m.head_dim, d, layers, c + 1)
+      out.append(("final head", ",".join(map(str, model.out_layers)),
+                  lambda mod, x, mk: mod.head([x] * nst, mk), (xs, mask), hm(n), hm(cap), cap))
+  # Mask logits on the patch grid → pixel class scores (the count is fvcore's 4 per output).
+  logits = jnp.zeros((batch, c, 2 if model.exit_layers else c + 1))
+  masks = jnp.zeros((batch, c, h // p, w // p))
+  up = flops.BILINEAR_MACS_PER_OUTPUT * c * h * w
+  out.append(("upsample", "", lambda mod, lg, mk: segmenter.predict_scores(
+      dict(pred_logits=lg, pred_masks=mk), (h, w)), (logits, masks), up, up, 0))
+  return out
+
+
+def _time(compiled, args, reps, warmup):
+  for _ in range(warmup):
+    jax.block_until_ready(compiled(*args))
+  times = []
+  for _ in range(reps):
+    t = time.perf_counter()
+    jax.block_until_ready(compiled(*args))
+    times.append(time.perf_counter() - t)
+  return statistics.median(times)
+
+
+def _xla_flops(compiled):
+  cost = compiled.cost_analysis()
+  cost = cost[0] if isinstance(cost, (list, tuple)) else cost
+  return float(cost.get("flops", float("nan"))) if cost else float("nan")
+
+
+def dispatch_ms(reps=20):
+  """Time of a trivial jitted call: the fixed cost every separately timed piece pays (and
+  the fused full forward pays once), so small pieces are read against it."""
+  f = jax.jit(lambda x: x + 1).lower(jnp.zeros(8)).compile()
+  return 1000 * _time(f, (jnp.zeros(8),), reps, 2)
+
+
+def profile(config, model, variables, images, *, batch=1, reps=5, warmup=2, plans=None):
+  """Rows (one per piece, then 'full forward' and 'other'), averaged over `images`:
+  name, layer, tokens, capacity, gflops (useful), gflops_executed, xla_gflops, ms.
+  `plans`: stage_plan's result when already computed."""
+  plans = plans or stage_plan(model, variables, images)
+  cache = {}   # (piece name, bucket) → (seconds, xla flops): a program per bucket met
+  per_image = []
+  for plan, im in zip(plans, np.asarray(images)):
+    rows = []
+    for name, layer, fn, args, useful, executed, key in pieces(config, model, plan, im, batch):
+      if (name, key) not in cache:
+        f = jax.jit(lambda v, *a, fn=fn: model.apply(v, *a, method=fn))
+        compiled = f.lower(variables, *args).compile()
+        cache[name, key] = (_time(compiled, (variables,) + args, reps, warmup),
+                            _xla_flops(compiled) / 2)
+      secs, xla = cache[name, key]
+      rows.append(dict(name=name, layer=layer, useful=useful, executed=executed,
+                       xla=xla, ms=1000 * secs / batch, cap=key))
+    per_image.append(rows)
+
+  # The whole forward as step_jax.benchmark times it (one program, all buckets inside).
+  def fwd(v, x):
+    out, _ = model.apply(v, x)
+    return segmenter.predict_scores(out, x.shape[1:3])
+  full_ms = []
+  for im in np.asarray(images):
+    x = np.broadcast_to(im, (batch,) + im.shape)
+    if "full" not in cache:
+      cache["full"] = jax.jit(fwd).lower(variables, x).compile()
+    full_ms.append(1000 * _time(cache["full"], (variables, x), reps, warmup) / batch)
+
+  mean = lambda vals: float(np.mean(vals))
+  table = []
+  for i, r in enumerate(per_image[0]):
+    col = [rows[i] for rows in per_image]
+    table.append(dict(
+        name=r["name"], layer=r["layer"],
+        capacity=mean([c["cap"] for c in col]) if r["cap"] else None,
+        gflops=mean([c["useful"] for c in col]) / 1e9,
+        gflops_executed=mean([c["executed"] for c in col]) / 1e9,
+        xla_gflops=mean([c["xla"] for c in col]) / 1e9, ms=mean([c["ms"] for c in col])))
+  # Valid tokens per block/head: the stage's active tokens.
+  stage_tokens = np.mean([p["active"] for p in plans], 0)
+  bounds = (0,) + tuple(model.exit_layers) + (model.backbone.depth,)
+  for r in table:
+    if r["name"].startswith("block "):
+      k = int(r["layer"])
+      s = next(i for i in range(len(bounds) - 1) if bounds[i] < k <= bounds[i + 1])
+      r["tokens"] = float(stage_tokens[s])
+    elif r["name"].startswith("exit "):
+      r["tokens"] = float(stage_tokens[int(r["name"].split()[1]) - 1])
+    elif r["name"] == "final head":
+      r["tokens"] = float(stage_tokens[-1] if model.exit_layers else stage_tokens[0])
+    elif r["name"] == "embed":
+      r["tokens"] = mean([p["tokens"] for p in plans])
+    else:
+      r["tokens"] = None
+  total = {k: sum(r[k] for r in table) for k in ("gflops", "gflops_executed", "xla_gflops",
+                                                 "ms")}
+  table.append(dict(name="full forward", layer="", tokens=None, capacity=None,
+                    gflops=total["gflops"], gflops_executed=total["gflops_executed"],
+                    xla_gflops=float("nan"), ms=mean(full_ms)))
+  table.append(dict(name="other (full − Σ pieces)", layer="", tokens=None, capacity=None,
+                    gflops=0.0, gflops_executed=0.0, xla_gflops=float("nan"),
+                    ms=mean(full_ms) - total["ms"]))
+  return table
+
+
+def _fmt(v, spec):
+  if v is None or (isinstance(v, float) and np.isnan(v)):
+    return "–"
+  return format(v, spec)
+
+
+def write(table, out, header):
+  """profile.md / .csv / .json and the bar plot profile.png under `out`."""
+  os.makedirs(out, exist_ok=True)
+  keys = ("name", "layer", "tokens", "capacity", "gflops", "gflops_executed", "xla_gflops", "ms")
+  with open(os.path.join(out, "profile.csv"), "w", newline="") as f:
+    wr = csv.writer(f)
+    wr.writerow(keys)
+    wr.writerows([[r[k] for k in keys] for r in table])
+  with open(os.path.join(out, "profile.json"), "w") as f:
+    json.dump(dict(header, rows=table), f, indent=1)
+  full = table[-2]["ms"]
+  overhead = (f" (each pays a call overhead of about {header['dispatch_ms']:.3f} ms, the full "
+              "forward pays it once)" if header.get("dispatch_ms") else "")
+  lines = [f"Per-layer profile: `{header['config']}` on {header['device']}, {header['weights']} "
+           f"weights, {header['images']} images, batch {header['batch']}, median of "
+           f"{header['reps']} timed calls per piece{overhead}.", "",
+           "| piece | layer | tokens | capacity | GFLOPs | GFLOPs executed | XLA GFLOPs "
+           "| ms | % of full |", "|---|---|---|---|---|---|---|---|---|"]
+  for r in table:
+    lines.append(f"| {r['name']} | {r['layer']} | {_fmt(r['tokens'], '.1f')} | "
+                 f"{_fmt(r['capacity'], '.0f')} | {r['gflops']:.4f} | "
+                 f"{r['gflops_executed']:.4f} | {_fmt(r['xla_gflops'], '.4f')} | "
+                 f"{r['ms']:.3f} | {100 * r['ms'] / full:.1f} |")
+  with open(os.path.join(out, "profile.md"), "w") as f:
+    f.write("\n".join(lines) + "\n")
+  plot(table[:-2], os.path.join(out, "profile.png"), header["config"])
+  return "\n".join(lines)
+
+
+def plot(rows, path, title):
+  """Two bar panels per piece, as figures 9-10: GFLOPs (useful, executed) and milliseconds."""
+  try:
+    import matplotlib  # pylint: disable=g-import-not-at-top
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt  # pylint: disable=g-import-not-at-top
+  except ImportError:
+    print(f"matplotlib is not installed: {path} not written (pip install -r requirements-dev.txt)")
+    return
+  names = [r["name"] for r in rows]
+  x = np.arange(len(rows))
+  fig, (a, b) = plt.subplots(2, 1, figsize=(max(6, 0.45 * len(rows)), 6), sharex=True)
+  a.bar(x - 0.2, [r["gflops"] for r in rows], 0.4, label="useful")
+  a.bar(x + 0.2, [r["gflops_executed"] for r in rows], 0.4, label="executed")
+  a.set_ylabel("GFLOPs")
+  a.legend()
+  a.set_title(title, fontsize=8)
+  colours = ["tab:red" if n.startswith("exit") else "tab:green" for n in names]
+  b.bar(x, [r["ms"] for r in rows], color=colours)
+  b.set_ylabel("ms / image")
+  b.set_xticks(x, names, rotation=90, fontsize=7)
+  fig.tight_layout()
+  fig.savefig(path, dpi=120)
+  plt.close(fig)
+
+
+def _main(argv):
+  del argv
+  from absl import flags  # pylint: disable=g-import-not-at-top
+  from ml_collections import config_flags  # pylint: disable=g-import-not-at-top
+  import platform  # pylint: disable=g-import-not-at-top
+  f = flags.FLAGS
+  images = benchmark.load_images(f.config, f.images, f.num_images)
+  config, model, variables, weights = load(f.config, images, f.workdir, f.exit_share, f.dtype)
+  table = profile(config, model, variables, images, batch=f.batch, reps=f.reps,
+                  warmup=f.warmup)
+  dev = jax.devices()[0]
+  header = dict(config=config_flags.get_config_filename(f["config"]),
+                device=f"{dev.platform}:{getattr(dev, 'device_kind', '')} "
+                       f"({platform.processor() or platform.machine()})",
+                weights=weights, images=len(images), batch=f.batch, reps=f.reps,
+                dispatch_ms=dispatch_ms(),
+                dtype=f.dtype, exit_threshold=np.atleast_1d(model.exit_threshold).tolist()
+                if model.exit_layers else None)
+  print(write(table, f.out, header))
+
+
+def run():
+  """`python -m step_jax.profile` (flags defined here so importing stays free)."""
+  from absl import app  # pylint: disable=g-import-not-at-top
+  from absl import flags  # pylint: disable=g-import-not-at-top
+  from ml_collections import config_flags  # pylint: disable=g-import-not-at-top
+  config_flags.DEFINE_config_file("config", None, "Config (path:arg).")
+  flags.DEFINE_string("workdir", None, "Trained `step_jax.main` run (default: random weights).")
+  flags.DEFINE_string("images", "", "Folder of images; default: the config's eval split.")
+  flags.DEFINE_integer("num_images", 4, "Images to average over.")
+  flags.DEFINE_float("exit_share", 0.4, "Random weights: calibrate exit thresholds to halt "
+                     "this share of active tokens per exit.")
+  flags.DEFINE_integer("batch", 1, "Images per timed call.")
+  flags.DEFINE_integer("reps", 5, "Timed calls per piece (median).")
+  flags.DEFINE_integer("warmup", 2, "Untimed calls after compilation.")
+  flags.DEFINE_enum("dtype", "fp32", ["fp32", "bf16"], "Compute dtype.")
+  flags.DEFINE_string("out", None, "Output folder.")
+  flags.mark_flags_as_required(["config", "out"])
+  app.run(_main)
+
+
+if __name__ == "__main__":
+  run()

@@ -1,0 +1,193 @@
+"""Analysis tools: exit analysis (table 7, figures 7-8), per-layer profile (figures 9-10),
+table sweeps (tables 1, 3-6, figures 5-6) and the budget calibration, on tiny models."""
+import csv
+import os
+import sys
+
+import jax
+import numpy as np
+from PIL import Image
+import pytest
+
+from configs import step as step_configs
+from step_jax import benchmark
+from step_jax import flops
+from step_jax import profile as profile_lib
+from step_jax.models import segmenter
+
+sys.path.insert(0, os.path.join(os.path.dirname(os.path.dirname(__file__)), "experiments"))
+import calibrate  # noqa: E402
+import exit_analysis  # noqa: E402
+import sweep  # noqa: E402
+
+
+def _cfg(method="step", tau="0.5-0.9-0.9-0.9", exits="1-2", res=64):
+  cfg = step_configs.get_config(f"method={method},variant=Mu/16,dataset=synthetic,smoke,"
+                                f"tau={tau},exits={exits}")
+  cfg.data.image_size = (res, res)
+  cfg.model.posemb_grid = (res // 16, res // 16)
+  cfg.model.buckets = (0.5, 1.0)          # few buckets: few programs to compile
+  cfg.model.exit_buckets = (0.5, 1.0)
+  cfg.model.keep_top_k = 0                # on a 4x4 grid top-5-per-class would keep most
+  return cfg
+
+
+@pytest.fixture(scope="module")
+def images():
+  return benchmark.load_images(_cfg(), "", 3)
+
+
+def _spread_policy(variables):
+  """Random policy scores sit at 0.5 ± 1e-3; scale the 2x2 logit so τ=.5 merges some
+  windows and not others (mixed superpatch levels)."""
+  v = jax.tree.map(np.asarray, variables)
+  v["params"]["policy"]["logit_2"]["kernel"] = v["params"]["policy"]["logit_2"]["kernel"] * 3e3
+  return v
+
+
+@pytest.fixture(scope="module")
+def prepared(images):
+  """STEP@[1,2] with mixed superpatches, exits calibrated to halt 40 % per exit."""
+  cfg = _cfg()
+  _, _, variables, _ = benchmark.prepare(cfg, images=images)
+  return benchmark.prepare(cfg, "fp32", _spread_policy(variables), images, 0.4)
+
+
+def test_exit_analysis_counts_match_the_model(images, prepared, tmp_path):
+  cfg, model, variables, _ = prepared
+  counts, maps = exit_analysis.analyse(model, variables, images)
+  level, stage, active = maps["level"], maps["halt_stage"], maps["active_tokens"]
+  assert (level > 1).any() and (level == 1).any()   # supertokens and single patches
+  assert counts["halted"].sum() > 0
+  # Tokens entering, halted per exit and never halted: the model's own active counts.
+  np.testing.assert_array_equal(counts["tokens"], active[:, 0])
+  np.testing.assert_array_equal(counts["halted"], active[:, :-1] - active[:, 1:])
+  np.testing.assert_array_equal(counts["final"], active[:, -1])
+  for s in range(2):   # cells: every patch cell of a halted supertoken
+    np.testing.assert_array_equal(counts["halted_cells"][:, s], (stage == s).sum((1, 2)))
+
+  rows = exit_analysis.summary(counts, model.exit_layers)
+  assert [r["head"] for r in rows] == ["Aux1", "Aux2", "final (never halted)"]
+  assert rows[0]["mean"] == counts["halted"][:, 0].mean()
+  assert rows[1]["max"] == counts["halted"][:, 1].max()
+  assert sum(r["share"] for r in rows) == pytest.approx(1.0)
+  panel = exit_analysis.halted_maps(images, maps, 2, 16, cfg.num_classes, n=2)
+  md = exit_analysis.write(rows, counts, str(tmp_path), dict(config="tiny", images=3,
+                                                             weights="random", merge=True,
+                                                             exit_threshold=[0.5, 0.5]), panel)
+  assert "| Aux2 | 2 |" in md
+  with open(tmp_path / "halted_per_image.csv") as f:
+    per_image = list(csv.DictReader(f))
+  assert [int(r["halted_aux1"]) for r in per_image] == counts["halted"][:, 0].tolist()
+  # rows: image, superpatches, 2 exits, prediction; columns: 2 images (+2 px separators).
+  assert Image.open(tmp_path / "halted_maps.png").size == (2 * 66, 5 * 66)
+
+
+def test_profile_pieces_sum_to_model_flops(images, prepared, tmp_path):
+  cfg, model, variables, _ = prepared
+  plans = profile_lib.stage_plan(model, variables, images)
+  table = profile_lib.profile(cfg, model, variables, images, reps=1, warmup=0, plans=plans)
+  names = [r["name"] for r in table]
+  assert names == ["policy+merge", "embed", "block 1", "exit 1", "block 2", "exit 2",
+                   "block 3", "block 4", "final head", "upsample", "full forward",
+                   "other (full − Σ pieces)"]
+  useful = np.mean([flops.token_macs(cfg, p["tokens"], p["active"])["total"] for p in plans])
+  executed = np.mean([flops.token_macs(cfg, p["caps"][0], p["caps"])["total"] for p in plans])
+  pieces = table[:-2]
+  assert sum(r["gflops"] for r in pieces) == pytest.approx(useful)
+  assert sum(r["gflops_executed"] for r in pieces) == pytest.approx(executed)
+  assert table[-2]["gflops"] == pytest.approx(useful)
+  assert all(r["ms"] > 0 for r in pieces)
+  for r in pieces:   # XLA's count of each compiled piece agrees with the analytic executed
+    if r["name"].startswith(("block", "exit", "final")):
+      assert 0.8 < r["xla_gflops"] / r["gflops_executed"] < 1.4, r
+  profile_lib.write(table, str(tmp_path), dict(config="tiny", device="cpu", weights="random",
+                                               images=3, batch=1, reps=1))
+  assert {"profile.md", "profile.csv", "profile.json"} <= set(os.listdir(tmp_path))
+  with open(tmp_path / "profile.csv") as f:
+    assert len(list(csv.reader(f))) == len(table) + 1
+
+
+def test_profile_segvit_pieces_sum_to_model_macs():
+  cfg = _cfg("segvit")
+  model = segmenter.build(cfg.model, cfg.num_classes, (64, 64), 255)
+  plan = dict(tokens=16, active=[16], caps=[16], info={})
+  pieces = profile_lib.pieces(cfg, model, plan, np.zeros((64, 64, 3), np.uint8), 1)
+  assert [p[0] for p in pieces] == ["embed", "block 1", "block 2", "block 3", "block 4",
+                                    "final head", "upsample"]
+  assert sum(p[4] for p in pieces) / 1e9 == pytest.approx(flops.model_macs(cfg)["total"])
+
+
+def test_sweep_rows_and_labels():
+  cfg = _cfg()
+  taus = [sweep.parse_tau("6899"), sweep.parse_tau("4999")]
+  rows = sweep.sweep_configs(cfg, "methods", taus, [], (1, 2), [(1, 2), (2,)], taus)
+  assert [sweep.label(c) for c in rows] == [
+      "SegViT", "+CTS K=2", "+DToP@[1,2]", "+CTS&DToP@[1,2] K=2", "+dCTS τ-6899",
+      "+STEP@[1,2] τ-6899", "+STEP@[1,2] τ-4999", "+STEP@[2] τ-6899", "+STEP@[2] τ-4999"]
+  assert [sweep.label(c) for c in sweep.sweep_configs(cfg, "tau", taus, [], (), [], taus)] == [
+      "+CTS K=2", "+dCTS τ-6899", "+dCTS τ-4999"]
+  assert sweep.placements_for(12)[:3] == [(3,), (4,), (5,)] and (6, 8) in sweep.placements_for(12)
+  assert sweep.pareto_front([1, 2, 3, 2, 1], [0.5, 0.7, 0.6, 0.7, 0.4]) == [0, 1]
+
+
+def test_sweep_exits_writes_table(images, tmp_path):
+  cfg = _cfg("dtop", exits="2")
+  out = sweep.run_sweeps(cfg, images, ["exits"], placements=[(2,)], out=str(tmp_path),
+                         header=dict(config="tiny", images=3), reps=1, warmup=0)
+  base, dtop = out["exits"]
+  assert (base["label"], dtop["label"]) == ("SegViT", "+DToP@[2]")
+  assert base["gflops_useful"] == pytest.approx(flops.model_macs(cfg)["total"])
+  assert base["halted_share"] == 0 and base["agreement"] == 1.0
+  assert 0.2 < dtop["halted_share"] < 0.6 and 0 <= dtop["agreement"] <= 1
+  assert base["miou"] is None   # no trained workdir
+  with open(tmp_path / "sweep_exits.csv") as f:
+    assert [r["label"] for r in csv.DictReader(f)] == ["SegViT", "+DToP@[2]"]
+  md = (tmp_path / "sweep_exits.md").read_text()
+  assert "| SegViT | – |" in md and "| +DToP@[2] | 2 |" in md
+  assert os.path.exists(tmp_path / "pareto_exits.png")
+
+
+def test_calibrate_choice_is_within_budget_and_on_the_front(images, prepared):
+  cfg, _, variables, _ = prepared
+  result = calibrate.calibrate(cfg, variables, images, budget_gflops=1e9,
+                               tau_values=(0.5, 1.0), exit_shares=(0.2, 0.4, 0.6))
+  points = result["points"]
+  assert len(points) == 5 * 3     # monotone τ combos × shares (placement: the config's)
+  assert {tuple(p["exits"]) for p in points} == {(1, 2)}
+  costs = sorted(p["gflops"] for p in points)
+  assert costs[0] < costs[-1]
+  budget = costs[len(costs) // 2]
+  front, best = calibrate.choose(points, "gflops", budget)
+  assert best in front and points[best]["gflops"] <= budget
+  assert all(p["quality"] <= points[best]["quality"] for p in points if p["gflops"] <= budget)
+  # The chosen thresholds, rebuilt as a static config, really cost what the search said.
+  c = calibrate.point_config(cfg, points[best])
+  c2, m2, v2, _ = benchmark.prepare(c, "fp32", variables)
+  st = benchmark.token_stats(c2, m2, v2, images)
+  assert st["gflops_useful"] == pytest.approx(points[best]["gflops"], rel=1e-6)
+  assert st["gflops_useful"] <= budget
+  assert "Best within budget" in calibrate.report(result)
+  _, none = calibrate.choose(points, "gflops", costs[0] / 2)
+  assert none is None
+
+
+@pytest.mark.slow
+def test_sweep_miou_with_a_fitting_workdir_and_calibrate_ms(images, tmp_path):
+  cfg = _cfg("dtop", exits="2")
+  cfg.data.num_eval = 2
+  _, _, variables, _ = benchmark.prepare(cfg, images=images)
+  r = sweep.measure_row(cfg, images, trained=[("fake_run", variables)], reps=1, warmup=0)
+  assert r["weights"] == "trained (fake_run)" and 0 <= r["miou"] <= 1
+  seg = sweep.measure_row(sweep.with_method(cfg, "segvit"), images,
+                          trained=[("fake_run", variables)], reps=1, warmup=0)
+  assert seg["miou"] is None    # DToP weights do not fit SegViT's head
+  with pytest.raises(ValueError, match="exit_heads_1"):
+    calibrate.search(cfg, variables, images, placements=[(1, 2)], exit_shares=(0.5,))
+  _, _, variables, _ = benchmark.prepare(_cfg("dtop", exits="1-2"), images=images)
+  result = calibrate.calibrate(cfg, variables, images, budget_ms=1e6, exit_shares=(0.3, 0.6),
+                               placements=[(1,), (2,), (1, 2)], max_timed=2)
+  assert {tuple(p["exits"]) for p in result["points"]} == {(1,), (2,), (1, 2)}
+  timed = [p for p in result["points"] if p.get("ms") is not None]
+  assert 1 <= len(timed) <= 2 and result["best"] in result["front"]
+  assert result["points"][result["best"]]["ms"] is not None
