@@ -1,0 +1,262 @@
+"""Python API: build or load a model, segment images, in a few lines.
+
+  import step_jax
+  model, variables = step_jax.load("workdirs/step")        # training workdir or export dir
+  pred, info = step_jax.segment(model, variables, image)   # uint8 [H, W, 3] → int32 [H, W]
+  step_jax.visualize.figure(image, pred, info).save("step.png")
+
+`load` accepts
+  - a `python -m step_jax.main` workdir (config.json + checkpoints/): the Flax model and the
+    variables of its latest (or `step`) checkpoint;
+  - a `python -m step_jax.export` folder: the Flax model rebuilt from its config.json and the
+    variables from params.msgpack (or params.safetensors); with `exported=True` the
+    serialized `jax.export` artifact instead, which runs without the model code.
+`build(config)` gives a model with random ViT/heads (and the trained policy of
+`config.model.policy.init_from` when set), for trying things out.
+
+`segment` returns the predicted classes and `info`, numpy arrays: `scores` [H, W, C],
+`grid`, `patch_size`, `exit_layers`, and the token maps the model produced: with supertokens
+`level` [gh, gw] (superpatch side per cell), `num_tokens`, `capacity`; with early exits
+`halt_stage` [gh, gw] (exit index where each cell halted; len(exit_layers) = never),
+`active_tokens` (per stage) and `stage_capacity`. Batched input ([B, H, W, 3]) gives
+batched outputs.
+"""
+import importlib
+import importlib.util
+import json
+import os
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+CONFIG_JSON = "config.json"
+EXPORT_JSON = "export.json"
+MSGPACK = "params.msgpack"
+SAFETENSORS = "params.safetensors"
+ARTIFACT = "model.jaxexport"
+
+
+################################################################################
+# Configs and models.                                                          #
+################################################################################
+def get_config(spec):
+  """A ConfigDict from a ConfigDict, a dict, a JSON file or 'configs/step.py:arg,...'."""
+  import ml_collections  # pylint: disable=g-import-not-at-top
+  if isinstance(spec, ml_collections.ConfigDict):
+    return spec
+  if isinstance(spec, dict):
+    return ml_collections.ConfigDict(spec)
+  if not isinstance(spec, str):
+    raise TypeError(f"config must be a ConfigDict, dict or string, got {type(spec).__name__}")
+  if spec.endswith(".json"):
+    with open(spec) as f:
+      return ml_collections.ConfigDict(json.load(f))
+  path, _, arg = spec.partition(":")
+  if os.path.isfile(path):
+    mod_spec = importlib.util.spec_from_file_location("_step_jax_config", path)
+    module = importlib.util.module_from_spec(mod_spec)
+    mod_spec.loader.exec_module(module)
+  else:  # an installed package: 'configs/step.py' → configs.step
+    name = os.path.splitext(path)[0].replace(os.sep, ".").replace("/", ".")
+    try:
+      module = importlib.import_module(name)
+    except ImportError as e:
+      raise FileNotFoundError(f"config {spec!r}: no file {path} and no module {name}") from e
+  return module.get_config(arg or None)
+
+
+def create_model(config):
+  """The Flax Segmenter of a config (as `step_jax.train.create_model`)."""
+  from step_jax.models import segmenter  # pylint: disable=g-import-not-at-top
+  return segmenter.build(config.model, config.num_classes, tuple(config.data.image_size),
+                         ignore_index=config.ignore_index)
+
+
+def build(config, *, seed=0):
+  """(model, variables) for a config, with random ViT and heads.
+
+  A CTS/dCTS policy comes from `config.model.policy.init_from` when set (a train_policy
+  workdir); otherwise it is random too, and so are its merges.
+  """
+  from step_jax import benchmark  # pylint: disable=g-import-not-at-top
+  config = get_config(config)
+  model = create_model(config)
+  variables = benchmark.random_variables(model, tuple(config.data.image_size), seed)
+  init_from = config.model.get("policy", {}).get("init_from", "")
+  if init_from and model.policy is not None:
+    from step_jax import train_policy  # pylint: disable=g-import-not-at-top
+    pol = train_policy.load_variables(init_from)
+    variables = {col: dict(variables[col], policy=pol[col]) for col in variables}
+  return model, variables
+
+
+def calibrate_exits(model, variables, images, share=0.4, *, labels=None):
+  """The model with exit thresholds under which `share` of the still-active tokens are
+  halting candidates at each exit, on `images` [B, H, W, 3].
+
+  For untrained exit heads (demos, benchmarks; the paper halts ~40 %); as
+  `benchmark.calibrate_exits`, but it also takes the labels of the 'oracle' merge.
+  """
+  from step_jax.models import early_exit  # pylint: disable=g-import-not-at-top
+  kw = {} if labels is None else dict(labels=jnp.asarray(labels))
+  taus = []
+  for s in range(len(model.exit_layers)):
+    trial = model.clone(exit_threshold=tuple(taus) + (1.0,) * (len(model.exit_layers) - s))
+    out, info = jax.jit(lambda v, x, trial=trial: trial.apply(v, x, **kw))(
+        variables, jnp.asarray(images, jnp.float32))
+    aux = out["aux"][s]
+    conf, _ = early_exit.token_confidence(
+        aux["pred_logits"], aux["pred_masks"].reshape(aux["pred_masks"].shape[:2] + (-1,)))
+    alive = np.asarray(info["halt_stage"]).reshape(conf.shape) >= s  # cells active at exit s
+    taus.append(float(np.quantile(np.asarray(conf)[alive], 1 - share)))
+  return model.clone(exit_threshold=tuple(taus))
+
+
+def inference_fn(model):
+  """(variables, images float [B, H, W, 3] in 0..255[, labels]) → dict of arrays.
+
+  The function that is exported and that `segment` runs: `scores` [B, H, W, C] (SegViT's
+  class × mask product, upsampled), `pred` int32 [B, H, W], and the model's token maps and
+  counts (everything in its info but the static `grid`).
+  """
+  from step_jax.models import segmenter  # pylint: disable=g-import-not-at-top
+
+  def fn(variables, images, labels=None):
+    kw = {} if labels is None else dict(labels=labels)
+    outputs, info = model.apply(variables, images, train=False, **kw)
+    scores = segmenter.predict_scores(outputs, images.shape[1:3])
+    out = dict(scores=scores, pred=jnp.argmax(scores, axis=-1).astype(jnp.int32))
+    out.update({k: v for k, v in info.items() if k != "grid"})
+    return out
+  return fn
+
+
+def _read_config(folder):
+  path = os.path.join(folder, CONFIG_JSON)
+  if not os.path.isfile(path):
+    raise FileNotFoundError(f"no {CONFIG_JSON} in {folder}: not a step_jax workdir or export")
+  return get_config(path)
+
+
+################################################################################
+# Exported artifacts.                                                          #
+################################################################################
+class ExportedModel:
+  """A deserialized `jax.export` artifact with its metadata; call it like the Flax model's
+  `inference_fn`: `model(variables, images)` → dict of arrays."""
+
+  def __init__(self, folder):
+    from jax import export  # pylint: disable=g-import-not-at-top
+    with open(os.path.join(folder, ARTIFACT), "rb") as f:
+      self.exported = export.deserialize(bytearray(f.read()))
+    with open(os.path.join(folder, EXPORT_JSON)) as f:
+      self.meta = json.load(f)
+    self.config = _read_config(folder)
+    self.image_size = tuple(self.meta["image_size"])
+    self.patch_size = int(self.meta["patch_size"])
+    self.exit_layers = tuple(self.meta["exit_layers"])
+    self.pixel_mean = tuple(self.meta["pixel_mean"])
+    self._call = jax.jit(self.exported.call)
+
+  def __call__(self, variables, images):
+    return self._call(variables, jnp.asarray(images, jnp.float32))
+
+
+def read_params(folder):
+  """Variables from params.msgpack (else params.safetensors) of an export folder."""
+  msgpack, st = os.path.join(folder, MSGPACK), os.path.join(folder, SAFETENSORS)
+  if os.path.isfile(msgpack):
+    from flax import serialization  # pylint: disable=g-import-not-at-top
+    with open(msgpack, "rb") as f:
+      return serialization.msgpack_restore(f.read())
+  if os.path.isfile(st):
+    from safetensors.numpy import load_file  # pylint: disable=g-import-not-at-top
+    from step_jax import checkpoint  # pylint: disable=g-import-not-at-top
+    return checkpoint._unflatten(load_file(st))  # pylint: disable=protected-access
+  raise FileNotFoundError(f"no {MSGPACK} or {SAFETENSORS} in {folder}")
+
+
+def load(path, *, step=None, exported=False):
+  """(model, variables) from a training workdir or an export folder (module docstring)."""
+  path = os.fspath(path)
+  if not os.path.isdir(path):
+    raise FileNotFoundError(f"{path} is not a directory (expected a step_jax workdir or "
+                            "a step_jax.export output folder)")
+  is_export = os.path.isfile(os.path.join(path, EXPORT_JSON))
+  if exported:
+    if not (is_export and os.path.isfile(os.path.join(path, ARTIFACT))):
+      raise FileNotFoundError(f"exported=True needs {ARTIFACT} and {EXPORT_JSON} in {path}; "
+                              "make them with python -m step_jax.export")
+    return ExportedModel(path), read_params(path)
+  config = _read_config(path)
+  if is_export:
+    return create_model(config), read_params(path)
+  from step_jax import train  # pylint: disable=g-import-not-at-top
+  variables = train.restore_variables(config, path, step=step)
+  return create_model(config), jax.tree.map(np.asarray, jax.device_get(variables))
+
+
+################################################################################
+# Segmenting images.                                                           #
+################################################################################
+# Info entries that describe the whole batch (the bucket it ran in), not one image.
+_PER_BATCH = ("capacity", "stage_capacity")
+_JITTED = {}  # id(model) → (model, jitted inference_fn): one compilation per model
+
+
+def _jitted(model):
+  hit = _JITTED.get(id(model))
+  if hit is None or hit[0] is not model:
+    hit = _JITTED[id(model)] = (model, jax.jit(inference_fn(model)))
+  return hit[1]
+
+
+def segment(model, variables, images, *, labels=None):
+  """(pred, info) for one image [H, W, 3] or a batch [B, H, W, 3] (uint8 or float 0..255).
+
+  Images are padded bottom/right with the pixel mean to the patch grid (the exported model:
+  to its fixed input size) and the outputs cropped back, as `evaluate`'s whole mode does;
+  token maps cover the padded grid. `labels` ([H, W] / [B, H, W]) feed the 'oracle' merge.
+  """
+  images = np.asarray(images)
+  single = images.ndim == 3
+  if single:
+    images = images[None]
+  if images.ndim != 4 or images.shape[-1] != 3:
+    raise ValueError(f"expected an image [H, W, 3] or a batch [B, H, W, 3], got shape "
+                     f"{images.shape}")
+  h, w = images.shape[1:3]
+  if isinstance(model, ExportedModel):
+    if labels is not None:
+      raise ValueError("an exported model takes no labels (the oracle merge is not exported)")
+    hp, wp = model.image_size
+    if h > hp or w > wp:
+      raise ValueError(f"image {h}x{w} is larger than the exported input {hp}x{wp}; "
+                       "resize it first (or export at that size with --image_size)")
+    patch, exit_layers, mean, run = model.patch_size, model.exit_layers, model.pixel_mean, model
+  else:
+    patch, exit_layers = model.backbone.patch_size, tuple(model.exit_layers)
+    hp, wp = -(-h // patch) * patch, -(-w // patch) * patch
+    mean, run = model.pixel_mean, _jitted(model)
+  x = np.empty((images.shape[0], hp, wp, 3), np.float32)
+  x[...] = np.asarray(mean, np.float32)
+  x[:, :h, :w] = images
+  args = (variables, x)
+  if labels is not None:
+    labels = np.asarray(labels)
+    labels = labels[None] if single else labels
+    lab = np.full((labels.shape[0], hp, wp), getattr(model, "ignore_index", 255), np.int32)
+    lab[:, :h, :w] = labels
+    out = jax.device_get(run(*args, lab))
+  else:
+    out = jax.device_get(run(*args))
+  out = {k: np.asarray(v) for k, v in out.items()}
+  pred = out.pop("pred")[:, :h, :w]
+  info = dict(out, scores=out["scores"][:, :h, :w], grid=(hp // patch, wp // patch),
+              patch_size=patch, exit_layers=exit_layers)
+  if single:
+    pred = pred[0]
+    info = {k: (v[0] if isinstance(v, np.ndarray) and k not in _PER_BATCH else v)
+            for k, v in info.items()}
+  return pred, info
