@@ -180,9 +180,11 @@ class Checkpointer:
       dest_root = os.path.join(os.path.dirname(self.directory), "corrupt_checkpoints")
       os.makedirs(dest_root, exist_ok=True)
       for s in steps:
-        dest = os.path.join(dest_root, f"{s}.{int(time.time())}")
-        shutil.move(os.path.join(self.directory, str(s)), dest)
-        logging.warning("moved unreadable checkpoint %d to %s", s, dest)
+        src, dest = os.path.join(self.directory, str(s)), os.path.join(dest_root,
+                                                                       f"{s}.{time.time():.0f}")
+        if os.path.isdir(src):   # a concurrent trainer's keep-N may have deleted it meanwhile
+          shutil.move(src, dest)
+          logging.warning("moved unreadable checkpoint %d to %s", s, dest)
     if jax.process_count() > 1:
       from jax.experimental import multihost_utils  # pylint: disable=g-import-not-at-top
       multihost_utils.sync_global_devices("step_jax_checkpoint_quarantine")
