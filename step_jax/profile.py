@@ -10,8 +10,9 @@ lost by splitting) is visible too.
 
 Each piece is jitted on its own and fed what the model really feeds it: the model first runs on
 every image to record its token count and capacity bucket per stage (after merging, after each
-exit); a piece is compiled once per bucket it meets, warmed up, timed `--reps` times with
-`block_until_ready` (median), and an image is charged the time of its own bucket. GFLOPs come
+exit); a piece is compiled once per bucket it meets, warmed up, and timed `--reps` times with
+`block_until_ready` (median), round-robin over all programs so that a shared machine's load
+changes hit every piece alike; an image is charged the time of its own bucket. GFLOPs come
 from step_jax/flops.py (useful: valid tokens; executed: bucket capacity), so the pieces sum to
 `flops.token_macs`; XLA's own count of each compiled piece (÷2, elementwise ops included) is
 given beside it as a cross-check.
@@ -50,7 +51,7 @@ def load(config, images, workdir=None, exit_share=0.4, dtype="fp32"):
   return config, model, variables, (f"trained ({workdir})" if workdir else weights)
 
 
-def stage_plan(model, variables, images, labels=None):
+def stage_plan(model, variables, images):
   """Per image, as the model runs it: dict(tokens, active [per stage], caps [per stage],
   info) where caps are the capacity buckets (padding included) and active the valid tokens."""
   single = jax.jit(lambda v, x: model.apply(v, x)[1])
@@ -75,8 +76,9 @@ def _mask(cap, n_valid, batch):
 
 
 def pieces(config, model, plan, image, batch):
-  """[(name, layer, fn(module, *args), args, macs_useful, macs_executed, bucket key)] for
-  one image's plan; fn runs inside `model.apply(variables, *args, method=fn)`."""
+  """One dict per piece of one image's plan: name, layer, fn(module, *args) (run as
+  `model.apply(variables, *args, method=fn)`), args, tokens (valid), cap (bucket; 0 = none),
+  useful and executed MACs."""
   m = config.model
   v = vit_lib.decode_variant(m.variant)
   p, d, depth, mlp = v["patch_size"], v["width"], v["depth"], v["mlp_dim"]
@@ -84,16 +86,19 @@ def pieces(config, model, plan, image, batch):
   c, layers = int(config.num_classes), m.get("head_layers", 3)
   x = jnp.asarray(np.broadcast_to(image, (batch,) + image.shape), jnp.float32)
   out = []
+  add = lambda name, layer, fn, args, tokens, cap, useful, executed: out.append(dict(
+      name=name, layer=layer, fn=fn, args=args, tokens=tokens, cap=cap, useful=useful,
+      executed=executed))
   tokens, cap0 = plan["tokens"], plan["caps"][0]
   # Plain SegViT runs without a key mask; every other model masks padding/halted tokens.
   masked = model.merge != "none" or bool(model.exit_layers)
   if model.merge in ("cts", "dcts"):
     pm = flops.policy_macs(h, w, m.policy.get("hidden", 128), p)
-    out.append(("policy+merge", "", lambda mod, x: mod.merge_levels(x), (x,), pm, pm, 0))
+    add("policy+merge", "", lambda mod, x: mod.merge_levels(x), (x,), None, 0, pm, pm)
   if model.merge == "none":
     embed = lambda mod, x: mod.backbone.embed(mod.normalize(x))
-    out.append(("embed", "", embed, (x,), flops.patch_embed_macs(tokens, d, p),
-                flops.patch_embed_macs(cap0, d, p), 0))
+    add("embed", "", embed, (x,), tokens, 0, flops.patch_embed_macs(tokens, d, p),
+        flops.patch_embed_macs(cap0, d, p))
   else:
     level = jnp.asarray(np.broadcast_to(plan["info"]["level"][0], (batch, h // p, w // p)))
 
@@ -105,17 +110,17 @@ def pieces(config, model, plan, image, batch):
       pos, _ = supertokens.gather_tokens(
           jnp.broadcast_to(table, (batch,) + table.shape[1:]), layout, cap)
       return mod.backbone.embed_patches(patches) + pos
-    out.append(("embed", "", embed, (x, level), flops.patch_embed_macs(tokens, d, p),
-                flops.patch_embed_macs(cap0, d, p), cap0))
+    add("embed", "", embed, (x, level), tokens, cap0, flops.patch_embed_macs(tokens, d, p),
+        flops.patch_embed_macs(cap0, d, p))
   bounds = (0,) + tuple(model.exit_layers) + (depth,)
+  head_macs = lambda n: flops.atm_head_macs([n], c, m.head_dim, d, layers, 2)
   for s, (n, cap) in enumerate(zip(plan["active"], plan["caps"])):
     xs = jnp.ones((batch, cap, d), model.backbone.dtype)
-    mask = _mask(cap, n, batch) if masked else None
+    args = (xs, _mask(cap, n, batch) if masked else None)
     for k in range(bounds[s], bounds[s + 1]):
       fn = lambda mod, x, mk, k=k: mod.backbone.run_blocks(x, mk, k, k + 1)[-1]
-      out.append((f"block {k + 1}", str(k + 1), fn, (xs, mask), flops.vit_block_macs(n, d, mlp),
-                  flops.vit_block_macs(cap, d, mlp), cap))
-    head_macs = lambda n: flops.atm_head_macs([n], c, m.head_dim, d, layers, 2)
+      add(f"block {k + 1}", str(k + 1), fn, args, n, cap, flops.vit_block_macs(n, d, mlp),
+          flops.vit_block_macs(cap, d, mlp))
     if s < len(model.exit_layers):
       taus = model.exit_threshold
       tau = taus[s] if isinstance(taus, (tuple, list)) else taus
@@ -123,34 +128,38 @@ def pieces(config, model, plan, image, batch):
       def exit_fn(mod, x, mk, s=s, tau=tau):  # ATM head + DToP halting rule
         o = mod.exit_heads[s]([x], mk)
         return early_exit.halting(o["pred_logits"], o["pred_masks"], mk, tau, mod.keep_top_k)
-      out.append((f"exit {s + 1}", str(bounds[s + 1]), exit_fn, (xs, mask), head_macs(n),
-                  head_macs(cap), cap))
+      add(f"exit {s + 1}", str(bounds[s + 1]), exit_fn, args, n, cap, head_macs(n),
+          head_macs(cap))
     elif model.exit_layers:
-      out.append(("final head", str(depth), lambda mod, x, mk: mod.head([x], mk), (xs, mask),
-                  head_macs(n), head_macs(cap), cap))
+      add("final head", str(depth), lambda mod, x, mk: mod.head([x], mk), args, n, cap,
+          head_macs(n), head_macs(cap))
     else:
       nst = len(model.out_layers)
       hm = lambda n: flops.atm_head_macs([n] * nst, c, m.head_dim, d, layers, c + 1)
-      out.append(("final head", ",".join(map(str, model.out_layers)),
-                  lambda mod, x, mk: mod.head([x] * nst, mk), (xs, mask), hm(n), hm(cap), cap))
+      add("final head", ",".join(map(str, model.out_layers)),
+          lambda mod, x, mk: mod.head([x] * nst, mk), args, n, cap, hm(n), hm(cap))
   # Mask logits on the patch grid → pixel class scores (the count is fvcore's 4 per output).
   logits = jnp.zeros((batch, c, 2 if model.exit_layers else c + 1))
   masks = jnp.zeros((batch, c, h // p, w // p))
   up = flops.BILINEAR_MACS_PER_OUTPUT * c * h * w
-  out.append(("upsample", "", lambda mod, lg, mk: segmenter.predict_scores(
-      dict(pred_logits=lg, pred_masks=mk), (h, w)), (logits, masks), up, up, 0))
+  add("upsample", "", lambda mod, lg, mk: segmenter.predict_scores(
+      dict(pred_logits=lg, pred_masks=mk), (h, w)), (logits, masks), None, 0, up, up)
   return out
 
 
-def _time(compiled, args, reps, warmup):
-  for _ in range(warmup):
-    jax.block_until_ready(compiled(*args))
-  times = []
+def time_programs(programs, reps, warmup):
+  """{key: median seconds} of {key: (compiled, args)}, timed round-robin (one call of each
+  program per round) so that load changes on a shared machine hit every piece alike."""
+  for compiled, args in programs.values():
+    for _ in range(warmup):
+      jax.block_until_ready(compiled(*args))
+  times = {k: [] for k in programs}
   for _ in range(reps):
-    t = time.perf_counter()
-    jax.block_until_ready(compiled(*args))
-    times.append(time.perf_counter() - t)
-  return statistics.median(times)
+    for k, (compiled, args) in programs.items():
+      t = time.perf_counter()
+      jax.block_until_ready(compiled(*args))
+      times[k].append(time.perf_counter() - t)
+  return {k: statistics.median(v) for k, v in times.items()}
 
 
 def _xla_flops(compiled):
@@ -163,7 +172,7 @@ def dispatch_ms(reps=20):
   """Time of a trivial jitted call: the fixed cost every separately timed piece pays (and
   the fused full forward pays once), so small pieces are read against it."""
   f = jax.jit(lambda x: x + 1).lower(jnp.zeros(8)).compile()
-  return 1000 * _time(f, (jnp.zeros(8),), reps, 2)
+  return 1000 * time_programs({0: (f, (jnp.zeros(8),))}, reps, 2)[0]
 
 
 def profile(config, model, variables, images, *, batch=1, reps=5, warmup=2, plans=None):
@@ -171,66 +180,45 @@ def profile(config, model, variables, images, *, batch=1, reps=5, warmup=2, plan
   name, layer, tokens, capacity, gflops (useful), gflops_executed, xla_gflops, ms.
   `plans`: stage_plan's result when already computed."""
   plans = plans or stage_plan(model, variables, images)
-  cache = {}   # (piece name, bucket) → (seconds, xla flops): a program per bucket met
-  per_image = []
-  for plan, im in zip(plans, np.asarray(images)):
-    rows = []
-    for name, layer, fn, args, useful, executed, key in pieces(config, model, plan, im, batch):
-      if (name, key) not in cache:
-        f = jax.jit(lambda v, *a, fn=fn: model.apply(v, *a, method=fn))
-        compiled = f.lower(variables, *args).compile()
-        cache[name, key] = (_time(compiled, (variables,) + args, reps, warmup),
-                            _xla_flops(compiled) / 2)
-      secs, xla = cache[name, key]
-      rows.append(dict(name=name, layer=layer, useful=useful, executed=executed,
-                       xla=xla, ms=1000 * secs / batch, cap=key))
-    per_image.append(rows)
 
-  # The whole forward as step_jax.benchmark times it (one program, all buckets inside).
-  def fwd(v, x):
+  def fwd(v, x):  # the whole forward as step_jax.benchmark times it
     out, _ = model.apply(v, x)
     return segmenter.predict_scores(out, x.shape[1:3])
-  full_ms = []
-  for im in np.asarray(images):
-    x = np.broadcast_to(im, (batch,) + im.shape)
-    if "full" not in cache:
-      cache["full"] = jax.jit(fwd).lower(variables, x).compile()
-    full_ms.append(1000 * _time(cache["full"], (variables, x), reps, warmup) / batch)
+  images = np.asarray(images)
+  full = jax.jit(fwd).lower(variables, images[:1].repeat(batch, 0)).compile()
+  programs, xla, per_image = {}, {}, []   # one program per (piece, bucket) met
+  for i, (plan, im) in enumerate(zip(plans, images)):
+    rows = pieces(config, model, plan, im, batch)
+    for r in rows:
+      key = (r["name"], r["cap"])
+      if key not in programs:
+        f = jax.jit(lambda v, *a, fn=r["fn"]: model.apply(v, *a, method=fn))
+        compiled = f.lower(variables, *r["args"]).compile()
+        programs[key] = (compiled, (variables,) + r["args"])
+        xla[key] = _xla_flops(compiled) / 2
+      r["key"] = key
+    programs["full", i] = (full, (variables, np.broadcast_to(im, (batch,) + im.shape)))
+    per_image.append(rows)
+  secs = time_programs(programs, reps, warmup)
 
-  mean = lambda vals: float(np.mean(vals))
+  mean = lambda vals: None if vals[0] is None else float(np.mean(vals))
   table = []
   for i, r in enumerate(per_image[0]):
     col = [rows[i] for rows in per_image]
     table.append(dict(
-        name=r["name"], layer=r["layer"],
+        name=r["name"], layer=r["layer"], tokens=mean([c["tokens"] for c in col]),
         capacity=mean([c["cap"] for c in col]) if r["cap"] else None,
         gflops=mean([c["useful"] for c in col]) / 1e9,
         gflops_executed=mean([c["executed"] for c in col]) / 1e9,
-        xla_gflops=mean([c["xla"] for c in col]) / 1e9, ms=mean([c["ms"] for c in col])))
-  # Valid tokens per block/head: the stage's active tokens.
-  stage_tokens = np.mean([p["active"] for p in plans], 0)
-  bounds = (0,) + tuple(model.exit_layers) + (model.backbone.depth,)
-  for r in table:
-    if r["name"].startswith("block "):
-      k = int(r["layer"])
-      s = next(i for i in range(len(bounds) - 1) if bounds[i] < k <= bounds[i + 1])
-      r["tokens"] = float(stage_tokens[s])
-    elif r["name"].startswith("exit "):
-      r["tokens"] = float(stage_tokens[int(r["name"].split()[1]) - 1])
-    elif r["name"] == "final head":
-      r["tokens"] = float(stage_tokens[-1] if model.exit_layers else stage_tokens[0])
-    elif r["name"] == "embed":
-      r["tokens"] = mean([p["tokens"] for p in plans])
-    else:
-      r["tokens"] = None
-  total = {k: sum(r[k] for r in table) for k in ("gflops", "gflops_executed", "xla_gflops",
-                                                 "ms")}
+        xla_gflops=mean([xla[c["key"]] for c in col]) / 1e9,
+        ms=mean([1000 * secs[c["key"]] / batch for c in col])))
+  total = {k: sum(r[k] for r in table) for k in ("gflops", "gflops_executed", "ms")}
+  full_ms = mean([1000 * secs["full", i] / batch for i in range(len(images))])
   table.append(dict(name="full forward", layer="", tokens=None, capacity=None,
                     gflops=total["gflops"], gflops_executed=total["gflops_executed"],
-                    xla_gflops=float("nan"), ms=mean(full_ms)))
+                    xla_gflops=None, ms=full_ms))   # (XLA counts every switch branch)
   table.append(dict(name="other (full − Σ pieces)", layer="", tokens=None, capacity=None,
-                    gflops=0.0, gflops_executed=0.0, xla_gflops=float("nan"),
-                    ms=mean(full_ms) - total["ms"]))
+                    gflops=0.0, gflops_executed=0.0, xla_gflops=None, ms=full_ms - total["ms"]))
   return table
 
 

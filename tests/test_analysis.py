@@ -113,9 +113,9 @@ def test_profile_segvit_pieces_sum_to_model_macs():
   model = segmenter.build(cfg.model, cfg.num_classes, (64, 64), 255)
   plan = dict(tokens=16, active=[16], caps=[16], info={})
   pieces = profile_lib.pieces(cfg, model, plan, np.zeros((64, 64, 3), np.uint8), 1)
-  assert [p[0] for p in pieces] == ["embed", "block 1", "block 2", "block 3", "block 4",
+  assert [p["name"] for p in pieces] == ["embed", "block 1", "block 2", "block 3", "block 4",
                                     "final head", "upsample"]
-  assert sum(p[4] for p in pieces) / 1e9 == pytest.approx(flops.model_macs(cfg)["total"])
+  assert sum(p["useful"] for p in pieces) / 1e9 == pytest.approx(flops.model_macs(cfg)["total"])
 
 
 def test_sweep_rows_and_labels():
