@@ -22,6 +22,9 @@ Heads (`segvit_head_to_params`): SegViT `ATMHead` numbers its stages from 1 and 
 stage 1 to the deepest feature (it reverses the input list); our `ATMHead` counts from 0,
 also deepest first, so torch stage s ↦ our stage s - 1. DToP's `PruneHead` has a single
 unnumbered stage and a 2-way class head; it maps to `ATMHead(num_stages=1, binary_cls=True)`.
+
+Whole checkpoints (`segmentor_to_params`): an mmseg SegViT or DToP segmentor (backbone,
+decode_head, DToP's auxiliary_head.<i> exit heads) → the `params` of `segmenter.Segmenter`.
 """
 import math
 import re
@@ -320,4 +323,35 @@ def segvit_head_to_params(state_dict: Mapping[str, Any], *,
           "cross_attn": {n: _dense(sd, l + "multihead_attn." + n) for n in ("q", "k", "v", "proj")},
           "linear1": _dense(sd, l + "linear1"), "linear2": _dense(sd, l + "linear2"),
           **{n: _layer_norm(sd, l + n) for n in ("norm1", "norm2", "norm3")}}
+  return params
+
+
+# ----------------------------------------------------------------------------- segmentors
+
+def segmentor_to_params(state_dict: Mapping[str, Any], *,
+                        posemb_grid: Optional[Sequence[int]] = None,
+                        src_grid: Optional[Sequence[int]] = None) -> Params:
+  """A whole mmseg segmentor checkpoint → `params` of `segmenter.Segmenter`.
+
+  SegViT: `backbone.*` (ViT) + `decode_head.*` (multi-stage ATMHead) → {'backbone', 'head'}.
+  DToP: the final `PruneHead` is `decode_head.*` and the exit heads are
+  `auxiliary_head.<i>.*` (a ModuleList; `auxiliary_head.*` when there is only one), which
+  become 'exit_heads_<i>' in exit order. posemb_grid / src_grid as in `timm_vit_to_params`.
+  """
+  sd = _unwrap(state_dict, "")
+  if not any(k.startswith("backbone.") for k in sd):
+    raise ValueError("not an mmseg segmentor checkpoint: no backbone.* keys; keys start "
+                     f"{sorted(sd)[:10]} (a bare ViT: use timm_vit_to_params)")
+  params = {"backbone": timm_vit_to_params(sd, posemb_grid=posemb_grid, src_grid=src_grid,
+                                           prefix="backbone.")}
+  if any(k.startswith("decode_head.") for k in sd):
+    params["head"] = segvit_head_to_params(sd, prefix="decode_head.")
+  exits = _indices(sd, r"auxiliary_head\.(\d+)\.")
+  if exits:
+    if exits != list(range(len(exits))):
+      raise ValueError(f"auxiliary heads must be numbered 0..E-1, got {exits}")
+    for i in exits:
+      params[f"exit_heads_{i}"] = segvit_head_to_params(sd, prefix=f"auxiliary_head.{i}.")
+  elif any(k.startswith("auxiliary_head.") for k in sd):  # a single auxiliary head
+    params["exit_heads_0"] = segvit_head_to_params(sd, prefix="auxiliary_head.")
   return params

@@ -9,7 +9,8 @@ writes into OUT:
   params.safetensors  the same arrays under '/'-joined names ('params/backbone/...')
   model.jaxexport     `jax.export` of the whole inference function: policy net, merge,
                       encoder, exits, heads and the upsampled prediction, for CPU and CUDA
-  saved_model/        a TF SavedModel through jax2tf (with 'tf' in --formats; needs TensorFlow)
+  saved_model/        a TF SavedModel through jax2tf (with 'tf' in --formats; needs TensorFlow;
+                      TF 2.21 runs SegViT/dCTS exports but not early exits, see save_tf)
 
 The artifact takes the variables as its first argument (not baked in as constants: a ViT-L
 would exceed the 2 GB protobuf limit) and runs with jax and flax alone:
@@ -98,6 +99,14 @@ def save_tf(path, model, variables, image_hw, platforms=("cpu", "cuda")):
     return converted(module.variables_tree, images)
 
   module.serve = serve
+  try:  # TF deserializes the StableHLO only when it runs it: fail here, not when serving
+    serve(tf.zeros([1, *image_hw, 3], tf.float32))
+  except Exception as e:  # pylint: disable=broad-except  (tf.errors.* or InvalidArgumentError)
+    raise RuntimeError(
+        f"TensorFlow {tf.__version__} cannot run the StableHLO that JAX {jax.__version__} "
+        f"wrote ({str(e).strip().splitlines()[0][:200]}). Early-exit models use top_k, which "
+        "TensorFlow 2.21 cannot read from JAX 0.10; use the jax artifact (--formats=jax) or "
+        "a TensorFlow with a newer StableHLO.") from e
   tf.saved_model.save(module, path, signatures={"serving_default": serve})
 
 

@@ -393,3 +393,45 @@ def test_head_errors_list_bad_keys():
   assert "unexpected keys: decoder_1.norm.weight" in str(e.value)
   with pytest.raises(ValueError, match="not an ATM head"):
     convert.segvit_head_to_params({"backbone.pos_embed": torch.zeros(1, 4, 8)})
+
+
+# ----------------------------------------------------------------------------- segmentors
+
+def _prune_head_sd(seed, num_classes=5):
+  """A DToP PruneHead state dict (one unnumbered stage, binary class head), random."""
+  torch.manual_seed(seed)
+  ref = _perturb(RefATMHead(64, 32, 4, num_classes=num_classes, num_layers=1, num_stages=1,
+                            binary_cls=True), seed)
+  return {k.replace("input_proj_1", "input_proj").replace("proj_norm_1", "proj_norm")
+          .replace("decoder_1", "decoder"): v for k, v in ref.state_dict().items()}
+
+
+def test_dtop_segmentor_checkpoint_fits_our_segmenter():
+  from step_jax.models import segmenter  # pylint: disable=g-import-not-at-top
+  ref = _timm_vit(class_token=True, global_pool="token")
+  backbone = {"backbone." + k: v for k, v in _timm_to_mmseg(ref.state_dict()).items()
+              if not k.startswith("ln1.")}                   # SegViT/DToP: final_norm=False
+  final, exit0 = _prune_head_sd(1), _prune_head_sd(2)
+  sd = {"state_dict": {**backbone, **{"decode_head." + k: v for k, v in final.items()},
+                       **{"auxiliary_head.0." + k: v for k, v in exit0.items()}}, "meta": {}}
+  params = convert.segmentor_to_params(sd, posemb_grid=(8, 8))
+  head = lambda: atm.ATMHead(5, dim=32, num_heads=4, num_layers=1, num_stages=1,
+                             binary_cls=True)
+  model = segmenter.Segmenter(vit.ViT(width=64, depth=2, mlp_dim=256, num_heads=2,
+                                      posemb_grid=(8, 8)), head(), out_layers=(2,),
+                              exit_layers=(1,), exit_heads=(head(),))
+  x = jnp.zeros((1, 128, 128, 3))
+  shapes = jax.eval_shape(model.init, jax.random.key(0), x)["params"]
+  assert jax.tree.map(np.shape, params) == jax.tree.map(lambda s: s.shape, shapes)
+  jax.eval_shape(model.apply, {"params": params}, x)       # the tree drives the model
+  # The final head is decode_head, the exit head auxiliary_head.0 (not swapped).
+  np.testing.assert_array_equal(params["head"]["queries"], final["q.weight"].numpy())
+  np.testing.assert_array_equal(params["exit_heads_0"]["queries"], exit0["q.weight"].numpy())
+  _assert_trees_equal(params["backbone"], convert.timm_vit_to_params(
+      {k[len("backbone."):]: v for k, v in backbone.items()}, posemb_grid=(8, 8)))
+  # One auxiliary head is stored without an index.
+  single = {k.replace("auxiliary_head.0.", "auxiliary_head."): v
+            for k, v in sd["state_dict"].items()}
+  _assert_trees_equal(convert.segmentor_to_params(single, posemb_grid=(8, 8)), params)
+  with pytest.raises(ValueError, match="not an mmseg segmentor"):
+    convert.segmentor_to_params(ref.state_dict())
