@@ -139,6 +139,15 @@ def halted_maps(images, maps, num_exits, patch, num_classes, n=4):
   return np.concatenate(cols, axis=1)
 
 
+def shrink(panel, image_hw, tile):
+  """The panel scaled so that one image tile is at most `tile` px on its long side."""
+  f = tile / max(image_hw)
+  if f >= 1:
+    return panel
+  h, w = panel.shape[:2]
+  return np.asarray(Image.fromarray(panel).resize((round(w * f), round(h * f)), Image.BILINEAR))
+
+
 def write(rows, counts, out, header, maps_png=None):
   """halted_tokens.md/.csv and halted_per_image.csv (and the PNG panel when given)."""
   os.makedirs(out, exist_ok=True)
@@ -169,7 +178,8 @@ def write(rows, counts, out, header, maps_png=None):
                  f"{100 * r['share_of_reaching']:.1f} % | {100 * r['cumulative_share']:.1f} % | "
                  f"{100 * r['cell_share']:.1f} % |")
   if maps_png is not None:
-    Image.fromarray(maps_png).save(os.path.join(out, "halted_maps.png"))
+    Image.fromarray(maps_png).quantize(256).save(os.path.join(out, "halted_maps.png"),
+                                                 optimize=True)   # small enough to commit
     lines += ["", "halted_maps.png: one column per image; rows: image, " +
               ("superpatches, " if header.get("merge") else "") +
               "one row per exit (black: halted at this exit, grey: halted earlier), "
@@ -187,8 +197,9 @@ def main(argv):
                                                        f.exit_share)
   counts, maps = analyse(model, variables, images)
   rows = summary(counts, model.exit_layers)
-  panel = halted_maps(images, maps, len(model.exit_layers), model.backbone.patch_size,
-                      config.num_classes, f.maps) if f.maps else None
+  panel = shrink(halted_maps(images, maps, len(model.exit_layers), model.backbone.patch_size,
+                             config.num_classes, f.maps), images.shape[1:3], f.tile) \
+      if f.maps else None
   header = dict(config=config_flags.get_config_filename(f["config"]), images=len(images),
                 weights=weights, merge=model.merge != "none",
                 exit_threshold=[round(float(t), 4) for t in np.atleast_1d(model.exit_threshold)])
@@ -203,6 +214,7 @@ if __name__ == "__main__":
   flags.DEFINE_float("exit_share", 0.4, "Random weights: calibrate exit thresholds to halt "
                      "this share of active tokens per exit.")
   flags.DEFINE_integer("maps", 4, "Images in halted_maps.png (0: none).")
+  flags.DEFINE_integer("tile", 192, "Longest side of one image tile in halted_maps.png.")
   flags.DEFINE_string("out", None, "Output folder.")
   flags.mark_flags_as_required(["config", "out"])
   app.run(main)

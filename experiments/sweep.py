@@ -106,6 +106,8 @@ def load_trained(workdirs):
 
 def pick_trained(config, trained):
   """The first (workdir, variables) whose parameter shapes are those of config's model."""
+  if not trained:
+    return None, None
   hw = tuple(config.data.image_size)
   model = segmenter.build(config.model, config.num_classes, hw, config.ignore_index)
   want = shapes(jax.eval_shape(model.init, jax.random.key(0), jnp.zeros((1, *hw, 3))))
@@ -193,12 +195,15 @@ def placements_for(depth):
 
 
 def sweep_configs(config, name, taus, placements, dtop_exits, step_exits, method_taus):
-  """[configs] of one sweep: 'tau' (CTS, then dCTS per τ in `taus`), 'exits' (no exit, then
+  """[configs] of one sweep: 'tau' (CTS, then dCTS per τ in `taus`; with the config's exits
+  when it has some: CTS&DToP and STEP), 'exits' (no exit, then
   each placement) or 'methods' (SegViT … +dCTS τ[0], +STEP@e τ for e in `step_exits`, τ in
   `method_taus`, as tables 3-6)."""
   dcts_like = config.model.get("merge", "none") in ("dcts", "cts")
-  if name == "tau":
-    return [with_method(config, "cts")] + [with_method(config, "dcts", tau) for tau in taus]
+  if name == "tau":  # a config with exits keeps them (a trained STEP run fits its rows)
+    exits = config.get("method", "") in EXITS and bool(config.model.get("exit_layers", ()))
+    cts, dcts = ("cts_dtop", "step") if exits else ("cts", "dcts")
+    return [with_method(config, cts)] + [with_method(config, dcts, tau) for tau in taus]
   if name == "exits":
     base, method = ("dcts", "step") if dcts_like else ("segvit", "dtop")
     return [with_method(config, base)] + [with_method(config, method, exits=p)
@@ -243,7 +248,7 @@ def write(rows, out, name, header):
            "mIoU only where a trained workdir fits the row; agreement = pixels predicted as "
            "without token sharing or halting (same weights).", ""]
   if name == "tau":  # table 1 layout: one column per threshold set
-    heads = ["CTS" if r["method"] == "cts" else f"τ-{r['tau']}" for r in rows]
+    heads = ["CTS" if r["method"] in ("cts", "cts_dtop") else f"τ-{r['tau']}" for r in rows]
     lines += ["| metric | " + " | ".join(heads) + " |", "|---|" + "---|" * len(rows)]
     for key, title, spec in (("miou", "mIoU", ".3f"), ("agreement", "agreement", ".3f"),
                              ("tokens", "tokens", ".1f"), ("gflops_useful", "GFLOPs", ".3f"),

@@ -81,6 +81,7 @@ def test_exit_analysis_counts_match_the_model(images, prepared, tmp_path):
   assert [int(r["halted_aux1"]) for r in per_image] == counts["halted"][:, 0].tolist()
   # rows: image, superpatches, 2 exits, prediction; columns: 2 images (+2 px separators).
   assert Image.open(tmp_path / "halted_maps.png").size == (2 * 66, 5 * 66)
+  assert exit_analysis.shrink(panel, (64, 64), 32).shape == (165, 66, 3)
 
 
 def test_profile_pieces_sum_to_model_flops(images, prepared, tmp_path):
@@ -126,6 +127,9 @@ def test_sweep_rows_and_labels():
       "SegViT", "+CTS K=2", "+DToP@[1,2]", "+CTS&DToP@[1,2] K=2", "+dCTS τ-6899",
       "+STEP@[1,2] τ-6899", "+STEP@[1,2] τ-4999", "+STEP@[2] τ-6899", "+STEP@[2] τ-4999"]
   assert [sweep.label(c) for c in sweep.sweep_configs(cfg, "tau", taus, [], (), [], taus)] == [
+      "+CTS&DToP@[1,2] K=2", "+STEP@[1,2] τ-6899", "+STEP@[1,2] τ-4999"]
+  dcts = sweep.with_method(cfg, "dcts")
+  assert [sweep.label(c) for c in sweep.sweep_configs(dcts, "tau", taus, [], (), [], taus)] == [
       "+CTS K=2", "+dCTS τ-6899", "+dCTS τ-4999"]
   assert sweep.placements_for(12)[:3] == [(3,), (4,), (5,)] and (6, 8) in sweep.placements_for(12)
   assert sweep.pareto_front([1, 2, 3, 2, 1], [0.5, 0.7, 0.6, 0.7, 0.4]) == [0, 1]
