@@ -361,6 +361,7 @@ def train_and_evaluate(config, workdir):
   """Trains to `config.optim.total_steps`, resuming if possible; returns (state, metrics)."""
   ######## Setup: distributed runtime, workdir, writers. ########
   sharding.initialize_distributed(config)
+  model = create_model(config)  # validates the config before anything is written
   workdir = os.path.abspath(workdir)
   os.makedirs(workdir, exist_ok=True)
   is_chief = jax.process_index() == 0
@@ -374,7 +375,6 @@ def train_and_evaluate(config, workdir):
 
   ######## Mesh, model, optimizer, shardings. ########
   mesh = sharding.make_mesh(config)
-  model = create_model(config)
   tx = optim.make_optimizer(config.optim)
   abstract, state_sh = abstract_train_state(config, model, mesh, tx)
   say(f"mesh {dict(mesh.shape)} over {mesh.size} {jax.devices()[0].platform} device(s), "
@@ -460,6 +460,7 @@ def train_and_evaluate(config, workdir):
       h(step)
     if step % log_every == 0 or step == total:
       m = _mean_metrics(history)
+      m["bad_records"] = int(getattr(train_iter, "bad_records", 0))  # skipped so far
       history = []
       now = time.time()
       rate = (step - step_last) / max(now - t_last, 1e-9)
@@ -468,7 +469,8 @@ def train_and_evaluate(config, workdir):
       say(f"step {step}/{total} loss {m['loss']:.4f} (ce {m['loss_ce']:.3f} focal "
           f"{m['loss_focal']:.4f} dice {m['loss_dice']:.3f}) grad {m['grad_norm']:.2f} "
           f"lr {m['lr']:.2e} {rate:.2f} steps/s ETA {(total - step) / max(rate, 1e-9):.0f} s"
-          + (f" skipped {m['skipped_steps']}" if m["skipped_steps"] else ""))
+          + (f" skipped {m['skipped_steps']}" if m["skipped_steps"] else "")
+          + (f" bad records {m['bad_records']}" if m["bad_records"] else ""))
       report = check_guard(state, policy)
       if report and m["nonfinite"]:
         logging.warning(report)
@@ -490,6 +492,7 @@ def train_and_evaluate(config, workdir):
   ev = run_eval(state, total)
   ev.update(step=total, train_time_s=train_time, resumed_from=start,
             skipped_steps=int(jax.device_get(state["guard"]["skipped"])),
+            bad_records=int(getattr(train_iter, "bad_records", 0)),
             **benchmark.eval_gflops(config, model,
                                     dict(state["model_state"], params=state["params"])))
   if is_chief:

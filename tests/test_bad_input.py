@@ -23,6 +23,7 @@ from step_jax import checkpoint as ckpt_lib
 from step_jax import optim
 from step_jax import sharding
 from step_jax import train
+from step_jax import writers
 from step_jax.data import get_source
 from step_jax.data import pipeline
 from step_jax.data import sources
@@ -240,6 +241,17 @@ def test_bad_record_stops_training_and_keeps_the_last_checkpoint(tmp_path, monke
   abstract, sh = train.abstract_train_state(cfg, model, sharding.make_mesh(cfg))
   state, _, step = ck.restore(sharding.with_shardings(abstract, sh))
   assert step == 2 and int(state["step"]) == 2
+
+
+def test_skipped_records_reach_training_metrics(tmp_path, monkeypatch):
+  cfg = _tiny(bad_records="skip")
+  cfg.checkpoint_every = 0
+  monkeypatch.setattr(pipeline, "get_source", lambda *a: _Examples(
+      16, {3: BadRecordError("x"), 5: OSError("y")}))
+  _, ev = train.train_and_evaluate(cfg, str(tmp_path))
+  assert ev["bad_records"] == 2
+  lines = [l for l in writers.read_jsonl(tmp_path / "metrics.jsonl") if "loss" in l]
+  assert [l["bad_records"] for l in lines] == [0, 2]   # batches 1-2 then 3-4 of 4 examples
 
 
 ################################################################################
