@@ -95,22 +95,12 @@ def calibrate_exits(model, variables, images, share=0.4, *, labels=None):
   """The model with exit thresholds under which `share` of the still-active tokens are
   halting candidates at each exit, on `images` [B, H, W, 3].
 
-  For untrained exit heads (demos, benchmarks; the paper halts ~40 %); as
-  `benchmark.calibrate_exits`, but it also takes the labels of the 'oracle' merge.
+  For untrained exit heads (demos, benchmarks; the paper halts ~40 %); see
+  `benchmark.calibrate_exits` (`labels`: the oracle merge's).
   """
-  from step_jax.models import early_exit  # pylint: disable=g-import-not-at-top
-  kw = {} if labels is None else dict(labels=jnp.asarray(labels))
-  taus = []
-  for s in range(len(model.exit_layers)):
-    trial = model.clone(exit_threshold=tuple(taus) + (1.0,) * (len(model.exit_layers) - s))
-    out, info = jax.jit(lambda v, x, trial=trial: trial.apply(v, x, **kw))(
-        variables, jnp.asarray(images, jnp.float32))
-    aux = out["aux"][s]
-    conf, _ = early_exit.token_confidence(
-        aux["pred_logits"], aux["pred_masks"].reshape(aux["pred_masks"].shape[:2] + (-1,)))
-    alive = np.asarray(info["halt_stage"]).reshape(conf.shape) >= s  # cells active at exit s
-    taus.append(float(np.quantile(np.asarray(conf)[alive], 1 - share)))
-  return model.clone(exit_threshold=tuple(taus))
+  from step_jax import benchmark  # pylint: disable=g-import-not-at-top
+  return model.clone(exit_threshold=benchmark.calibrate_exits(model, variables, images, share,
+                                                              labels=labels))
 
 
 def inference_fn(model):

@@ -67,13 +67,16 @@ def load_images(config, folder, n):
   return np.stack([np.asarray(im.resize((w, h), Image.BILINEAR)) for im in ims])
 
 
-def calibrate_exits(model, variables, images, share):
+def calibrate_exits(model, variables, images, share, *, labels=None):
   """Per-exit thresholds such that `share` of the active tokens are halting candidates at
-  each exit (the top-k-per-class rule then keeps a few of them: <= k·C tokens)."""
+  each exit (the top-k-per-class rule then keeps a few of them: <= k·C tokens); `labels`
+  only for the oracle merge."""
+  kw = {} if labels is None else dict(labels=jnp.asarray(labels))
   taus = []
   for s in range(len(model.exit_layers)):
     trial = model.clone(exit_threshold=tuple(taus) + (1.0,) * (len(model.exit_layers) - s))
-    out, info = jax.jit(trial.apply)(variables, images)
+    out, info = jax.jit(lambda v, x, trial=trial: trial.apply(v, x, **kw))(
+        variables, jnp.asarray(images, jnp.float32))
     aux = out["aux"][s]
     conf, _ = early_exit.token_confidence(
         aux["pred_logits"], aux["pred_masks"].reshape(aux["pred_masks"].shape[:2] + (-1,)))
@@ -207,6 +210,8 @@ def run():
   flags.DEFINE_float("exit_share", -1.0, "Calibrate exit thresholds to halt this "
                      "share of active tokens per exit (random exit heads).")
   flags.mark_flags_as_required(["config"])
+  from step_jax import cli  # pylint: disable=g-import-not-at-top
+  cli.list_flags_in_help(__name__)
   app.run(main)
 
 

@@ -257,11 +257,10 @@ def _params_from_state_dict(sd, model_cfg):
   """timm/mmseg ViT (+ optional SegViT head under decode_head.) → our params subtree."""
   if any("/" in k for k in sd):  # an npz of our own flattened names
     return _unflatten(sd)
-  out = {"backbone": convert.timm_vit_to_params(
-      sd, posemb_grid=tuple(model_cfg.posemb_grid) if model_cfg.get("posemb_grid") else None)}
-  if any(k.startswith("decode_head.") for k in sd):
-    out["head"] = convert.segvit_head_to_params(sd)
-  return out
+  grid = tuple(model_cfg.posemb_grid) if model_cfg.get("posemb_grid") else None
+  if any(k.startswith("backbone.") for k in sd):  # a whole mmseg SegViT/DToP segmentor
+    return convert.segmentor_to_params(sd, posemb_grid=grid)
+  return {"backbone": convert.timm_vit_to_params(sd, posemb_grid=grid)}
 
 
 def load_pretrained(path: str, model_cfg) -> dict:

@@ -393,6 +393,8 @@ def run():
   flags.DEFINE_string("workdir", None, "Training workdir holding checkpoints/.")
   flags.DEFINE_integer("step", None, "Checkpoint step (default: the latest).")
   flags.mark_flags_as_required(["workdir"])
+  from step_jax import cli  # pylint: disable=g-import-not-at-top
+  cli.list_flags_in_help(__name__)
   app.run(_main)
 
 

@@ -29,7 +29,6 @@ depend on the grid); export another size with --image_size.
 """
 import json
 import os
-import sys
 
 from absl import app
 from absl import flags
@@ -39,6 +38,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from step_jax import api
+from step_jax import cli
 
 FORMATS = ("jax", "msgpack", "safetensors", "tf")
 
@@ -194,13 +194,7 @@ def run():
                       "data.image_size).")
   flags.DEFINE_integer("batch", 0, "Fixed batch size; 0 = symbolic (any batch).")
   flags.mark_flags_as_required(["workdir", "out"])
-  # absl's --help lists the flags of sys.argv[0]'s module; for the `step-export` console
-  # script that is the wrapper script, so list ours under it too.
-  listed = {f.name for f in flags.FLAGS.get_flags_for_module(sys.argv[0])}
-  for name in ("config", "workdir", "out", "step", "formats", "platforms", "image_size",
-               "batch"):
-    if name not in listed:
-      flags.FLAGS.register_flag_by_module(sys.argv[0], flags.FLAGS[name])
+  cli.list_flags_in_help(__name__)
   app.run(main)
 
 

@@ -327,6 +327,8 @@ def run():
   flags.DEFINE_integer("num_images", 16, "Images to average over (token-dependent configs).")
   flags.DEFINE_float("exit_share", -1.0, "Without trained exit heads: calibrate the exit "
                      "thresholds to halt this share of active tokens.")
+  from step_jax import cli  # pylint: disable=g-import-not-at-top
+  cli.list_flags_in_help(__name__)
   app.run(_main)
 
 

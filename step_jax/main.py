@@ -25,6 +25,8 @@ def main(argv):
 
 
 def run():  # console script `step-train`
+  from step_jax import cli  # pylint: disable=g-import-not-at-top
+  cli.list_flags_in_help(__name__)
   app.run(main)
 
 

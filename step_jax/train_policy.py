@@ -235,6 +235,8 @@ def run():
   def main(argv):
     del argv
     train_and_evaluate(config.value, workdir.value)
+  from step_jax import cli  # pylint: disable=g-import-not-at-top
+  cli.list_flags_in_help(__name__)
   app.run(main)
 
 
