@@ -107,14 +107,14 @@ def costs(config, exits, r):
   return float(np.mean(useful)), float(np.mean(executed))
 
 
-def load_labelled(config, n):
-  """n eval-split images and labels resized to the crop (bilinear / nearest)."""
+def load_labelled(config, n, every=1):
+  """n eval-split images (every k-th) and labels resized to the crop (bilinear / nearest)."""
   from step_jax.data import get_source  # pylint: disable=g-import-not-at-top
   h, w = config.data.image_size
   split = config.data.get("split", "") or config.data.eval_split
   src = get_source(config.data, split, config.num_classes, config.ignore_index)
   ims, labs = [], []
-  for i in range(min(n, len(src))):
+  for i in range(0, min(n * every, len(src)), every):
     ims.append(np.asarray(Image.fromarray(src[i]["image"]).resize((w, h), Image.BILINEAR)))
     labs.append(np.asarray(Image.fromarray(np.asarray(src[i]["label"], np.uint8)).resize(
         (w, h), Image.NEAREST)))
@@ -290,12 +290,12 @@ def main(argv):
     from step_jax import train  # pylint: disable=g-import-not-at-top
     variables, weights = train.restore_variables(config, f.workdir), f"trained ({f.workdir})"
     if f.images:
-      images = benchmark.load_images(config, f.images, f.num_images)
+      images = benchmark.load_images(config, f.images, f.num_images * f.every)[::f.every]
     else:
-      images, labels = load_labelled(config, f.num_images)
+      images, labels = load_labelled(config, f.num_images, f.every)
     placements = [tuple(config.model.exit_layers)]  # trained heads sit where they were trained
   else:
-    images = benchmark.load_images(config, f.images, f.num_images)
+    images = benchmark.load_images(config, f.images, f.num_images * f.every)[::f.every]
     deepest = max(placements or [tuple(config.model.get("exit_layers", ()))], key=len)
     cfg = point_config(config, dict(tau=config.model.thresholds, exits=deepest,
                                     exit_threshold=[1.0] * len(deepest)))
@@ -323,6 +323,7 @@ if __name__ == "__main__":
   flags.DEFINE_string("images", "", "Folder of images (no labels: agreement); default: the "
                       "config's eval split.")
   flags.DEFINE_integer("num_images", 8, "Validation images.")
+  flags.DEFINE_integer("every", 1, "Take every k-th image (video datasets: varied scenes).")
   flags.DEFINE_string("tau_values", "0.4,0.6,0.8,0.9", "Candidate dCTS thresholds.")
   flags.DEFINE_string("exit_taus", "0.8,0.9,0.95", "Candidate exit thresholds (trained heads).")
   flags.DEFINE_string("exit_shares", "0.2,0.4,0.6", "Random heads: candidate halted shares.")

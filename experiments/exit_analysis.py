@@ -192,7 +192,7 @@ def write(rows, counts, out, header, maps_png=None):
 def main(argv):
   del argv
   f = flags.FLAGS
-  images = benchmark.load_images(f.config, f.images, f.num_images)
+  images = benchmark.load_images(f.config, f.images, f.num_images * f.every)[::f.every]
   config, model, variables, weights = profile_lib.load(f.config, images, f.workdir,
                                                        f.exit_share)
   counts, maps = analyse(model, variables, images)
@@ -211,6 +211,7 @@ if __name__ == "__main__":
   flags.DEFINE_string("workdir", None, "Trained `step_jax.main` run (default: random weights).")
   flags.DEFINE_string("images", "", "Folder of images; default: the config's eval split.")
   flags.DEFINE_integer("num_images", 16, "Images to analyse.")
+  flags.DEFINE_integer("every", 1, "Take every k-th image (video datasets: varied scenes).")
   flags.DEFINE_float("exit_share", 0.4, "Random weights: calibrate exit thresholds to halt "
                      "this share of active tokens per exit.")
   flags.DEFINE_integer("maps", 4, "Images in halted_maps.png (0: none).")
