@@ -221,8 +221,8 @@ def main(argv):
   config = f.config
   variables, weights = None, "random"
   if f.workdir:
-    from step_jax import checkpoint  # pylint: disable=g-import-not-at-top
-    variables, weights = checkpoint.load_variables(config, f.workdir), "trained"
+    from step_jax import train  # pylint: disable=g-import-not-at-top
+    variables, weights = train.restore_variables(config, f.workdir), "trained"
   images = load_images(config, f.images, f.num_images)
   result = measure(config, variables, images, batch=f.batch, dtype=f.dtype, reps=f.reps,
                    warmup=f.warmup, exit_share=f.exit_share, weights=weights)

@@ -321,6 +321,8 @@ def run():
   flags.DEFINE_enum("dtype", "fp32", ["fp32", "bf16"], "Compute dtype.")
   flags.DEFINE_string("out", None, "Output folder.")
   flags.mark_flags_as_required(["config", "out"])
+  from step_jax import cli  # pylint: disable=g-import-not-at-top
+  cli.list_flags_in_help(__name__)
   app.run(_main)
 
 

@@ -85,19 +85,29 @@ def test_oracle_loss_reads_labels():
   assert loss.shape == ()
 
 
-def test_step_end_to_end_policy_frozen_and_pruning_schedule(tmp_path, capsys):
-  """method=step: auto-trains the policy into the workdir, trains 2 steps without pruning and
-  2 with, keeps the policy (params and BatchNorm statistics) exactly, reports GFLOPs from
-  real token counts, and restores as variables."""
+@pytest.mark.parametrize("auto_train", [
+    False, pytest.param(True, marks=pytest.mark.slow)])  # compiling the policy's train step
+def test_step_end_to_end_policy_frozen_and_pruning_schedule(tmp_path, capsys, auto_train):
+  """method=step: the policy from init_from (or trained into the workdir first), 2 steps
+  without pruning and 2 with; the policy (params and BatchNorm statistics) is kept exactly,
+  GFLOPs come from real token counts, and the workdir restores as variables."""
   cfg = _tiny("step")
-  cfg.model.policy.auto_train_steps = 1
   cfg.prune_from_step = 2
+  if auto_train:
+    cfg.model.policy.auto_train_steps = 1
+    policy_dir = str(tmp_path / "run" / "policy")
+  else:  # a saved policy with non-trivial BatchNorm statistics
+    policy_dir = str(tmp_path / "policy")
+    pol = benchmark.random_variables(train.create_model(cfg).policy, (64, 64), seed=3)
+    pol["batch_stats"] = jax.tree.map(lambda x: x + 0.5, pol["batch_stats"])
+    train_policy.save(policy_dir, pol)
+    cfg.model.policy.init_from = policy_dir
   wd = str(tmp_path / "run")
   state, ev = train.train_and_evaluate(cfg, wd)
   out = capsys.readouterr().out
   assert "steps 1..2: exits trained without pruning" in out
-  assert "training the policy net first" in out
-  pol = train_policy.load_variables(os.path.join(wd, "policy"))
+  assert ("training the policy net first" in out) == auto_train
+  pol = train_policy.load_variables(policy_dir)
   for col, got in (("params", state["params"]["policy"]),
                    ("batch_stats", state["model_state"]["batch_stats"]["policy"])):
     jax.tree.map(np.testing.assert_array_equal, jax.device_get(got), pol[col])
