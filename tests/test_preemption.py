@@ -95,7 +95,7 @@ def _steps(workdir):
     ck.close()
 
 
-@pytest.mark.parametrize("kills", [1, pytest.param(4, marks=pytest.mark.slow)])
+@pytest.mark.parametrize("kills", [3, pytest.param(6, marks=pytest.mark.slow)])
 def test_random_sigkills_resume_bit_identical(tmp_path, kills):
   seed = int(os.environ.get("STEP_JAX_KILL_SEED", random.randrange(1 << 30)))
   rng = random.Random(seed)
