@@ -33,6 +33,7 @@ from PIL import Image, ImageDraw
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from step_jax import benchmark  # noqa: E402
 from step_jax import profile as profile_lib  # noqa: E402
+from step_jax import visualize  # noqa: E402
 from step_jax.models import segmenter  # noqa: E402
 
 
@@ -100,13 +101,6 @@ def summary(counts, exit_layers):
   return rows
 
 
-def palette(n):
-  """n distinct colours (class k → hue k/n)."""
-  import colorsys  # pylint: disable=g-import-not-at-top
-  return (np.array([colorsys.hsv_to_rgb(k / max(n, 1), 0.65, 0.95) for k in range(n)])
-          * 255).astype(np.uint8)
-
-
 def outline(im, level, patch, colour=(255, 255, 255)):
   """Draws superpatch (level > 1) outlines on a PIL image."""
   draw = ImageDraw.Draw(im)
@@ -133,7 +127,7 @@ def halted_maps(images, maps, num_exits, patch, num_classes, n=4):
       x[stage < s] = 110                  # halted earlier: grey
       x[stage == s] = 0                   # halted at this exit: black
       col.append(np.asarray(outline(Image.fromarray(x), level, patch)))
-    col.append(palette(num_classes)[maps["pred"][b]])
+    col.append(visualize.palette(num_classes)[maps["pred"][b]])
     cols.append(np.concatenate([np.pad(c, ((0, 2), (0, 2), (0, 0)), constant_values=255)
                                 for c in col]))
   return np.concatenate(cols, axis=1)

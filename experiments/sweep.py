@@ -34,22 +34,15 @@ from ml_collections import config_flags
 import numpy as np
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+from configs.step import parse_tau  # noqa: E402  (tests call sweep.parse_tau)
 from step_jax import benchmark  # noqa: E402
+from step_jax import profile as profile_lib  # noqa: E402
 from step_jax.models import segmenter  # noqa: E402
 from step_jax.models import vit as vit_lib  # noqa: E402
 
 PAPER_TAUS = ("6999", "6899", "4999", "4899", "4799", "4699", "4599", "4499")  # table 1
 MERGE = {"cts": "cts", "cts_dtop": "cts", "dcts": "dcts", "step": "dcts"}
 EXITS = ("dtop", "cts_dtop", "step")
-
-
-def parse_tau(tau):
-  """'6899' → (.6, .8, .9, .9); '0.65-0.8-0.9-0.9' → floats (as configs/step.py)."""
-  vals = (tuple(int(d) / 10 for d in tau) if tau.isdigit() and len(tau) == 4
-          else tuple(float(t) for t in tau.split("-")))
-  if len(vals) != 4 or not all(0 <= v <= 1 for v in vals):
-    raise ValueError(f"tau={tau!r}: give 4 digits ('6899') or 4 '-'-separated values in [0, 1]")
-  return vals
 
 
 def tau_name(tau):
@@ -228,16 +221,13 @@ def pareto_front(cost, quality):
                         & ((cost < cost[i]) | (quality > quality[i]) | (earlier < i)))]
 
 
-def _fmt(v, spec):
-  return "–" if v is None else format(v, spec)
-
-
 COLUMNS = ("label", "method", "tau", "exits", "tokens", "halted_share", "gflops_useful",
            "gflops_executed", "ms_per_image_median", "fps", "miou", "agreement", "weights")
 
 
 def write(rows, out, name, header):
   """sweep_<name>.md/.csv and pareto_<name>.png; returns the Markdown."""
+  cell = profile_lib.fmt_cell
   os.makedirs(out, exist_ok=True)
   with open(os.path.join(out, f"sweep_{name}.csv"), "w", newline="") as f:
     wr = csv.writer(f)
@@ -254,13 +244,13 @@ def write(rows, out, name, header):
                              ("tokens", "tokens", ".1f"), ("gflops_useful", "GFLOPs", ".3f"),
                              ("gflops_executed", "GFLOPs executed", ".3f"),
                              ("fps", "FPS", ".1f")):
-      lines.append(f"| {title} | " + " | ".join(_fmt(r.get(key), spec) for r in rows) + " |")
+      lines.append(f"| {title} | " + " | ".join(cell(r.get(key), spec) for r in rows) + " |")
   else:
     lines += ["| method | exits | mIoU | agreement | GFLOPs | GFLOPs executed | FPS | ms/image "
               "| tokens | halted | weights |", "|---|---|---|---|---|---|---|---|---|---|---|"]
     for r in rows:
-      lines.append(f"| {r['label']} | {r['exits'] or '–'} | {_fmt(r['miou'], '.3f')} | "
-                   f"{_fmt(r['agreement'], '.3f')} | {r['gflops_useful']:.3f} | "
+      lines.append(f"| {r['label']} | {r['exits'] or '–'} | {cell(r['miou'], '.3f')} | "
+                   f"{cell(r['agreement'], '.3f')} | {r['gflops_useful']:.3f} | "
                    f"{r['gflops_executed']:.3f} | {r['fps']:.1f} | "
                    f"{r['ms_per_image_median']:.1f} | {r['tokens']:.1f} | "
                    f"{100 * r['halted_share']:.1f} % | {r['weights']} |")
@@ -272,12 +262,8 @@ def write(rows, out, name, header):
 
 def plot(rows, path, title):
   """Quality vs GFLOPs and FPS vs GFLOPs with each Pareto front joined."""
-  try:
-    import matplotlib  # pylint: disable=g-import-not-at-top
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt  # pylint: disable=g-import-not-at-top
-  except ImportError:
-    print(f"matplotlib is not installed: {path} not written (pip install -r requirements-dev.txt)")
+  plt = profile_lib.pyplot_or_none(path)
+  if plt is None:
     return
   use_miou = all(r["miou"] is not None for r in rows)
   qkey = "miou" if use_miou else "agreement"

@@ -222,7 +222,8 @@ def profile(config, model, variables, images, *, batch=1, reps=5, warmup=2, plan
   return table
 
 
-def _fmt(v, spec):
+def fmt_cell(v, spec):
+  """A Markdown table cell: '–' for missing (None/NaN) values."""
   if v is None or (isinstance(v, float) and np.isnan(v)):
     return "–"
   return format(v, spec)
@@ -247,9 +248,9 @@ def write(table, out, header):
            "| piece | layer | tokens | capacity | GFLOPs | GFLOPs executed | XLA GFLOPs "
            "| ms | % of full |", "|---|---|---|---|---|---|---|---|---|"]
   for r in table:
-    lines.append(f"| {r['name']} | {r['layer']} | {_fmt(r['tokens'], '.1f')} | "
-                 f"{_fmt(r['capacity'], '.0f')} | {r['gflops']:.4f} | "
-                 f"{r['gflops_executed']:.4f} | {_fmt(r['xla_gflops'], '.4f')} | "
+    lines.append(f"| {r['name']} | {r['layer']} | {fmt_cell(r['tokens'], '.1f')} | "
+                 f"{fmt_cell(r['capacity'], '.0f')} | {r['gflops']:.4f} | "
+                 f"{r['gflops_executed']:.4f} | {fmt_cell(r['xla_gflops'], '.4f')} | "
                  f"{r['ms']:.3f} | {100 * r['ms'] / full:.1f} |")
   with open(os.path.join(out, "profile.md"), "w") as f:
     f.write("\n".join(lines) + "\n")
@@ -257,14 +258,22 @@ def write(table, out, header):
   return "\n".join(lines)
 
 
-def plot(rows, path, title):
-  """Two bar panels per piece, as figures 9-10: GFLOPs (useful, executed) and milliseconds."""
+def pyplot_or_none(path):
+  """matplotlib.pyplot (headless), or None with a message that `path` is not written."""
   try:
     import matplotlib  # pylint: disable=g-import-not-at-top
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt  # pylint: disable=g-import-not-at-top
   except ImportError:
     print(f"matplotlib is not installed: {path} not written (pip install -r requirements-dev.txt)")
+    return None
+  return plt
+
+
+def plot(rows, path, title):
+  """Two bar panels per piece, as figures 9-10: GFLOPs (useful, executed) and milliseconds."""
+  plt = pyplot_or_none(path)
+  if plt is None:
     return
   names = [r["name"] for r in rows]
   x = np.arange(len(rows))
