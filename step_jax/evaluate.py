@@ -36,7 +36,6 @@ import math
 import os
 import time
 
-from absl import logging
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -352,13 +351,7 @@ def evaluate_checkpoint(config, workdir, *, step=None):
   sharding_lib.initialize_distributed(config)
   mesh = sharding_lib.make_mesh(config)
   model = train.create_model(config)
-  abstract, shardings = train.abstract_train_state(config, model, mesh)
-  ckpt = ckpt_lib.Checkpointer(workdir, keep=int(config.get("keep_checkpoints", 3)))
-  if ckpt.latest_step() is None:
-    raise FileNotFoundError(f"no checkpoint under {workdir}/{ckpt_lib.CHECKPOINT_DIR}")
-  state, _, step = ckpt.restore(sharding_lib.with_shardings(abstract, shardings), step=step)
-  ckpt.close()
-  variables = dict(state.get("model_state", {}), params=state["params"])
+  variables, step = train.restore_checkpoint(config, workdir, step, model=model, mesh=mesh)
   out = evaluate(config, variables, model=model, mesh=mesh)
   out.update(step=int(step), gflops_image_size=list(config.data.image_size),
              **benchmark.eval_gflops(config, model, variables))

@@ -237,9 +237,25 @@ def policy_variables(config, model, workdir):
   return jax.tree.map(jnp.asarray, {k: loaded[k] for k in ("params", "batch_stats")})
 
 
+def restore_checkpoint(config, workdir, step=None, *, model=None, mesh=None):
+  """(flax variables, step) of the latest (or `step`) checkpoint of a `step_jax.main`
+  workdir, placed on `mesh`: {'params', plus 'batch_stats' with a policy net}."""
+  mesh = mesh or sharding.make_mesh(config)
+  model = model or create_model(config)
+  abstract, shardings = abstract_train_state(config, model, mesh)
+  ckpt = ckpt_lib.Checkpointer(workdir, keep=int(config.get("keep_checkpoints", 3)))
+  try:
+    if ckpt.latest_step() is None:
+      raise FileNotFoundError(f"no checkpoint under {workdir}/{ckpt_lib.CHECKPOINT_DIR}")
+    state, _, step = ckpt.restore(sharding.with_shardings(abstract, shardings), step=step)
+  finally:
+    ckpt.close()
+  return dict(state.get("model_state", {}), params=state["params"]), step
+
+
 def restore_variables(config, workdir, step=None):
-  """Flax variables ({'params', plus 'batch_stats' with a policy net}) of the latest (or
-  `step`) checkpoint of a `step_jax.main` workdir; config None reads <workdir>/config.json."""
+  """Flax variables of a workdir's checkpoint (see restore_checkpoint); config None reads
+  <workdir>/config.json."""
   import ml_collections  # pylint: disable=g-import-not-at-top
   if config is None:
     path = os.path.join(workdir, "config.json")
@@ -247,17 +263,7 @@ def restore_variables(config, workdir, step=None):
       raise FileNotFoundError(f"no config.json in {workdir}: not a step_jax.main workdir")
     with open(path) as f:
       config = ml_collections.ConfigDict(json.load(f))
-  mesh = sharding.make_mesh(config)
-  model = create_model(config)
-  abstract, shardings = abstract_train_state(config, model, mesh)
-  ckpt = ckpt_lib.Checkpointer(workdir, keep=int(config.get("keep_checkpoints", 3)))
-  try:
-    if ckpt.latest_step() is None:
-      raise FileNotFoundError(f"no checkpoint under {workdir}/{ckpt_lib.CHECKPOINT_DIR}")
-    state, _, _ = ckpt.restore(sharding.with_shardings(abstract, shardings), step=step)
-  finally:
-    ckpt.close()
-  return dict(state.get("model_state", {}), params=state["params"])
+  return restore_checkpoint(config, workdir, step)[0]
 
 
 def nonfinite_report(guard, params=None) -> str:
