@@ -67,9 +67,9 @@ def get_config(arg=None):
   config.model.drop_path = 0.0 if cpu else 0.1
   use_exits = step_config.set_method(config.model, arg.method, variant, tau=arg.tau,
                                      exits=arg.exits, exit_tau=arg.exit_tau)
-  grid = (crop[0] // 16, crop[1] // 16)
-  # CTS shares 103 of the 256 2x2 windows of a 512² crop: the same fraction here.
-  config.model.cts_shared = int(0.4 * (grid[0] // 2) * (grid[1] // 2))
+  # CTS shares 103 of the 256 2x2 windows of a 512² crop: the same share at any size here
+  # (14 windows of a 176x240 crop, 17 of a 192x240 test image).
+  config.model.cts_shared = 0.4
   # The policy net is trained here first, on the same crops (cpu: frozen ImageNet backbone).
   config.model.policy.update(auto_train_steps=150 if cpu else 20_000, train_backbone=not cpu,
                              lr=1e-3 if cpu else 5e-5)

@@ -55,7 +55,7 @@ def set_method(m, method, variant, *, tau="6899", exits="", exit_tau=0.9):
   m.merge = {"cts": "cts", "cts_dtop": "cts", "dcts": "dcts", "step": "dcts",
              "oracle": "oracle"}.get(method, "none")
   m.thresholds = parse_tau(tau)
-  m.cts_shared = 103                       # CTS/STEP: 103 shared 2x2 windows at any size
+  m.cts_shared = 103.0  # CTS: 103 shared 2x2 windows at any size (a value < 1: a share)
   m.superpatch_resize = "area"
   m.buckets = (0.25, 0.375, 0.5, 0.625, 0.75, 0.875, 1.0)
   # The policy net is trained first (python -m step_jax.train_policy) and frozen here:

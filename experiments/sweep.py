@@ -12,7 +12,9 @@ ms/image and FPS on this device, and the share of tokens halted before the final
 
 Quality: mIoU (`evaluate.evaluate` on the eval split, `--eval_images` of it) for rows whose
 model has exactly the parameter shapes of one of the trained `--workdir`s (pass several: each
-row takes the first that fits; the table names it); otherwise "–". Every row also gets the
+row takes the first that fits, preferring a run trained with the row's own method; the table
+names it); otherwise "–". mIoU uses the eval settings of `--config` (CamVid cpu: whole
+images at 180x240) whatever `--config.data.image_size` the timing uses. Every row also gets the
 *agreement*: the share of pixels whose predicted class equals that of the same weights run
 without token sharing and without halting (a quality proxy, meaningful without labels; with
 random weights it measures only how much the pruning perturbs the output). Random weights:
@@ -83,7 +85,8 @@ def label(config):
   if m.merge == "dcts":
     name += f" τ-{tau_name(m.thresholds)}"
   if m.merge == "cts":
-    name += f" K={m.cts_shared}"
+    k = m.cts_shared
+    name += f" K={k:.0%}" if 0 < k < 1 else f" K={k:g}"   # a share of the 2x2 windows, or K
   return name
 
 
@@ -92,22 +95,26 @@ def shapes(tree):
 
 
 def load_trained(workdirs):
-  """[(workdir, variables)] of trained `step_jax.main` runs (their own config.json)."""
+  """[(workdir, variables, method)] of trained `step_jax.main` runs (their own config.json)."""
   from step_jax import train  # pylint: disable=g-import-not-at-top  (heavy imports)
-  return [(w, train.restore_variables(None, w)) for w in workdirs]
+  out = []
+  for w in workdirs:
+    with open(os.path.join(w, "config.json")) as f:
+      method = json.load(f).get("method", "")
+    out.append((w, train.restore_variables(None, w), method))
+  return out
 
 
 def pick_trained(config, trained):
-  """The first (workdir, variables) whose parameter shapes are those of config's model."""
-  if not trained:
-    return None, None
+  """(workdir, variables) of the run whose parameter shapes are those of config's model:
+  the first trained with config's method, else the first that fits (CTS and dCTS runs, or
+  CTS&DToP and STEP runs, have the same shapes: a row prefers its own method's weights)."""
   hw = tuple(config.data.image_size)
   model = segmenter.build(config.model, config.num_classes, hw, config.ignore_index)
   want = shapes(jax.eval_shape(model.init, jax.random.key(0), jnp.zeros((1, *hw, 3))))
-  for workdir, variables in trained:
-    if shapes(variables) == want:
-      return workdir, variables
-  return None, None
+  fits = [t for t in trained if shapes(t[1]) == want]
+  fits.sort(key=lambda t: t[2] != config.get("method", ""))  # stable: own method first
+  return fits[0][:2] if fits else (None, None)
 
 
 def reference(model):

@@ -42,6 +42,7 @@ from step_jax import sharding
 from step_jax import writers
 from step_jax.data import get_source
 from step_jax.data import pipeline
+from step_jax.models import policy as policy_lib
 from step_jax.models import segmenter
 from step_jax.writers import periodic_actions
 
@@ -239,7 +240,8 @@ def policy_variables(config, model, workdir):
 
 def restore_checkpoint(config, workdir, step=None, *, model=None, mesh=None):
   """(flax variables, step) of the latest (or `step`) checkpoint of a `step_jax.main`
-  workdir, placed on `mesh`: {'params', plus 'batch_stats' with a policy net}."""
+  workdir, placed on `mesh`: {'params', plus 'batch_stats' with a policy net}. A policy net
+  gets heads for window sizes its training crops were too small for (they never merge)."""
   mesh = mesh or sharding.make_mesh(config)
   model = model or create_model(config)
   abstract, shardings = abstract_train_state(config, model, mesh)
@@ -250,7 +252,10 @@ def restore_checkpoint(config, workdir, step=None, *, model=None, mesh=None):
     state, _, step = ckpt.restore(sharding.with_shardings(abstract, shardings), step=step)
   finally:
     ckpt.close()
-  return dict(state.get("model_state", {}), params=state["params"]), step
+  params = state["params"]
+  if "policy" in params:  # runnable on images larger than the training crops
+    params = dict(params, policy=policy_lib.add_unseen_sizes(params["policy"]))
+  return dict(state.get("model_state", {}), params=params), step
 
 
 def restore_variables(config, workdir, step=None):

@@ -5,6 +5,7 @@ import os
 import sys
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 from PIL import Image
 import pytest
@@ -176,15 +177,32 @@ def test_calibrate_choice_is_within_budget_and_on_the_front(images, prepared):
   assert none is None
 
 
+def test_pick_trained_prefers_the_rows_own_method():
+  """CTS and dCTS weights (policy included) have the same shapes: each row takes its own
+  method's run, else the first run that fits."""
+  cfg = _cfg("dcts")
+  abstract = lambda c: jax.eval_shape(
+      segmenter.build(c.model, c.num_classes, (64, 64), c.ignore_index).init,
+      jax.random.key(0), jnp.zeros((1, 64, 64, 3)))
+  fake = abstract(cfg)
+  trained = [("cts_run", fake, "cts"), ("dcts_run", fake, "dcts"),
+             ("segvit_run", abstract(sweep.with_method(cfg, "segvit")), "segvit")]
+  assert sweep.pick_trained(cfg, trained)[0] == "dcts_run"
+  assert sweep.pick_trained(sweep.with_method(cfg, "cts"), trained)[0] == "cts_run"
+  assert sweep.pick_trained(sweep.with_method(cfg, "segvit"), trained)[0] == "segvit_run"
+  assert sweep.pick_trained(sweep.with_method(cfg, "step", exits=(2,)), trained)[0] is None
+  assert sweep.pick_trained(cfg, trained[:1])[0] == "cts_run"   # fallback: first that fits
+
+
 @pytest.mark.slow
 def test_sweep_miou_with_a_fitting_workdir_and_calibrate_ms(images, tmp_path):
   cfg = _cfg("dtop", exits="2")
   cfg.data.num_eval = 2
   _, _, variables, _ = benchmark.prepare(cfg, images=images)
-  r = sweep.measure_row(cfg, images, trained=[("fake_run", variables)], reps=1, warmup=0)
+  r = sweep.measure_row(cfg, images, trained=[("fake_run", variables, "dtop")], reps=1, warmup=0)
   assert r["weights"] == "trained (fake_run)" and 0 <= r["miou"] <= 1
   seg = sweep.measure_row(sweep.with_method(cfg, "segvit"), images,
-                          trained=[("fake_run", variables)], reps=1, warmup=0)
+                          trained=[("fake_run", variables, "dtop")], reps=1, warmup=0)
   assert seg["miou"] is None    # DToP weights do not fit SegViT's head
   with pytest.raises(ValueError, match="exit_heads_1"):
     calibrate.search(cfg, variables, images, placements=[(1, 2)], exit_shares=(0.5,))

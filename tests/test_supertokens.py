@@ -1,4 +1,5 @@
 """dCTS/CTS invariants: partitions, exactness at τ = 1, padding, un-sharing, buckets, jit."""
+from configs import common
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
@@ -242,3 +243,22 @@ def test_policy_frozen_and_fewer_tokens_with_lower_thresholds():
   assert np.all(np.asarray(info["num_tokens"]) == 48 // 4)
   g = jax.jit(jax.grad(lambda p: jnp.sum(model.apply(p, images)[0]["pred_masks"])))(params)
   assert float(g["params"]["policy"]["bias"]) == 0.0
+
+
+def test_cts_share_scales_k_with_the_grid():
+  """cts_shared in (0, 1) is a share of the 2x2 windows: K follows the image size."""
+  for h, w in ((128, 96), (256, 192)):
+    images = _images(1, h, w)
+    windows = (h // 32) * (w // 32)
+    model = make_model("cts", cts_shared=0.4, policy=ConstPolicy(0.0))
+    params = model.init(jax.random.key(0), images)
+    _, info = jax.jit(model.apply)(params, images)
+    k = round(0.4 * windows)
+    assert int(info["num_tokens"][0]) == (h // 16) * (w // 16) - 3 * k
+    level = np.asarray(info["level"][0])
+    assert np.sum(level == 2) == 4 * k  # K windows of 2x2 cells, the rest single patches
+  cfg = common.model_config("Mu/16", 64)
+  cfg.update(merge="cts", cts_shared=2.5,
+             policy=common.ml_collections.ConfigDict(dict(source="pypi", hidden=8)))
+  with pytest.raises(ValueError, match="cts_shared=2.5"):
+    segmenter.build(cfg, 4, (64, 64))

@@ -119,8 +119,13 @@ def test_step_end_to_end_policy_frozen_and_pruning_schedule(tmp_path, capsys, au
     assert json.load(f)["gflops"] == pytest.approx(ev["gflops"])
   variables = train.restore_variables(None, wd)
   assert set(variables) == {"params", "batch_stats"}
-  jax.tree.map(np.testing.assert_array_equal, jax.device_get(variables["params"]),
-               jax.device_get(state["params"]))
+  restored, trained = jax.device_get(variables["params"]), jax.device_get(state["params"])
+  # 64x64 crops have no 8x8/16x16 windows: restoring adds never-merging heads for them.
+  added = set(restored["policy"]) - set(trained["policy"])
+  assert added == {"hidden_8", "logit_8", "hidden_16", "logit_16"}
+  restored = dict(restored, policy={k: v for k, v in restored["policy"].items()
+                                    if k not in added})
+  jax.tree.map(np.testing.assert_array_equal, restored, trained)
 
 
 def test_camvid_configs_build_every_method():
@@ -130,5 +135,5 @@ def test_camvid_configs_build_every_method():
     assert (model.policy is not None) == (method in ("cts", "dcts", "cts_dtop", "step"))
     assert bool(model.exit_layers) == (method in ("dtop", "cts_dtop", "step"))
     assert cfg.prune_from_step == (1500 if model.exit_layers else 0)
-    if model.merge == "cts":  # K shares fit in the 11x15 grid's 5x7 complete 2x2 windows
-      assert 0 < cfg.model.cts_shared <= 35
+    if model.merge == "cts":  # 40 % of the 11x15 grid's 5x7 complete 2x2 windows
+      assert model.num_shared((11, 15)) == 14

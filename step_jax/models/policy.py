@@ -59,6 +59,29 @@ class PolicyNet(nn.Module):
     return out
 
 
+NEVER_LOGIT = -30.0  # σ(-30) ≈ 1e-13: below any threshold
+
+
+def add_unseen_sizes(params, sizes=(2, 4, 8, 16)):
+  """PolicyNet params with a head for every window size in `sizes`.
+
+  Flax creates hidden_k/logit_k only when a k x k window fits the image, so a policy trained
+  on small crops (CamVid cpu: 176x240, no 16x16 window) cannot run on larger images. The heads
+  added here score every window NEVER_LOGIT: those windows never merge, as in training.
+  """
+  have = [k for k in sizes if f"logit_{k}" in params]
+  if not have or len(have) == len(sizes):
+    return params
+  hidden, logit = params[f"hidden_{have[0]}"], params[f"logit_{have[0]}"]
+  out = dict(params)
+  for k in sizes:
+    if k not in have:
+      out[f"hidden_{k}"] = jax.tree.map(jnp.zeros_like, dict(hidden))
+      out[f"logit_{k}"] = dict(kernel=jnp.zeros_like(logit["kernel"]),
+                               bias=jnp.full_like(logit["bias"], NEVER_LOGIT))
+  return out
+
+
 def policy_loss(logits, targets, ignore=255):
   """Mean binary cross-entropy per window size (targets 0/1, `ignore` skipped), summed."""
   total, metrics = 0.0, {}

@@ -34,7 +34,8 @@ class Segmenter(nn.Module):
     merge: token sharing: 'none' (plain ViT), 'dcts' (policy scores vs per-size
       thresholds), 'cts' (top-K 2x2 windows), 'oracle' (windows pure in the labels).
     thresholds: τ for window sizes (2, 4, 8, 16) patches (dCTS, e.g. τ-6899 = .6 .8 .9 .9).
-    cts_shared: K, the number of shared 2x2 windows in CTS mode (103 at 512²).
+    cts_shared: K, the number of shared 2x2 windows in CTS mode (103 at 512²); a value in
+      (0, 1) is a share of the grid's 2x2 windows instead (0.4 ≈ 103/256 at any size).
     superpatch_resize: 'area' or 'bilinear' (PyTorch, no antialias), see supertokens.py.
     buckets: token capacities as fractions of the full grid; the smallest that holds the
       batch's largest token count is selected on device (`lax.switch`), so only these shapes
@@ -56,7 +57,7 @@ class Segmenter(nn.Module):
   pixel_std: Sequence[float] = (127.5, 127.5, 127.5)
   merge: str = "none"
   thresholds: Sequence[float] = (0.6, 0.8, 0.9, 0.9)
-  cts_shared: int = 0
+  cts_shared: float = 0
   superpatch_resize: str = "area"
   buckets: Sequence[float] = (1.0,)
   ignore_index: int = 255
@@ -101,17 +102,23 @@ class Segmenter(nn.Module):
     grid = self.grid(images)
     scores = self.merge_scores(images, labels)
     if self.merge == "cts":
-      return supertokens.cts_levels(scores[2], self.cts_shared, grid)
+      return supertokens.cts_levels(scores[2], self.num_shared(grid), grid)
     if len(self.thresholds) != len(supertokens.SIZES):
       raise ValueError(f"thresholds={tuple(self.thresholds)} needs one τ per window size "
                        f"{supertokens.SIZES}")
     tau = dict(zip(supertokens.SIZES, self.thresholds))
     return supertokens.merge_levels({k: scores[k] for k in supertokens.SIZES}, tau, grid)
 
+  def num_shared(self, grid):
+    """CTS's K on this grid: `cts_shared` windows, or that share of the 2x2 windows."""
+    if 0 < self.cts_shared < 1:
+      return max(1, round(self.cts_shared * (grid[0] // 2) * (grid[1] // 2)))
+    return int(self.cts_shared)
+
   def capacities(self, grid):
     n = grid[0] * grid[1]
     if self.merge == "cts":  # fixed token count: one exact bucket
-      return (n - 3 * self.cts_shared,)
+      return (n - 3 * self.num_shared(grid),)
     return supertokens.bucket_capacities(n, self.buckets)
 
   def encode_decode(self, x, key_mask, *, train):
@@ -338,6 +345,10 @@ def build(model_cfg, num_classes: int, image_size: Sequence[int], ignore_index: 
     pc = model_cfg.policy
     policy = policy_lib.PolicyNet(source=pc.get("source", "pypi"), hidden=pc.get("hidden", 128),
                                   patch_size=p)
+  k = model_cfg.get("cts_shared", 0)
+  if merge == "cts" and not (0 < k < 1 or (k >= 1 and float(k).is_integer())):
+    raise ValueError(f"model.cts_shared={k!r}: CTS needs a whole number of shared 2x2 windows "
+                     "(>= 1) or a share of them in (0, 1)")
   thresholds = tuple(model_cfg.get("thresholds", (0.6, 0.8, 0.9, 0.9)))
   if any(not 0.0 <= t <= 1.0 for t in thresholds):
     raise ValueError(f"model.thresholds={thresholds} must lie in [0, 1]")
