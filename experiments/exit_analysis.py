@@ -35,13 +35,7 @@ from step_jax import benchmark  # noqa: E402
 from step_jax import profile as profile_lib  # noqa: E402
 from step_jax import visualize  # noqa: E402
 from step_jax.models import segmenter  # noqa: E402
-
-
-def anchors(level):
-  """[B, gh, gw] bool: the cell that stands for its token (top-left of its superpatch)."""
-  gh, gw = level.shape[1:]
-  ii, jj = np.arange(gh)[None, :, None], np.arange(gw)[None, None, :]
-  return (ii % level == 0) & (jj % level == 0)
+from step_jax.models import supertokens  # noqa: E402
 
 
 def halt_counts(info, num_exits):
@@ -49,7 +43,7 @@ def halt_counts(info, num_exits):
   [B, E] at each exit, tokens never halted [B]."""
   stage = np.asarray(info["halt_stage"])
   level = np.asarray(info["level"]) if "level" in info else np.ones_like(stage)
-  anchor = anchors(level)
+  anchor = supertokens.anchors(level)
   per_exit = lambda m: np.stack([(m & (stage == s)).sum((1, 2)) for s in range(num_exits)], 1)
   return dict(tokens=anchor.sum((1, 2)), halted=per_exit(anchor),
               halted_cells=per_exit(np.ones_like(anchor)),
@@ -104,7 +98,7 @@ def summary(counts, exit_layers):
 def outline(im, level, patch, colour=(255, 255, 255)):
   """Draws superpatch (level > 1) outlines on a PIL image."""
   draw = ImageDraw.Draw(im)
-  for i, j in zip(*np.nonzero(anchors(level[None])[0] & (level > 1))):
+  for i, j in zip(*np.nonzero(supertokens.anchors(level[None])[0] & (level > 1))):
     k = int(level[i, j])
     draw.rectangle([j * patch, i * patch, (j + k) * patch - 1, (i + k) * patch - 1],
                    outline=colour, width=1)

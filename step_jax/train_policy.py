@@ -111,8 +111,7 @@ def eval_step(variables, images, labels, *, model, config, taus):
   for name, tau in taus.items():
     level = supertokens.merge_levels(scores, dict(zip(SIZES, tau)), grid)
     lay = supertokens.token_layout(level)
-    ii, jj = np.mgrid[:grid[0], :grid[1]]
-    anchor = (ii % level == 0) & (jj % level == 0)
+    anchor = supertokens.anchors(level)
     tokens[name] = {f"{k}x{k}": jnp.sum(anchor & (level == k), axis=(1, 2))
                     for k in (1,) + SIZES}
     tokens[name]["total"] = lay["count"]

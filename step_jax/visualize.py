@@ -12,6 +12,8 @@ import numpy as np
 from PIL import Image
 from PIL import ImageDraw
 
+from step_jax.models import supertokens
+
 # Tint per superpatch side (in patches); single patches stay untinted.
 LEVEL_COLOURS = {2: (255, 215, 0), 4: (255, 128, 0), 8: (220, 40, 40), 16: (150, 0, 200)}
 EXIT_COLOURS = ((220, 40, 40), (40, 120, 255), (0, 200, 120), (255, 160, 0))
@@ -56,10 +58,7 @@ def _cells_to_pixels(grid_map, patch, hw):
 
 def token_ids(level):
   """Cell → id of the superpatch covering it: its anchor (top-left) cell's raster index."""
-  level = np.asarray(level)
-  gh, gw = level.shape
-  ii, jj = np.mgrid[0:gh, 0:gw]
-  return (ii - ii % level) * gw + (jj - jj % level)
+  return supertokens.anchor_cells(np.asarray(level))
 
 
 def superpatches(image, level, patch_size, *, tint=0.35, line=(255, 255, 255)):

@@ -34,6 +34,9 @@ def test_partition_covers_every_cell_exactly_once(grid):
       # every token covers one aligned, complete k x k window and nothing else
       assert i1 - i0 + 1 == k and j1 - j0 + 1 == k and len(cells) == k * k
       assert i0 % k == 0 and j0 % k == 0 and np.all(level[b, i0:i1 + 1, j0:j1 + 1] == k)
+      # the NumPy helpers (analysis, figures) name the same anchor for every cell
+      assert np.all(st.anchor_cells(level[b])[leaf == t] == i0 * grid[1] + j0)
+    assert st.anchors(level[b]).sum() == count
 
 
 def test_coarse_to_fine_no_window_merged_twice():

@@ -89,6 +89,20 @@ def level_offsets(grid, sizes=SIZES):
   return offsets, total
 
 
+def anchors(level):
+  """[..., gh, gw] bool: the cells that stand for a token (their superpatch's top-left);
+  works on NumPy and JAX level maps."""
+  ii, jj = np.arange(level.shape[-2])[:, None], np.arange(level.shape[-1])[None, :]
+  return (ii % level == 0) & (jj % level == 0)
+
+
+def anchor_cells(level):
+  """[..., gh, gw] raster index of the anchor cell of the superpatch covering each cell."""
+  gw = level.shape[-1]
+  ii, jj = np.arange(level.shape[-2])[:, None], np.arange(gw)[None, :]
+  return (ii - ii % level) * gw + (jj - jj % level)
+
+
 def token_layout(level, sizes=SIZES):
   """Token bookkeeping for a level map [B, gh, gw].
 
@@ -102,17 +116,16 @@ def token_layout(level, sizes=SIZES):
   offsets, _ = level_offsets((gh, gw), sizes)
   ii = jnp.arange(gh)[None, :, None]
   jj = jnp.arange(gw)[None, None, :]
-  anchor = ((ii % level) == 0) & ((jj % level) == 0)
   offset = jnp.zeros_like(level)
   width = jnp.full_like(level, gw)
   for k in sizes:
     offset = jnp.where(level == k, offsets[k], offset)
     width = jnp.where(level == k, gw // k, width)
   table_index = offset + (ii // level) * width + jj // level
-  anchor = anchor.reshape(b, -1)
+  anchor = anchors(level).reshape(b, -1)
   order = jnp.argsort(jnp.logical_not(anchor).astype(jnp.int32), axis=-1, stable=True)
   rank = jnp.cumsum(anchor, axis=-1) - 1
-  anchor_cell = ((ii - ii % level) * gw + (jj - jj % level)).reshape(b, -1)
+  anchor_cell = anchor_cells(level).reshape(b, -1)
   return dict(order=order, count=jnp.sum(anchor, axis=-1).astype(jnp.int32),
               table_index=table_index.reshape(b, -1),
               leaf=jnp.take_along_axis(rank, anchor_cell, axis=-1))
