@@ -97,12 +97,8 @@ def shapes(tree):
 def load_trained(workdirs):
   """[(workdir, variables, method)] of trained `step_jax.main` runs (their own config.json)."""
   from step_jax import train  # pylint: disable=g-import-not-at-top  (heavy imports)
-  out = []
-  for w in workdirs:
-    with open(os.path.join(w, "config.json")) as f:
-      method = json.load(f).get("method", "")
-    out.append((w, train.restore_variables(None, w), method))
-  return out
+  return [(w, train.restore_variables(None, w), train.workdir_config(w).get("method", ""))
+          for w in workdirs]
 
 
 def pick_trained(config, trained):

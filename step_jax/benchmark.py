@@ -2,6 +2,7 @@
 
   python -m step_jax.benchmark --config=configs/step.py:method=step,variant=B/16,res=1024 \
       --batch=1 --dtype=fp32 [--workdir=DIR] [--images=DIR_OR_SPLIT] [--exit_share=0.4]
+  python -m step_jax.benchmark --workdir=DIR    # a trained run at its own config
 
 Timing: `--warmup` untimed calls, then `--reps` timed calls of the jitted forward (policy net,
 merge, encoder, exits, heads and the upsampled prediction), each ended by
@@ -198,7 +199,8 @@ def measure(config, variables=None, images=None, *, batch=1, dtype="fp32", reps=
 
 def run():
   """`python -m step_jax.benchmark` (flags are defined here so importing stays free)."""
-  config_flags.DEFINE_config_file("config", None, "Config (path:arg).")
+  config_flags.DEFINE_config_file("config", None, "Config (path:arg); default: the "
+                                  "--workdir's config.json.")
   flags.DEFINE_string("workdir", None, "Trained run to load (optional).")
   flags.DEFINE_integer("batch", 1, "Images per call.")
   flags.DEFINE_enum("dtype", "fp32", ["fp32", "bf16"], "Compute dtype.")
@@ -209,24 +211,36 @@ def run():
   flags.DEFINE_integer("num_images", 8, "How many images to use.")
   flags.DEFINE_float("exit_share", -1.0, "Calibrate exit thresholds to halt this "
                      "share of active tokens per exit (random exit heads).")
-  flags.mark_flags_as_required(["config"])
+  flags.register_multi_flags_validator(
+      ["config", "workdir"], lambda v: v["config"] is not None or bool(v["workdir"]),
+      "pass --config, or --workdir of a trained run")
   from step_jax import cli  # pylint: disable=g-import-not-at-top
   cli.list_flags_in_help(__name__)
   app.run(main)
 
 
+def run_config(config, workdir=None, *, images="", num_images=8, **kw):
+  """The benchmark's JSON dict for `config` (None: the workdir's own config.json), with the
+  trained weights of `workdir` or random ones; kw go to `measure`."""
+  variables, weights = None, "random"
+  if workdir:
+    from step_jax import train  # pylint: disable=g-import-not-at-top
+    config = config or train.workdir_config(workdir)
+    variables, weights = train.restore_variables(config, workdir), f"trained ({workdir})"
+  if config is None:
+    raise ValueError("benchmark needs --config, or --workdir of a trained run")
+  return measure(config, variables, load_images(config, images, num_images), weights=weights,
+                 **kw)
+
+
 def main(argv):
   del argv
   f = flags.FLAGS
-  config = f.config
-  variables, weights = None, "random"
-  if f.workdir:
-    from step_jax import train  # pylint: disable=g-import-not-at-top
-    variables, weights = train.restore_variables(config, f.workdir), "trained"
-  images = load_images(config, f.images, f.num_images)
-  result = measure(config, variables, images, batch=f.batch, dtype=f.dtype, reps=f.reps,
-                   warmup=f.warmup, exit_share=f.exit_share, weights=weights)
-  result["config"] = config_flags.get_config_filename(f["config"])
+  result = run_config(f.config, f.workdir, images=f.images, num_images=f.num_images,
+                      batch=f.batch, dtype=f.dtype, reps=f.reps, warmup=f.warmup,
+                      exit_share=f.exit_share)
+  result["config"] = (config_flags.get_config_filename(f["config"]) if f.config
+                      else os.path.join(f.workdir, "config.json"))
   print(json.dumps(result))
 
 

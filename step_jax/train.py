@@ -243,6 +243,12 @@ def restore_checkpoint(config, workdir, step=None, *, model=None, mesh=None):
   workdir, placed on `mesh`: {'params', plus 'batch_stats' with a policy net}. A policy net
   gets heads for window sizes its training crops were too small for (they never merge)."""
   mesh = mesh or sharding.make_mesh(config)
+  if os.path.isfile(os.path.join(workdir, "config.json")):
+    # The policy's window heads depend on the crop size: build the state at the run's own.
+    crop = tuple(workdir_config(workdir).data.image_size)
+    if crop != tuple(config.data.image_size):
+      config = config.copy_and_resolve_references()
+      config.data.image_size, model = crop, None
   model = model or create_model(config)
   abstract, shardings = abstract_train_state(config, model, mesh)
   ckpt = ckpt_lib.Checkpointer(workdir, keep=int(config.get("keep_checkpoints", 3)))
@@ -261,14 +267,17 @@ def restore_checkpoint(config, workdir, step=None, *, model=None, mesh=None):
 def restore_variables(config, workdir, step=None):
   """Flax variables of a workdir's checkpoint (see restore_checkpoint); config None reads
   <workdir>/config.json."""
+  return restore_checkpoint(config or workdir_config(workdir), workdir, step)[0]
+
+
+def workdir_config(workdir):
+  """The ConfigDict a `step_jax.main` run saved as <workdir>/config.json."""
   import ml_collections  # pylint: disable=g-import-not-at-top
-  if config is None:
-    path = os.path.join(workdir, "config.json")
-    if not os.path.isfile(path):
-      raise FileNotFoundError(f"no config.json in {workdir}: not a step_jax.main workdir")
-    with open(path) as f:
-      config = ml_collections.ConfigDict(json.load(f))
-  return restore_checkpoint(config, workdir, step)[0]
+  path = os.path.join(workdir, "config.json")
+  if not os.path.isfile(path):
+    raise FileNotFoundError(f"no config.json in {workdir}: not a step_jax.main workdir")
+  with open(path) as f:
+    return ml_collections.ConfigDict(json.load(f))
 
 
 def nonfinite_report(guard, params=None) -> str:
