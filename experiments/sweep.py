@@ -225,7 +225,7 @@ def pareto_front(cost, quality):
 
 
 COLUMNS = ("label", "method", "tau", "exits", "tokens", "halted_share", "gflops_useful",
-           "gflops_executed", "ms_per_image_median", "fps", "miou", "agreement", "weights")
+           "gflops_executed", "gflops_policy", "ms_per_image_median", "fps", "miou", "agreement", "weights")
 
 
 def write(rows, out, name, header):
@@ -249,13 +249,18 @@ def write(rows, out, name, header):
                              ("fps", "FPS", ".1f")):
       lines.append(f"| {title} | " + " | ".join(cell(r.get(key), spec) for r in rows) + " |")
   else:
-    lines += ["| method | exits | mIoU | agreement | GFLOPs | GFLOPs executed | FPS | ms/image "
-              "| tokens | halted | weights |", "|---|---|---|---|---|---|---|---|---|---|---|"]
+    # Ratios to the first row (SegViT in `methods`, no exit in `exits`), measured in this run.
+    base = rows[0]
+    lines += ["| method | exits | mIoU | agreement | GFLOPs | GFLOPs executed | of which policy "
+              f"| fewer GFLOPs (vs {base['label']}) | speed-up | FPS | ms/image | tokens | halted "
+              "| weights |", "|" + "---|" * 14]
     for r in rows:
       lines.append(f"| {r['label']} | {r['exits'] or '–'} | {cell(r['miou'], '.3f')} | "
                    f"{cell(r['agreement'], '.3f')} | {r['gflops_useful']:.3f} | "
-                   f"{r['gflops_executed']:.3f} | {r['fps']:.1f} | "
-                   f"{r['ms_per_image_median']:.1f} | {r['tokens']:.1f} | "
+                   f"{r['gflops_executed']:.3f} | {r.get('gflops_policy') or 0:.3f} | "
+                   f"{base['gflops_useful'] / r['gflops_useful']:.2f}× | "
+                   f"{base['ms_per_image_median'] / r['ms_per_image_median']:.2f}× | "
+                   f"{r['fps']:.1f} | {r['ms_per_image_median']:.1f} | {r['tokens']:.1f} | "
                    f"{100 * r['halted_share']:.1f} % | {r['weights']} |")
   with open(os.path.join(out, f"sweep_{name}.md"), "w") as f:
     f.write("\n".join(lines) + "\n")

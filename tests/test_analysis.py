@@ -150,6 +150,9 @@ def test_sweep_exits_writes_table(images, tmp_path):
     assert [r["label"] for r in csv.DictReader(f)] == ["SegViT", "+DToP@[2]"]
   md = (tmp_path / "sweep_exits.md").read_text()
   assert "| SegViT | – |" in md and "| +DToP@[2] | 2 |" in md
+  ratio = base["gflops_useful"] / dtop["gflops_useful"]
+  assert f"| {ratio:.2f}× |" in md and ratio > 1  # fewer GFLOPs than the first row
+  assert md.count("| 1.00× | 1.00× |") == 1        # the first row against itself
   assert os.path.exists(tmp_path / "pareto_exits.png")
 
 
