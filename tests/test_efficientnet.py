@@ -351,3 +351,23 @@ def test_out_indices():
   assert not any(k.startswith(("blocks_2", "blocks_6")) for k in v["params"])
   with pytest.raises(ValueError, match="out_indices"):
     shapes(E.EfficientNetLite0(out_indices=(5,)))
+
+
+@pytest.mark.parametrize("padding", ["same", "symmetric"])
+def test_shifted_depthwise_equals_grouped_conv(padding):
+  """The CPU fast path (k² strided slices) computes XLA's grouped convolution exactly, with
+  both padding rules, both strides, odd and even sizes; gradients too."""
+  for (h, w), k, stride in (((17, 12), 3, 1), ((16, 16), 3, 2), ((15, 22), 5, 2),
+                            ((9, 8), 5, 1)):
+    x = jax.random.normal(jax.random.key(0), (2, h, w, 6))
+    kern = jax.random.normal(jax.random.key(1), (k, k, 1, 6))
+    f = lambda impl: (lambda a, b: E.depthwise_conv(a, b, stride, padding, impl))
+    ref, got = f("conv")(x, kern), f("shifted")(x, kern)
+    assert ref.shape == got.shape
+    np.testing.assert_allclose(got, ref, atol=1e-5)
+    loss = lambda impl: (lambda a, b: jnp.sum(jnp.sin(f(impl)(a, b))))
+    for g_ref, g_got in zip(jax.grad(loss("conv"), (0, 1))(x, kern),
+                            jax.grad(loss("shifted"), (0, 1))(x, kern)):
+      np.testing.assert_allclose(g_got, g_ref, atol=1e-4)
+  with pytest.raises(ValueError, match="impl"):
+    E.depthwise_conv(x, kern, 1, padding, "fft")
