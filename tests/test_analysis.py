@@ -216,3 +216,20 @@ def test_sweep_miou_with_a_fitting_workdir_and_calibrate_ms(images, tmp_path):
   timed = [p for p in result["points"] if p.get("ms") is not None]
   assert 1 <= len(timed) <= 2 and result["best"] in result["front"]
   assert result["points"][result["best"]]["ms"] is not None
+
+
+def test_bench_table_groups_and_ratios_against_segvit():
+  import bench_table  # pylint: disable=g-import-not-at-top
+  row = lambda method, tokens, gflops, ms, batch: dict(
+      method=method, config=f"configs/step.py:method={method},variant=B/16", device="gpu",
+      variant="B/16", image_size=[1024, 1024], dtype="bf16", batch=batch,
+      mean_tokens_per_stage=[tokens], gflops_useful=gflops, gflops_executed=gflops,
+      ms_per_image_median=ms, ms_per_image_min=ms, ms_per_image_max=ms,
+      images_per_s=1000 / ms, peak_bytes=2**30)
+  lines = bench_table.table([row("dcts", 1000, 20.0, 50.0, 1), row("segvit", 4000, 80.0, 200.0, 1),
+                             row("segvit", 4000, 80.0, 100.0, 8)])
+  text = "\n".join(lines)
+  assert text.count("**B/16 1024x1024, bf16, batch") == 2       # one group per batch
+  dcts = next(l for l in lines if l.startswith("| method=dcts"))
+  assert "| 4.00× | 4.00× / 4.00× | 4.00× | 2.5× / 2.6× / 3.4× |" in dcts  # vs its SegViT
+  assert "| 1024 |" in dcts                                       # peak MiB
