@@ -97,8 +97,11 @@ def shapes(tree):
 def load_trained(workdirs):
   """[(workdir, variables, method)] of trained `step_jax.main` runs (their own config.json)."""
   from step_jax import train  # pylint: disable=g-import-not-at-top  (heavy imports)
-  return [(w, train.restore_variables(None, w), train.workdir_config(w).get("method", ""))
-          for w in workdirs]
+  out = []
+  for w in workdirs:
+    config = train.workdir_config(w)
+    out.append((w, train.restore_variables(config, w), config.get("method", "")))
+  return out
 
 
 def pick_trained(config, trained):

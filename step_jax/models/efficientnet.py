@@ -88,7 +88,7 @@ def _padding(padding: str, kernel: int):
 
 def _pads(padding: str, size: int, kernel: int, stride: int):
   """(before, after) padding of one spatial axis, as _padding's rule gives it."""
-  if padding == "symmetric":
+  if _padding(padding, kernel) != "SAME":
     return kernel // 2, kernel // 2
   total = max((-(-size // stride) - 1) * stride + kernel - size, 0)  # TF 'SAME'
   return total // 2, total - total // 2
@@ -154,13 +154,11 @@ class _Layers(nn.Module):
     # depthwise kernel [k, k, 1, C] that is k*k, which is Flax's fan_in.
     init = nn.initializers.variance_scaling(2.0, "fan_in" if depthwise else "fan_out", "normal")
     if depthwise:
-      _padding(self.padding, kernel)  # validates the name
       return DepthwiseConv(kernel, stride, self.padding, self.depthwise_impl, init,
                            dtype=self.dtype, param_dtype=self.param_dtype, name=name)
     return nn.Conv(features, (kernel, kernel), (stride, stride),
-                   padding=_padding(self.padding, kernel),
-                   feature_group_count=features if depthwise else 1, use_bias=False,
-                   kernel_init=init, dtype=self.dtype, param_dtype=self.param_dtype, name=name)
+                   padding=_padding(self.padding, kernel), use_bias=False, kernel_init=init,
+                   dtype=self.dtype, param_dtype=self.param_dtype, name=name)
 
   def bn(self, train, name=None):
     # Flax momentum = 1 - torch momentum (0.9 ↔ timm's 0.1; TF used 0.99). Flax stores the
