@@ -12,12 +12,14 @@ the repository when it exists):
       --workdir=$WD --config.data.split=test --config.data.data_dir=/path/with/CamVid/test
 
   # STEP: the policy net is trained first inside the workdir (150 steps on a CPU), then
-  # 1500 steps without pruning and 500 with pruning (DToP's two steps)
+  # 1500 steps without pruning and 500 of pruning fine-tuning (DToP's two steps, the second
+  # with a fresh optimizer)
   python -m step_jax.main --config=configs/camvid.py:method=step,size=cpu --workdir=$WD
 
 Arguments: method (segvit, cts, dcts, dtop, cts_dtop, step: see configs/step.py), size (cpu |
 gpu), variant (override the size's ViT, e.g. Ti/16), tau (dCTS thresholds, '6899' or
-'4999'), exits ('-'-separated layers; default per variant), exit_tau (halting confidence).
+'4999'), exits ('-'-separated layers; default per variant), exit_tau (halting confidence), exit_head
+(dtop | dtop_multiclass | atm: see configs/step.py).
 
 Evaluation: the val split, whole images. `size=cpu` trains at half resolution, so it also
 tests at half resolution (short side 180) and resizes the scores back to the 480x360
@@ -35,7 +37,7 @@ _DEFAULT_DATA = os.path.normpath(os.path.join(_REPO, "..", "shared", "data", "ca
 
 def get_config(arg=None):
   arg = common.parse_arg(arg, method="segvit", size="cpu", variant="", tau="6899", exits="",
-                         exit_tau=0.9)
+                         exit_tau=0.9, exit_head="dtop")
   if arg.method not in _METHODS:
     raise ValueError(f"unknown method {arg.method!r}; choose from {_METHODS}")
   if arg.size not in ("cpu", "gpu"):
@@ -66,7 +68,8 @@ def get_config(arg=None):
   config.model.posemb_grid = (crop[0] // 16, crop[1] // 16)
   config.model.drop_path = 0.0 if cpu else 0.1
   use_exits = step_config.set_method(config.model, arg.method, variant, tau=arg.tau,
-                                     exits=arg.exits, exit_tau=arg.exit_tau)
+                                     exits=arg.exits, exit_tau=arg.exit_tau,
+                                     exit_head=arg.exit_head)
   # CTS shares 103 of the 256 2x2 windows of a 512² crop: the same share at any size here
   # (14 windows of a 176x240 crop, 17 of a 192x240 test image).
   config.model.cts_shared = 0.4
@@ -79,12 +82,15 @@ def get_config(arg=None):
   # multiplier (the backbone is not pretrained).
   config.batch_size = 8 if cpu else 16
   steps = 2000 if cpu else 40_000
-  # With exits (DToP): the last quarter of the steps with pruning active.
-  config.prune_from_step = steps * 3 // 4 if use_exits else 0
+  # With exits (DToP's recipe at the same total budget as every other method): 3/4 of the
+  # steps BASE (pruning off), then 1/4 pruning fine-tuning from the BASE weights with a fresh
+  # optimizer: a short warmup (DToP: 1500 of 40k steps), then poly 0.9.
   config.train_bucketing = False  # train on one static shape (see train.train_model)
   config.optim = common.optim_config(steps, lr=1e-3 if cpu else 4e-4)
   config.optim.update(head_lr_mult=1.0, weight_decay=0.05,
                       warmup_steps=100 if cpu else 1500)
+  step_config.set_dtop_recipe(config, use_exits, steps * 3 // 4,
+                              warmup_steps=50 if cpu else 500)
 
   # Logging, checkpoints, evaluation.
   config.log_every = 25 if cpu else 100

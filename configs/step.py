@@ -17,13 +17,16 @@ Examples:
 Arguments: method; variant (Mu/16 Ti/16 S/16 B/16 L/16); dataset; res (0 = dataset crop);
 tau: dCTS thresholds for 2,4,8,16 windows as digits ('6899' = .6 .8 .9 .9, '4999') or
 '-'-separated decimals ('0.6-0.8-0.9-0.9'); exits: '-'-separated 1-based layers ('6-8', '16');
-exit_tau: halting confidence (paper: .9 ADE20K/Cityscapes, .95 COCO-Stuff); smoke.
+exit_tau: halting confidence (paper: .9 ADE20K/Cityscapes, .95 COCO-Stuff); exit_head: 'dtop'
+(DToP's single-stage binary heads, the paper), 'dtop_multiclass' ((C+1)-way class heads) or
+'atm' (SegViT's own head stages serve as the exits, no extra head); smoke.
 
 CTS/dCTS/STEP need a trained policy net: `--config.model.policy.init_from=<workdir of
 python -m step_jax.train_policy>`, or `--config.model.policy.auto_train_steps=N` to train
 one first inside this run's workdir (the smoke config does, 60 steps). With exits, training
-follows DToP: `prune_from_step` steps without pruning, then pruning fine-tuning; for the
-separate-runs recipe set prune_from_step=0 and init_from=<the BASE run's workdir>.
+follows DToP: `prune_from_step` steps without pruning (BASE), then pruning fine-tuning from
+those weights with a fresh optimizer and schedule (`prune_optim`); for the separate-runs
+recipe set prune_from_step=0 and init_from=<the BASE run's workdir>.
 """
 from configs import common
 
@@ -46,7 +49,7 @@ def parse_tau(tau: str):
   return values
 
 
-def set_method(m, method, variant, *, tau="6899", exits="", exit_tau=0.9):
+def set_method(m, method, variant, *, tau="6899", exits="", exit_tau=0.9, exit_head="dtop"):
   """Sets the token-sharing and early-exit fields of model config `m` for `method` (one of
   METHODS); returns whether the method has early exits."""
   if method not in METHODS:
@@ -72,12 +75,24 @@ def set_method(m, method, variant, *, tau="6899", exits="", exit_tau=0.9):
   m.keep_top_k = 5
   m.exit_buckets = (0.25, 0.375, 0.5, 0.625, 0.75, 0.875, 1.0)
   m.exit_head_heads = DTOP_HEADS[variant]
+  # 'dtop' (the paper: DToP's heads), 'dtop_multiclass' or 'atm' (SegViT's stages as exits).
+  m.exit_head = exit_head
   return use_exits
+
+
+def set_dtop_recipe(config, use_exits, base_steps, warmup_steps):
+  """DToP's two steps in one run: `base_steps` with pruning off (every head trained on every
+  token), then the rest of `config.optim.total_steps` is pruning fine-tuning from those BASE
+  weights with a fresh optimizer: `warmup_steps` of linear warmup, then poly 0.9
+  (train.optimizer_phases)."""
+  config.prune_from_step = base_steps if use_exits else 0
+  config.prune_optim = common.ml_collections.ConfigDict(dict(
+      warmup_steps=warmup_steps, schedule="poly", poly_power=0.9))
 
 
 def get_config(arg=None):
   arg = common.parse_arg(arg, method="step", variant="B/16", dataset="ade20k", res=0,
-                         tau="6899", exits="", exit_tau=-1.0, smoke=False)
+                         tau="6899", exits="", exit_tau=-1.0, exit_head="dtop", smoke=False)
   config = common.ml_collections.ConfigDict()
   config.seed = 0
   config.method = arg.method
@@ -91,16 +106,19 @@ def get_config(arg=None):
 
   default_tau = 0.95 if arg.dataset == "coco_stuff10k" else 0.9
   use_exits = set_method(m, arg.method, arg.variant, tau=arg.tau, exits=arg.exits,
-                         exit_tau=arg.exit_tau if arg.exit_tau >= 0 else default_tau)
+                         exit_tau=arg.exit_tau if arg.exit_tau >= 0 else default_tau,
+                         exit_head=arg.exit_head)
 
   config.loss = common.loss_config()
   config.batch_size = 16
   # DToP's two steps in one run: `steps` with pruning off (all heads trained), then a
-  # quarter as many with pruning active (ADE 160k + 40k, COCO-Stuff 80k + 20k).
-  prune_steps = steps // 4 if use_exits else 0
-  config.prune_from_step = steps if use_exits else 0
+  # quarter as many of pruning fine-tuning (ADE 160k + 40k, COCO-Stuff 80k + 20k) with a
+  # fresh optimizer (DToP: 1500 warmup steps, then poly 0.9).
+  set_dtop_recipe(config, use_exits, steps, warmup_steps=1500)
   config.train_bucketing = False  # train on one static shape (see train.train_model)
-  config.optim = common.optim_config(steps + prune_steps)
+  # The STEP paper (§4.1): AdamW, lr 6e-5, weight decay 0.01, cosine schedule.
+  config.optim = common.optim_config(steps + (steps // 4 if use_exits else 0))
+  config.optim.schedule = "cosine"
   config.log_every = 50
   config.eval_every = 2000
   config.eval_batch_size = 8
@@ -114,7 +132,7 @@ def get_config(arg=None):
     config.data.update(image_size=(128, 128), num_train=256, num_eval=32)
     config.batch_size = 8
     config.optim = common.optim_config(600, lr=1e-3)
-    config.prune_from_step = 400 if use_exits else 0
+    set_dtop_recipe(config, use_exits, 400, warmup_steps=20)
     m.policy.update(train_backbone=False, auto_train_steps=60, lr=1e-3)
     m.buckets = m.exit_buckets = (0.5, 1.0)   # fewer compiled branches on a CPU
     config.optim.head_lr_mult = 1.0

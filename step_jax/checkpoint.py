@@ -74,11 +74,19 @@ def _saved_model_config(config_dir) -> str:
 class Checkpointer:
   """Periodic + final saves, keep-N, resume from the latest committed step."""
 
-  def __init__(self, workdir: str, *, keep: int = 3, async_save: bool = True):
+  def __init__(self, workdir: str, *, keep: int = 3, async_save: bool = True,
+               keep_steps=()):
+    """keep: the newest N checkpoints survive; keep_steps: these steps survive too (the
+    DToP BASE model at `prune_from_step`, which the comparison tables evaluate)."""
     self.directory = os.path.abspath(os.path.join(workdir, CHECKPOINT_DIR))
+    policy = ocp.checkpoint_managers.preservation_policy
+    keep_policy = policy.LatestN(max(int(keep), 1))
+    if keep_steps:
+      keep_policy = policy.AnyPreservationPolicy(
+          [keep_policy, policy.CustomSteps([int(s) for s in keep_steps])])
     self._mgr = ocp.CheckpointManager(
         self.directory,
-        options=ocp.CheckpointManagerOptions(max_to_keep=max(int(keep), 1), create=True,
+        options=ocp.CheckpointManagerOptions(preservation_policy=keep_policy, create=True,
                                              enable_async_checkpointing=async_save))
 
   def latest_step(self) -> Optional[int]:

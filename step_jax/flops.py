@@ -253,8 +253,15 @@ def token_macs(config, tokens: Number, stage_tokens: Optional[Sequence[Number]] 
   bounds = (0,) + exits + (depth,)
   for s, n in enumerate(stage_tokens):
     backbone += (bounds[s + 1] - bounds[s]) * vit_block_macs(n, d, v["mlp_dim"])
-  if exits:  # DToP: one single-stage binary head per exit and at the end, on its stage's tokens
-    heads = sum(atm_head_macs([n], c, m.head_dim, d, layers, 2) for n in stage_tokens)
+  exit_head = m.get("exit_head", "dtop")
+  if exits and exit_head == "atm":  # SegViT's stages, each on the tokens active at its layer
+    stages = sorted(set(m.out_layers) | set(exits))
+    segment = lambda layer: sum(layer > e for e in exits)
+    heads = atm_head_macs([stage_tokens[segment(l)] for l in stages], c, m.head_dim, d,
+                          layers, c + 1)
+  elif exits:  # DToP: one single-stage head per exit and at the end, on its stage's tokens
+    k = 2 if exit_head == "dtop" else c + 1
+    heads = sum(atm_head_macs([n], c, m.head_dim, d, layers, k) for n in stage_tokens)
   else:
     heads = atm_head_macs([tokens] * len(m.out_layers), c, m.head_dim, d, layers, c + 1)
   heads += BILINEAR_MACS_PER_OUTPUT * c * h * w      # final mask logits to pixels

@@ -113,7 +113,9 @@ def pieces(config, model, plan, image, batch):
     add("embed", "", embed, (x, level), tokens, cap0, flops.patch_embed_macs(tokens, d, p),
         flops.patch_embed_macs(cap0, d, p))
   bounds = (0,) + tuple(model.exit_layers) + (depth,)
-  head_macs = lambda n: flops.atm_head_macs([n], c, m.head_dim, d, layers, 2)
+  n_cls = 2 if model.exit_layers and model.exit_head == "dtop" else c + 1
+  head_macs = lambda n: flops.atm_head_macs([n], c, m.head_dim, d, layers, n_cls)
+  taus = model.exit_threshold
   for s, (n, cap) in enumerate(zip(plan["active"], plan["caps"])):
     xs = jnp.ones((batch, cap, d), model.backbone.dtype)
     args = (xs, _mask(cap, n, batch) if masked else None)
@@ -121,8 +123,21 @@ def pieces(config, model, plan, image, batch):
       fn = lambda mod, x, mk, k=k: mod.backbone.run_blocks(x, mk, k, k + 1)[-1]
       add(f"block {k + 1}", str(k + 1), fn, args, n, cap, flops.vit_block_macs(n, d, mlp),
           flops.vit_block_macs(cap, d, mlp))
-    if s < len(model.exit_layers):
-      taus = model.exit_threshold
+    if model.exit_layers and model.exit_head == "atm":  # SegViT's stages (+ halting at exits)
+      for i, layer in enumerate(model.out_layers):
+        if not bounds[s] < layer <= bounds[s + 1]:
+          continue
+        tau = (taus[s] if isinstance(taus, (tuple, list)) else taus) if (
+            layer in model.exit_layers) else None
+
+        def stage_fn(mod, x, mk, i=i, tau=tau):
+          q, masks = mod.head.stage(i, mod.head.initial_queries(x.shape[0]), x, mk)
+          cls = mod.head.classify(q)
+          return (cls, masks) if tau is None else early_exit.halting(
+              cls, masks, mk, tau, mod.keep_top_k)
+        add(f"head stage {i + 1}" + (" (exit)" if tau is not None else ""), str(layer),
+            stage_fn, args, n, cap, head_macs(n), head_macs(cap))
+    elif s < len(model.exit_layers):
       tau = taus[s] if isinstance(taus, (tuple, list)) else taus
 
       def exit_fn(mod, x, mk, s=s, tau=tau):  # ATM head + DToP halting rule
@@ -139,7 +154,7 @@ def pieces(config, model, plan, image, batch):
       add("final head", ",".join(map(str, model.out_layers)),
           lambda mod, x, mk: mod.head([x] * nst, mk), args, n, cap, hm(n), hm(cap))
   # Mask logits on the patch grid → pixel class scores (the count is fvcore's 4 per output).
-  logits = jnp.zeros((batch, c, 2 if model.exit_layers else c + 1))
+  logits = jnp.zeros((batch, c, n_cls))
   masks = jnp.zeros((batch, c, h // p, w // p))
   up = flops.BILINEAR_MACS_PER_OUTPUT * c * h * w
   add("upsample", "", lambda mod, lg, mk: segmenter.predict_scores(

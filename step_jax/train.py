@@ -150,11 +150,12 @@ def init_state(rng, policy_vars=None, *, model, tx, config):
               step=jnp.zeros((), jnp.int32), guard=guard)
 
 
-def train_step(state, batch, rng=None, *, model, tx, config):
+def train_step(state, batch, rng=None, *, model, tx, config, lr_fn=None):
   """One optimizer step; non-finite updates are dropped (see module docstring).
 
   Returns the new state and scalar metrics: loss terms, grad_norm, lr, nonfinite (0/1 for
-  this step) and skipped_steps (total so far). `rng` defaults to a key from config.seed;
+  this step) and skipped_steps (total so far); `lr_fn(step)` gives the lr metric (default:
+  config.optim's schedule). `rng` defaults to a key from config.seed;
   dropout is keyed by (rng, step), so a resumed run draws the same masks.
   """
   if rng is None:
@@ -184,7 +185,7 @@ def train_step(state, batch, rng=None, *, model, tx, config):
   new_state = dict(state, params=params, opt_state=opt_state, step=step + 1)
   metrics = dict(metrics)
   metrics["grad_norm"] = grad_norm
-  metrics["lr"] = optim.learning_rate_fn(config.optim)(step)
+  metrics["lr"] = (lr_fn or optim.learning_rate_fn(config.optim))(step)
   metrics["nonfinite"] = bad.astype(jnp.int32)
   if "guard" in state:  # states built by hand (tests, notebooks) may omit the guard
     g = state["guard"]
@@ -196,6 +197,38 @@ def train_step(state, batch, rng=None, *, model, tx, config):
                                dict(loss=loss_bad, grads=grad_bad), g["first_bad"]))
     metrics["skipped_steps"] = new_state["guard"]["skipped"]
   return new_state, metrics
+
+
+def optimizer_phases(config, has_exits=True):
+  """[(first step, optim config)]: one schedule over `config.optim.total_steps`, or DToP's
+  two-step recipe when a model with exits has `prune_from_step` and `prune_optim` set:
+
+    BASE     steps 1..prune_from_step, pruning off, `config.optim` over those steps;
+    pruning  the remaining steps from the BASE weights with a FRESH optimizer (new moments,
+             new warmup + decay): `config.optim` updated by `config.prune_optim`.
+
+  Without `prune_optim` the pruning steps continue the one schedule (the older recipe).
+  """
+  total = int(config.optim.total_steps)
+  prune_from = int(config.get("prune_from_step", 0) or 0) if has_exits else 0
+  if prune_from and not 0 < prune_from < total:
+    raise ValueError(f"prune_from_step={prune_from} must lie in (0, optim.total_steps={total})")
+  fresh = config.get("prune_optim", None)
+  if not prune_from or fresh is None:
+    return [(0, config.optim)]
+  base = config.optim.copy_and_resolve_references()
+  base.total_steps = prune_from
+  tune = config.optim.copy_and_resolve_references()
+  unknown = sorted(set(fresh.keys()) - set(tune.keys()))
+  if unknown:
+    raise ValueError(f"prune_optim has keys {unknown} that config.optim does not; allowed: "
+                     f"{sorted(tune.keys())}")
+  tune.update(fresh.to_dict() if hasattr(fresh, "to_dict") else dict(fresh))
+  tune.total_steps = total - prune_from
+  if int(tune.warmup_steps) >= tune.total_steps:
+    raise ValueError(f"prune_optim.warmup_steps={tune.warmup_steps} must be below the "
+                     f"{tune.total_steps} pruning steps")
+  return [(0, base), (prune_from, tune)]
 
 
 def abstract_train_state(config, model, mesh, tx=None):
@@ -395,7 +428,9 @@ def train_and_evaluate(config, workdir):
 
   ######## Mesh, model, optimizer, shardings. ########
   mesh = sharding.make_mesh(config)
-  tx = optim.make_optimizer(config.optim)
+  phases = optimizer_phases(config, bool(model.exit_layers))
+  txs = [optim.make_optimizer(c) for _, c in phases]
+  tx = txs[0]
   abstract, state_sh = abstract_train_state(config, model, mesh, tx)
   say(f"mesh {dict(mesh.shape)} over {mesh.size} {jax.devices()[0].platform} device(s), "
       f"{jax.process_count()} process(es); state arrays {sharding.describe(state_sh)}")
@@ -405,8 +440,10 @@ def train_and_evaluate(config, workdir):
   train_iter = make_train_iter(config, mesh)
 
   ######## State: checkpoint > init_from > scratch (see module docstring). ########
+  prune_from = int(config.get("prune_from_step", 0) or 0) if model.exit_layers else 0
   ckpt = ckpt_lib.Checkpointer(workdir, keep=int(config.get("keep_checkpoints", 3)),
-                               async_save=bool(config.get("checkpoint_async", True)))
+                               async_save=bool(config.get("checkpoint_async", True)),
+                               keep_steps=(prune_from,) if prune_from else ())
   rng = jax.random.key(config.seed)
   if ckpt.latest_step() is not None:
     state, train_iter, start = ckpt.restore(sharding.with_shardings(abstract, state_sh),
@@ -431,19 +468,26 @@ def train_and_evaluate(config, workdir):
     writer.write_hparams({k: v for k, v in _flat_config(config).items()})
 
   ######## Jitted step (state donated: no second copy of params/opt state). ########
-  make_step = lambda m: jax.jit(functools.partial(train_step, model=m, tx=tx, config=config),
-                                in_shardings=(state_sh, sharding.batch_sharding(mesh)),
-                                out_shardings=(state_sh, sharding.replicated(mesh)),
-                                donate_argnums=(0,))
-  step_fn = make_step(train_model(model, config))
+  def make_step(m, phase):
+    first, cfg = phases[phase]
+    lr_fn = lambda step: optim.learning_rate_fn(cfg)(step - first)
+    return jax.jit(functools.partial(train_step, model=m, tx=txs[phase], config=config,
+                                     lr_fn=lr_fn),
+                   in_shardings=(state_sh, sharding.batch_sharding(mesh)),
+                   out_shardings=(state_sh, sharding.replicated(mesh)), donate_argnums=(0,))
   # DToP's two steps in one run: up to `prune_from_step` the exits are trained with pruning
-  # off (threshold 1: every token runs every layer), then pruning is active.
-  prune_from = int(config.get("prune_from_step", 0) or 0)
-  base_step_fn = make_step(train_model(model, config).clone(exit_threshold=1.0)) if (
-      prune_from > start and model.exit_layers) else None
+  # off (threshold 1: every token runs every layer), then pruning is active, with a fresh
+  # optimizer when `prune_optim` is set (optimizer_phases).
+  step_fn = make_step(train_model(model, config), len(phases) - 1)
+  base_step_fn = make_step(train_model(model, config).clone(exit_threshold=1.0), 0) if (
+      prune_from > start) else None
+  fresh_from = phases[-1][0] if len(phases) > 1 and phases[-1][0] >= start else None
+  reset_opt = jax.jit(lambda st: dict(st, opt_state=txs[-1].init(st["params"])),
+                      in_shardings=(state_sh,), out_shardings=state_sh, donate_argnums=(0,))
   if base_step_fn is not None:
     say(f"steps {start + 1}..{prune_from}: exits trained without pruning (DToP base); "
-        f"pruning from step {prune_from + 1}")
+        f"pruning from step {prune_from + 1}"
+        + (" with a fresh optimizer and schedule" if fresh_from is not None else ""))
   evaluator = None
 
   def run_eval(state, step):
@@ -472,6 +516,8 @@ def train_and_evaluate(config, workdir):
   history, t_last, step_last = [], time.time(), start
   t0 = time.time()
   for step in range(start + 1, total + 1):
+    if fresh_from is not None and step == fresh_from + 1:
+      state = reset_opt(state)   # DToP: pruning fine-tuning restarts the optimizer
     with jax.profiler.StepTraceAnnotation("train", step_num=step):
       batch = _next_batch(train_iter, mesh, host_batch)
       state, m = (base_step_fn if base_step_fn and step <= prune_from else step_fn)(state, batch)
@@ -494,7 +540,7 @@ def train_and_evaluate(config, workdir):
       report = check_guard(state, policy)
       if report and m["nonfinite"]:
         logging.warning(report)
-    if ckpt_every and step % ckpt_every == 0 and step != total:
+    if ((ckpt_every and step % ckpt_every == 0) or step == prune_from) and step != total:
       check_guard(state, policy)
       with progress.timed("checkpoint"):
         ckpt.save(step, state, train_iter, config.to_dict())

@@ -93,6 +93,7 @@ def test_step_end_to_end_policy_frozen_and_pruning_schedule(tmp_path, capsys, au
   GFLOPs come from real token counts, and the workdir restores as variables."""
   cfg = _tiny("step")
   cfg.prune_from_step = 2
+  cfg.prune_optim.warmup_steps = 1
   if auto_train:
     cfg.model.policy.auto_train_steps = 1
     policy_dir = str(tmp_path / "run" / "policy")
@@ -106,6 +107,11 @@ def test_step_end_to_end_policy_frozen_and_pruning_schedule(tmp_path, capsys, au
   state, ev = train.train_and_evaluate(cfg, wd)
   out = capsys.readouterr().out
   assert "steps 1..2: exits trained without pruning" in out
+  assert "with a fresh optimizer and schedule" in out
+  # DToP's fine-tuning restarted the optimizer at step 3: Adam has counted 2 steps, not 4.
+  counts = {int(x) for p, x in jax.tree_util.tree_flatten_with_path(state["opt_state"])[0]
+            if "count" in jax.tree_util.keystr(p)}
+  assert counts == {2}
   assert ("training the policy net first" in out) == auto_train
   pol = train_policy.load_variables(policy_dir)
   for col, got in (("params", state["params"]["policy"]),
@@ -134,6 +140,44 @@ def test_step_end_to_end_policy_frozen_and_pruning_schedule(tmp_path, capsys, au
   big.data.image_size = (128, 128)
   r = benchmark.run_config(big, wd, num_images=1, reps=1, warmup=0)
   assert r["mean_tokens_per_stage"][0] <= 64 and r["gflops_useful"] <= r["gflops_executed"]
+
+
+def test_optimizer_phases_restart_the_schedule_for_pruning():
+  cfg = _tiny("step")
+  cfg.optim.update(total_steps=100, warmup_steps=10, lr=1e-3)
+  cfg.prune_from_step = 60
+  cfg.prune_optim.update(warmup_steps=5)
+  (s0, base), (s1, tune) = train.optimizer_phases(cfg)
+  assert (s0, base.total_steps, s1, tune.total_steps) == (0, 60, 60, 40)
+  assert (base.warmup_steps, tune.warmup_steps, tune.poly_power) == (10, 5, 0.9)
+  lr_base, lr_tune = optim.learning_rate_fn(base), optim.learning_rate_fn(tune)
+  assert float(lr_base(60)) == pytest.approx(0.0, abs=1e-9)      # BASE schedule ran out
+  assert float(lr_tune(0)) == pytest.approx(1e-6, rel=1e-4)      # fresh warmup from init
+  assert float(lr_tune(5)) == pytest.approx(1e-3, rel=1e-4)      # back at the peak
+  assert len(train.optimizer_phases(cfg, has_exits=False)) == 1  # SegViT: one schedule
+  cfg.prune_optim = None                                         # the older recipe
+  assert train.optimizer_phases(cfg) == [(0, cfg.optim)]
+  bad = _tiny("step")
+  bad.optim.total_steps, bad.prune_from_step = 100, 60
+  bad.prune_optim.warmup_steps = 40
+  with pytest.raises(ValueError, match="prune_optim.warmup_steps=40 must be below the 40"):
+    train.optimizer_phases(bad)
+  bad.prune_optim.warmup_steps, bad.prune_from_step = 5, 100
+  with pytest.raises(ValueError, match="prune_from_step=100 must lie in"):
+    train.optimizer_phases(bad)
+
+
+def test_camvid_exit_head_designs():
+  """exit_head=atm: SegViT's head with its stages at out_layers ∪ exits; DToP otherwise."""
+  for design, out_layers, exit_heads in (("atm", (6, 8, 12), 0), ("dtop", (12,), 1),
+                                         ("dtop_multiclass", (12,), 1)):
+    cfg = camvid.get_config(f"method=step,size=cpu,variant=Ti/16,exit_head={design}")
+    model = train.create_model(cfg)
+    assert (model.exit_head, tuple(model.out_layers), len(model.exit_heads)) == (
+        design, out_layers, exit_heads)
+    assert model.exit_layers == (8,) and model.head.binary_cls == (design == "dtop")
+  with pytest.raises(ValueError, match="model.exit_head='x'"):
+    train.create_model(camvid.get_config("method=step,size=cpu,exit_head=x"))
 
 
 def test_camvid_configs_build_every_method():

@@ -52,6 +52,12 @@ class DecoderLayer(nn.Module):
 class ATMHead(nn.Module):
   """ATM decoder over `num_stages` feature levels.
 
+  Stage i owns `input_proj_i`, `proj_norm_i` and `decoder_i_j`; queries and `class_embed` are
+  shared by all stages. `__call__` is SegViT: stage 0 on the deepest feature, queries carried
+  over, mask logits summed. The stage-wise methods (`initial_queries`, `stage`, `classify`)
+  let an early-exit encoder run the stages one at a time, shallowest first, so that the
+  head's own stages serve as the exits (segmenter.Segmenter, exit_head='atm').
+
   Attributes:
     num_classes: C; one query per class.
     dim: decoder width (SegViT: 384 for ViT-B, 512 for ViT-L).
@@ -68,7 +74,35 @@ class ATMHead(nn.Module):
   dtype: Dtype = jnp.float32
   param_dtype: Dtype = jnp.float32
 
-  @nn.compact
+  def setup(self):
+    kw = dict(dtype=self.dtype, param_dtype=self.param_dtype)
+    dense = lambda f: nn.Dense(f, kernel_init=nn.initializers.truncated_normal(0.02), **kw)
+    self.queries = self.param("queries", nn.initializers.normal(1.0),
+                              (self.num_classes, self.dim), self.param_dtype)
+    self.class_embed = dense(2 if self.binary_cls else self.num_classes + 1)
+    self.input_proj = [dense(self.dim) for _ in range(self.num_stages)]
+    self.proj_norm = [nn.LayerNorm(1e-5, **kw) for _ in range(self.num_stages)]
+    self.decoder = [[DecoderLayer(self.num_heads, self.dropout, **kw)
+                     for _ in range(self.num_layers)] for _ in range(self.num_stages)]
+
+  def initial_queries(self, batch: int):
+    """The learned class queries [B, Q, d]."""
+    return jnp.broadcast_to(self.queries.astype(self.dtype),
+                            (batch, self.num_classes, self.dim))
+
+  def stage(self, i: int, q, x, key_mask=None, *, train=False):
+    """Stage i on tokens x [B, N, D]: (new queries [B, Q, d], mask logits [B, Q, N] fp32),
+    the last decoder layer's head-averaged pre-softmax cross-attention logits."""
+    memory = self.proj_norm[i](self.input_proj[i](x))
+    for layer in self.decoder[i]:
+      q, logits = layer(q, memory, key_mask, train=train)
+    self.sow("intermediates", "stage_logits", logits)  # for tests and analysis
+    return q, logits
+
+  def classify(self, q):
+    """Class logits [B, Q, C+1] (binary head: [B, Q, 2]), fp32."""
+    return self.class_embed(q).astype(jnp.float32)
+
   def __call__(self, features: Sequence[jax.Array], key_mask=None, *, train=False):
     """features: `num_stages` arrays [B, N, D], shallowest first (as the encoder emits them).
 
@@ -77,26 +111,13 @@ class ATMHead(nn.Module):
     """
     if len(features) != self.num_stages:
       raise ValueError(f"ATMHead expects {self.num_stages} feature maps, got {len(features)}")
-    kw = dict(dtype=self.dtype, param_dtype=self.param_dtype)
-    b = features[0].shape[0]
-    queries = self.param("queries", nn.initializers.normal(1.0),
-                         (self.num_classes, self.dim), self.param_dtype)
-    q = jnp.broadcast_to(queries.astype(self.dtype), (b, self.num_classes, self.dim))
-    class_embed = nn.Dense(2 if self.binary_cls else self.num_classes + 1,
-                           kernel_init=nn.initializers.truncated_normal(0.02),
-                           name="class_embed", **kw)
+    q = self.initial_queries(features[0].shape[0])
     stage_logits, stage_masks, masks = [], [], 0.0
     for i, x in enumerate(reversed(features)):  # deepest first
-      x = nn.Dense(self.dim, kernel_init=nn.initializers.truncated_normal(0.02),
-                   name=f"input_proj_{i}", **kw)(x)
-      memory = nn.LayerNorm(1e-5, name=f"proj_norm_{i}", **kw)(x)
-      for j in range(self.num_layers):
-        q, logits = DecoderLayer(self.num_heads, self.dropout, name=f"decoder_{i}_{j}",
-                                 **kw)(q, memory, key_mask, train=train)
-      self.sow("intermediates", "stage_logits", logits)  # for tests and analysis
+      q, logits = self.stage(i, q, x, key_mask, train=train)
       masks = masks + logits  # last layer's logits; summed over stages
       stage_masks.append(masks)
-      stage_logits.append(class_embed(q).astype(jnp.float32))
+      stage_logits.append(self.classify(q))
     aux = [dict(pred_logits=l, pred_masks=m) for l, m in zip(stage_logits[:-1], stage_masks[:-1])]
     return dict(pred_logits=stage_logits[-1], pred_masks=stage_masks[-1], aux=aux)
 

@@ -2,7 +2,8 @@
 
 Rules (zbwxp/Dynamic-Token-Pruning, reference notes §3):
   * each exit head is an independent single-stage ATM head with a binary (present,
-    no-object) class head; confidence of token t = max_c p_c(present) · σ(mask_c,t);
+    no-object) class head; confidence of token t = max_c p_c(present) · σ(mask_c,t)
+    (other exit designs, segmenter.EXIT_HEADS, use the same rule with p_c from their head);
   * tokens with confidence > τ halt, except that for every predicted class the `keep_top_k`
     (5) most confident candidates stay active as context;
   * halted tokens leave the queries and the keys/values of every later layer; their mask
@@ -17,11 +18,21 @@ import jax
 import jax.numpy as jnp
 
 
+def class_presence(cls_logits):
+  """p(query c's class is present) [B, Q]: DToP's binary head gives it directly; for SegViT's
+  (C+1)-way head (Q == C, query c matched to class c) it is softmax(cls_c)[c]."""
+  p = jax.nn.softmax(cls_logits.astype(jnp.float32), axis=-1)
+  if p.shape[-1] == 2:
+    return p[..., 0]
+  q = p.shape[1]
+  return p[:, jnp.arange(q), jnp.arange(q)]
+
+
 def token_confidence(cls_logits, mask_logits):
-  """(confidence [B, N], predicted class [B, N]) from binary class logits [B, Q, 2] and
-  mask logits [B, Q, N]."""
-  present = jax.nn.softmax(cls_logits.astype(jnp.float32), axis=-1)[..., 0]
-  probs = present[:, :, None] * jax.nn.sigmoid(mask_logits.astype(jnp.float32))
+  """(confidence [B, N], predicted class [B, N]) from class logits [B, Q, 2] (binary) or
+  [B, Q, C+1] and mask logits [B, Q, N]: max_c p_c(present) · σ(mask_c,t)."""
+  probs = class_presence(cls_logits)[:, :, None] * jax.nn.sigmoid(
+      mask_logits.astype(jnp.float32))
   return probs.max(axis=1), probs.argmax(axis=1)
 
 

@@ -41,10 +41,14 @@ class Segmenter(nn.Module):
       batch's largest token count is selected on device (`lax.switch`), so only these shapes
       are ever compiled and fewer tokens really cost less.
     policy: module mapping pixels to {k: logits [B, H/(16k), W/(16k)]} (dcts/cts).
-    exit_layers: 1-based blocks after which an auxiliary exit head sits (DToP/STEP, e.g.
-      (6, 8) for ViT-B); empty = no early exit. With exits, `head` is the final DToP head
-      (binary, one stage) on block `out_layers == (depth,)`.
-    exit_heads: one single-stage binary ATM head per exit layer.
+    exit_layers: 1-based blocks after which tokens may halt (DToP/STEP, e.g. (6, 8) for
+      ViT-B); empty = no early exit. With DToP exit heads, `head` is the final DToP head (one
+      stage) on block `out_layers == (depth,)`; with exit_head='atm' it is SegViT's head.
+    exit_heads: DToP: one single-stage ATM head per exit layer.
+    exit_head: 'dtop' (DToP exactly: single-stage heads with binary class logits at the exits
+      and on the last block), 'dtop_multiclass' (the same with SegViT's (C+1)-way class
+      logits) or 'atm' (SegViT's multi-stage head run stage by stage, its stages at the exit
+      layers serving as the exits; see `staged`).
     exit_threshold: confidence τ above which tokens halt (per exit, or one for all).
     exit_mode: 'mask' (halted tokens masked in place) or 'compact' (active tokens gathered
       into the smallest capacity bucket of `exit_buckets` at every exit).
@@ -66,6 +70,7 @@ class Segmenter(nn.Module):
   exit_heads: Sequence[nn.Module] = ()
   exit_threshold: Union[float, Sequence[float]] = 1.0
   exit_mode: str = "compact"
+  exit_head: str = "dtop"
   keep_top_k: int = 5
   exit_buckets: Sequence[float] = (0.25, 0.375, 0.5, 0.625, 0.75, 0.875, 1.0)
 
@@ -133,33 +138,71 @@ class Segmenter(nn.Module):
       return dict(out, token_maps={}, stats={})
     return self.staged(x, key_mask, train=train)
 
-  def run_stage(self, x, active, start, stop, head_index, capacity, train):
-    """Blocks [start, stop) and exit head `head_index` on the active tokens.
+  def stage_layers(self):
+    """1-based blocks after which a head stage runs, shallowest first: DToP's exit heads and
+    its final head, or (exit_head='atm') SegViT's `out_layers`, which include the exits."""
+    if self.exit_head == "atm":
+      return tuple(self.out_layers)
+    return tuple(self.exit_layers) + (len(self.backbone.blocks),)
+
+  def head_stage(self, i, q, y, key_mask, train):
+    """Head stage i on block outputs y: (queries, class logits [B, Q, K], masks [B, Q, N]).
+
+    'atm': stage i of the one SegViT head, queries carried over from stage i - 1. DToP: the
+    independent head i (exit heads, then the final head); no queries are carried (q None).
+    """
+    if self.exit_head == "atm":
+      q, masks = self.head.stage(i, q, y, key_mask, train=train)
+      return q, self.head.classify(q), masks
+    out = (list(self.exit_heads) + [self.head])[i]([y], key_mask, train=train)
+    return q, out["pred_logits"], out["pred_masks"]
+
+  def run_segment(self, x, q, active, start, stop, stages, capacity, train):
+    """Blocks [start, stop) and the head stages `stages` ((index, layer) pairs) on the active
+    tokens.
 
     capacity None: every token in place, halted ones hidden by the key mask. Otherwise the
     active tokens are gathered into `capacity` slots, run, and scattered back.
-    Returns (x [B, N, D], class logits [B, Q, 2], mask logits [B, Q, N]).
+    Returns (x [B, N, D], queries, [(class logits [B, Q, K], mask logits [B, Q, N]), ...]).
     """
-    head = (list(self.exit_heads) + [self.head])[head_index]
     if capacity is None:
-      y = self.backbone.run_blocks(x, active, start, stop, train=train)[-1]
-      out = head([y], active, train=train)
-      return y, out["pred_logits"], out["pred_masks"]
-    idx, sub_active = early_exit.compact_indices(active, capacity)
-    y = self.backbone.run_blocks(early_exit.gather(x, idx), sub_active, start, stop,
-                                 train=train)[-1]
-    out = head([y], sub_active, train=train)
-    x = early_exit.scatter(x, y, idx, sub_active)
-    b, q, n = x.shape[0], out["pred_masks"].shape[1], x.shape[1]
-    masks = early_exit.scatter(jnp.zeros((b, n, q), jnp.float32),
-                               jnp.swapaxes(out["pred_masks"], 1, 2), idx, sub_active)
-    return x, out["pred_logits"], jnp.swapaxes(masks, 1, 2)
+      xs, sub = x, active
+    else:
+      idx, sub = early_exit.compact_indices(active, capacity)
+      xs = early_exit.gather(x, idx)
+    outs = self.backbone.run_blocks(xs, sub, start, stop, train=train)
+    results = []
+    for i, layer in stages:
+      q, cls, masks = self.head_stage(i, q, outs[layer - start - 1], sub, train)
+      if capacity is not None:  # halted tokens get zeros; the canvas never reads them
+        n = x.shape[1]
+        masks = jnp.swapaxes(early_exit.scatter(
+            jnp.zeros((x.shape[0], n, masks.shape[1]), jnp.float32),
+            jnp.swapaxes(masks, 1, 2), idx, sub), 1, 2)
+      results.append((cls, masks))
+    x = outs[-1] if capacity is None else early_exit.scatter(x, outs[-1], idx, sub)
+    return x, q, results
 
   def staged(self, x, key_mask, *, train):
-    """DToP: stages separated by exit heads; confident tokens halt; a canvas of mask logits."""
+    """Early exit: encoder segments separated by exits; confident tokens halt; a canvas of
+    mask logits keeps each halted token's last prediction.
+
+    exit_head 'dtop'/'dtop_multiclass': DToP, an independent single-stage head at each exit
+    and after the last block, each writing its masks on the canvas. 'atm': SegViT's own head
+    stages at `out_layers` run shallowest first as the encoder reaches them; the stages at
+    exit layers are the exits, queries carry over and masks add up, so exits cost no extra
+    head and the final prediction is SegViT's multi-stage sum (halted tokens keep theirs).
+    """
     b, n, _ = x.shape
     depth = len(self.backbone.blocks)
-    if tuple(self.out_layers) != (depth,) or len(self.exit_heads) != len(self.exit_layers):
+    layers = self.stage_layers()
+    if self.exit_head == "atm":
+      if list(layers) != sorted(set(layers)) or layers[-1] != depth \
+          or not set(self.exit_layers) <= set(layers) or self.exit_heads:
+        raise ValueError(f"exit_head='atm' needs increasing out_layers ending at the depth "
+                         f"{depth} that include exit_layers={tuple(self.exit_layers)}; got "
+                         f"out_layers={tuple(self.out_layers)}")
+    elif tuple(self.out_layers) != (depth,) or len(self.exit_heads) != len(self.exit_layers):
       raise ValueError(f"early exit needs out_layers == ({depth},) and one exit head per exit "
                        f"layer; got out_layers={tuple(self.out_layers)}, "
                        f"{len(self.exit_heads)} heads for exit_layers={tuple(self.exit_layers)}")
@@ -169,27 +212,32 @@ class Segmenter(nn.Module):
     active = jnp.ones((b, n), bool) if key_mask is None else key_mask
     halt_stage = jnp.full((b, n), len(self.exit_layers), jnp.int32)  # exit index, or last
     canvas = jnp.zeros((b, self.head.num_classes, n), jnp.float32)
+    q = self.head.initial_queries(b) if self.exit_head == "atm" else None
     results, counts, caps_used = [], [], []
     caps = supertokens.bucket_capacities(n, self.exit_buckets, multiple=8)
     for s in range(len(bounds) - 1):
       counts.append(jnp.sum(active, axis=-1))
-      run = functools.partial(Segmenter.run_stage, start=bounds[s], stop=bounds[s + 1],
-                              head_index=s, train=train)
+      stages = tuple((i, l) for i, l in enumerate(layers) if bounds[s] < l <= bounds[s + 1])
+      run = functools.partial(Segmenter.run_segment, start=bounds[s], stop=bounds[s + 1],
+                              stages=stages, train=train)
       if self.exit_mode == "compact" and s > 0 and len(caps) > 1:
         idx = supertokens.bucket_index(counts[-1], caps)
         branches = [functools.partial(run, capacity=c) for c in caps]
-        x, cls, masks = nn.switch(idx, branches, self, x, active)
+        x, q, outs = nn.switch(idx, branches, self, x, q, active)
         caps_used.append(jnp.asarray(caps, jnp.int32)[idx])
       elif self.exit_mode in ("compact", "mask"):
-        x, cls, masks = run(self, x, active, capacity=None)
+        x, q, outs = run(self, x, q, active, capacity=None)
         caps_used.append(jnp.asarray(n, jnp.int32))
       else:
         raise ValueError(f"exit_mode={self.exit_mode!r}: use 'mask' or 'compact'")
-      canvas = jnp.where(active[:, None, :], masks, canvas)   # halted tokens keep old logits
-      results.append(dict(pred_logits=cls, pred_masks=canvas))
+      for cls, masks in outs:
+        new = canvas + masks if self.exit_head == "atm" else masks
+        canvas = jnp.where(active[:, None, :], new, canvas)   # halted tokens keep theirs
+        results.append(dict(pred_logits=cls, pred_masks=canvas))
       if s < len(self.exit_layers):
-        halt = early_exit.halting(jax.lax.stop_gradient(cls), jax.lax.stop_gradient(masks),
-                                  active, taus[s], self.keep_top_k)
+        halt = early_exit.halting(jax.lax.stop_gradient(outs[-1][0]),
+                                  jax.lax.stop_gradient(canvas), active, taus[s],
+                                  self.keep_top_k)
         halt_stage = jnp.where(halt, s, halt_stage)
         active &= ~halt
     return dict(results[-1], aux=results[:-1], token_maps=dict(halt_stage=halt_stage),
@@ -249,6 +297,11 @@ class Segmenter(nn.Module):
     info.update({k: v.reshape(b, *grid) for k, v in out["token_maps"].items()})
     return outputs, info
 
+
+# Early-exit head designs (Segmenter.exit_head). 'atm' is the default of configs/step.py:
+# DToP's single-stage binary heads cost a 4-layer (Mu/16) and a 12-layer (Ti/16) CamVid model
+# about 10 mIoU against SegViT even with nothing halted (see experiments/README.md).
+EXIT_HEADS = ("dtop", "dtop_multiclass", "atm")
 
 _PIXEL_DTYPES = (np.uint8, np.float16, jnp.bfloat16, np.float32, np.float64)
 
@@ -319,6 +372,9 @@ def build(model_cfg, num_classes: int, image_size: Sequence[int], ignore_index: 
   depth = v["depth"]
   out_layers = tuple(model_cfg.out_layers)
   exit_layers = tuple(model_cfg.get("exit_layers", ()))
+  exit_head = model_cfg.get("exit_head", "dtop")
+  if exit_head not in EXIT_HEADS:
+    raise ValueError(f"model.exit_head={exit_head!r}: use one of {EXIT_HEADS}")
   head_kw = dict(dim=model_cfg.head_dim, num_layers=model_cfg.get("head_layers", 3),
                  dropout=model_cfg.get("head_dropout", 0.1), dtype=dtype)
   if exit_layers:
@@ -326,14 +382,21 @@ def build(model_cfg, num_classes: int, image_size: Sequence[int], ignore_index: 
         or exit_layers[-1] >= depth:
       raise ValueError(f"model.exit_layers={exit_layers} must be increasing 1-based layers "
                        f"below the depth {depth} of {model_cfg.variant}")
+  if exit_layers and exit_head != "atm":
     out_layers = (depth,)  # DToP: the final head reads the last block only
     dtop_head = lambda: atm.ATMHead(num_classes, num_heads=model_cfg.get(
-        "exit_head_heads", model_cfg.head_heads), num_stages=1, binary_cls=True, **head_kw)
+        "exit_head_heads", model_cfg.head_heads), num_stages=1,
+                                    binary_cls=exit_head == "dtop", **head_kw)
     head, exit_heads = dtop_head(), tuple(dtop_head() for _ in exit_layers)
   else:
+    if exit_layers:  # SegViT's stages at out_layers and at the exits (no extra head)
+      out_layers = tuple(sorted(set(out_layers) | set(exit_layers)))
     if not out_layers or max(out_layers) > depth or min(out_layers) < 1:
       raise ValueError(f"model.out_layers={out_layers} must be 1-based layers within depth "
                        f"{depth} of {model_cfg.variant}")
+    if exit_layers and out_layers[-1] != depth:
+      raise ValueError(f"model.exit_head='atm' needs the last block {depth} in "
+                       f"model.out_layers={out_layers}: the final stage reads it")
     head = atm.ATMHead(num_classes, num_heads=model_cfg.head_heads,
                        num_stages=len(out_layers), **head_kw)
     exit_heads = ()
@@ -374,7 +437,7 @@ def build(model_cfg, num_classes: int, image_size: Sequence[int], ignore_index: 
                    ignore_index=ignore_index, policy=policy,
                    exit_layers=exit_layers, exit_heads=exit_heads,
                    exit_threshold=exit_threshold,
-                   exit_mode=exit_mode,
+                   exit_mode=exit_mode, exit_head=exit_head,
                    keep_top_k=model_cfg.get("keep_top_k", 5),
                    exit_buckets=tuple(model_cfg.get("exit_buckets",
                                                     (0.25, 0.375, 0.5, 0.625, 0.75, 0.875, 1.0))))
