@@ -51,8 +51,9 @@ def random_variables(model, image_hw, seed=0):
   return jax.tree.map(jnp.asarray, jax.tree_util.tree_map_with_path(draw, shapes))
 
 
-def load_images(config, folder, n):
-  """n images resized to the config's crop, uint8 [n, H, W, 3]."""
+def load_images(config, folder, n, split=None):
+  """n images resized to the config's crop, uint8 [n, H, W, 3]: from `folder`, else from
+  `split` (default: the split being evaluated, config.data.split, else data.eval_split)."""
   from PIL import Image  # pylint: disable=g-import-not-at-top
   h, w = config.data.image_size
   if folder:
@@ -62,8 +63,8 @@ def load_images(config, folder, n):
     ims = [Image.open(os.path.join(folder, f)).convert("RGB") for f in names[:n]]
   else:
     from step_jax.data import get_source  # pylint: disable=g-import-not-at-top
-    src = get_source(config.data, config.data.eval_split, config.num_classes,
-                     config.ignore_index)
+    split = split or config.data.get("split", "") or config.data.eval_split
+    src = get_source(config.data, split, config.num_classes, config.ignore_index)
     ims = [Image.fromarray(src[i]["image"]) for i in range(min(n, len(src)))]
   return np.stack([np.asarray(im.resize((w, h), Image.BILINEAR)) for im in ims])
 
@@ -115,10 +116,11 @@ def token_stats(config, model, variables, images):
               gflops_heads=mean(useful, "heads"), images=len(images))
 
 
-def eval_gflops(config, model, variables, num_images=16):
+def eval_gflops(config, model, variables, num_images=16, split=None):
   """GFLOPs for the eval json: the formula for static models; for supertoken/early-exit
-  models the mean over the first `num_images` eval images (at the crop size) of the useful
-  and the executed (bucket capacity) GFLOPs, with the tokens per stage."""
+  models the mean over the first `num_images` images of `split` (default: the evaluated
+  split, see load_images; at the crop size) of the useful and the executed (bucket capacity)
+  GFLOPs, with the tokens per stage."""
   if model.merge == "none" and not model.exit_layers:
     return dict(gflops=flops.model_macs(config)["total"])
   h, w = config.data.image_size
@@ -126,10 +128,11 @@ def eval_gflops(config, model, variables, num_images=16):
   full = flops.token_macs(config, (h // p) * (w // p))["total"]   # every token, every layer
   if model.merge == "oracle":  # needs labels; token_stats runs images only
     return dict(gflops_full=full)
-  st = token_stats(config, model, variables, load_images(config, "", num_images))
+  split = split or config.data.get("split", "") or config.data.eval_split
+  st = token_stats(config, model, variables, load_images(config, "", num_images, split))
   return dict(gflops=st["gflops_useful"], gflops_executed=st["gflops_executed"],
               gflops_full=full, tokens_per_stage=st["mean_tokens_per_stage"],
-              tokens_full=st["tokens_full"], gflops_images=st["images"])
+              tokens_full=st["tokens_full"], gflops_images=st["images"], gflops_split=split)
 
 
 def prepare(config, dtype="fp32", variables=None, images=None, exit_share=-1.0):

@@ -354,7 +354,7 @@ def evaluate_checkpoint(config, workdir, *, step=None):
   variables, step = train.restore_checkpoint(config, workdir, step, model=model, mesh=mesh)
   out = evaluate(config, variables, model=model, mesh=mesh)
   out.update(step=int(step), gflops_image_size=list(config.data.image_size),
-             **benchmark.eval_gflops(config, model, variables))
+             **benchmark.eval_gflops(config, model, variables, split=out["split"]))
   if jax.process_index() == 0:
     ckpt_lib.write_json(os.path.join(workdir, f"eval_{out['split']}.json"), out)
   print(f"step {step}: {out['split']} mIoU {100 * out['miou']:.2f} pixel acc "

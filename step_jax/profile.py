@@ -116,6 +116,7 @@ def pieces(config, model, plan, image, batch):
   n_cls = 2 if model.exit_layers and model.exit_head == "dtop" else c + 1
   head_macs = lambda n: flops.atm_head_macs([n], c, m.head_dim, d, layers, n_cls)
   taus = model.exit_threshold
+  atm_exits = bool(model.exit_layers) and model.exit_head == "atm"
   for s, (n, cap) in enumerate(zip(plan["active"], plan["caps"])):
     xs = jnp.ones((batch, cap, d), model.backbone.dtype)
     args = (xs, _mask(cap, n, batch) if masked else None)
@@ -123,21 +124,21 @@ def pieces(config, model, plan, image, batch):
       fn = lambda mod, x, mk, k=k: mod.backbone.run_blocks(x, mk, k, k + 1)[-1]
       add(f"block {k + 1}", str(k + 1), fn, args, n, cap, flops.vit_block_macs(n, d, mlp),
           flops.vit_block_macs(cap, d, mlp))
-    if model.exit_layers and model.exit_head == "atm":  # SegViT's stages (+ halting at exits)
-      for i, layer in enumerate(model.out_layers):
-        if not bounds[s] < layer <= bounds[s + 1]:
-          continue
+      if atm_exits and k + 1 in model.out_layers:  # SegViT's stage at this block (+ halting)
+        i = list(model.out_layers).index(k + 1)
         tau = (taus[s] if isinstance(taus, (tuple, list)) else taus) if (
-            layer in model.exit_layers) else None
+            k + 1 in model.exit_layers) else None
 
         def stage_fn(mod, x, mk, i=i, tau=tau):
           q, masks = mod.head.stage(i, mod.head.initial_queries(x.shape[0]), x, mk)
           cls = mod.head.classify(q)
           return (cls, masks) if tau is None else early_exit.halting(
               cls, masks, mk, tau, mod.keep_top_k)
-        add(f"head stage {i + 1}" + (" (exit)" if tau is not None else ""), str(layer),
+        add(f"head stage {i + 1}" + (" (exit)" if tau is not None else ""), str(k + 1),
             stage_fn, args, n, cap, head_macs(n), head_macs(cap))
-    elif s < len(model.exit_layers):
+    if atm_exits:
+      continue   # its stages were profiled with their blocks
+    if s < len(model.exit_layers):
       tau = taus[s] if isinstance(taus, (tuple, list)) else taus
 
       def exit_fn(mod, x, mk, s=s, tau=tau):  # ATM head + DToP halting rule

@@ -560,7 +560,8 @@ def train_and_evaluate(config, workdir):
             skipped_steps=int(jax.device_get(state["guard"]["skipped"])),
             bad_records=int(getattr(train_iter, "bad_records", 0)),
             **benchmark.eval_gflops(config, model,
-                                    dict(state["model_state"], params=state["params"])))
+                                    dict(state["model_state"], params=state["params"]),
+                                    split=ev["split"]))
   if is_chief:
     ckpt_lib.write_json(os.path.join(workdir, f"eval_{ev['split']}.json"), ev)
   writer.close()

@@ -209,3 +209,16 @@ def test_evaluate_cli_writes_json(tmp_path):
   assert out["step"] == 7 and out["images"] == 3 and out["split"] == "train"
   assert 0 <= out["miou"] <= 1 and out["gflops"] > 0 and len(out["per_class_iou"]) == 6
   assert "mIoU" in res.stdout
+
+
+def test_token_statistics_read_the_evaluated_split():
+  """`evaluate --config.data.split=test` measures tokens/GFLOPs on test images, not val."""
+  from step_jax import benchmark  # pylint: disable=g-import-not-at-top
+  cfg = _tiny()
+  cfg.data.image_size = (32, 32)
+  val = benchmark.load_images(cfg, "", 2)
+  cfg.data.split = "test"
+  test = benchmark.load_images(cfg, "", 2)
+  np.testing.assert_array_equal(test, benchmark.load_images(cfg, "", 2, split="test"))
+  np.testing.assert_array_equal(val, benchmark.load_images(cfg, "", 2, split="val"))
+  assert not np.array_equal(test, val)

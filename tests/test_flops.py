@@ -239,3 +239,19 @@ def test_policy_backbone_macs_match_xla():
   ours = flops.efficientnet_lite0_macs(224, 320)
   # XLA also counts ReLU6 clamps and BN arithmetic per element: ours <= XLA/2, within 10 %.
   assert 0.90 < ours / xla <= 1.0, (ours, xla)
+
+
+def test_token_macs_of_atm_exits():
+  """exit_head=atm: with nothing halted the exit model costs exactly SegViT (its stages are
+  the exits); halting saves blocks and the head stages after the exit, nothing else."""
+  from configs import step as step_configs
+  segvit = step_configs.get_config("method=segvit,variant=B/16,dataset=ade20k,res=512")
+  cfg = step_configs.get_config("method=dtop,variant=B/16,dataset=ade20k,res=512,exits=8,"
+                                "exit_head=atm")
+  assert flops.token_macs(cfg, 1024, [1024, 1024])["total"] == pytest.approx(
+      flops.model_macs(segvit)["total"], rel=1e-12)
+  pruned = flops.token_macs(cfg, 1024, [1024, 500])
+  b = lambda n: flops.vit_block_macs(n, 768, 3072)
+  h = lambda n: flops.atm_head_macs([n], 150, 384, 768, 3, 151)   # the layer-12 stage
+  saved = flops.model_macs(segvit)["total"] - pruned["total"]
+  np.testing.assert_allclose(saved * 1e9, 4 * (b(1024) - b(500)) + h(1024) - h(500), rtol=1e-9)

@@ -1,0 +1,124 @@
+"""One table of trained runs, measured in one run: mIoU, tokens, GFLOPs (useful / executed /
+of which the policy net), ms/image and ratios to the first row.
+
+  python experiments/compare.py --res=1024 --out=experiments/results/compare_camvid_ti \
+      --row="SegViT=workdirs/camvid_ti_segvit_s0" \
+      --row="DToP-BASE=workdirs/camvid_ti_dtop_s0@1500:noexit" \
+      --row="+DToP@[8]=workdirs/camvid_ti_dtop_s0" ...
+
+A row is LABEL=WORKDIR[@STEP][:noexit]: the latest checkpoint of a `step_jax.main` workdir
+(or the one at STEP, e.g. the DToP BASE model at `prune_from_step`), run with its own config;
+`:noexit` runs it with nothing halting (exit threshold 1), as DToP reports its BASE model.
+
+mIoU: the eval split with the run's own evaluation settings (CamVid cpu: the 101 val images,
+whole, at the training scale). Tokens, GFLOPs and time: `--num_images` eval images resized
+to `--res`² (the policy net, merge and exits decide the tokens per image), batch 1, fp32, on
+this device; ratios are to the first row, from the same run.
+Writes <out>/compare.{md,jsonl}.
+"""
+import json
+import os
+import sys
+
+from absl import app
+from absl import flags
+import numpy as np
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+import sweep  # noqa: E402
+from step_jax import benchmark  # noqa: E402
+from step_jax import profile as profile_lib  # noqa: E402
+from step_jax import train  # noqa: E402
+
+
+def parse_row(spec):
+  """'LABEL=WORKDIR[@STEP][:noexit]' → (label, workdir, step or None, exits on)."""
+  label, eq, rest = spec.partition("=")
+  if not eq or not label or not rest:
+    raise ValueError(f"--row={spec!r}: use LABEL=WORKDIR[@STEP][:noexit]")
+  rest, _, flag = rest.partition(":")
+  if flag not in ("", "noexit"):
+    raise ValueError(f"--row={spec!r}: the only suffix is ':noexit', got {flag!r}")
+  workdir, _, step = rest.partition("@")
+  if step and not step.isdigit():
+    raise ValueError(f"--row={spec!r}: @STEP must be a step number, got {step!r}")
+  return label, workdir, int(step) if step else None, flag != "noexit"
+
+
+def measure(spec, res, images, **kw):
+  """One row: sweep.measure_row on the run's own config at res², its trained weights."""
+  label, workdir, step, exits = parse_row(spec)
+  config = train.workdir_config(workdir)
+  variables, got_step = train.restore_checkpoint(config, workdir, step)
+  if not exits:
+    config.model.exit_threshold = 1.0
+  config.data.image_size = (res, res)
+  r = sweep.measure_row(config, images, trained=[(workdir, variables, config.method)],
+                        exit_share=-1.0, **kw)
+  m = config.model
+  r.update(label=label, spec=spec, step=got_step, seed=config.seed,
+           exit_head=m.get("exit_head", "dtop") if m.get("exit_layers", ()) else "",
+           exits_on=exits)
+  return r
+
+
+def table(rows, res, images):
+  cell = profile_lib.fmt_cell
+  base = rows[0]
+  lines = [f"Trained runs on {base['device']}: tokens, GFLOPs and time at {res}² on {images} "
+           f"eval images resized (batch {base['batch']}, {base['dtype']}); mIoU on the eval "
+           "split with each run's own settings; ratios to the first row, measured in this run.",
+           "", "| row | step | mIoU | tokens | halted | GFLOPs | executed | of which policy | "
+           f"fewer GFLOPs (vs {base['label']}) | ms/image | speed-up | exit head | weights |",
+           "|" + "---|" * 13]
+  for r in rows:
+    lines.append(
+        f"| {r['label']} | {r['step']} | {cell(r['miou'] and 100 * r['miou'], '.1f')} | "
+        f"{r['tokens']:.0f} | {100 * r['halted_share']:.1f} % | {r['gflops_useful']:.2f} | "
+        f"{r['gflops_executed']:.2f} | {r.get('gflops_policy') or 0:.2f} | "
+        f"{base['gflops_useful'] / r['gflops_useful']:.2f}× | "
+        f"{r['ms_per_image_median']:.0f} | "
+        f"{base['ms_per_image_median'] / r['ms_per_image_median']:.2f}× | "
+        f"{r['exit_head'] or '–'}{'' if r['exits_on'] else ' (off)'} | {r['spec']} |")
+  return "\n".join(lines)
+
+
+def main(argv):
+  del argv
+  f = flags.FLAGS
+  config = train.workdir_config(parse_row(f.row[0])[1])
+  config.data.image_size = (f.res, f.res)
+  images = benchmark.load_images(config, f.images, f.num_images)
+  rows = []
+  for spec in f.row:
+    r = measure(spec, f.res, images, reps=f.reps, warmup=f.warmup, eval_images=f.eval_images)
+    print(json.dumps({k: r.get(k) for k in ("label", "step", "miou", "tokens", "halted_share",
+                                            "gflops_useful", "gflops_executed",
+                                            "ms_per_image_median")}), flush=True)
+    rows.append(r)
+  md = table(rows, f.res, len(images))
+  print(md)
+  if f.out:
+    os.makedirs(f.out, exist_ok=True)
+    with open(os.path.join(f.out, "compare.md"), "w") as fh:
+      fh.write(md + "\n")
+    with open(os.path.join(f.out, "compare.jsonl"), "w") as fh:
+      for r in rows:
+        fh.write(json.dumps({k: v for k, v in r.items() if not isinstance(v, np.ndarray)},
+                            default=float) + "\n")
+
+
+if __name__ == "__main__":
+  flags.DEFINE_multi_string("row", [], "LABEL=WORKDIR[@STEP][:noexit], repeatable; the first "
+                            "row is the reference of the ratios.")
+  flags.DEFINE_integer("res", 1024, "Square size the eval images are resized to for tokens, "
+                       "GFLOPs and time.")
+  flags.DEFINE_string("images", "", "Folder of images; default: the first run's eval split.")
+  flags.DEFINE_integer("num_images", 4, "Images for tokens, GFLOPs and time.")
+  flags.DEFINE_integer("eval_images", 0, "Eval-split images for mIoU (0: all).")
+  flags.DEFINE_integer("reps", 3, "Timed calls per row and image.")
+  flags.DEFINE_integer("warmup", 1, "Untimed calls per row.")
+  flags.DEFINE_string("out", "", "Output folder (compare.md, compare.jsonl).")
+  flags.mark_flags_as_required(["row"])
+  app.run(main)
