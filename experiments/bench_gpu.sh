@@ -34,4 +34,16 @@ for variant in ${VARIANTS:-B/16 L/16}; do
     done
   done
 done
+# The written-out einsum attention against the default (cuDNN's fused kernel in bf16) at the
+# grid's last variant and size: what the fused kernel buys (issue 17). ATTN_REF=0 skips it.
+if [ "${ATTN_REF:-1}" = 1 ]; then
+  for method in segvit step; do
+    extra=(); [ "$method" = step ] && extra=(--exit_share=0.4)
+    "$PY" -m step_jax.benchmark \
+      --config="configs/step.py:method=$method,variant=$variant,dataset=cityscapes,res=$res" \
+      --config.model.policy.init_from="$POLICY" "${images[@]}" --num_images=4 --dtype=bf16 \
+      --batch=1 --reps="${REPS:-10}" --warmup=2 --config.model.attention_impl=einsum \
+      "${extra[@]}" 2>/dev/null | tail -1 | tee -a "$OUT_JSONL"
+  done
+fi
 "$PY" experiments/bench_table.py "$OUT_JSONL"

@@ -20,7 +20,8 @@ def name(r):
   args = r.get("config", "").split(":", 1)[-1].split(",")
   picked = [a for a in args if a.startswith(("method", "exits"))]
   out = ",".join(picked) or f"method={r.get('method', '?')}"
-  return out + (f" ({r['exit_mode']})" if r.get("exit_mode") else "")
+  return (out + (f" ({r['exit_mode']})" if r.get("exit_mode") else "")
+          + (f" [{r['attention_impl']} attention]" if r.get("attention_impl") else ""))
 
 
 def group_key(r):

@@ -31,6 +31,7 @@ from ml_collections import config_flags
 import numpy as np
 
 from step_jax import flops
+from step_jax.models import attention
 from step_jax.models import early_exit
 from step_jax.models import segmenter
 
@@ -197,7 +198,11 @@ def measure(config, variables=None, images=None, *, batch=1, dtype="fp32", reps=
       ms_per_image_max=max(ms), compile_s=compile_s, peak_bytes=mem,
       exit_threshold=np.atleast_1d(model.exit_threshold).round(4).tolist()
       if model.exit_layers else None,
-      exit_mode=model.exit_mode if model.exit_layers else None, **stats)
+      exit_mode=model.exit_mode if model.exit_layers else None,
+      exit_head=model.exit_head if model.exit_layers else None,
+      attention_impl=attention.resolve_impl(model.backbone.attention_impl, model.backbone.dtype,
+                                            model.backbone.width // model.backbone.num_heads),
+      **stats)
 
 
 def run():

@@ -26,10 +26,34 @@ def masked_softmax(logits, key_mask):
   return jax.nn.softmax(logits, axis=-1)
 
 
+# Self-attention implementations (SelfAttention.impl, config `model.attention_impl`).
+IMPLS = ("auto", "xla", "cudnn", "einsum")
+
+
+def resolve_impl(impl, dtype, head_dim):
+  """'auto' → cuDNN's fused kernel on a GPU where it applies (bf16/fp16, head dim a multiple
+  of 8 up to 128), else XLA's `jax.nn.dot_product_attention`; other values pass through."""
+  if impl not in IMPLS:
+    raise ValueError(f"attention_impl={impl!r}: use one of {IMPLS}")
+  if impl != "auto":
+    return impl
+  fused_ok = (jax.default_backend() == "gpu" and jnp.dtype(dtype) in (jnp.bfloat16, jnp.float16)
+              and head_dim % 8 == 0 and head_dim <= 128)
+  return "cudnn" if fused_ok else "xla"
+
+
 class SelfAttention(nn.Module):
-  """Self-attention with a fused qkv projection (timm / torch MultiheadAttention layout)."""
+  """Self-attention with a fused qkv projection (timm / torch MultiheadAttention layout).
+
+  impl: 'einsum' writes the attention out (the reference, and the only path with dropout on
+  the attention weights); 'xla' / 'cudnn' call `jax.nn.dot_product_attention` (cuDNN: the
+  fused flash-style kernel, no [B, H, N, N] matrix in memory); 'auto' picks (resolve_impl).
+  The key mask (padding in capacity buckets, halted tokens) is a boolean mask on the keys in
+  every path; softmax statistics are fp32 in every path.
+  """
   num_heads: int
   dropout: float = 0.0  # on the attention weights (torch MultiheadAttention semantics)
+  impl: str = "einsum"
   dtype: Dtype = jnp.float32
   param_dtype: Dtype = jnp.float32
 
@@ -41,6 +65,15 @@ class SelfAttention(nn.Module):
                                      kernel_init=nn.initializers.xavier_uniform(), name=name)
     qkv = dense(3 * d, "qkv")(x).reshape(b, n, 3, h, d // h)
     q, k, v = qkv[:, :, 0], qkv[:, :, 1], qkv[:, :, 2]          # [B, N, H, Dh]
+    impl = resolve_impl(self.impl, self.dtype, d // h)
+    if impl != "einsum":
+      if self.dropout and train:
+        raise ValueError(f"attention_impl={impl!r} has no dropout on the attention weights; "
+                         "use 'einsum' for attention dropout")
+      mask = None if key_mask is None else key_mask[:, None, None, :]
+      out = jax.nn.dot_product_attention(q, k, v, mask=mask, scale=(d // h) ** -0.5,
+                                         implementation=impl)
+      return dense(d, "proj")(out.reshape(b, n, d))
     logits = jnp.einsum("bqhd,bkhd->bhqk", q * (d // h) ** -0.5, k)
     attn = masked_softmax(logits, key_mask)
     attn = nn.Dropout(self.dropout, deterministic=not train)(attn).astype(self.dtype)

@@ -16,6 +16,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from step_jax.models import atm
+from step_jax.models import attention
 from step_jax.models import early_exit
 from step_jax.models import policy as policy_lib
 from step_jax.models import resize
@@ -344,8 +345,8 @@ def build(model_cfg, num_classes: int, image_size: Sequence[int], ignore_index: 
   """Builds the model from a `config.model` ConfigDict (see configs/common.py).
 
   Keys: variant, out_layers, head_dim, head_heads, head_layers, head_dropout, drop_path, dtype,
-  remat, posemb_grid, pixel_mean/std; token sharing: merge ('none' | 'cts' | 'dcts' |
-  'oracle'), thresholds, cts_shared, superpatch_resize, buckets, policy (a ConfigDict with
+  remat, attention_impl (auto | xla | cudnn | einsum), posemb_grid, pixel_mean/std; token
+  sharing: merge ('none' | 'cts' | 'dcts' | 'oracle'), thresholds, cts_shared, superpatch_resize, buckets, policy (a ConfigDict with
   source, hidden); early exit: exit_layers, exit_threshold, exit_mode, keep_top_k,
   exit_buckets, exit_head_heads.
   """
@@ -366,9 +367,13 @@ def build(model_cfg, num_classes: int, image_size: Sequence[int], ignore_index: 
     raise ValueError(f"ignore_index={ignore_index} must lie outside the classes "
                      f"0..{num_classes - 1} (num_classes={num_classes})")
   posemb_grid = tuple(model_cfg.get("posemb_grid", None) or (image_size[0] // p, image_size[1] // p))
+  attention_impl = model_cfg.get("attention_impl", "auto")
+  if attention_impl not in attention.IMPLS:
+    raise ValueError(f"model.attention_impl={attention_impl!r}: use one of {attention.IMPLS}")
   backbone = vit_lib.ViT(**v, patch_size=p, posemb_grid=posemb_grid,
                          drop_path=model_cfg.get("drop_path", 0.0),
-                         remat=model_cfg.get("remat", False), dtype=dtype)
+                         remat=model_cfg.get("remat", False), attention_impl=attention_impl,
+                         dtype=dtype)
   depth = v["depth"]
   out_layers = tuple(model_cfg.out_layers)
   exit_layers = tuple(model_cfg.get("exit_layers", ()))

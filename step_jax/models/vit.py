@@ -71,6 +71,7 @@ class Block(nn.Module):
   mlp_dim: int
   drop_path: float = 0.0
   dropout: float = 0.0
+  attention_impl: str = "einsum"
   dtype: Dtype = jnp.float32
   param_dtype: Dtype = jnp.float32
 
@@ -78,7 +79,7 @@ class Block(nn.Module):
   def __call__(self, x, key_mask=None, train=False):  # positional `train` for nn.remat
     norm = lambda name: nn.LayerNorm(1e-6, dtype=self.dtype, param_dtype=self.param_dtype,
                                      name=name)
-    y = attention.SelfAttention(self.num_heads, dtype=self.dtype,
+    y = attention.SelfAttention(self.num_heads, impl=self.attention_impl, dtype=self.dtype,
                                 param_dtype=self.param_dtype, name="attn")(norm("norm1")(x),
                                                                            key_mask)
     x = x + DropPath(self.drop_path)(y, train=train)
@@ -96,6 +97,8 @@ class ViT(nn.Module):
       as mmseg's `resize_pos_embed`) to whatever grid the input has.
     drop_path: maximal stochastic-depth rate, increased linearly over the blocks.
     final_norm: SegViT uses the raw block outputs (False); timm applies a last LayerNorm.
+    attention_impl: self-attention path, see attention.SelfAttention ('einsum' is the
+      reference; segmenter.build defaults to 'auto').
   """
   width: int
   depth: int
@@ -107,6 +110,7 @@ class ViT(nn.Module):
   dropout: float = 0.0
   final_norm: bool = False
   remat: bool = False
+  attention_impl: str = "einsum"
   dtype: Dtype = jnp.float32
   param_dtype: Dtype = jnp.float32
 
@@ -117,7 +121,8 @@ class ViT(nn.Module):
                                     (*self.posemb_grid, self.width), self.param_dtype)
     block = nn.remat(Block, static_argnums=(3,)) if self.remat else Block
     rates = [self.drop_path * i / max(self.depth - 1, 1) for i in range(self.depth)]
-    self.blocks = [block(self.num_heads, self.mlp_dim, rate, self.dropout, dtype=self.dtype,
+    self.blocks = [block(self.num_heads, self.mlp_dim, rate, self.dropout,
+                         attention_impl=self.attention_impl, dtype=self.dtype,
                          param_dtype=self.param_dtype) for rate in rates]
     if self.final_norm:
       self.norm = nn.LayerNorm(1e-6, dtype=self.dtype, param_dtype=self.param_dtype)

@@ -1,0 +1,56 @@
+#!/bin/bash
+# Issue 13's comparison where STEP's premise holds on a CPU: ViT-Ti/16 (12 layers, the encoder
+# dominates the cost), CamVid at 176x240 crops, 2000 steps for every method (exit models:
+# 1500 BASE steps + 500 of pruning fine-tuning with a fresh optimizer, DToP's recipe), exits
+# at [8] (STEP@[8] on ViT-B), τ-6899. Every training resumes where it stopped.
+#
+#   bash experiments/compare_camvid_ti.sh train   # the runs missing under $W (hours on 2 cores)
+#   bash experiments/compare_camvid_ti.sh table   # the table, one measuring run (~15 min)
+#
+# Rows: SegViT (2 seeds), DToP-BASE (the BASE checkpoint at step 1500, nothing halting),
+# +DToP@[8], +dCTS, +STEP@[8] with DToP's head, +STEP@[8] with SegViT's stages as exits
+# (exit_head=atm; 2 seeds). mIoU on the 101 val images at the training scale; tokens,
+# GFLOPs (policy included) and ms/image on val images resized to 1024².
+set -euo pipefail
+cd "$(dirname "$0")/.."
+W=${W:-workdirs}
+PY=${PY:-.venv/bin/python}
+CFG=configs/camvid.py:size=cpu,variant=Ti/16
+POLICY=$W/camvid_ti_step_atm_s0/policy      # trained by the first STEP run, then shared
+
+train() {  # train NAME CONFIG-ARGS [FLAGS...]
+  local name=$1 args=$2; shift 2
+  [ -f "$W/$name/eval_val.json" ] && return 0
+  $PY -m step_jax.main --config="$CFG,$args" --workdir="$W/$name" "$@" > "$W/$name.log" 2>&1
+}
+
+if [ "${1:-}" = train ]; then
+  mkdir -p "$W"
+  train camvid_ti_segvit_s0 method=segvit
+  train camvid_ti_step_atm_s0 method=step,exit_head=atm          # trains the policy first
+  train camvid_ti_step_dtop_s0 method=step,exit_head=dtop --config.model.policy.init_from=$POLICY
+  train camvid_ti_segvit_s1 method=segvit --config.seed=1
+  train camvid_ti_step_atm_s1 method=step,exit_head=atm --config.seed=1 \
+      --config.model.policy.init_from=$POLICY
+  train camvid_ti_dtop_s0 method=dtop,exit_head=dtop
+  train camvid_ti_dcts_s0 method=dcts --config.model.policy.init_from=$POLICY
+  train camvid_ti_step_dtopmc_s0 method=step,exit_head=dtop_multiclass \
+      --config.model.policy.init_from=$POLICY
+elif [ "${1:-}" = table ]; then
+  rows=()
+  add() { [ -d "$W/${2%%[@:]*}" ] && rows+=(--row="$1=$W/$2") || echo "missing: $W/$2" >&2; }
+  add "SegViT s0" camvid_ti_segvit_s0
+  add "SegViT s1" camvid_ti_segvit_s1
+  add "DToP-BASE" camvid_ti_dtop_s0@1500:noexit
+  add "+DToP@[8]" camvid_ti_dtop_s0
+  add "+dCTS τ-6899" camvid_ti_dcts_s0
+  add "+STEP@[8] DToP head" camvid_ti_step_dtop_s0
+  add "+STEP@[8] DToP head, (C+1)-way" camvid_ti_step_dtopmc_s0
+  add "+STEP@[8] ATM exits s0" camvid_ti_step_atm_s0
+  add "+STEP@[8] ATM exits s1" camvid_ti_step_atm_s1
+  add "STEP ATM exits BASE" camvid_ti_step_atm_s0@1500:noexit
+  $PY experiments/compare.py "${rows[@]}" --res=1024 --num_images=4 --reps=3 \
+      --out=experiments/results/compare_camvid_ti
+else
+  echo "usage: bash experiments/compare_camvid_ti.sh train|table" >&2; exit 2
+fi

@@ -1,0 +1,149 @@
+"""ViT self-attention through jax.nn.dot_product_attention ('xla'; cuDNN on a GPU) gives the
+written-out einsum reference's outputs and gradients, with padding and halted tokens."""
+import functools
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from step_jax.models import atm
+from step_jax.models import attention
+from step_jax.models import early_exit
+from step_jax.models import segmenter
+from step_jax.models import vit
+
+
+def test_resolve_impl():
+  assert attention.resolve_impl("auto", jnp.float32, 64) == "xla"    # CPU, or GPU in fp32
+  assert attention.resolve_impl("einsum", jnp.bfloat16, 64) == "einsum"
+  if jax.default_backend() != "gpu":
+    assert attention.resolve_impl("auto", jnp.bfloat16, 64) == "xla"
+  with pytest.raises(ValueError, match="attention_impl='flash'"):
+    attention.resolve_impl("flash", jnp.float32, 64)
+
+
+@pytest.mark.parametrize("masked", [False, True])
+def test_fused_equals_einsum_with_key_mask_and_gradients(masked):
+  x = jax.random.normal(jax.random.key(0), (2, 24, 32))
+  key_mask = (jax.random.uniform(jax.random.key(1), (2, 24)) < 0.6) if masked else None
+  make = lambda impl: attention.SelfAttention(4, impl=impl)
+  params = make("einsum").init(jax.random.key(2), x, key_mask)
+
+  def loss(impl, p, x):
+    y = make(impl).apply(p, x, key_mask)
+    return jnp.sum(jnp.sin(y)), y
+  (l1, y1), g1 = jax.value_and_grad(functools.partial(loss, "einsum"), (0, 1), has_aux=True)(
+      params, x)
+  (l2, y2), g2 = jax.value_and_grad(functools.partial(loss, "xla"), (0, 1), has_aux=True)(
+      params, x)
+  np.testing.assert_allclose(y2, y1, atol=2e-5)
+  jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, atol=5e-5), g2, g1)
+  if masked:  # masked keys have no influence, in both paths
+    garbage = jnp.where(key_mask[..., None], x, 100.0)
+    y3 = make("xla").apply(params, garbage, key_mask)
+    keep = np.asarray(key_mask)
+    np.testing.assert_allclose(np.asarray(y3)[keep], np.asarray(y2)[keep], atol=2e-4)
+
+
+def test_fused_path_refuses_attention_dropout_in_training():
+  x = jnp.ones((1, 4, 8))
+  layer = attention.SelfAttention(2, dropout=0.1, impl="xla")
+  params = layer.init(jax.random.key(0), x)
+  layer.apply(params, x)                                   # inference: fine
+  with pytest.raises(ValueError, match="no dropout on the attention weights"):
+    layer.apply(params, x, train=True, rngs={"dropout": jax.random.key(1)})
+
+
+def _model(impl, merge="none", exits=(), mode="compact", tau=1.0, dtype=jnp.float32,
+           design="dtop"):
+  backbone = vit.ViT(width=32, depth=4, mlp_dim=64, num_heads=2, posemb_grid=(4, 4),
+                     attention_impl=impl, dtype=dtype)
+  head = lambda stages, binary: atm.ATMHead(num_classes=4, dim=32, num_heads=4, num_layers=1,
+                                            num_stages=stages, binary_cls=binary, dtype=dtype)
+  kw = dict(merge=merge, buckets=(0.5, 1.0), exit_layers=exits, exit_threshold=tau,
+            exit_mode=mode, exit_buckets=(0.5, 1.0), exit_head=design)
+  if not exits or design == "atm":
+    return segmenter.Segmenter(backbone, head(3, False), (1, 2, 4), **kw)
+  return segmenter.Segmenter(backbone, head(1, True), (4,),
+                             exit_heads=tuple(head(1, True) for _ in exits), **kw)
+
+
+def _images(b=2, h=64, w=96):
+  return jax.random.uniform(jax.random.key(4), (b, h, w, 3), minval=0, maxval=255)
+
+
+def _labels():
+  lab = np.zeros((2, 64, 96), np.int32)
+  lab[:, 32:] = 1
+  lab[:, :, :24] = 2
+  return jnp.asarray(lab)
+
+
+CASES = {  # name: model kwargs (SegViT; dCTS-like padded buckets; DToP; STEP)
+    "segvit": dict(),
+    "supertokens": dict(merge="oracle"),
+    "dtop_mask": dict(exits=(1, 2), mode="mask"),
+    "dtop_compact": dict(exits=(1, 2), mode="compact"),
+    "step_atm": dict(merge="oracle", exits=(2,), mode="compact", design="atm"),
+}
+
+
+def _slow(*names):  # gradients through the bucket switches compile for minutes on 2 cores
+  return [pytest.param(n, marks=pytest.mark.slow) if n in names else n for n in sorted(CASES)]
+
+
+@pytest.mark.parametrize("case", sorted(CASES))
+def test_fused_model_equals_einsum_model(case):
+  _compare(CASES[case], grads=False)
+
+
+@pytest.mark.parametrize("case", _slow("supertokens", "dtop_compact", "step_atm"))
+def test_fused_model_gradients_equal_einsum_model(case):
+  _compare(CASES[case], grads=True)
+
+
+def _compare(kw, grads):
+  images, labels = _images(), _labels()
+  ref, fused = _model("einsum", **kw), _model("xla", **kw)
+  params = _model("einsum", **kw).init(jax.random.key(0), images, labels=labels)
+  if "exits" in kw:  # τ = the median first-exit confidence: about half of the tokens halt
+    aux = jax.jit(_model("einsum", **kw).apply)(params, images, labels=labels)[0]["aux"][0]
+    conf, _ = early_exit.token_confidence(
+        aux["pred_logits"], aux["pred_masks"].reshape(aux["pred_masks"].shape[:2] + (-1,)))
+    kw = dict(kw, tau=float(np.median(np.asarray(conf))))
+    ref, fused = _model("einsum", **kw), _model("xla", **kw)
+
+  def run(model, p):
+    out, info = model.apply(p, images, labels=labels)
+    return out, info
+  (o1, i1), (o2, i2) = jax.jit(functools.partial(run, ref))(params), jax.jit(
+      functools.partial(run, fused))(params)
+  if "exits" in kw:  # the same tokens halted, so the comparison covers halting
+    np.testing.assert_array_equal(i1["halt_stage"], i2["halt_stage"])
+    assert 0 < np.mean(np.asarray(i1["halt_stage"]) < len(kw["exits"])) < 1
+  if kw.get("merge"):
+    assert np.all(np.asarray(i1["num_tokens"]) < 24)      # padded buckets in use
+  np.testing.assert_allclose(o2["pred_masks"], o1["pred_masks"], atol=1e-4)
+  np.testing.assert_allclose(o2["pred_logits"], o1["pred_logits"], atol=1e-4)
+  if not grads:
+    return
+
+  def loss(model, p):
+    out, _ = model.apply(p, images, labels=labels)
+    return jnp.mean(jnp.tanh(out["pred_masks"])) + jnp.mean(out["pred_logits"] ** 2)
+  g1 = jax.jit(jax.grad(functools.partial(loss, ref)))(params)
+  g2 = jax.jit(jax.grad(functools.partial(loss, fused)))(params)
+  jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, atol=1e-5), g2, g1)
+
+
+def test_fused_bf16_agrees_with_fp32_einsum():
+  """bf16 on the fused path within the project's stated bf16 tolerances (tests/
+  test_bad_input.py): logits within 2 % of their largest fp32 magnitude."""
+  images = _images()
+  params = _model("einsum").init(jax.random.key(0), images)
+  o32, _ = jax.jit(_model("einsum").apply)(params, images)
+  o16, _ = jax.jit(_model("xla", dtype=jnp.bfloat16).apply)(params, images)
+  for k in ("pred_logits", "pred_masks"):
+    a, b = np.asarray(o32[k]), np.asarray(o16[k], np.float32)
+    assert np.abs(a - b).max() <= 0.02 * np.abs(a).max(), k
