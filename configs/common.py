@@ -87,8 +87,8 @@ def model_config(variant, res):
   return ml_collections.ConfigDict(dict(
       variant=variant, out_layers=out_layers, head_dim=head_dim, head_heads=head_heads,
       head_layers=3, head_dropout=0.1, drop_path=drop_path, dtype="float32", remat=False,
-      # ViT self-attention: jax.nn.dot_product_attention (cuDNN's fused kernel on a GPU in
-      # bf16, XLA elsewhere); 'einsum' is the written-out reference.
+      # ViT self-attention: 'auto' = jax.nn.dot_product_attention on a GPU (cuDNN's fused
+      # kernel in bf16), the written-out einsum on a CPU (models/attention.resolve_impl).
       attention_impl="auto",
       posemb_grid=(res // 16, res // 16), pixel_mean=(127.5,) * 3, pixel_std=(127.5,) * 3))
 

@@ -15,10 +15,11 @@ from step_jax.models import vit
 
 
 def test_resolve_impl():
-  assert attention.resolve_impl("auto", jnp.float32, 64) == "xla"    # CPU, or GPU in fp32
-  assert attention.resolve_impl("einsum", jnp.bfloat16, 64) == "einsum"
-  if jax.default_backend() != "gpu":
-    assert attention.resolve_impl("auto", jnp.bfloat16, 64) == "xla"
+  gpu = jax.default_backend() == "gpu"
+  assert attention.resolve_impl("auto", jnp.float32, 64) == ("xla" if gpu else "einsum")
+  assert attention.resolve_impl("auto", jnp.bfloat16, 64) == ("cudnn" if gpu else "einsum")
+  assert attention.resolve_impl("auto", jnp.bfloat16, 60) == ("xla" if gpu else "einsum")
+  assert attention.resolve_impl("xla", jnp.bfloat16, 64) == "xla"
   with pytest.raises(ValueError, match="attention_impl='flash'"):
     attention.resolve_impl("flash", jnp.float32, 64)
 
