@@ -150,6 +150,12 @@ class ExportedModel:
     self._call = jax.jit(self.exported.call)
 
   def __call__(self, variables, images):
+    images = np.asarray(images)
+    check_pixels(images)
+    if tuple(images.shape[1:3]) != self.image_size:
+      raise ValueError(f"the exported model takes images of {self.image_size[0]}x"
+                       f"{self.image_size[1]}, got {images.shape[1]}x{images.shape[2]} "
+                       "(step_jax.segment pads smaller images)")
     return self._call(variables, jnp.asarray(images, jnp.float32))
 
 
@@ -202,8 +208,86 @@ def _jitted(model):
   return hit[1]
 
 
+def check_pixels(images):
+  """Raises ValueError unless `images` [B, H, W, 3] are finite RGB pixels in [0, 255].
+
+  Accepted: uint8; other integer types (not uint16) whose values lie in 0..255; floats in
+  [0, 255] (floats mean pixel values, never [0, 1] intensities: an image whose largest value
+  lies in (0, 1] is refused rather than guessed at). Refused: bool, uint16 (16-bit images),
+  values outside 0..255, NaN/Inf, empty images, other shapes.
+  """
+  shape = images.shape
+  if images.ndim != 4 or shape[-1] != 3:
+    hint = {1: "; grayscale? repeat it to 3 channels", 4: "; RGBA? drop the alpha channel"}.get(
+        shape[-1] if images.ndim in (3, 4) else 0, "")
+    raise ValueError(f"expected an image [H, W, 3] or a batch [B, H, W, 3], got shape "
+                     f"{shape}{hint}")
+  if 0 in shape:
+    raise ValueError(f"empty input: images have shape {shape} (every side must be >= 1)")
+  kind = images.dtype
+  if kind == bool or not (np.issubdtype(kind, np.integer) or np.issubdtype(kind, np.floating)):
+    raise ValueError(f"images have dtype {kind}; expected uint8 (or float) pixels in [0, 255]")
+  if kind == np.uint16:  # a 16-bit image, whatever its values: never read as 8-bit
+    raise ValueError("images have dtype uint16 (a 16-bit image?); scale to 8 bits first "
+                     "(e.g. (x >> 8).astype(np.uint8))")
+  if kind == np.uint8:
+    return
+  if np.issubdtype(kind, np.floating):
+    finite = np.isfinite(images)
+    if not finite.all():
+      raise ValueError(f"images contain {images.size - int(finite.sum())} NaN/Inf values "
+                       f"(of {images.size})")
+  lo, hi = float(images.min()), float(images.max())
+  if lo < 0 or hi > 255:
+    hint = "; 16-bit? scale to 8 bits first (e.g. x >> 8)" if hi > 255 and hi <= 65535 else ""
+    raise ValueError(f"images of dtype {kind} have values in [{lo:g}, {hi:g}]; expected "
+                     f"pixels in [0, 255]{hint}")
+  if np.issubdtype(kind, np.floating) and 0 < hi <= 1:
+    raise ValueError(f"float images with values in [{lo:g}, {hi:g}] look like intensities in "
+                     "[0, 1]; the model takes pixels in [0, 255]: multiply by 255 first")
+
+
+def memory_estimate(model, batch, height, width):
+  """Bytes one forward of `model` needs at least (a lower bound used to refuse impossible
+  calls): per encoder layer the fp32 attention logits and probabilities [B, heads, N, N]
+  plus the token activations, on the full (padded) grid."""
+  n = (height // model.backbone.patch_size) * (width // model.backbone.patch_size)
+  b = model.backbone
+  return batch * (2 * b.num_heads * n * n + 8 * n * (b.width + b.mlp_dim)) * 4
+
+
+def available_memory():
+  """Bytes the default device can hold: the accelerator's limit, or the host's memory."""
+  try:
+    limit = jax.devices()[0].memory_stats().get("bytes_limit")
+    if limit:
+      return int(limit)
+  except Exception:  # pylint: disable=broad-except
+    pass  # the CPU backend has no memory statistics
+  return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+
+
+def check_memory(model, batch, height, width):
+  """Raises MemoryError (before compiling anything) when a call cannot fit this device."""
+  need, have = memory_estimate(model, batch, height, width), available_memory()
+  if need <= have:
+    return
+  p = model.backbone.patch_size  # attention grows with tokens²: guess, then step down
+  side = max(int(np.sqrt(height * width * np.sqrt(have / need))) // p * p, p)
+  while side > p and memory_estimate(model, batch, side, side) > have:
+    side -= p
+  raise MemoryError(
+      f"a {batch}x{height}x{width} input needs at least {need / 2**30:.1f} GiB (attention "
+      f"over {(height // model.backbone.patch_size) * (width // model.backbone.patch_size)} "
+      f"tokens) but this device has {have / 2**30:.1f} GiB; resize to about {side}x{side} "
+      "pixels or less, or segment fewer images per call")
+
+
 def segment(model, variables, images, *, labels=None):
   """(pred, info) for one image [H, W, 3] or a batch [B, H, W, 3] (uint8 or float 0..255).
+
+  Inputs are checked on the host first (check_pixels; for the Flax model also check_memory):
+  bad values raise ValueError naming the problem instead of returning a prediction.
 
   Images are padded bottom/right with the pixel mean to the patch grid (the exported model:
   to its fixed input size) and the outputs cropped back, as `evaluate`'s whole mode does;
@@ -213,10 +297,16 @@ def segment(model, variables, images, *, labels=None):
   single = images.ndim == 3
   if single:
     images = images[None]
-  if images.ndim != 4 or images.shape[-1] != 3:
-    raise ValueError(f"expected an image [H, W, 3] or a batch [B, H, W, 3], got shape "
-                     f"{images.shape}")
+  check_pixels(images)
   h, w = images.shape[1:3]
+  if labels is not None:
+    labels = np.asarray(labels)
+    if labels.shape != (images.shape[:3] if not single else images.shape[1:3]):
+      raise ValueError(f"labels have shape {labels.shape}; expected "
+                       f"{images.shape[1:3] if single else images.shape[:3]}, the images' "
+                       "[B,] H, W")
+    if not np.issubdtype(labels.dtype, np.integer):
+      raise ValueError(f"labels have dtype {labels.dtype}; expected integer class ids")
   if isinstance(model, ExportedModel):
     if labels is not None:
       raise ValueError("an exported model takes no labels (the oracle merge is not exported)")
@@ -228,13 +318,13 @@ def segment(model, variables, images, *, labels=None):
   else:
     patch, exit_layers = model.backbone.patch_size, tuple(model.exit_layers)
     hp, wp = -(-h // patch) * patch, -(-w // patch) * patch
+    check_memory(model, images.shape[0], hp, wp)
     mean, run = model.pixel_mean, _jitted(model)
   x = np.empty((images.shape[0], hp, wp, 3), np.float32)
   x[...] = np.asarray(mean, np.float32)
   x[:, :h, :w] = images
   args = (variables, x)
   if labels is not None:
-    labels = np.asarray(labels)
     labels = labels[None] if single else labels
     lab = np.full((labels.shape[0], hp, wp), getattr(model, "ignore_index", 255), np.int32)
     lab[:, :h, :w] = labels

@@ -1,0 +1,115 @@
+"""Bad input at the Python API (step_jax.segment) and the exported model: each case raises the
+right error type with a message that names the problem, before anything is compiled."""
+import numpy as np
+import pytest
+
+import step_jax
+from step_jax import api
+from step_jax import export
+from test_export import _tiny_segvit  # pylint: disable=g-bad-import-order
+
+RNG = np.random.default_rng(0)
+GOOD = RNG.integers(0, 256, (32, 32, 3), dtype=np.uint8)
+
+
+@pytest.fixture(scope="module")
+def flax_model():
+  return step_jax.build(_tiny_segvit())
+
+
+@pytest.fixture(scope="module")
+def exported_model(flax_model, tmp_path_factory):
+  _, variables = flax_model
+  folder = str(tmp_path_factory.mktemp("export"))
+  export.export_model(_tiny_segvit(), variables, folder, formats=("jax", "msgpack"),
+                      image_size=(32, 32))
+  return step_jax.load(folder, exported=True)
+
+
+def _nan(x):
+  x = x.astype(np.float32)
+  x[3, 4, 1] = np.nan
+  return x
+
+
+def _inf(x):
+  x = x.astype(np.float32)
+  x[0, 0, 0] = np.inf
+  return x
+
+
+BAD = {  # name: (images, error type, pattern the message must contain)
+    "nan": (_nan(GOOD), ValueError, "1 NaN/Inf values"),
+    "inf": (_inf(GOOD), ValueError, "NaN/Inf"),
+    "uint16": (GOOD.astype(np.uint16) * 257, ValueError, "uint16"),
+    "uint16_small_values": (GOOD.astype(np.uint16), ValueError, "16-bit"),
+    "bool": (GOOD > 128, ValueError, "dtype bool"),
+    "negative_ints": (GOOD.astype(np.int32) - 128, ValueError, r"values in \[-128"),
+    "int_above_255": (GOOD.astype(np.int32) * 2, ValueError, "expected pixels in"),
+    "floats_0_1": (GOOD.astype(np.float32) / 255, ValueError, "multiply by 255"),
+    "negative_floats": (GOOD.astype(np.float32) - 300, ValueError, "expected pixels in"),
+    "complex": (GOOD.astype(np.complex64), ValueError, "dtype complex64"),
+    "empty": (np.zeros((0, 0, 3), np.uint8), ValueError, "empty input"),
+    "empty_batch": (np.zeros((0, 32, 32, 3), np.uint8), ValueError, "empty input"),
+    "grayscale": (GOOD[..., :1], ValueError, "grayscale"),
+    "rgba": (np.concatenate([GOOD, GOOD[..., :1]], -1), ValueError, "RGBA"),
+    "two_dims": (GOOD[..., 0], ValueError, "expected an image"),
+    "five_dims": (GOOD[None, None], ValueError, "expected an image"),
+}
+
+
+@pytest.mark.parametrize("case", sorted(BAD))
+def test_segment_refuses_bad_images(flax_model, case):
+  model, variables = flax_model
+  images, error, pattern = BAD[case]
+  with pytest.raises(error, match=pattern):
+    step_jax.segment(model, variables, images)
+
+
+@pytest.mark.parametrize("case", ["nan", "uint16", "bool", "negative_ints", "floats_0_1",
+                                  "empty", "rgba"])
+def test_exported_model_refuses_bad_images(exported_model, case):
+  model, variables = exported_model
+  images, error, pattern = BAD[case]
+  with pytest.raises(error, match=pattern):
+    step_jax.segment(model, variables, images)
+  if images.ndim == 3 and images.size:   # calling the wrapper directly checks too
+    with pytest.raises(error, match=pattern):
+      model(variables, images[None])
+
+
+def test_exported_model_direct_call_needs_its_size(exported_model):
+  model, variables = exported_model
+  with pytest.raises(ValueError, match="takes images of 32x32, got 16x32"):
+    model(variables, GOOD[None, :16].astype(np.float32))
+
+
+def test_good_inputs_still_work(flax_model, exported_model):
+  for model, variables in (flax_model, exported_model):
+    for images in (GOOD, GOOD.astype(np.float32), GOOD.astype(np.int64), np.zeros_like(GOOD)):
+      pred, _ = step_jax.segment(model, variables, images)
+      assert pred.shape == (32, 32)
+
+
+def test_labels_of_the_wrong_shape_or_type(flax_model):
+  model, variables = flax_model
+  with pytest.raises(ValueError, match=r"labels have shape \(16, 32\); expected \(32, 32\)"):
+    step_jax.segment(model, variables, GOOD, labels=np.zeros((16, 32), np.int32))
+  with pytest.raises(ValueError, match="labels have dtype float32"):
+    step_jax.segment(model, variables, GOOD, labels=np.zeros((32, 32), np.float32))
+
+
+def test_an_image_too_big_for_the_device_is_refused_before_compiling(flax_model, monkeypatch):
+  model, variables = flax_model
+  need = api.memory_estimate(model, 1, 8000, 8000)
+  assert need > 100 * 2**30                                  # hundreds of GiB of attention
+  with pytest.raises(MemoryError, match=r"1x8000x8000 input needs at least .* resize to "
+                     r"about \d+x\d+") as err:
+    api.check_memory(model, 1, 8000, 8000)
+  side = int(str(err.value).split("resize to about ")[1].split("x")[0])   # and that fits
+  assert api.memory_estimate(model, 1, side, side) <= api.available_memory()
+  # segment runs the check before padding or compiling anything.
+  monkeypatch.setattr(api, "available_memory", lambda: 2**30)
+  with pytest.raises(MemoryError, match="this device has 1.0 GiB"):
+    step_jax.segment(model, variables, np.zeros((1, 4096, 4096, 3), np.uint8))
+  api.check_memory(model, 1, 512, 512)
