@@ -40,6 +40,9 @@ def get_config(arg=None):
                          exit_tau=0.9, exit_head="dtop")
   if arg.method not in _METHODS:
     raise ValueError(f"unknown method {arg.method!r}; choose from {_METHODS}")
+  if not 0 <= arg.exit_tau <= 1:
+    raise ValueError(f"config argument exit_tau={arg.exit_tau:g} must lie in [0, 1] (the "
+                     "halting confidence, e.g. exit_tau=0.9)")
   if arg.size not in ("cpu", "gpu"):
     raise ValueError(f"size={arg.size!r}: use cpu or gpu")
   cpu = arg.size == "cpu"

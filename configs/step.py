@@ -38,12 +38,16 @@ DTOP_HEADS = {"Mu/16": 4, "Ti/16": 6, "S/16": 8, "B/16": 6, "L/16": 8}
 
 
 def parse_tau(tau: str):
+  form = "give 4 digits ('6899') or 4 '-'-separated decimals in [0, 1] ('0.6-0.8-0.9-0.9')"
   if "-" in tau:
-    values = tuple(float(t) for t in tau.split("-"))
+    try:
+      values = tuple(float(t) for t in tau.split("-"))
+    except ValueError:
+      raise ValueError(f"config argument tau={tau!r}: {form}") from None
   elif tau.isdigit() and len(tau) == 4:
     values = tuple(int(d) / 10 for d in tau)
   else:
-    raise ValueError(f"tau={tau!r}: give 4 digits ('6899') or 4 '-'-separated decimals")
+    raise ValueError(f"config argument tau={tau!r}: {form}")
   if len(values) != 4 or any(not 0 <= v <= 1 for v in values):
     raise ValueError(f"tau={tau!r} must give 4 thresholds in [0, 1] (windows 2, 4, 8, 16)")
   return values
@@ -105,6 +109,9 @@ def get_config(arg=None):
   m = config.model
 
   default_tau = 0.95 if arg.dataset == "coco_stuff10k" else 0.9
+  if arg.exit_tau != -1.0 and not 0 <= arg.exit_tau <= 1:
+    raise ValueError(f"config argument exit_tau={arg.exit_tau:g} must lie in [0, 1] (the "
+                     "halting confidence, e.g. exit_tau=0.9)")
   use_exits = set_method(m, arg.method, arg.variant, tau=arg.tau, exits=arg.exits,
                          exit_tau=arg.exit_tau if arg.exit_tau >= 0 else default_tau,
                          exit_head=arg.exit_head)
@@ -127,8 +134,8 @@ def get_config(arg=None):
   if arg.smoke:
     m.update(variant="Mu/16", out_layers=(2, 3, 4), head_dim=64, head_heads=4, drop_path=0.0,
              posemb_grid=(8, 8), exit_head_heads=4)
-    if use_exits:
-      m.exit_layers = tuple(e for e in m.exit_layers if e < 4) or (2,)
+    if use_exits and not arg.exits:  # the user's exits stay (build checks them)
+      m.exit_layers = (2,)
     config.data.update(image_size=(128, 128), num_train=256, num_eval=32)
     config.batch_size = 8
     config.optim = common.optim_config(600, lr=1e-3)
