@@ -103,7 +103,7 @@ def optim_config(total_steps, lr=6e-5):
 
 def loss_config():
   return ml_collections.ConfigDict(dict(
-      type="atm", ce_weight=1.0, focal_weight=20.0, dice_weight=1.0, no_object_weight=0.1))
+      ce_weight=1.0, focal_weight=20.0, dice_weight=1.0, no_object_weight=0.1))
 
 
 def add_runtime_defaults(config):

@@ -70,20 +70,3 @@ def atm_loss(outputs, labels, *, num_classes, no_object_weight=0.1, ce_weight=1.
                     f"loss_dice{suffix}": dice})
   metrics["loss"] = total
   return total, metrics
-
-
-def pixel_ce(scores_or_logits, labels, ignore_index, *, from_probs=False):
-  """Mean per-pixel cross-entropy over non-ignored pixels; inputs [B, H, W, C].
-
-  from_probs: the inputs are (unnormalised) class scores ≥ 0, e.g. ATM's p·σ(m); they are
-  renormalised over classes before the log.
-  """
-  x = scores_or_logits.astype(jnp.float32)
-  if from_probs:
-    logp = jnp.log(x / jnp.maximum(jnp.sum(x, -1, keepdims=True), 1e-12) + 1e-12)
-  else:
-    logp = jax.nn.log_softmax(x, axis=-1)
-  valid = labels != ignore_index
-  safe = jnp.where(valid, labels, 0)
-  nll = -jnp.take_along_axis(logp, safe[..., None], axis=-1)[..., 0]
-  return jnp.sum(jnp.where(valid, nll, 0.0)) / jnp.maximum(jnp.sum(valid), 1)

@@ -40,7 +40,6 @@ from step_jax import losses
 from step_jax import optim
 from step_jax import sharding
 from step_jax import writers
-from step_jax.data import get_source
 from step_jax.data import pipeline
 from step_jax.models import policy as policy_lib
 from step_jax.models import segmenter
@@ -61,10 +60,6 @@ def _dummy_batch(config, batch=1):
   h, w = config.data.image_size
   return dict(image=jnp.zeros((batch, h, w, 3), jnp.uint8),
               label=jnp.zeros((batch, h, w), jnp.int32))
-
-
-def init_params(model, config, rng):
-  return init_variables(model, config, rng)["params"]
 
 
 def _core_model(model):
@@ -344,43 +339,11 @@ def check_guard(state, policy):
 ################################################################################
 # Input.                                                                       #
 ################################################################################
-class LegacyTrainIter:
-  """Checkpointable wrapper of `pipeline.train_batches` (used until the grain pipeline's
-  `make_train_iter` exists). State = number of batches consumed."""
-
-  def __init__(self, source, batch_size, seed):
-    self._args = (source, batch_size, seed)
-    self._step = 0
-    self._gen = pipeline.train_batches(source, batch_size, seed, start_step=0)
-
-  def __iter__(self):
-    return self
-
-  def __next__(self):
-    self._step += 1
-    return next(self._gen)
-
-  def get_state(self) -> bytes:
-    return json.dumps({"step": self._step}).encode()
-
-  def set_state(self, state):
-    self._step = int(json.loads(state)["step"])
-    source, batch_size, seed = self._args
-    self._gen = pipeline.train_batches(source, batch_size, seed, start_step=self._step)
-
-  def start_prefetch(self):  # grain.checkpoint.CheckpointRestore calls it
-    pass
-
-
 def make_train_iter(config, mesh):
   """This process's training batches (batch_size // process_count examples each)."""
-  pidx, pcount = jax.process_index(), jax.process_count()
-  host_batch = sharding.host_batch_size(config.batch_size, mesh)
-  if hasattr(pipeline, "make_train_iter"):
-    return pipeline.make_train_iter(config, process_index=pidx, process_count=pcount)
-  source = get_source(config.data, config.data.train_split, config.num_classes,
-                      config.ignore_index)
-  return LegacyTrainIter(source, host_batch, config.seed * 1000 + pidx)
+  sharding.host_batch_size(config.batch_size, mesh)  # checks the batch divides the hosts
+  return pipeline.make_train_iter(config, process_index=jax.process_index(),
+                                  process_count=jax.process_count())
 
 
 def _next_batch(train_iter, mesh, host_batch):
@@ -403,11 +366,6 @@ def _mean_metrics(history):
   out["nonfinite"] = int(sum(int(h["nonfinite"]) for h in history))
   out["skipped_steps"] = int(history[-1]["skipped_steps"])
   return out
-
-
-def evaluate(model, params, config, split=None):
-  """Backward-compatible wrapper of `evaluate.evaluate` (whole/slide per config.eval)."""
-  return eval_lib.evaluate(config, params, model=model, split=split)
 
 
 def train_and_evaluate(config, workdir):

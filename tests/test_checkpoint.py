@@ -14,7 +14,6 @@ from step_jax import convert
 from step_jax import optim
 from step_jax import sharding
 from step_jax import train
-from step_jax.data import pipeline
 
 _CACHE = os.path.join(tempfile.gettempdir(), "step_jax_test_jit_cache")
 if not jax.config.jax_compilation_cache_dir:
@@ -105,18 +104,6 @@ def test_input_iterator_resumes_on_the_same_batch(tmp_path):
     np.testing.assert_array_equal(w["image"], g["image"])
     np.testing.assert_array_equal(w["label"], g["label"])
   assert os.path.exists(tmp_path / "checkpoints" / "3" / "config")
-
-
-def test_legacy_iterator_state_round_trip():
-  cfg = _tiny()
-  src = pipeline.get_source(cfg.data, "train", cfg.num_classes, cfg.ignore_index)
-  it = train.LegacyTrainIter(src, 4, 0)
-  next(it), next(it)
-  state = it.get_state()
-  want = next(it)
-  it2 = train.LegacyTrainIter(src, 4, 0)
-  it2.set_state(state)
-  np.testing.assert_array_equal(next(it2)["image"], want["image"])
 
 
 def test_non_finite_params_are_never_saved(tmp_path):

@@ -336,17 +336,6 @@ def test_multiprocess_workers_give_the_same_batches():
   assert _equal([next(resumed)], expected[2:])
 
 
-def test_legacy_train_batches_still_work():
-  src = _Indexed(10)
-  gen = pipeline.train_batches(src, 4, seed=0)
-  a = _take(gen, 3)
-  assert a[0]["image"].shape == (4, 32, 32, 3) and a[0]["label"].dtype == np.int32
-  assert a[0]["valid"].all()
-  assert _equal(_take(pipeline.train_batches(src, 4, seed=0, start_step=2), 1), a[2:])
-  with pytest.raises(ValueError, match="fewer than batch_size"):
-    next(pipeline.train_batches(_Indexed(2), 4, seed=0))
-
-
 def test_eval_batches_pad_and_eval_examples_keep_native_size():
   batches = list(pipeline.eval_batches(_Indexed(5), 2))
   assert [b["valid"].tolist() for b in batches] == [[True, True], [True, True], [True, False]]

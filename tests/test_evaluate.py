@@ -45,7 +45,7 @@ def _tiny(**eval_overrides):
 def tiny_model():
   cfg = _tiny()
   model = train.create_model(cfg)
-  params = train.init_params(model, cfg, jax.random.key(0))
+  params = train.init_variables(model, cfg, jax.random.key(0))["params"]
   apply_fn = jax.jit(evaluate.make_apply_fn(model))
   return cfg, model, params, apply_fn
 

@@ -146,7 +146,7 @@ def test_kill_and_resume_matches_uninterrupted_run(tmp_path):
 def _nan_params(cfg, tmp_path):
   """An init_from .npz whose class-head bias is NaN (every step's loss is non-finite)."""
   model = train.create_model(cfg)
-  params = jax.device_get(train.init_params(model, cfg, jax.random.key(0)))
+  params = jax.device_get(train.init_variables(model, cfg, jax.random.key(0))["params"])
   bias = np.array(params["head"]["class_embed"]["bias"])
   bias[0] = np.nan
   path = str(tmp_path / "nan.npz")

@@ -224,25 +224,6 @@ def make_train_iter(config, *, process_index=0, process_count=1, start_step=0, s
   return TrainIter(iter(it))
 
 
-def train_batches(source, batch_size, seed, start_step=0):
-  """Endless training batches with random flips only (the original minimal pipeline).
-
-  Kept for the current train.py; new code uses make_train_iter. Adds valid=True [B].
-  """
-  if len(source) < batch_size:
-    raise ValueError(f"training split has {len(source)} examples, fewer than "
-                     f"batch_size={batch_size}")
-  ds = (grain.MapDataset.source(source).seed(seed).shuffle().repeat(None)
-        .random_map(transforms.RandomFlip(0.5))
-        .batch(batch_size, drop_remainder=True).map(_ToBatch()))
-  step = start_step
-  while True:
-    batch = ds[step]
-    batch["valid"] = np.ones(batch_size, bool)
-    yield batch
-    step += 1
-
-
 ################################################################################
 # Evaluation.                                                                  #
 ################################################################################
