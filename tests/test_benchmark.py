@@ -28,4 +28,6 @@ def test_measure_dtop_compaction_counts_fewer_flops_than_segvit():
   assert base["mean_tokens_per_stage"] == [16.0]
   first, second = dtop["mean_tokens_per_stage"]
   assert first == 16.0 and 6.0 <= second <= 10.0      # about half halted at the exit
-  assert dtop["gflops_useful"] < base["gflops_useful"] * 1.5   # exit head adds, halting saves
+  # Two single-stage DToP heads on 16 and ~8 tokens cost less than SegViT's three stages on
+  # 16, and half the tokens skip blocks 3-4: fewer FLOPs, useful and executed.
+  assert dtop["gflops_useful"] < dtop["gflops_executed"] < base["gflops_useful"]

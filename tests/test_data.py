@@ -15,9 +15,9 @@ from step_jax.data import sources
 from step_jax.data import transforms
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-CAMVID = next((d for d in ("/work/shared/data/camvid_segnet",
-                           os.path.join(REPO, "..", "shared", "data", "camvid_segnet"))
-               if os.path.isdir(os.path.join(d, "CamVid"))), None)
+# The shared data next to the repository (CI: ../shared/data), or none (those tests skip).
+CAMVID = os.path.normpath(os.path.join(REPO, "..", "shared", "data", "camvid_segnet"))
+CAMVID = CAMVID if os.path.isdir(os.path.join(CAMVID, "CamVid")) else None
 
 
 ################################################################################

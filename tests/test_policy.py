@@ -1,6 +1,7 @@
 """dCTS policy net: shapes, loss/metric arithmetic, ImageNet init, end-to-end training run."""
 import json
 
+import flax
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -68,7 +69,7 @@ def test_unseen_window_sizes_never_merge_on_larger_images():
   variables = net.init(jax.random.key(0), small)
   assert "logit_8" not in variables["params"] and "logit_4" in variables["params"]
   big = jax.random.uniform(jax.random.key(1), (1, 256, 256, 3), maxval=255)
-  with pytest.raises(Exception, match="hidden_8|logit_8"):
+  with pytest.raises(flax.errors.ScopeParamNotFoundError, match="hidden_8|logit_8"):
     net.apply(variables, big)
   full = dict(variables, params=policy_lib.add_unseen_sizes(variables["params"]))
   out = net.apply(full, big)
