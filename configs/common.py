@@ -36,7 +36,7 @@ DATASETS = {
     "camvid": dict(num_classes=11, ignore_index=11, crop=480, steps=20_000),
 }
 
-# SegViT/DToP backbone and head presets (reference-implementations.md §2-3).
+# SegViT/DToP backbone and head presets (docs/design.md §5).
 # variant: (out_layers, head_dim, head_heads, drop_path)
 BACKBONES = {
     "Mu/16": ((2, 3, 4), 64, 4, 0.0),

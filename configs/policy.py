@@ -5,7 +5,7 @@
   python -m step_jax.train_policy --config=configs/policy.py:dataset=synthetic,size=smoke \
       --workdir=/tmp/policy
 
-CTS recipe (reference notes §1.3): AdamW lr 5e-5, weight decay 1e-3, constant lr, flips,
+CTS recipe (tue-mps/cts-segmenter, docs/design.md §5): AdamW lr 5e-5, weight decay 1e-3, constant lr, flips,
 batch 8, 50k iterations. size=cpu shortens it for a 2-core machine with a larger lr.
 """
 import os

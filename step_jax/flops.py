@@ -1,6 +1,6 @@
 """FLOP counting: analytic (fvcore convention) and XLA's own count.
 
-Convention (reference-implementations.md §4, DESIGN.md §3): papers in this line of work report
+Convention (docs/design.md §4): papers in this line of work report
 fvcore `FlopCountAnalysis` numbers, where **one multiply-add counts as one FLOP** (so their
 "GFLOPs" are GMACs). fvcore counts these ops and nothing else:
 

@@ -1,6 +1,6 @@
 """DToP-style early exit ("halting") with static shapes.
 
-Rules (zbwxp/Dynamic-Token-Pruning, reference notes §3):
+Rules (zbwxp/Dynamic-Token-Pruning, docs/design.md §3 and §5):
   * each exit head is an independent single-stage ATM head with a binary (present,
     no-object) class head; confidence of token t = max_c p_c(present) · σ(mask_c,t)
     (other exit designs, segmenter.EXIT_HEADS, use the same rule with p_c from their head);

@@ -1,11 +1,11 @@
 """The segmentation model: ViT encoder + ATM head (SegViT), with the hooks STEP builds on.
 
-Data flow (see DESIGN.md §1): pixels → normalise → tokens [B, N, D] (+ key mask) → ViT blocks
+Data flow (docs/design.md §1): pixels → normalise → tokens [B, N, D] (+ key mask) → ViT blocks
 → ATM head on the outputs of `out_layers` → per-token class/mask logits → token grid
 [B, Q, gh, gw] → bilinear upsampling of mask logits to pixels → class scores.
 
-Models return `(outputs, aux)`: `outputs` is what the losses consume; `aux` carries maps for
-analysis (token grid, later supertoken leaf maps and exit masks).
+Models return `(outputs, info)`: `outputs` is what the losses consume; `info` carries maps for
+analysis (token grid, supertoken level map, halt stages, bucket capacities).
 """
 import functools
 from typing import Optional, Sequence, Union
@@ -262,11 +262,12 @@ class Segmenter(nn.Module):
 
   @nn.compact
   def __call__(self, images, *, train=False, labels=None, capacity=None):
-    """images [B, H, W, 3] in [0, 255] → (outputs, aux).
+    """images [B, H, W, 3] in [0, 255] → (outputs, info).
 
     outputs: pred_logits [B, Q, K]; pred_masks [B, Q, gh, gw] mask logits on the patch grid;
       aux: list of the same for earlier head stages (deep supervision).
-    aux: grid; with token sharing also the level map, tokens per image and the capacity used.
+    info: grid; with token sharing also the level map, tokens per image and the capacity used;
+      with exits the halt stage per cell, active tokens and capacity per stage.
     capacity: force one token capacity instead of the on-device bucket choice.
     """
     x = self.normalize(images)   # checks shape and dtype first: their errors say more

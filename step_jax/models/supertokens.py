@@ -1,6 +1,6 @@
 """dCTS / CTS token sharing with static shapes: merge plans, supertokens, un-sharing.
 
-Vocabulary (DESIGN.md §1): the image is a grid of gh x gw cells of 16 px. A *window* of size k
+Vocabulary (docs/design.md §1): the image is a grid of gh x gw cells of 16 px. A *window* of size k
 covers k x k cells and is anchored at multiples of k; only complete windows exist (grids that
 are not a multiple of k merge only the top-left complete region). The *level map*
 [B, gh, gw] says for every cell the side k ∈ {1, 2, 4, 8, 16} of the superpatch covering it.
