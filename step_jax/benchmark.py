@@ -30,6 +30,7 @@ import jax.numpy as jnp
 from ml_collections import config_flags
 import numpy as np
 
+from step_jax import cli
 from step_jax import flops
 from step_jax.models import attention
 from step_jax.models import early_exit
@@ -207,8 +208,9 @@ def measure(config, variables=None, images=None, *, batch=1, dtype="fp32", reps=
 
 def run():
   """`python -m step_jax.benchmark` (flags are defined here so importing stays free)."""
-  config_flags.DEFINE_config_file("config", None, "Config (path:arg); default: the "
-                                  "--workdir's config.json.")
+  config_flags.DEFINE_config_file("config", None, "Config (path:arg, or a .json); default: "
+                                  "the --workdir's config.json (--config.a.b=value overrides "
+                                  "apply to either).")
   flags.DEFINE_string("workdir", None, "Trained run to load (optional).")
   flags.DEFINE_integer("batch", 1, "Images per call.")
   flags.DEFINE_enum("dtype", "fp32", ["fp32", "bf16"], "Compute dtype.")
@@ -219,12 +221,9 @@ def run():
   flags.DEFINE_integer("num_images", 8, "How many images to use.")
   flags.DEFINE_float("exit_share", -1.0, "Calibrate exit thresholds to halt this "
                      "share of active tokens per exit (random exit heads).")
-  flags.register_multi_flags_validator(
-      ["config", "workdir"], lambda v: v["config"] is not None or bool(v["workdir"]),
-      "pass --config, or --workdir of a trained run")
-  from step_jax import cli  # pylint: disable=g-import-not-at-top
   cli.list_flags_in_help(__name__)
-  app.run(main)
+  taken = cli.take_config_args()
+  app.run(lambda argv: main(argv, taken))
 
 
 def run_config(config, workdir=None, *, images="", num_images=8, **kw):
@@ -241,14 +240,15 @@ def run_config(config, workdir=None, *, images="", num_images=8, **kw):
                  **kw)
 
 
-def main(argv):
+def main(argv, taken=("", [])):
   del argv
   f = flags.FLAGS
-  result = run_config(f.config, f.workdir, images=f.images, num_images=f.num_images,
+  config = cli.config_from(f.config, f.workdir, taken)
+  result = run_config(config, f.workdir, images=f.images, num_images=f.num_images,
                       batch=f.batch, dtype=f.dtype, reps=f.reps, warmup=f.warmup,
                       exit_share=f.exit_share)
   result["config"] = (config_flags.get_config_filename(f["config"]) if f.config
-                      else os.path.join(f.workdir, "config.json"))
+                      else taken[0] or os.path.join(f.workdir, "config.json"))
   print(json.dumps(result))
 
 

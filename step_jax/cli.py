@@ -15,3 +15,78 @@ def list_flags_in_help(module_name: str):
     # absl exits with status 1 after --help; asking for help is not an error.
     from absl import app  # pylint: disable=g-import-not-at-top
     app.usage(shorthelp=True, writeto_stdout=True, exitcode=0)
+
+
+def take_config_args(argv=None):
+  """Takes from `argv` (default sys.argv, edited in place) what absl's config flag cannot
+  handle without a Python config: `--config=<path>.json` (e.g. a workdir's config.json) and
+  `--config.a.b=value` overrides. With a Python `--config=file.py[:args]` nothing is taken
+  (absl applies the overrides). Returns (json path or '', [(dotted key, value string)])."""
+  argv = sys.argv if argv is None else argv
+  if any(a.startswith("--config=") and not a.endswith(".json") for a in argv[1:]):
+    return "", []
+  path, overrides, keep = "", [], argv[:1]
+  for a in argv[1:]:
+    if a.startswith("--config=") and a.endswith(".json"):
+      path = a.split("=", 1)[1]
+    elif a.startswith("--config."):
+      key, eq, value = a[len("--config."):].partition("=")
+      if not eq:
+        raise ValueError(f"{a}: write config overrides as --config.{key}=VALUE")
+      overrides.append((key, value))
+    else:
+      keep.append(a)
+  argv[:] = keep
+  return path, overrides
+
+
+def _parse_like(old, value, key):
+  import ast  # pylint: disable=g-import-not-at-top
+  try:
+    if isinstance(old, bool):
+      if value.lower() not in ("true", "false", "1", "0"):
+        raise ValueError
+      return value.lower() in ("true", "1")
+    if isinstance(old, (int, float)):
+      return type(old)(value) if not (isinstance(old, int) and "." in value) else float(value)
+    if isinstance(old, str):
+      return value
+    return ast.literal_eval(value)
+  except (ValueError, SyntaxError):
+    raise ValueError(f"--config.{key}={value!r} cannot be read as a {type(old).__name__} "
+                     f"like the current value {old!r}") from None
+
+
+def config_from(flag_config, workdir, taken=("", [])):
+  """The config of a command that has `--config` and `--workdir`: the Python `--config`
+  (absl already applied its overrides), else a `--config=….json` or `<workdir>/config.json`
+  with the `--config.a.b=value` overrides of `take_config_args` applied."""
+  if flag_config is not None:
+    return flag_config
+  import json  # pylint: disable=g-import-not-at-top
+  import os  # pylint: disable=g-import-not-at-top
+  import ml_collections  # pylint: disable=g-import-not-at-top
+  path, overrides = taken
+  if not path:
+    if not workdir:
+      raise ValueError("give --config=<configs/….py[:args] or ….json>, or --workdir of a "
+                       "training run (its config.json is used)")
+    path = os.path.join(workdir, "config.json")
+  if not os.path.isfile(path):
+    raise FileNotFoundError(f"{path} does not exist: give --config=<configs/….py[:args]> or "
+                            "the config.json of a step_jax.main workdir")
+  with open(path) as f:
+    config = ml_collections.ConfigDict(json.load(f))
+  for key, value in overrides:
+    node = config
+    for part in key.split(".")[:-1]:
+      if part not in node or not hasattr(node[part], "items"):
+        raise ValueError(f"--config.{key}: {path} has no section {part!r}")
+      node = node[part]
+    leaf = key.split(".")[-1]
+    if leaf not in node:
+      raise ValueError(f"--config.{key}: {path} has no key {leaf!r} there; known: "
+                       f"{sorted(node.keys())}")
+    with node.ignore_type():
+      node[leaf] = _parse_like(node[leaf], value, key)
+  return config

@@ -363,16 +363,13 @@ def evaluate_checkpoint(config, workdir, *, step=None):
   return out
 
 
-def _main(argv):
+def _main(argv, taken=("", [])):
   from absl import flags  # pylint: disable=g-import-not-at-top
-  import ml_collections  # pylint: disable=g-import-not-at-top
+  from step_jax import cli  # pylint: disable=g-import-not-at-top
   if len(argv) > 1:
     raise ValueError(f"unexpected arguments: {argv[1:]}")
   workdir = flags.FLAGS.workdir
-  config = flags.FLAGS.config
-  if config is None:
-    with open(os.path.join(workdir, "config.json")) as f:
-      config = ml_collections.ConfigDict(json.load(f))
+  config = cli.config_from(flags.FLAGS.config, workdir, taken)
   evaluate_checkpoint(config, workdir, step=flags.FLAGS.step)
 
 
@@ -381,14 +378,16 @@ def run():
   from absl import app  # pylint: disable=g-import-not-at-top
   from absl import flags  # pylint: disable=g-import-not-at-top
   from ml_collections import config_flags  # pylint: disable=g-import-not-at-top
-  config_flags.DEFINE_config_file("config", None, "Config file (path:arg); default: "
-                                  "<workdir>/config.json.", lock_config=True)
+  config_flags.DEFINE_config_file("config", None, "Config file (path:arg, or a .json); "
+                                  "default: <workdir>/config.json (--config.a.b=value "
+                                  "overrides apply to either).", lock_config=True)
   flags.DEFINE_string("workdir", None, "Training workdir holding checkpoints/.")
   flags.DEFINE_integer("step", None, "Checkpoint step (default: the latest).")
   flags.mark_flags_as_required(["workdir"])
   from step_jax import cli  # pylint: disable=g-import-not-at-top
   cli.list_flags_in_help(__name__)
-  app.run(_main)
+  taken = cli.take_config_args()
+  app.run(lambda argv: _main(argv, taken))
 
 
 if __name__ == "__main__":

@@ -149,7 +149,7 @@ def export_model(config, variables, out, *, formats=("jax", "msgpack"), platform
 ################################################################################
 # CLI.                                                                         #
 ################################################################################
-def main(argv):
+def main(argv, taken=("", [])):
   if len(argv) > 1:
     raise app.UsageError(f"unexpected arguments: {argv[1:]}")
   f = flags.FLAGS
@@ -159,9 +159,7 @@ def main(argv):
                      "(pip install safetensors)")
   if "tf" in formats and not _have("tensorflow"):
     raise ValueError("--formats=tf needs TensorFlow: pip install -r requirements-tf.txt")
-  config = f.config
-  if config is None:
-    config = api.get_config(os.path.join(f.workdir, api.CONFIG_JSON))
+  config = cli.config_from(f.config, f.workdir, taken)
   from step_jax import train  # pylint: disable=g-import-not-at-top
   variables = train.restore_variables(config, f.workdir, step=f.step)
   image_size = tuple(int(s) for s in f.image_size.split(",")) if f.image_size else None
@@ -180,8 +178,9 @@ def _have(module):
 def run():
   """`python -m step_jax.export` and the `step-export` console script."""
   from ml_collections import config_flags  # pylint: disable=g-import-not-at-top
-  config_flags.DEFINE_config_file("config", None, "Config (path:arg); default: "
-                                  "<workdir>/config.json.")
+  config_flags.DEFINE_config_file("config", None, "Config (path:arg, or a .json); default: "
+                                  "<workdir>/config.json (--config.a.b=value overrides "
+                                  "apply to either).")
   flags.DEFINE_string("workdir", None, "Training workdir (python -m step_jax.main) to export.")
   flags.DEFINE_string("out", None, "Output folder.")
   flags.DEFINE_integer("step", None, "Checkpoint step (default: the latest).")
@@ -195,7 +194,8 @@ def run():
   flags.DEFINE_integer("batch", 0, "Fixed batch size; 0 = symbolic (any batch).")
   flags.mark_flags_as_required(["workdir", "out"])
   cli.list_flags_in_help(__name__)
-  app.run(main)
+  taken = cli.take_config_args()
+  app.run(lambda argv: main(argv, taken))
 
 
 if __name__ == "__main__":

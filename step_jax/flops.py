@@ -30,6 +30,7 @@ real images (`--images=DIR` or the eval split) and prints the averages, the poli
 counted, with the executed GFLOPs (padding and bucket capacity included) beside them.
 """
 import json
+import os
 from typing import Dict, Optional, Sequence, Union
 
 import jax
@@ -286,13 +287,15 @@ def xla_flops(fn, *args) -> float:
   return float(cost["flops"])
 
 
-def _main(argv):
+def _main(argv, taken=("", [])):
   del argv
   from absl import flags  # pylint: disable=g-import-not-at-top
   from ml_collections import config_flags  # pylint: disable=g-import-not-at-top
+  from step_jax import cli  # pylint: disable=g-import-not-at-top
   f = flags.FLAGS
-  cfg = f.config
-  name = config_flags.get_config_filename(f["config"])
+  cfg = cli.config_from(f.config, f.workdir, taken)
+  name = (config_flags.get_config_filename(f["config"]) if f.config
+          else taken[0] or os.path.join(f.workdir, "config.json"))
   h, w = tuple(cfg.data.image_size)
   v = vit_lib.decode_variant(cfg.model.variant)
   dynamic = cfg.model.get("merge", "none") != "none" or cfg.model.get("exit_layers", ())
@@ -336,7 +339,8 @@ def run():
                      "thresholds to halt this share of active tokens.")
   from step_jax import cli  # pylint: disable=g-import-not-at-top
   cli.list_flags_in_help(__name__)
-  app.run(_main)
+  taken = cli.take_config_args()
+  app.run(lambda argv: _main(argv, taken))
 
 
 if __name__ == "__main__":

@@ -50,3 +50,62 @@ def test_smoke_keeps_the_users_exits():
 def test_unknown_config_argument_lists_the_allowed_ones():
   with pytest.raises(ValueError, match=r"unknown config argument 'exit'; allowed: \[.*'exits'"):
     step_config.get_config("method=step,exit=8")
+
+
+def test_config_from_a_workdir_with_overrides(tmp_path):
+  from step_jax import cli  # pylint: disable=g-import-not-at-top
+  from step_jax import checkpoint as ckpt_lib  # pylint: disable=g-import-not-at-top
+  cfg = step_config.get_config("method=step,variant=Mu/16,dataset=synthetic,smoke")
+  ckpt_lib.write_json(str(tmp_path / "config.json"), cfg.to_dict())
+  argv = ["prog", f"--workdir={tmp_path}", "--config.data.split=test",
+          "--config.model.exit_threshold=0.5", "--config.batch_size=4",
+          "--config.data.image_size=(64, 64)", "--config.model.remat=true"]
+  taken = cli.take_config_args(argv)
+  assert argv == ["prog", f"--workdir={tmp_path}"]          # absl never sees the overrides
+  got = cli.config_from(None, str(tmp_path), taken)
+  assert (got.data.split, got.model.exit_threshold, got.batch_size, tuple(got.data.image_size),
+          got.model.remat) == ("test", 0.5, 4, (64, 64), True)
+  # The workdir's config.json given as --config works the same way.
+  argv = ["prog", f"--config={tmp_path}/config.json", "--config.data.split=val"]
+  assert cli.config_from(None, None, cli.take_config_args(argv)).data.split == "val"
+  # A Python config keeps absl's own handling of the overrides.
+  argv = ["prog", "--config=configs/step.py:smoke", "--config.data.split=val"]
+  assert cli.take_config_args(argv) == ("", []) and len(argv) == 3
+
+
+@pytest.mark.parametrize("override, message", [
+    ("--config.data.nope=1", r"--config.data.nope: .*config.json has no key 'nope' there"),
+    ("--config.nosection.x=1", "has no section 'nosection'"),
+    ("--config.batch_size=many", r"--config.batch_size='many' cannot be read as a int"),
+    ("--config.model.remat=maybe", "cannot be read as a bool"),
+    ("--config.batch_size", "write config overrides as --config.batch_size=VALUE"),
+])
+def test_bad_overrides_name_the_key(tmp_path, override, message):
+  from step_jax import cli  # pylint: disable=g-import-not-at-top
+  from step_jax import checkpoint as ckpt_lib  # pylint: disable=g-import-not-at-top
+  cfg = step_config.get_config("method=segvit,variant=Mu/16,dataset=synthetic,smoke")
+  ckpt_lib.write_json(str(tmp_path / "config.json"), cfg.to_dict())
+  with pytest.raises(ValueError, match=message):
+    cli.config_from(None, str(tmp_path), cli.take_config_args(["prog", override]))
+
+
+def test_missing_workdir_config_is_named(tmp_path):
+  from step_jax import cli  # pylint: disable=g-import-not-at-top
+  with pytest.raises(FileNotFoundError, match=f"{tmp_path}/config.json does not exist"):
+    cli.config_from(None, str(tmp_path), ("", []))
+  with pytest.raises(ValueError, match="give --config="):
+    cli.config_from(None, None, ("", []))
+
+
+def test_evaluate_runs_from_the_workdir_alone_with_overrides(tmp_path):
+  """`evaluate --workdir=DIR --config.data.split=...` without retyping the config spec."""
+  from test_export import _tiny_segvit, make_workdir  # pylint: disable=g-import-not-at-top
+  make_workdir(tmp_path, _tiny_segvit())
+  res = subprocess.run(
+      [sys.executable, "-m", "step_jax.evaluate", f"--workdir={tmp_path}",
+       "--config.data.split=train", "--config.data.num_train=3"], cwd=REPO,
+      capture_output=True, text=True, timeout=300)
+  assert res.returncode == 0, res.stderr[-3000:]
+  import json  # pylint: disable=g-import-not-at-top
+  out = json.load(open(tmp_path / "eval_train.json"))
+  assert out["split"] == "train" and out["images"] == 3
