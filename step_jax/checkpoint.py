@@ -47,6 +47,28 @@ def write_json(path, obj):
   os.replace(path + ".tmp", path)
 
 
+def prepare_workdir(workdir, min_free_bytes=2**30):
+  """The absolute workdir, created, checked writable and with `min_free_bytes` free, before
+  any long work starts (so a run never ends in a failed write of its results)."""
+  workdir = os.path.abspath(workdir)
+  if os.path.exists(workdir) and not os.path.isdir(workdir):
+    raise NotADirectoryError(f"workdir {workdir} exists and is a file, not a directory")
+  try:
+    os.makedirs(workdir, exist_ok=True)
+    probe = os.path.join(workdir, f".write_test_{os.getpid()}")
+    with open(probe, "w") as f:
+      f.write("ok")
+    os.remove(probe)
+  except OSError as e:
+    raise PermissionError(f"workdir {workdir} is not writable ({e.strerror}); choose "
+                          "another --workdir") from None
+  free = shutil.disk_usage(workdir).free
+  if free < min_free_bytes:
+    raise OSError(f"workdir {workdir} has {free / 2**20:.0f} MiB free; checkpoints and results "
+                  f"need at least {min_free_bytes / 2**20:.0f} MiB")
+  return workdir
+
+
 def all_finite(tree) -> jax.Array:
   """Scalar bool: every floating leaf of `tree` is finite (runs where the arrays live)."""
   leaves = [x for x in jax.tree.leaves(tree) if jnp.issubdtype(x.dtype, jnp.inexact)]

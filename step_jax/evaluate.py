@@ -349,6 +349,10 @@ def evaluate_checkpoint(config, workdir, *, step=None):
   from step_jax import benchmark  # pylint: disable=g-import-not-at-top
   from step_jax import train  # pylint: disable=g-import-not-at-top
   sharding_lib.initialize_distributed(config)
+  if not os.path.isdir(workdir):
+    raise FileNotFoundError(f"workdir {workdir} does not exist (expected a step_jax.main "
+                            "workdir with checkpoints/)")
+  ckpt_lib.prepare_workdir(workdir, min_free_bytes=2**20)  # the json must be writable after
   mesh = sharding_lib.make_mesh(config)
   model = train.create_model(config)
   variables, step = train.restore_checkpoint(config, workdir, step, model=model, mesh=mesh)

@@ -372,21 +372,22 @@ def train_and_evaluate(config, workdir):
   """Trains to `config.optim.total_steps`, resuming if possible; returns (state, metrics)."""
   ######## Setup: distributed runtime, workdir, writers. ########
   sharding.initialize_distributed(config)
-  model = create_model(config)  # validates the config before anything is written
-  workdir = os.path.abspath(workdir)
-  os.makedirs(workdir, exist_ok=True)
+  # Everything that can reject the config runs before anything is written.
+  model = create_model(config)
+  policy = config.get("nan_policy", "stop")
+  if policy not in NAN_POLICIES:
+    raise ValueError(f"config.nan_policy={policy!r}: use one of {NAN_POLICIES}")
+  mesh = sharding.make_mesh(config)
+  sharding.host_batch_size(config.batch_size, mesh)
+  phases = optimizer_phases(config, bool(model.exit_layers))
+  workdir = ckpt_lib.prepare_workdir(workdir)
   is_chief = jax.process_index() == 0
   if is_chief:
     ckpt_lib.write_json(os.path.join(workdir, "config.json"), config.to_dict())
   writer = writers.create_writer(workdir, process_index=jax.process_index())
-  policy = config.get("nan_policy", "stop")
-  if policy not in NAN_POLICIES:
-    raise ValueError(f"config.nan_policy={policy!r}: use one of {NAN_POLICIES}")
   say = lambda msg: (logging.info(msg), is_chief and print(msg, flush=True))
 
   ######## Mesh, model, optimizer, shardings. ########
-  mesh = sharding.make_mesh(config)
-  phases = optimizer_phases(config, bool(model.exit_layers))
   txs = [optim.make_optimizer(c) for _, c in phases]
   tx = txs[0]
   abstract, state_sh = abstract_train_state(config, model, mesh, tx)

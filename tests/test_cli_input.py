@@ -109,3 +109,47 @@ def test_evaluate_runs_from_the_workdir_alone_with_overrides(tmp_path):
   import json  # pylint: disable=g-import-not-at-top
   out = json.load(open(tmp_path / "eval_train.json"))
   assert out["split"] == "train" and out["images"] == 3
+
+
+def _tiny_train_config():
+  cfg = step_config.get_config("method=segvit,variant=Mu/16,dataset=synthetic,smoke")
+  cfg.data.update(image_size=(32, 32), num_train=8, num_eval=2)
+  cfg.model.update(posemb_grid=(2, 2), head_layers=1)
+  return cfg
+
+
+def test_a_rejected_run_leaves_nothing_behind(tmp_path):
+  cfg = _tiny_train_config()
+  cfg.nan_policy = "ignore"
+  with pytest.raises(ValueError, match="nan_policy='ignore'"):
+    train.train_and_evaluate(cfg, str(tmp_path / "run"))
+  assert not (tmp_path / "run").exists()
+  cfg = _tiny_train_config()
+  cfg.prune_from_step = 10
+  cfg.model.exit_layers = (2,)
+  cfg.optim.total_steps = 5
+  with pytest.raises(ValueError, match="prune_from_step=10 must lie in"):
+    train.train_and_evaluate(cfg, str(tmp_path / "run"))
+  assert not (tmp_path / "run").exists()
+
+
+def test_workdir_that_is_a_file_or_unwritable(tmp_path, monkeypatch):
+  from step_jax import checkpoint as ckpt_lib  # pylint: disable=g-import-not-at-top
+  from step_jax import evaluate  # pylint: disable=g-import-not-at-top
+  (tmp_path / "file").write_text("x")
+  with pytest.raises(NotADirectoryError, match="exists and is a file"):
+    train.train_and_evaluate(_tiny_train_config(), str(tmp_path / "file"))
+  with pytest.raises(FileNotFoundError, match="does not exist"):
+    evaluate.evaluate_checkpoint(_tiny_train_config(), str(tmp_path / "missing"))
+  real_open = open
+
+  def read_only(path, *a, **k):   # root ignores chmod, so refuse writes here instead
+    if ".write_test_" in str(path):
+      raise PermissionError(13, "Permission denied")
+    return real_open(path, *a, **k)
+  monkeypatch.setattr("builtins.open", read_only)
+  with pytest.raises(PermissionError, match="is not writable"):
+    ckpt_lib.prepare_workdir(str(tmp_path))
+  monkeypatch.setattr("builtins.open", real_open)
+  with pytest.raises(OSError, match="MiB free"):
+    ckpt_lib.prepare_workdir(str(tmp_path), min_free_bytes=2**62)
