@@ -17,6 +17,15 @@ def list_flags_in_help(module_name: str):
     app.usage(shorthelp=True, writeto_stdout=True, exitcode=0)
 
 
+def quiet_by_default(argv=None):
+  """Third-party INFO logging (orbax, grain, jax, clu) off unless asked for: absl's
+  --verbosity (-v) defaults to WARNING here; `-v 0` (or --verbosity=0) shows INFO again.
+  Warnings that matter (checkpoint fallbacks, skipped records, NaN skips) still show."""
+  argv = sys.argv if argv is None else argv
+  if not any(a.startswith(("--verbosity", "-v")) for a in argv[1:]):
+    argv.append("--verbosity=-1")
+
+
 def take_config_args(argv=None):
   """Takes from `argv` (default sys.argv, edited in place) what absl's config flag cannot
   handle without a Python config: `--config=<path>.json` (e.g. a workdir's config.json) and

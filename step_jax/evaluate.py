@@ -391,6 +391,7 @@ def run():
   from step_jax import cli  # pylint: disable=g-import-not-at-top
   cli.list_flags_in_help(__name__)
   taken = cli.take_config_args()
+  cli.quiet_by_default()
   app.run(lambda argv: _main(argv, taken))
 
 

@@ -27,6 +27,7 @@ def main(argv):
 def run():  # console script `step-train`
   from step_jax import cli  # pylint: disable=g-import-not-at-top
   cli.list_flags_in_help(__name__)
+  cli.quiet_by_default()
   app.run(main)
 
 

@@ -420,10 +420,12 @@ def train_and_evaluate(config, workdir):
       say(f"initialised weights from {config.init_from}")
   n_params = sum(x.size for x in jax.tree.leaves(state["params"]))
   say(f"model {config.model.variant}: {n_params / 1e6:.2f}M parameters, "
-      f"dtype {config.model.get('dtype', 'float32')}, remat {config.model.get('remat', False)}")
+      f"dtype {config.model.get('dtype', 'float32')}, remat {config.model.get('remat', False)} "
+      f"(table: {workdir}/parameters.txt); data {config.data.name} "
+      f"{tuple(config.data.image_size)} crops, batch {config.batch_size}")
   if is_chief:
-    parameter_overview.log_parameter_overview(state["params"], include_stats=False,
-                                              msg="parameters")
+    with open(os.path.join(workdir, "parameters.txt"), "w") as f:
+      f.write(parameter_overview.get_parameter_overview(state["params"], include_stats=False))
     writer.write_hparams({k: v for k, v in _flat_config(config).items()})
 
   ######## Jitted step (state donated: no second copy of params/opt state). ########
@@ -473,10 +475,15 @@ def train_and_evaluate(config, workdir):
   if config.get("profile", False) and is_chief:
     hooks.append(periodic_actions.Profile(logdir=workdir, num_profile_steps=5))
   history, t_last, step_last = [], time.time(), start
+  # The ETA counts steady steps only: intervals that compiled a step function (the first,
+  # and the first pruning step) and the time spent in checkpoints and evaluation are out.
+  steady_s, steady_n, paused, compiling = 0.0, 0, 0.0, True
   t0 = time.time()
   for step in range(start + 1, total + 1):
     if fresh_from is not None and step == fresh_from + 1:
       state = reset_opt(state)   # DToP: pruning fine-tuning restarts the optimizer
+    if base_step_fn is not None and step == prune_from + 1:
+      compiling = True
     with jax.profiler.StepTraceAnnotation("train", step_num=step):
       batch = _next_batch(train_iter, mesh, host_batch)
       state, m = (base_step_fn if base_step_fn and step <= prune_from else step_fn)(state, batch)
@@ -488,12 +495,17 @@ def train_and_evaluate(config, workdir):
       m["bad_records"] = int(getattr(train_iter, "bad_records", 0))  # skipped so far
       history = []
       now = time.time()
-      rate = (step - step_last) / max(now - t_last, 1e-9)
-      t_last, step_last = now, step
+      busy = max(now - t_last - paused, 1e-9)
+      rate = (step - step_last) / busy
+      if not compiling:
+        steady_s, steady_n = steady_s + busy, steady_n + step - step_last
+      eta = (f"ETA {(total - step) * steady_s / steady_n:.0f} s" if steady_n
+             else "ETA after compiling")
+      t_last, step_last, paused, compiling = now, step, 0.0, False
       writer.write_scalars(step, m)
       say(f"step {step}/{total} loss {m['loss']:.4f} (ce {m['loss_ce']:.3f} focal "
           f"{m['loss_focal']:.4f} dice {m['loss_dice']:.3f}) grad {m['grad_norm']:.2f} "
-          f"lr {m['lr']:.2e} {rate:.2f} steps/s ETA {(total - step) / max(rate, 1e-9):.0f} s"
+          f"lr {m['lr']:.2e} {rate:.2f} steps/s {eta}"
           + (f" skipped {m['skipped_steps']}" if m["skipped_steps"] else "")
           + (f" bad records {m['bad_records']}" if m["bad_records"] else ""))
       report = check_guard(state, policy)
@@ -501,12 +513,16 @@ def train_and_evaluate(config, workdir):
         logging.warning(report)
     if ((ckpt_every and step % ckpt_every == 0) or step == prune_from) and step != total:
       check_guard(state, policy)
+      t_pause = time.time()
       with progress.timed("checkpoint"):
         ckpt.save(step, state, train_iter, config.to_dict())
+      paused += time.time() - t_pause
     if eval_every and step % eval_every == 0 and step != total:
       check_guard(state, policy)
+      t_pause = time.time()
       with progress.timed("eval"):
         run_eval(state, step)
+      paused += time.time() - t_pause
   train_time = time.time() - t0
 
   ######## Final checkpoint and evaluation. ########

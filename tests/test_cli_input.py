@@ -153,3 +153,23 @@ def test_workdir_that_is_a_file_or_unwritable(tmp_path, monkeypatch):
   monkeypatch.setattr("builtins.open", real_open)
   with pytest.raises(OSError, match="MiB free"):
     ckpt_lib.prepare_workdir(str(tmp_path), min_free_bytes=2**62)
+
+
+@pytest.mark.slow   # a whole CLI training run: 30-90 s on 2 cores
+def test_training_console_is_short_and_the_parameter_table_goes_to_the_workdir(tmp_path):
+  overrides = ["--config.data.image_size=(32,32)", "--config.data.num_train=8",
+               "--config.data.num_eval=2", "--config.model.posemb_grid=(2,2)",
+               "--config.model.head_layers=1", "--config.optim.total_steps=6",
+               "--config.optim.warmup_steps=1", "--config.log_every=2",
+               "--config.eval_every=0", "--config.checkpoint_every=3"]
+  res = subprocess.run(
+      [sys.executable, "-m", "step_jax.main",
+       "--config=configs/step.py:method=segvit,variant=Mu/16,dataset=synthetic,smoke",
+       f"--workdir={tmp_path}", *overrides], cwd=REPO, capture_output=True, text=True,
+      timeout=600)
+  assert res.returncode == 0, res.stderr[-3000:]
+  lines = (res.stdout + res.stderr).strip().splitlines()
+  assert len(lines) <= 20, "\n".join(lines)
+  assert "ETA after compiling" in res.stdout and " s\n" in res.stdout   # then a real ETA
+  assert "final val mIoU" in res.stdout
+  assert "head/queries" in (tmp_path / "parameters.txt").read_text()
