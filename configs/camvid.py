@@ -1,7 +1,7 @@
 """CamVid (SegNet 11-class version, 480x360): real street scenes, trained from scratch.
 
-Launch (data: the folder that holds CamVid/; default ../shared/data/camvid_segnet next to
-the repository when it exists):
+Launch (data: the folder that holds CamVid/: --config.data.data_dir, else
+$STEP_JAX_DATA/camvid_segnet, else ../shared/data/camvid_segnet next to the repository):
   # ~15 min on 2 CPU cores (2000 steps): 33.8% val mIoU, 75.6% pixel accuracy
   python -m step_jax.main --config=configs/camvid.py:method=segvit,size=cpu --workdir=$WD
   # one GPU, trains properly (ViT-S/16, 352x480 crops, 40k steps)
@@ -25,14 +25,10 @@ Evaluation: the val split, whole images. `size=cpu` trains at half resolution, s
 tests at half resolution (short side 180) and resizes the scores back to the 480x360
 labels; `size=gpu` tests at full resolution (480x360, padded to 480x368 inside the model).
 """
-import os
-
 from configs import common
 from configs import step as step_config
 
 _METHODS = ("segvit", "cts", "dcts", "dtop", "cts_dtop", "step")
-_REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-_DEFAULT_DATA = os.path.normpath(os.path.join(_REPO, "..", "shared", "data", "camvid_segnet"))
 
 
 def get_config(arg=None):
@@ -54,7 +50,7 @@ def get_config(arg=None):
   # photometric distortion). cpu: frames at about half size (≈240x180), 176x240 crops.
   crop = (176, 240) if cpu else (352, 480)
   config.data, config.num_classes, config.ignore_index = common.dataset_config(
-      "camvid", 0, data_dir=_DEFAULT_DATA if os.path.isdir(_DEFAULT_DATA) else "")
+      "camvid", 0, data_dir=common.default_data_dir("camvid_segnet"))
   config.data.image_size = crop
   config.data.aug = common.ml_collections.ConfigDict(dict(
       scale=(480, 360),                      # (long, short) edges the ratios apply to

@@ -3,6 +3,8 @@
 Configs are code: every launch is `--config=configs/<file>.py:<k=v,...>` plus optional
 `--config.a.b=value` overrides (ml_collections).
 """
+import os
+
 import ml_collections
 
 
@@ -59,6 +61,22 @@ def aug_config(name, res):
            "camvid": (res, res * 3 // 4)}[name]  # (480, 360) at 480: native size at ratio 1
   return ml_collections.ConfigDict(dict(scale=scale, min_ratio=0.5, max_ratio=2.0,
                                         cat_max_ratio=0.75, flip=True, photometric=True))
+
+
+# Data root: --config.data.data_dir wins; else $STEP_JAX_DATA/<dataset folder>; else (a
+# development checkout) the shared data next to the repository.
+DATA_ENV = "STEP_JAX_DATA"
+_REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def default_data_dir(folder):
+  """The default data folder of a local dataset ('camvid_segnet'), or '' when none exists
+  (the data source then says how to set it)."""
+  for root in (os.environ.get(DATA_ENV, ""), os.path.join(_REPO, "..", "shared", "data")):
+    path = os.path.normpath(os.path.join(root, folder)) if root else ""
+    if path and os.path.isdir(path):
+      return path
+  return ""
 
 
 def dataset_config(name, res, data_dir=""):

@@ -5,14 +5,12 @@
   python -m step_jax.train_policy --config=configs/policy.py:dataset=synthetic,size=smoke \
       --workdir=/tmp/policy
 
-CTS recipe (tue-mps/cts-segmenter, docs/design.md §5): AdamW lr 5e-5, weight decay 1e-3, constant lr, flips,
+CTS recipe (tue-mps/cts-segmenter, docs/design.md §5): AdamW lr 5e-5, weight decay 1e-3,
+constant lr, flips,
 batch 8, 50k iterations. size=cpu shortens it for a 2-core machine with a larger lr.
 """
-import os
-
 from configs import common
 
-_CAMVID = os.path.join(os.path.dirname(__file__), "..", "..", "shared", "data", "camvid_segnet")
 
 
 def get_config(arg=None):
@@ -22,7 +20,7 @@ def get_config(arg=None):
   config.data, config.num_classes, config.ignore_index = common.dataset_config(
       arg.dataset, arg.res)
   if arg.dataset == "camvid":
-    config.data.data_dir = os.path.normpath(_CAMVID)
+    config.data.data_dir = common.default_data_dir("camvid_segnet")
     config.data.image_size = (352, 480)         # 360x480 images, crops on the 16-px grid
     config.data.eval_crop = (352, 480)
   else:

@@ -173,3 +173,17 @@ def test_training_console_is_short_and_the_parameter_table_goes_to_the_workdir(t
   assert "ETA after compiling" in res.stdout and " s\n" in res.stdout   # then a real ETA
   assert "final val mIoU" in res.stdout
   assert "head/queries" in (tmp_path / "parameters.txt").read_text()
+
+
+def test_data_root_from_the_environment(tmp_path, monkeypatch):
+  from configs import common  # pylint: disable=g-import-not-at-top
+  from step_jax.data import sources  # pylint: disable=g-import-not-at-top
+  (tmp_path / "camvid_segnet" / "CamVid").mkdir(parents=True)
+  monkeypatch.setenv("STEP_JAX_DATA", str(tmp_path))
+  assert camvid.get_config("method=segvit").data.data_dir == str(tmp_path / "camvid_segnet")
+  with pytest.raises(FileNotFoundError, match="STEP_JAX_DATA"):
+    sources.camvid_root("")
+  with pytest.raises(FileNotFoundError, match=f"{tmp_path}/nothing does not exist.*"
+                     "STEP_JAX_DATA"):
+    sources.camvid_root(str(tmp_path / "nothing"))
+  assert common.default_data_dir("no_such_dataset") == ""

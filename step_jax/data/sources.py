@@ -218,12 +218,14 @@ class CamVid:
 def camvid_root(data_dir):
   if not data_dir:
     raise FileNotFoundError("camvid needs the folder holding CamVid/: set "
-                            "--config.data.data_dir=/path/to/camvid_segnet")
+                            "--config.data.data_dir=/path/to/camvid_segnet, or "
+                            "STEP_JAX_DATA=/path/to/data (holding camvid_segnet/)")
   for root in (os.path.join(data_dir, "CamVid"), data_dir):
     if os.path.isdir(root):
       return root
   raise FileNotFoundError(f"CamVid data directory {data_dir} does not exist; set "
-                          "--config.data.data_dir=<folder holding CamVid/>")
+                          "--config.data.data_dir=<folder holding CamVid/> or "
+                          "STEP_JAX_DATA=<folder holding camvid_segnet/>")
 
 
 def _camvid_pairs(root, split):
