@@ -6,8 +6,7 @@
       --workdir=/tmp/policy
 
 CTS recipe (tue-mps/cts-segmenter, docs/design.md §5): AdamW lr 5e-5, weight decay 1e-3,
-constant lr, flips,
-batch 8, 50k iterations. size=cpu shortens it for a 2-core machine with a larger lr.
+constant lr, flips, batch 8, 50k iterations. size=cpu shortens it for a 2-core machine with a larger lr.
 """
 from configs import common
 
