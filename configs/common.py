@@ -7,6 +7,8 @@ import os
 
 import ml_collections
 
+from step_jax.models import segmenter
+
 
 def parse_arg(arg, **defaults):
   """'variant=B/16,res=512,smoke' → ConfigDict with typed values (types from `defaults`)."""
@@ -104,7 +106,7 @@ def model_config(variant, res):
                      f"{variant}")
   return ml_collections.ConfigDict(dict(
       variant=variant, out_layers=out_layers, head_dim=head_dim, head_heads=head_heads,
-      head_layers=3, head_dropout=0.1, drop_path=drop_path, dtype="float32", remat=False,
+      head_layers=segmenter.HEAD_LAYERS, head_dropout=0.1, drop_path=drop_path, dtype="float32", remat=False,
       # ViT self-attention: 'auto' = jax.nn.dot_product_attention on a GPU (cuDNN's fused
       # kernel in bf16), the written-out einsum on a CPU (models/attention.resolve_impl).
       attention_impl="auto",

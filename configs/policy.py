@@ -9,6 +9,7 @@ CTS recipe (tue-mps/cts-segmenter, docs/design.md §5): AdamW lr 5e-5, weight de
 constant lr, flips, batch 8, 50k iterations. size=cpu shortens it for a 2-core machine with a larger lr.
 """
 from configs import common
+from step_jax.models import segmenter
 
 
 
@@ -29,8 +30,7 @@ def get_config(arg=None):
       photometric=False))
   config.policy = common.ml_collections.ConfigDict(dict(
       source="pypi", hidden=128, train_backbone=True, pretrained=True, border_ignore=False,
-      thresholds=(0.6, 0.8, 0.9, 0.9),
-      tau_configs={"4999": (0.4, 0.9, 0.9, 0.9), "6899": (0.6, 0.8, 0.9, 0.9)}))
+      thresholds=segmenter.TAU_6899, tau_configs=dict(segmenter.TAU_PRESETS)))
   config.batch_size = 8
   config.optim = common.ml_collections.ConfigDict(dict(
       lr=5e-5, weight_decay=1e-3, warmup_steps=0, total_steps=50_000))

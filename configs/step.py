@@ -29,6 +29,7 @@ those weights with a fresh optimizer and schedule (`prune_optim`); for the separ
 recipe set prune_from_step=0 and init_from=<the BASE run's workdir>.
 """
 from configs import common
+from step_jax.models import segmenter
 
 METHODS = ("segvit", "cts", "dtop", "cts_dtop", "dcts", "step", "oracle")
 # DToP/STEP exit placements: ViT-B @[6,8] (DToP) and @[8] (STEP); ViT-L @[8,16] and @[16]/@[18].
@@ -64,7 +65,7 @@ def set_method(m, method, variant, *, tau="6899", exits="", exit_tau=0.9, exit_h
   m.thresholds = parse_tau(tau)
   m.cts_shared = 103.0  # CTS: 103 shared 2x2 windows at any size (a value < 1: a share)
   m.superpatch_resize = "area"
-  m.buckets = (0.25, 0.375, 0.5, 0.625, 0.75, 0.875, 1.0)
+  m.buckets = segmenter.BUCKETS
   # The policy net is trained first (python -m step_jax.train_policy) and frozen here:
   # init_from = that workdir; or auto_train_steps > 0 trains one inside this run's workdir.
   m.policy = common.ml_collections.ConfigDict(dict(source="pypi", hidden=128, init_from="",
@@ -77,7 +78,7 @@ def set_method(m, method, variant, *, tau="6899", exits="", exit_tau=0.9, exit_h
   m.exit_threshold = exit_tau
   m.exit_mode = "compact"
   m.keep_top_k = 5
-  m.exit_buckets = (0.25, 0.375, 0.5, 0.625, 0.75, 0.875, 1.0)
+  m.exit_buckets = segmenter.BUCKETS
   m.exit_head_heads = DTOP_HEADS[variant]
   # 'dtop' (the paper: DToP's heads), 'dtop_multiclass' or 'atm' (SegViT's stages as exits).
   m.exit_head = exit_head

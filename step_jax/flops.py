@@ -36,6 +36,7 @@ from typing import Dict, Optional, Sequence, Union
 import jax
 
 from step_jax.models import vit as vit_lib
+from step_jax.models.segmenter import HEAD_LAYERS
 
 Number = Union[int, float]
 
@@ -189,7 +190,7 @@ def model_macs(config, include_semantic: bool = False) -> Dict[str, float]:
   if len(image_size) != 2:
     raise ValueError(f"config.data.image_size must be (H, W), got {image_size}")
   model = _require(config, "model")
-  head_layers = model.get("head_layers", 3) if hasattr(model, "get") else 3
+  head_layers = model.get("head_layers", HEAD_LAYERS) if hasattr(model, "get") else HEAD_LAYERS
   m = segvit_macs(_require(config, "model.variant"), image_size,
                   int(_require(config, "num_classes")), _require(config, "model.out_layers"),
                   int(_require(config, "model.head_dim")), int(head_layers),
@@ -249,7 +250,7 @@ def token_macs(config, tokens: Number, stage_tokens: Optional[Sequence[Number]] 
   stage_tokens = list(stage_tokens) if stage_tokens is not None else [tokens] * (len(exits) + 1)
   if len(stage_tokens) != len(exits) + 1:
     raise ValueError(f"stage_tokens needs {len(exits) + 1} entries for exit_layers={exits}")
-  layers = m.get("head_layers", 3)
+  layers = m.get("head_layers", HEAD_LAYERS)
   backbone = patch_embed_macs(tokens, d, p)
   bounds = (0,) + exits + (depth,)
   for s, n in enumerate(stage_tokens):

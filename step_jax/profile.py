@@ -83,7 +83,7 @@ def pieces(config, model, plan, image, batch):
   v = vit_lib.decode_variant(m.variant)
   p, d, depth, mlp = v["patch_size"], v["width"], v["depth"], v["mlp_dim"]
   h, w = image.shape[:2]
-  c, layers = int(config.num_classes), m.get("head_layers", 3)
+  c, layers = int(config.num_classes), m.get("head_layers", segmenter.HEAD_LAYERS)
   x = jnp.asarray(np.broadcast_to(image, (batch,) + image.shape), jnp.float32)
   out = []
   add = lambda name, layer, fn, args, tokens, cap, useful, executed: out.append(dict(

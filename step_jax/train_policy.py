@@ -30,6 +30,7 @@ from step_jax import evaluate as eval_lib
 from step_jax.data import get_source
 from step_jax.data import pipeline
 from step_jax.models import policy as policy_lib
+from step_jax.models import segmenter
 from step_jax.models import supertokens
 
 SIZES = supertokens.SIZES
@@ -70,7 +71,7 @@ def config_from_segmenter(config):
   out.data.eval_crop = tuple(config.data.image_size)
   out.data.eval_resize_short = int(config.get("eval", {}).get("resize_short", 0) or 0)
   out.num_classes, out.ignore_index = config.num_classes, config.ignore_index
-  thresholds = tuple(config.model.get("thresholds", (0.6, 0.8, 0.9, 0.9)))
+  thresholds = tuple(config.model.get("thresholds", segmenter.TAU_6899))
   out.policy = ml_collections.ConfigDict(dict(
       source=pc.get("source", "pypi"), hidden=pc.get("hidden", 128),
       train_backbone=pc.get("train_backbone", False), pretrained=True, border_ignore=False,

@@ -24,6 +24,14 @@ from step_jax.models import supertokens
 from step_jax.models import vit as vit_lib
 
 
+# One home for the method defaults (configs, analysis tools and the trainer read them here).
+TAU_6899 = (0.6, 0.8, 0.9, 0.9)     # dCTS thresholds for windows of 2, 4, 8, 16 patches
+TAU_PRESETS = {"6899": TAU_6899, "4999": (0.4, 0.9, 0.9, 0.9)}   # the paper's τ-6899, τ-4999
+# Token capacities as fractions of the full grid (supertokens and exits: 1/8 steps).
+BUCKETS = (0.25, 0.375, 0.5, 0.625, 0.75, 0.875, 1.0)
+HEAD_LAYERS = 3                     # decoder layers per ATM stage (SegViT, DToP)
+
+
 class Segmenter(nn.Module):
   """SegViT (plain ViT + ATM head), optionally on supertokens (CTS / dCTS).
 
@@ -61,7 +69,7 @@ class Segmenter(nn.Module):
   pixel_mean: Sequence[float] = (127.5, 127.5, 127.5)
   pixel_std: Sequence[float] = (127.5, 127.5, 127.5)
   merge: str = "none"
-  thresholds: Sequence[float] = (0.6, 0.8, 0.9, 0.9)
+  thresholds: Sequence[float] = TAU_6899
   cts_shared: float = 0
   superpatch_resize: str = "area"
   buckets: Sequence[float] = (1.0,)
@@ -73,7 +81,7 @@ class Segmenter(nn.Module):
   exit_mode: str = "compact"
   exit_head: str = "dtop"
   keep_top_k: int = 5
-  exit_buckets: Sequence[float] = (0.25, 0.375, 0.5, 0.625, 0.75, 0.875, 1.0)
+  exit_buckets: Sequence[float] = BUCKETS
 
   def normalize(self, images):
     check_images(images)
@@ -381,7 +389,7 @@ def build(model_cfg, num_classes: int, image_size: Sequence[int], ignore_index: 
   exit_head = model_cfg.get("exit_head", "dtop")
   if exit_head not in EXIT_HEADS:
     raise ValueError(f"model.exit_head={exit_head!r}: use one of {EXIT_HEADS}")
-  head_kw = dict(dim=model_cfg.head_dim, num_layers=model_cfg.get("head_layers", 3),
+  head_kw = dict(dim=model_cfg.head_dim, num_layers=model_cfg.get("head_layers", HEAD_LAYERS),
                  dropout=model_cfg.get("head_dropout", 0.1), dtype=dtype)
   if exit_layers:
     if list(exit_layers) != sorted(set(exit_layers)) or exit_layers[0] < 1 \
@@ -418,7 +426,7 @@ def build(model_cfg, num_classes: int, image_size: Sequence[int], ignore_index: 
   if merge == "cts" and not (0 < k < 1 or (k >= 1 and float(k).is_integer())):
     raise ValueError(f"model.cts_shared={k!r}: CTS needs a whole number of shared 2x2 windows "
                      "(>= 1) or a share of them in (0, 1)")
-  thresholds = tuple(model_cfg.get("thresholds", (0.6, 0.8, 0.9, 0.9)))
+  thresholds = tuple(model_cfg.get("thresholds", TAU_6899))
   if any(not 0.0 <= t <= 1.0 for t in thresholds):
     raise ValueError(f"model.thresholds={thresholds} must lie in [0, 1]")
   exit_threshold = model_cfg.get("exit_threshold", 1.0)
@@ -445,5 +453,4 @@ def build(model_cfg, num_classes: int, image_size: Sequence[int], ignore_index: 
                    exit_threshold=exit_threshold,
                    exit_mode=exit_mode, exit_head=exit_head,
                    keep_top_k=model_cfg.get("keep_top_k", 5),
-                   exit_buckets=tuple(model_cfg.get("exit_buckets",
-                                                    (0.25, 0.375, 0.5, 0.625, 0.75, 0.875, 1.0))))
+                   exit_buckets=tuple(model_cfg.get("exit_buckets", BUCKETS)))
