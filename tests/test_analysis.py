@@ -18,6 +18,7 @@ from step_jax.models import segmenter
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.dirname(__file__)), "experiments"))
 import calibrate  # noqa: E402
+import compare  # noqa: E402
 import exit_analysis  # noqa: E402
 import sweep  # noqa: E402
 
@@ -136,6 +137,15 @@ def test_profile_atm_exit_pieces_run_and_sum_to_model_macs():
   for p in pieces[3:6]:
     out = jax.jit(lambda v, *a, fn=p["fn"]: model.apply(v, *a, method=fn))(variables, *p["args"])
     assert all(np.all(np.isfinite(np.asarray(x))) for x in jax.tree.leaves(out))
+
+
+def test_compare_row_specs():
+  assert compare.parse_row("SegViT=wd/a") == ("SegViT", "wd/a", None, True)
+  assert compare.parse_row("DToP-BASE=wd/b@1500:noexit") == ("DToP-BASE", "wd/b", 1500, False)
+  for bad, msg in (("wd/a", "use LABEL=WORKDIR"), ("x=wd@last", "@STEP must be a step"),
+                   ("x=wd:off", "the only suffix is ':noexit'")):
+    with pytest.raises(ValueError, match=msg):
+      compare.parse_row(bad)
 
 
 def test_sweep_rows_and_labels():
