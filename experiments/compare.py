@@ -87,6 +87,8 @@ def table(rows, res, images):
 def main(argv):
   del argv
   f = flags.FLAGS
+  if not f.row:
+    raise app.UsageError("give at least one --row=LABEL=WORKDIR[@STEP][:noexit]")
   config = train.workdir_config(parse_row(f.row[0])[1])
   config.data.image_size = (f.res, f.res)
   images = benchmark.load_images(config, f.images, f.num_images)
@@ -120,5 +122,4 @@ if __name__ == "__main__":
   flags.DEFINE_integer("reps", 3, "Timed calls per row and image.")
   flags.DEFINE_integer("warmup", 1, "Untimed calls per row.")
   flags.DEFINE_string("out", "", "Output folder (compare.md, compare.jsonl).")
-  flags.mark_flags_as_required(["row"])
   app.run(main)
