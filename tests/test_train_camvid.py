@@ -7,6 +7,7 @@ import jax
 import pytest
 
 from configs import camvid
+from configs import common
 from step_jax import evaluate
 from step_jax import flops
 from step_jax import train
@@ -39,14 +40,12 @@ def test_camvid_config_rejects_bad_arguments():
 
 def test_camvid_data_dir_default():
   cfg = camvid.get_config("method=segvit")
-  if os.path.isdir(camvid._DEFAULT_DATA):
-    assert cfg.data.data_dir == camvid._DEFAULT_DATA
-  else:
-    assert cfg.data.data_dir == ""
+  assert cfg.data.data_dir == common.default_data_dir("camvid_segnet")
+  assert cfg.data.data_dir == "" or os.path.isdir(os.path.join(cfg.data.data_dir, "CamVid"))
 
 
 @pytest.mark.slow
-@pytest.mark.skipif(not os.path.isdir(camvid._DEFAULT_DATA), reason="CamVid not present")
+@pytest.mark.skipif(not common.default_data_dir("camvid_segnet"), reason="CamVid not present")
 def test_camvid_short_run_trains_and_evaluates(tmp_path):
   cfg = camvid.get_config("method=segvit,size=cpu")
   cfg.optim.update(total_steps=4, warmup_steps=1)
