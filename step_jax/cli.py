@@ -1,4 +1,7 @@
 """Console-script helpers."""
+import ast
+import json
+import os
 import sys
 
 
@@ -50,7 +53,6 @@ def take_config_args(argv=None):
 
 
 def _parse_like(old, value, key):
-  import ast  # pylint: disable=g-import-not-at-top
   try:
     if isinstance(old, bool):
       if value.lower() not in ("true", "false", "1", "0"):
@@ -72,8 +74,6 @@ def config_from(flag_config, workdir, taken=("", [])):
   with the `--config.a.b=value` overrides of `take_config_args` applied."""
   if flag_config is not None:
     return flag_config
-  import json  # pylint: disable=g-import-not-at-top
-  import os  # pylint: disable=g-import-not-at-top
   import ml_collections  # pylint: disable=g-import-not-at-top
   path, overrides = taken
   if not path:

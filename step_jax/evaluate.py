@@ -31,7 +31,6 @@ its rows of each global batch; the confusion matrix is a global sum.
 """
 import collections
 import functools
-import json
 import math
 import os
 import time
@@ -40,6 +39,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from step_jax import cli
 from step_jax import metrics as metrics_lib
 from step_jax import sharding as sharding_lib
 from step_jax.data import get_source
@@ -369,7 +369,6 @@ def evaluate_checkpoint(config, workdir, *, step=None):
 
 def _main(argv, taken=("", [])):
   from absl import flags  # pylint: disable=g-import-not-at-top
-  from step_jax import cli  # pylint: disable=g-import-not-at-top
   if len(argv) > 1:
     raise ValueError(f"unexpected arguments: {argv[1:]}")
   workdir = flags.FLAGS.workdir
@@ -388,7 +387,6 @@ def run():
   flags.DEFINE_string("workdir", None, "Training workdir holding checkpoints/.")
   flags.DEFINE_integer("step", None, "Checkpoint step (default: the latest).")
   flags.mark_flags_as_required(["workdir"])
-  from step_jax import cli  # pylint: disable=g-import-not-at-top
   cli.list_flags_in_help(__name__)
   taken = cli.take_config_args()
   cli.quiet_by_default()

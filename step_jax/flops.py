@@ -35,6 +35,7 @@ from typing import Dict, Optional, Sequence, Union
 
 import jax
 
+from step_jax import cli
 from step_jax.models import vit as vit_lib
 from step_jax.models.segmenter import HEAD_LAYERS
 
@@ -292,7 +293,6 @@ def _main(argv, taken=("", [])):
   del argv
   from absl import flags  # pylint: disable=g-import-not-at-top
   from ml_collections import config_flags  # pylint: disable=g-import-not-at-top
-  from step_jax import cli  # pylint: disable=g-import-not-at-top
   f = flags.FLAGS
   cfg = cli.config_from(f.config, f.workdir, taken)
   name = (config_flags.get_config_filename(f["config"]) if f.config
@@ -338,7 +338,6 @@ def run():
   flags.DEFINE_integer("num_images", 16, "Images to average over (token-dependent configs).")
   flags.DEFINE_float("exit_share", -1.0, "Without trained exit heads: calibrate the exit "
                      "thresholds to halt this share of active tokens.")
-  from step_jax import cli  # pylint: disable=g-import-not-at-top
   cli.list_flags_in_help(__name__)
   taken = cli.take_config_args()
   app.run(lambda argv: _main(argv, taken))
