@@ -88,11 +88,13 @@ def set_method(m, method, variant, *, tau="6899", exits="", exit_tau=0.9, exit_h
 def set_dtop_recipe(config, use_exits, base_steps, warmup_steps):
   """DToP's two steps in one run: `base_steps` with pruning off (every head trained on every
   token), then the rest of `config.optim.total_steps` is pruning fine-tuning from those BASE
-  weights with a fresh optimizer: `warmup_steps` of linear warmup, then poly 0.9
-  (train.optimizer_phases)."""
+  weights with a fresh optimizer: `warmup_steps` of linear warmup to `config.optim.lr` (the
+  peak lr again, as DToP; override `prune_optim.lr` for a gentler fine-tuning), then poly 0.9
+  (train.optimizer_phases). prune_optim.lr follows optim.lr until it is set itself."""
   config.prune_from_step = base_steps if use_exits else 0
   config.prune_optim = common.ml_collections.ConfigDict(dict(
-      warmup_steps=warmup_steps, schedule="poly", poly_power=0.9))
+      lr=config.optim.get_ref("lr") * 1.0, warmup_steps=warmup_steps, schedule="poly",
+      poly_power=0.9))
 
 
 def get_config(arg=None):
@@ -122,11 +124,11 @@ def get_config(arg=None):
   # DToP's two steps in one run: `steps` with pruning off (all heads trained), then a
   # quarter as many of pruning fine-tuning (ADE 160k + 40k, COCO-Stuff 80k + 20k) with a
   # fresh optimizer (DToP: 1500 warmup steps, then poly 0.9).
-  set_dtop_recipe(config, use_exits, steps, warmup_steps=1500)
   config.train_bucketing = False  # train on one static shape (see train.train_model)
   # The STEP paper (§4.1): AdamW, lr 6e-5, weight decay 0.01, cosine schedule.
   config.optim = common.optim_config(steps + (steps // 4 if use_exits else 0))
   config.optim.schedule = "cosine"
+  set_dtop_recipe(config, use_exits, steps, warmup_steps=1500)
   config.log_every = 50
   config.eval_every = 2000
   config.eval_batch_size = 8

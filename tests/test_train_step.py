@@ -154,6 +154,11 @@ def test_optimizer_phases_restart_the_schedule_for_pruning():
   assert float(lr_base(60)) == pytest.approx(0.0, abs=1e-9)      # BASE schedule ran out
   assert float(lr_tune(0)) == pytest.approx(1e-6, rel=1e-4)      # fresh warmup from init
   assert float(lr_tune(5)) == pytest.approx(1e-3, rel=1e-4)      # back at the peak
+  cfg.optim.lr = 5e-4                       # prune_optim.lr follows optim.lr ...
+  assert train.optimizer_phases(cfg)[1][1].lr == pytest.approx(5e-4)
+  cfg.prune_optim.lr = 1e-4                 # ... until set: a gentler fine-tuning
+  (_, base), (_, tune) = train.optimizer_phases(cfg)
+  assert (base.lr, tune.lr) == (pytest.approx(5e-4), pytest.approx(1e-4))
   assert len(train.optimizer_phases(cfg, has_exits=False)) == 1  # SegViT: one schedule
   cfg.prune_optim = None                                         # the older recipe
   assert train.optimizer_phases(cfg) == [(0, cfg.optim)]
