@@ -31,11 +31,16 @@ def parse_arg(arg, **defaults):
   return out
 
 
-# name: (num_classes, ignore_index, default crop, train steps (paper), eval stride)
+# The dataset registry: classes, ignore value, default crop, training steps (the papers'), and
+# the evaluation protocol every method is measured with (default: whole images at the crop
+# scale; `slide`: SegViT/DToP's test protocol, windows of the crop over images resized to
+# short side `resize_short` × crop, long side at most `max_long` × crop).
 DATASETS = {
     "synthetic": dict(num_classes=6, ignore_index=255, crop=128),
-    "ade20k": dict(num_classes=150, ignore_index=255, crop=512, steps=160_000),
-    "coco_stuff10k": dict(num_classes=171, ignore_index=255, crop=512, steps=80_000),
+    "ade20k": dict(num_classes=150, ignore_index=255, crop=512, steps=160_000,
+                   eval=dict(mode="slide", resize_short=1, max_long=4)),
+    "coco_stuff10k": dict(num_classes=171, ignore_index=255, crop=512, steps=80_000,
+                          eval=dict(mode="slide", resize_short=1, max_long=4)),
     "cityscapes": dict(num_classes=19, ignore_index=255, crop=1024, steps=90_000),
     "camvid": dict(num_classes=11, ignore_index=11, crop=480, steps=20_000),
 }
@@ -106,11 +111,12 @@ def model_config(variant, res):
                      f"{variant}")
   return ml_collections.ConfigDict(dict(
       variant=variant, out_layers=out_layers, head_dim=head_dim, head_heads=head_heads,
-      head_layers=segmenter.HEAD_LAYERS, head_dropout=0.1, drop_path=drop_path, dtype="float32", remat=False,
+      head_layers=segmenter.HEAD_LAYERS, head_dropout=0.1, drop_path=drop_path,
+      dtype="float32", remat=False,
       # ViT self-attention: 'auto' = jax.nn.dot_product_attention on a GPU (cuDNN's fused
       # kernel in bf16), the written-out einsum on a CPU (models/attention.resolve_impl).
       attention_impl="auto",
-      posemb_grid=(res // 16, res // 16), pixel_mean=(127.5,) * 3, pixel_std=(127.5,) * 3))
+      posemb_grid=(res // patch, res // patch), pixel_mean=(127.5,) * 3, pixel_std=(127.5,) * 3))
 
 
 def optim_config(total_steps, lr=6e-5):
@@ -149,4 +155,9 @@ def add_runtime_defaults(config):
       max_long=0,                     # ... long side at most this (0: no cap)
       label_multiple=32,              # label padding multiple (fewer compiled shapes)
       batch_size=0))                  # images per eval batch (0: config.eval_batch_size)
+  protocol = DATASETS.get(config.data.name, {}).get("eval")
+  if protocol:  # the dataset's protocol, the same for every method
+    res = int(config.data.image_size[0])
+    config.eval.update(mode=protocol["mode"], resize_short=protocol["resize_short"] * res,
+                       max_long=protocol["max_long"] * res)
   return config

@@ -10,9 +10,9 @@
   oracle   windows pure in labels   optional (`exits`), for analysis
 
 Examples:
-  python -m step_jax.main --config=configs/step.py:method=step,variant=L/16,dataset=cityscapes,res=1024,tau=6899,exits=16 --workdir=$WD
-  python -m step_jax.flops --config=configs/step.py:method=dcts,variant=B/16,dataset=ade20k,res=512,tau=4999
-  python -m step_jax.main --config=configs/step.py:method=step,variant=Mu/16,dataset=synthetic,smoke --workdir=/tmp/step
+  python -m step_jax.cli.train --config=configs/step.py:method=step,variant=L/16,dataset=cityscapes,res=1024,tau=6899,exits=16 --workdir=$WD
+  python -m step_jax.cli.flops --config=configs/step.py:method=dcts,variant=B/16,dataset=ade20k,res=512,tau=4999
+  python -m step_jax.cli.train --config=configs/step.py:method=step,variant=Mu/16,dataset=synthetic,smoke --workdir=/tmp/step
 
 Arguments: method; variant (Mu/16 Ti/16 S/16 B/16 L/16); dataset; res (0 = dataset crop);
 tau: dCTS thresholds for 2,4,8,16 windows as digits ('6899' = .6 .8 .9 .9, '4999') or
@@ -22,7 +22,7 @@ exit_tau: halting confidence (paper: .9 ADE20K/Cityscapes, .95 COCO-Stuff); exit
 'atm' (SegViT's own head stages serve as the exits, no extra head); smoke.
 
 CTS/dCTS/STEP need a trained policy net: `--config.model.policy.init_from=<workdir of
-python -m step_jax.train_policy>`, or `--config.model.policy.auto_train_steps=N` to train
+python -m step_jax.cli.train_policy>`, or `--config.model.policy.auto_train_steps=N` to train
 one first inside this run's workdir (the smoke config does, 60 steps). With exits, training
 follows DToP: `prune_from_step` steps without pruning (BASE), then pruning fine-tuning from
 those weights with a fresh optimizer and schedule (`prune_optim`); for the separate-runs
@@ -31,7 +31,17 @@ recipe set prune_from_step=0 and init_from=<the BASE run's workdir>.
 from configs import common
 from step_jax.models import segmenter
 
-METHODS = ("segvit", "cts", "dtop", "cts_dtop", "dcts", "step", "oracle")
+# What `method=` means, the one home of it: method → (token sharing `model.merge`, early
+# exits, the row label of the paper's tables). The oracle has exits only when `exits` is given.
+METHODS = {
+    "segvit": ("none", False, "SegViT"),
+    "cts": ("cts", False, "+CTS"),
+    "dtop": ("none", True, "+DToP"),
+    "cts_dtop": ("cts", True, "+CTS&DToP"),
+    "dcts": ("dcts", False, "+dCTS"),
+    "step": ("dcts", True, "+STEP"),
+    "oracle": ("oracle", None, "oracle"),
+}
 # DToP/STEP exit placements: ViT-B @[6,8] (DToP) and @[8] (STEP); ViT-L @[8,16] and @[16]/@[18].
 DEFAULT_EXITS = {"Mu/16": "2", "Ti/16": "8", "S/16": "8", "B/16": "6-8", "L/16": "8-16"}
 # DToP's exit heads: 6 attention heads for ViT-B, 8 for ViT-L.
@@ -58,21 +68,21 @@ def set_method(m, method, variant, *, tau="6899", exits="", exit_tau=0.9, exit_h
   """Sets the token-sharing and early-exit fields of model config `m` for `method` (one of
   METHODS); returns whether the method has early exits."""
   if method not in METHODS:
-    raise ValueError(f"unknown method {method!r}; choose from {METHODS}")
+    raise ValueError(f"unknown method {method!r}; choose from {tuple(METHODS)}")
+  merge, has_exits, _ = METHODS[method]
   # Token sharing.
-  m.merge = {"cts": "cts", "cts_dtop": "cts", "dcts": "dcts", "step": "dcts",
-             "oracle": "oracle"}.get(method, "none")
+  m.merge = merge
   m.thresholds = parse_tau(tau)
   m.cts_shared = 103.0  # CTS: 103 shared 2x2 windows at any size (a value < 1: a share)
   m.superpatch_resize = "area"
   m.buckets = segmenter.BUCKETS
-  # The policy net is trained first (python -m step_jax.train_policy) and frozen here:
+  # The policy net is trained first (python -m step_jax.cli.train_policy) and frozen here:
   # init_from = that workdir; or auto_train_steps > 0 trains one inside this run's workdir.
   m.policy = common.ml_collections.ConfigDict(dict(source="pypi", hidden=128, init_from="",
                                                    auto_train_steps=0, train_backbone=True,
                                                    lr=5e-5))
   # Early exit.
-  use_exits = method in ("dtop", "cts_dtop", "step") or (method == "oracle" and bool(exits))
+  use_exits = bool(exits) if has_exits is None else has_exits
   exits = exits or DEFAULT_EXITS[variant]
   m.exit_layers = tuple(int(e) for e in exits.split("-")) if use_exits else ()
   m.exit_threshold = exit_tau

@@ -12,7 +12,7 @@ PY=${PY:-.venv/bin/python}
 common="variant=B/16,dataset=camvid,res=${RES:-1024}"
 run() {  # config args [extra flags...]
   local args=$1; shift
-  "$PY" -m step_jax.benchmark --config="configs/step.py:${args},${common}" \
+  "$PY" -m step_jax.cli.benchmark --config="configs/step.py:${args},${common}" \
     --config.model.policy.init_from="$POLICY" --images="$CAMVID" --num_images=4 \
     --reps=3 --warmup=1 "$@" 2>/dev/null | tail -1
 }

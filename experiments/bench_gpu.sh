@@ -24,7 +24,7 @@ for variant in ${VARIANTS:-B/16 L/16}; do
       for batch in ${BATCHES:-1 8}; do
         for method in ${METHODS:-segvit dcts step}; do
           extra=(); [ "$method" = step ] && extra=(--exit_share=0.4)
-          "$PY" -m step_jax.benchmark \
+          "$PY" -m step_jax.cli.benchmark \
             --config="configs/step.py:method=$method,variant=$variant,dataset=cityscapes,res=$res" \
             --config.model.policy.init_from="$POLICY" "${images[@]}" --num_images=4 \
             --dtype="$dtype" --batch="$batch" --reps="${REPS:-10}" --warmup=2 "${extra[@]}" \
@@ -39,7 +39,7 @@ done
 if [ "${ATTN_REF:-1}" = 1 ]; then
   for method in segvit step; do
     extra=(); [ "$method" = step ] && extra=(--exit_share=0.4)
-    "$PY" -m step_jax.benchmark \
+    "$PY" -m step_jax.cli.benchmark \
       --config="configs/step.py:method=$method,variant=$variant,dataset=cityscapes,res=$res" \
       --config.model.policy.init_from="$POLICY" "${images[@]}" --num_images=4 --dtype=bf16 \
       --batch=1 --reps="${REPS:-10}" --warmup=2 --config.model.attention_impl=einsum \

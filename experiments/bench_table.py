@@ -1,4 +1,4 @@
-"""Markdown table of `step_jax.benchmark` JSON lines, with ratios against SegViT.
+"""Markdown table of `step_jax.cli.benchmark` JSON lines, with ratios against SegViT.
 
   python experiments/bench_table.py experiments/results/bench_cpu_1024.jsonl [MORE.jsonl ...]
 

@@ -40,11 +40,13 @@ from PIL import Image
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 import sweep  # noqa: E402  (experiments/sweep.py)
-from step_jax import benchmark  # noqa: E402
-from step_jax import flops  # noqa: E402
-from step_jax import metrics  # noqa: E402
+from step_jax.analysis import benchmark  # noqa: E402
+from step_jax.models import flops  # noqa: E402
+from step_jax.evaluation import metrics  # noqa: E402
 from step_jax.models import early_exit  # noqa: E402
 from step_jax.models import segmenter  # noqa: E402
+from step_jax.evaluation import tokens
+from step_jax.models import variables as variables_lib
 
 
 def tau_grid(values):
@@ -84,7 +86,7 @@ def run_grid_point(fn, variables, images, tau, exit_tau):
 
 def share_thresholds(fn, variables, images, tau, num_exits, share):
   """Per-exit thresholds halting `share` of the cells still active at each exit (the rule of
-  benchmark.calibrate_exits, on the already compiled search program)."""
+  tokens.calibrate_exits, on the already compiled search program)."""
   taus = []
   for s in range(num_exits):
     r = run_grid_point(fn, variables, images, tau, taus + [1.0] * (num_exits - s))
@@ -287,15 +289,14 @@ def main(argv):
   placements = [tuple(int(e) for e in p.split("-")) for p in f.placements.split(",") if p]
   labels = None
   if f.workdir:
-    from step_jax import train  # pylint: disable=g-import-not-at-top
-    variables, weights = train.restore_variables(config, f.workdir), f"trained ({f.workdir})"
+    variables, weights = variables_lib.load(config, f.workdir), f"trained ({f.workdir})"
     if f.images:
-      images = benchmark.load_images(config, f.images, f.num_images * f.every)[::f.every]
+      images = tokens.load_images(config, f.images, f.num_images * f.every)[::f.every]
     else:
       images, labels = load_labelled(config, f.num_images, f.every)
     placements = [tuple(config.model.exit_layers)]  # trained heads sit where they were trained
   else:
-    images = benchmark.load_images(config, f.images, f.num_images * f.every)[::f.every]
+    images = tokens.load_images(config, f.images, f.num_images * f.every)[::f.every]
     deepest = max(placements or [tuple(config.model.get("exit_layers", ()))], key=len)
     cfg = point_config(config, dict(tau=config.model.thresholds, exits=deepest,
                                     exit_threshold=[1.0] * len(deepest)))
@@ -319,7 +320,7 @@ if __name__ == "__main__":
   flags.DEFINE_float("budget_gflops", None, "GFLOPs per image budget.")
   flags.DEFINE_float("budget_ms", None, "Latency budget, ms per image on this device.")
   flags.DEFINE_enum("gflops", "useful", ["useful", "executed"], "GFLOPs that the budget counts.")
-  flags.DEFINE_string("workdir", None, "Trained `step_jax.main` run (default: random weights).")
+  flags.DEFINE_string("workdir", None, "Trained training run (default: random weights).")
   flags.DEFINE_string("images", "", "Folder of images (no labels: agreement); default: the "
                       "config's eval split.")
   flags.DEFINE_integer("num_images", 8, "Validation images.")

@@ -6,7 +6,7 @@ of which the policy net), ms/image and ratios to the first row.
       --row="DToP-BASE=workdirs/camvid_ti_dtop_s0@1500:noexit" \
       --row="+DToP@[8]=workdirs/camvid_ti_dtop_s0" ...
 
-A row is LABEL=WORKDIR[@STEP][:noexit]: the latest checkpoint of a `step_jax.main` workdir
+A row is LABEL=WORKDIR[@STEP][:noexit]: the latest checkpoint of a training workdir
 (or the one at STEP, e.g. the DToP BASE model at `prune_from_step`), run with its own config;
 `:noexit` runs it with nothing halting (exit threshold 1), as DToP reports its BASE model.
 
@@ -27,9 +27,10 @@ import numpy as np
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 import sweep  # noqa: E402
-from step_jax import benchmark  # noqa: E402
-from step_jax import profile as profile_lib  # noqa: E402
-from step_jax import train  # noqa: E402
+from step_jax.analysis import profile as profile_lib  # noqa: E402
+from step_jax.evaluation import tokens
+from step_jax.models import variables as variables_lib
+from step_jax.runtime import checkpoint as ckpt_lib
 
 
 def parse_row(spec):
@@ -49,8 +50,8 @@ def parse_row(spec):
 def measure(spec, res, images, **kw):
   """One row: sweep.measure_row on the run's own config at res², its trained weights."""
   label, workdir, step, exits = parse_row(spec)
-  config = train.workdir_config(workdir)
-  variables, got_step = train.restore_checkpoint(config, workdir, step)
+  config = ckpt_lib.read_config(workdir)
+  variables, got_step = variables_lib.restore(config, workdir, step)
   if not exits:
     config.model.exit_threshold = 1.0
   config.data.image_size = (res, res)
@@ -89,9 +90,9 @@ def main(argv):
   f = flags.FLAGS
   if not f.row:
     raise app.UsageError("give at least one --row=LABEL=WORKDIR[@STEP][:noexit]")
-  config = train.workdir_config(parse_row(f.row[0])[1])
+  config = ckpt_lib.read_config(parse_row(f.row[0])[1])
   config.data.image_size = (f.res, f.res)
-  images = benchmark.load_images(config, f.images, f.num_images)
+  images = tokens.load_images(config, f.images, f.num_images)
   rows = []
   for spec in f.row:
     r = measure(spec, f.res, images, reps=f.reps, warmup=f.warmup, eval_images=f.eval_images)

@@ -21,21 +21,33 @@ POLICY=$W/camvid_ti_step_atm_s0/policy      # trained by the first STEP run, the
 train() {  # train NAME CONFIG-ARGS [FLAGS...]
   local name=$1 args=$2; shift 2
   [ -f "$W/$name/eval_val.json" ] && return 0
-  $PY -m step_jax.main --config="$CFG,$args" --workdir="$W/$name" "$@" > "$W/$name.log" 2>&1
+  $PY -m step_jax.cli.train --config="$CFG,$args" --workdir="$W/$name" "$@" > "$W/$name.log" 2>&1
 }
 
 if [ "${1:-}" = train ]; then
   mkdir -p "$W"
+  fork() {  # fork NAME FROM: a pruning fine-tuning from FROM's BASE checkpoint (step 1500)
+    [ -d "$W/$1/checkpoints/1500" ] || { mkdir -p "$W/$1/checkpoints"
+      cp -r "$W/$2/checkpoints/1500" "$W/$1/checkpoints/"; }
+  }
+  # The pruning fine-tuning runs at 0.1x the peak lr (the cpu config's default); the s0 STEP
+  # runs (and the policy) were first trained re-warming to the peak, DToP's schedule taken
+  # literally, and their BASE checkpoints are forked for the 0.1x fine-tuning (_ft1e-4).
   train camvid_ti_segvit_s0 method=segvit
-  train camvid_ti_step_atm_s0 method=step,exit_head=atm          # trains the policy first
-  train camvid_ti_step_dtop_s0 method=step,exit_head=dtop --config.model.policy.init_from=$POLICY
+  train camvid_ti_step_atm_s0 method=step,exit_head=atm --config.prune_optim.lr=1e-3
   train camvid_ti_segvit_s1 method=segvit --config.seed=1
+  fork camvid_ti_step_atm_s0_ft1e-4 camvid_ti_step_atm_s0
+  train camvid_ti_step_atm_s0_ft1e-4 method=step,exit_head=atm \
+      --config.model.policy.init_from=$POLICY
   train camvid_ti_step_atm_s1 method=step,exit_head=atm --config.seed=1 \
       --config.model.policy.init_from=$POLICY
   train camvid_ti_dtop_s0 method=dtop,exit_head=dtop
-  train camvid_ti_dcts_s0 method=dcts --config.model.policy.init_from=$POLICY
-  train camvid_ti_step_dtopmc_s0 method=step,exit_head=dtop_multiclass \
+  train camvid_ti_step_dtop_s0 method=step,exit_head=dtop --config.prune_optim.lr=1e-3 \
       --config.model.policy.init_from=$POLICY
+  fork camvid_ti_step_dtop_s0_ft1e-4 camvid_ti_step_dtop_s0
+  train camvid_ti_step_dtop_s0_ft1e-4 method=step,exit_head=dtop \
+      --config.model.policy.init_from=$POLICY
+  train camvid_ti_dcts_s0 method=dcts --config.model.policy.init_from=$POLICY
 elif [ "${1:-}" = table ]; then
   rows=()
   add() { [ -d "$W/${2%%[@:]*}" ] && rows+=(--row="$1=$W/$2") || echo "missing: $W/$2" >&2; }
@@ -44,11 +56,12 @@ elif [ "${1:-}" = table ]; then
   add "DToP-BASE" camvid_ti_dtop_s0@1500:noexit
   add "+DToP@[8]" camvid_ti_dtop_s0
   add "+dCTS τ-6899" camvid_ti_dcts_s0
-  add "+STEP@[8] DToP head" camvid_ti_step_dtop_s0
-  add "+STEP@[8] DToP head, (C+1)-way" camvid_ti_step_dtopmc_s0
-  add "+STEP@[8] ATM exits s0" camvid_ti_step_atm_s0
-  add "+STEP@[8] ATM exits s1" camvid_ti_step_atm_s1
+  add "+STEP@[8] DToP head" camvid_ti_step_dtop_s0_ft1e-4
+  add "+STEP@[8] DToP head, fine-tune lr 1e-3" camvid_ti_step_dtop_s0
   add "STEP ATM exits BASE" camvid_ti_step_atm_s0@1500:noexit
+  add "+STEP@[8] ATM exits s0" camvid_ti_step_atm_s0_ft1e-4
+  add "+STEP@[8] ATM exits s1" camvid_ti_step_atm_s1
+  add "+STEP@[8] ATM exits, fine-tune lr 1e-3" camvid_ti_step_atm_s0
   $PY experiments/compare.py "${rows[@]}" --res=1024 --num_images=4 --reps=3 \
       --out=experiments/results/compare_camvid_ti
 else

@@ -20,7 +20,7 @@ import numpy as np
 from PIL import Image, ImageDraw
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-from step_jax import train_policy  # noqa: E402
+from step_jax.training import train_policy  # noqa: E402
 from step_jax.data import get_source  # noqa: E402
 from step_jax.models import supertokens  # noqa: E402
 

@@ -5,7 +5,7 @@ tokens per stage (figures 7-8).
       --config=configs/step.py:method=step,variant=B/16,dataset=cityscapes,res=1024,exits=8 \
       --out=experiments/results/exits_b16 [--workdir=DIR] [--images=DIR] [--num_images=16]
 
-Weights: a trained `python -m step_jax.main` workdir, or random weights with each exit
+Weights: a trained `python -m step_jax.cli.train` workdir, or random weights with each exit
 threshold calibrated to halt `--exit_share` of the still-active tokens (benchmark.prepare).
 
 A token halts at most once; `info["halt_stage"]` [B, gh, gw] gives per patch cell the exit
@@ -31,11 +31,11 @@ import numpy as np
 from PIL import Image, ImageDraw
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-from step_jax import benchmark  # noqa: E402
-from step_jax import profile as profile_lib  # noqa: E402
-from step_jax import visualize  # noqa: E402
+from step_jax.analysis import profile as profile_lib  # noqa: E402
+from step_jax.analysis import visualize  # noqa: E402
 from step_jax.models import segmenter  # noqa: E402
 from step_jax.models import supertokens  # noqa: E402
+from step_jax.evaluation import tokens
 
 
 def halt_counts(info, num_exits):
@@ -180,7 +180,7 @@ def write(rows, counts, out, header, maps_png=None):
 def main(argv):
   del argv
   f = flags.FLAGS
-  images = benchmark.load_images(f.config, f.images, f.num_images * f.every)[::f.every]
+  images = tokens.load_images(f.config, f.images, f.num_images * f.every)[::f.every]
   config, model, variables, weights = profile_lib.load(f.config, images, f.workdir,
                                                        f.exit_share)
   counts, maps = analyse(model, variables, images)
@@ -196,7 +196,7 @@ def main(argv):
 
 if __name__ == "__main__":
   config_flags.DEFINE_config_file("config", None, "Config (path:arg) with exit layers.")
-  flags.DEFINE_string("workdir", None, "Trained `step_jax.main` run (default: random weights).")
+  flags.DEFINE_string("workdir", None, "Trained training run (default: random weights).")
   flags.DEFINE_string("images", "", "Folder of images; default: the config's eval split.")
   flags.DEFINE_integer("num_images", 16, "Images to analyse.")
   flags.DEFINE_integer("every", 1, "Take every k-th image (video datasets: varied scenes).")

@@ -3,9 +3,9 @@
 # CamVid (configs/camvid.py size=cpu, 2000 steps each), timed on CamVid val images resized to
 # 512² and 1024², mIoU on the val split at the training scale (whole 180x240 images).
 #
-#   for m in segvit dtop step; do python -m step_jax.main \
+#   for m in segvit dtop step; do python -m step_jax.cli.train \
 #       --config=configs/camvid.py:method=$m,size=cpu --workdir=workdirs/camvid_${m}_cpu; done
-#   for m in cts cts_dtop dcts; do python -m step_jax.main \
+#   for m in cts cts_dtop dcts; do python -m step_jax.cli.train \
 #       --config=configs/camvid.py:method=$m,size=cpu --workdir=workdirs/camvid_${m}_cpu \
 #       --config.model.policy.init_from=workdirs/camvid_step_cpu/policy; done
 #   bash experiments/methods_camvid_cpu.sh [WORKDIRS=workdirs] [RESOLUTIONS="512 1024"]

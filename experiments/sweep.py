@@ -36,15 +36,18 @@ from ml_collections import config_flags
 import numpy as np
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+from configs import step as step_config  # noqa: E402
 from configs.step import parse_tau  # noqa: E402  (tests call sweep.parse_tau)
-from step_jax import benchmark  # noqa: E402
-from step_jax import profile as profile_lib  # noqa: E402
+from step_jax.analysis import benchmark  # noqa: E402
+from step_jax.analysis import profile as profile_lib  # noqa: E402
 from step_jax.models import segmenter  # noqa: E402
 from step_jax.models import vit as vit_lib  # noqa: E402
+from step_jax.evaluation import tokens
+from step_jax.models import variables as variables_lib
+from step_jax.runtime import checkpoint as ckpt_lib
 
 PAPER_TAUS = ("6999", "6899", "4999", "4899", "4799", "4699", "4599", "4499")  # table 1
-MERGE = {"cts": "cts", "cts_dtop": "cts", "dcts": "dcts", "step": "dcts"}
-EXITS = ("dtop", "cts_dtop", "step")
+EXITS = tuple(k for k, (_, exits, _) in step_config.METHODS.items() if exits)
 
 
 def tau_name(tau):
@@ -59,7 +62,7 @@ def with_method(config, method, tau=None, exits=None):
   c = config.copy_and_resolve_references()
   with c.unlocked():
     c.method = method
-    c.model.merge = MERGE.get(method, "none")
+    c.model.merge = step_config.METHODS[method][0]
     if method in EXITS:
       c.model.exit_layers = tuple(exits if exits is not None else c.model.get("exit_layers", ()))
       if not c.model.exit_layers:
@@ -78,8 +81,7 @@ def with_method(config, method, tau=None, exits=None):
 
 def label(config):
   m = config.model
-  name = {"segvit": "SegViT", "cts": "+CTS", "dtop": "+DToP", "cts_dtop": "+CTS&DToP",
-          "dcts": "+dCTS", "step": "+STEP"}[config.method]
+  name = step_config.METHODS[config.method][2]
   if m.exit_layers:
     name += "@[" + ",".join(map(str, m.exit_layers)) + "]"
   if m.merge == "dcts":
@@ -95,12 +97,11 @@ def shapes(tree):
 
 
 def load_trained(workdirs):
-  """[(workdir, variables, method)] of trained `step_jax.main` runs (their own config.json)."""
-  from step_jax import train  # pylint: disable=g-import-not-at-top  (heavy imports)
+  """[(workdir, variables, method)] of trained training runs (their own config.json)."""
   out = []
   for w in workdirs:
-    config = train.workdir_config(w)
-    out.append((w, train.restore_variables(config, w), config.get("method", "")))
+    config = ckpt_lib.read_config(w)
+    out.append((w, variables_lib.load(config, w), config.get("method", "")))
   return out
 
 
@@ -171,7 +172,7 @@ def measure_row(config, images, *, trained=(), exit_share=0.4, reps=3, warmup=1,
   elif quality:
     r["agreement"] = 1.0
   if workdir:
-    from step_jax import evaluate  # pylint: disable=g-import-not-at-top
+    from step_jax.evaluation import evaluator as evaluate
     from step_jax.data import get_source  # pylint: disable=g-import-not-at-top
     split = cfg.data.get("split", "") or cfg.data.eval_split
     source = _Subset(get_source(cfg.data, split, cfg.num_classes, cfg.ignore_index),
@@ -333,7 +334,7 @@ def main(argv):
   del argv
   f = flags.FLAGS
   config = f.config
-  images = benchmark.load_images(config, f.images, f.num_images)
+  images = tokens.load_images(config, f.images, f.num_images)
   split = lambda s: [tuple(int(e) for e in p.split("-")) for p in s.split(",") if p]
   trained = load_trained(f.workdir or [])
   header = dict(config=config_flags.get_config_filename(f["config"]), images=len(images))
@@ -349,7 +350,7 @@ if __name__ == "__main__":
   config_flags.DEFINE_config_file("config", None, "Base config (path:arg).")
   flags.DEFINE_string("out", None, "Output folder.")
   flags.DEFINE_string("sweeps", "tau,exits,methods", "Which sweeps: tau, exits, methods.")
-  flags.DEFINE_multi_string("workdir", [], "Trained `step_jax.main` runs (repeatable); a row "
+  flags.DEFINE_multi_string("workdir", [], "Trained training runs (repeatable); a row "
                             "uses the first whose parameter shapes fit its model.")
   flags.DEFINE_string("taus", ",".join(PAPER_TAUS), "dCTS thresholds of the tau sweep.")
   flags.DEFINE_string("method_taus", "6899,4999", "Methods table: the first is the +dCTS "

@@ -3,12 +3,12 @@
   import step_jax
   model, variables = step_jax.load("workdirs/step")        # training workdir or export dir
   pred, info = step_jax.segment(model, variables, image)   # uint8 [H, W, 3] → int32 [H, W]
-  step_jax.visualize.figure(image, pred, info).save("step.png")
+  step_jax.analysis.visualize.figure(image, pred, info).save("step.png")
 
 `load` accepts
-  - a `python -m step_jax.main` workdir (config.json + checkpoints/): the Flax model and the
-    variables of its latest (or `step`) checkpoint;
-  - a `python -m step_jax.export` folder: the Flax model rebuilt from its config.json and the
+  - a training workdir (config.json + checkpoints/): the Flax model and the variables of its
+    latest (or `step`) checkpoint;
+  - a `python -m step_jax.cli.export` folder: the Flax model rebuilt from its config.json and the
     variables from params.msgpack (or params.safetensors); with `exported=True` the
     serialized `jax.export` artifact instead, which runs without the model code.
 `build(config)` gives a model with random ViT/heads (and the trained policy of
@@ -26,9 +26,19 @@ import importlib.util
 import json
 import os
 
+from flax import serialization
 import jax
+from jax import export
 import jax.numpy as jnp
+import ml_collections
 import numpy as np
+
+from step_jax.evaluation import tokens
+from step_jax.models import pretrained
+from step_jax.models import segmenter
+from step_jax.models import variables as variables_lib
+from step_jax.runtime import checkpoint
+from step_jax.training import train_policy
 
 CONFIG_JSON = "config.json"
 EXPORT_JSON = "export.json"
@@ -42,7 +52,6 @@ ARTIFACT = "model.jaxexport"
 ################################################################################
 def get_config(spec):
   """A ConfigDict from a ConfigDict, a dict, a JSON file or 'configs/step.py:arg,...'."""
-  import ml_collections  # pylint: disable=g-import-not-at-top
   if isinstance(spec, ml_collections.ConfigDict):
     return spec
   if isinstance(spec, dict):
@@ -50,8 +59,7 @@ def get_config(spec):
   if not isinstance(spec, str):
     raise TypeError(f"config must be a ConfigDict, dict or string, got {type(spec).__name__}")
   if spec.endswith(".json"):
-    with open(spec) as f:
-      return ml_collections.ConfigDict(json.load(f))
+    return checkpoint.read_config(spec)
   path, _, arg = spec.partition(":")
   if os.path.isfile(path):
     mod_spec = importlib.util.spec_from_file_location("_step_jax_config", path)
@@ -67,10 +75,8 @@ def get_config(spec):
 
 
 def create_model(config):
-  """The Flax Segmenter of a config (as `step_jax.train.create_model`)."""
-  from step_jax.models import segmenter  # pylint: disable=g-import-not-at-top
-  return segmenter.build(config.model, config.num_classes, tuple(config.data.image_size),
-                         ignore_index=config.ignore_index)
+  """The Flax Segmenter of a config (ConfigDict, dict, JSON file or 'configs/x.py:args')."""
+  return variables_lib.create_model(get_config(config))
 
 
 def build(config, *, seed=0):
@@ -79,13 +85,11 @@ def build(config, *, seed=0):
   A CTS/dCTS policy comes from `config.model.policy.init_from` when set (a train_policy
   workdir); otherwise it is random too, and so are its merges.
   """
-  from step_jax import benchmark  # pylint: disable=g-import-not-at-top
   config = get_config(config)
   model = create_model(config)
-  variables = benchmark.random_variables(model, tuple(config.data.image_size), seed)
+  variables = variables_lib.random_variables(model, tuple(config.data.image_size), seed)
   init_from = config.model.get("policy", {}).get("init_from", "")
   if init_from and model.policy is not None:
-    from step_jax import train_policy  # pylint: disable=g-import-not-at-top
     pol = train_policy.load_variables(init_from)
     variables = {col: dict(variables[col], policy=pol[col]) for col in variables}
   return model, variables
@@ -96,11 +100,10 @@ def calibrate_exits(model, variables, images, share=0.4, *, labels=None):
   halting candidates at each exit, on `images` [B, H, W, 3].
 
   For untrained exit heads (demos, benchmarks; the paper halts ~40 %); see
-  `benchmark.calibrate_exits` (`labels`: the oracle merge's).
+  `evaluation.tokens.calibrate_exits` (`labels`: the oracle merge's).
   """
-  from step_jax import benchmark  # pylint: disable=g-import-not-at-top
-  return model.clone(exit_threshold=benchmark.calibrate_exits(model, variables, images, share,
-                                                              labels=labels))
+  return model.clone(exit_threshold=tokens.calibrate_exits(model, variables, images, share,
+                                                           labels=labels))
 
 
 def inference_fn(model):
@@ -110,8 +113,6 @@ def inference_fn(model):
   class × mask product, upsampled), `pred` int32 [B, H, W], and the model's token maps and
   counts (everything in its info but the static `grid`).
   """
-  from step_jax.models import segmenter  # pylint: disable=g-import-not-at-top
-
   def fn(variables, images, labels=None):
     kw = {} if labels is None else dict(labels=labels)
     outputs, info = model.apply(variables, images, train=False, **kw)
@@ -123,10 +124,7 @@ def inference_fn(model):
 
 
 def _read_config(folder):
-  path = os.path.join(folder, CONFIG_JSON)
-  if not os.path.isfile(path):
-    raise FileNotFoundError(f"no {CONFIG_JSON} in {folder}: not a step_jax workdir or export")
-  return get_config(path)
+  return checkpoint.read_config(folder)
 
 
 ################################################################################
@@ -137,7 +135,6 @@ class ExportedModel:
   `inference_fn`: `model(variables, images)` → dict of arrays."""
 
   def __init__(self, folder):
-    from jax import export  # pylint: disable=g-import-not-at-top
     with open(os.path.join(folder, ARTIFACT), "rb") as f:
       self.exported = export.deserialize(bytearray(f.read()))
     with open(os.path.join(folder, EXPORT_JSON)) as f:
@@ -163,13 +160,11 @@ def read_params(folder):
   """Variables from params.msgpack (else params.safetensors) of an export folder."""
   msgpack, st = os.path.join(folder, MSGPACK), os.path.join(folder, SAFETENSORS)
   if os.path.isfile(msgpack):
-    from flax import serialization  # pylint: disable=g-import-not-at-top
     with open(msgpack, "rb") as f:
       return serialization.msgpack_restore(f.read())
   if os.path.isfile(st):
     from safetensors.numpy import load_file  # pylint: disable=g-import-not-at-top
-    from step_jax import checkpoint  # pylint: disable=g-import-not-at-top
-    return checkpoint._unflatten(load_file(st))  # pylint: disable=protected-access
+    return pretrained.unflatten(load_file(st))
   raise FileNotFoundError(f"no {MSGPACK} or {SAFETENSORS} in {folder}")
 
 
@@ -178,18 +173,17 @@ def load(path, *, step=None, exported=False):
   path = os.fspath(path)
   if not os.path.isdir(path):
     raise FileNotFoundError(f"{path} is not a directory (expected a step_jax workdir or "
-                            "a step_jax.export output folder)")
+                            "a step_jax export folder)")
   is_export = os.path.isfile(os.path.join(path, EXPORT_JSON))
   if exported:
     if not (is_export and os.path.isfile(os.path.join(path, ARTIFACT))):
       raise FileNotFoundError(f"exported=True needs {ARTIFACT} and {EXPORT_JSON} in {path}; "
-                              "make them with python -m step_jax.export")
+                              "make them with python -m step_jax.cli.export")
     return ExportedModel(path), read_params(path)
   config = _read_config(path)
   if is_export:
     return create_model(config), read_params(path)
-  from step_jax import train  # pylint: disable=g-import-not-at-top
-  variables = train.restore_variables(config, path, step=step)
+  variables = variables_lib.load(config, path, step)
   return create_model(config), jax.tree.map(np.asarray, jax.device_get(variables))
 
 

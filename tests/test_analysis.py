@@ -11,10 +11,12 @@ from PIL import Image
 import pytest
 
 from configs import step as step_configs
-from step_jax import benchmark
-from step_jax import flops
-from step_jax import profile as profile_lib
+from step_jax.analysis import benchmark
+from step_jax.models import flops
+from step_jax.analysis import profile as profile_lib
 from step_jax.models import segmenter
+from step_jax.evaluation import tokens
+from step_jax.models import variables as variables_lib
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.dirname(__file__)), "experiments"))
 import calibrate  # noqa: E402
@@ -36,7 +38,7 @@ def _cfg(method="step", tau="0.5-0.9-0.9-0.9", exits="1-2", res=64):
 
 @pytest.fixture(scope="module")
 def images():
-  return benchmark.load_images(_cfg(), "", 3)
+  return tokens.load_images(_cfg(), "", 3)
 
 
 def _spread_policy(variables):
@@ -133,7 +135,7 @@ def test_profile_atm_exit_pieces_run_and_sum_to_model_macs():
       "block 4", "head stage 3", "upsample"]
   assert sum(p["useful"] for p in pieces) / 1e9 == pytest.approx(
       flops.token_macs(cfg, 16, [16, 10])["total"])
-  variables = benchmark.random_variables(model, (64, 64))
+  variables = variables_lib.random_variables(model, (64, 64))
   for p in pieces[3:6]:
     out = jax.jit(lambda v, *a, fn=p["fn"]: model.apply(v, *a, method=fn))(variables, *p["args"])
     assert all(np.all(np.isfinite(np.asarray(x))) for x in jax.tree.leaves(out))
@@ -200,7 +202,7 @@ def test_calibrate_choice_is_within_budget_and_on_the_front(images, prepared):
   # The chosen thresholds, rebuilt as a static config, really cost what the search said.
   c = calibrate.point_config(cfg, points[best])
   c2, m2, v2, _ = benchmark.prepare(c, "fp32", variables)
-  st = benchmark.token_stats(c2, m2, v2, images)
+  st = tokens.token_stats(c2, m2, v2, images)
   assert st["gflops_useful"] == pytest.approx(points[best]["gflops"], rel=1e-6)
   assert st["gflops_useful"] <= budget
   assert "Best within budget" in calibrate.report(result)

@@ -9,7 +9,7 @@ import pytest
 
 import step_jax
 from step_jax import api
-from step_jax import visualize
+from step_jax.analysis import visualize
 from test_export import _tiny_segvit, make_workdir  # pylint: disable=g-bad-import-order
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))

@@ -5,7 +5,7 @@ import pytest
 
 import step_jax
 from step_jax import api
-from step_jax import export
+from step_jax.interop import export
 from test_export import _tiny_segvit  # pylint: disable=g-bad-import-order
 
 RNG = np.random.default_rng(0)

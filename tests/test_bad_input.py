@@ -19,16 +19,18 @@ import pytest
 
 from configs import segvit
 from configs import step as step_config
-from step_jax import checkpoint as ckpt_lib
-from step_jax import optim
-from step_jax import sharding
-from step_jax import train
-from step_jax import writers
+from step_jax.runtime import checkpoint as ckpt_lib
+from step_jax.training import optim
+from step_jax.runtime import sharding
+from step_jax.training import train
+from step_jax.runtime import writers
 from step_jax.data import get_source
 from step_jax.data import pipeline
 from step_jax.data import sources
-from step_jax.data.sources import BadRecordError
+from step_jax.data.decode import BadRecordError
 from step_jax.models import segmenter
+from step_jax.models import pretrained
+from step_jax.models import variables as variables_lib
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -237,7 +239,7 @@ def test_bad_record_stops_training_and_keeps_the_last_checkpoint(tmp_path, monke
     train.train_and_evaluate(cfg, str(tmp_path))
   ck = ckpt_lib.Checkpointer(str(tmp_path))
   assert ck.all_steps() == [2]                          # nothing written after, nothing lost
-  model = train.create_model(cfg)
+  model = variables_lib.create_model(cfg)
   abstract, sh = train.abstract_train_state(cfg, model, sharding.make_mesh(cfg))
   state, _, step = ck.restore(sharding.with_shardings(abstract, sh))
   assert step == 2 and int(state["step"]) == 2
@@ -259,7 +261,7 @@ def test_skipped_records_reach_training_metrics(tmp_path, monkeypatch):
 ################################################################################
 @pytest.fixture(scope="module")
 def tiny_model():
-  return train.create_model(_tiny())
+  return variables_lib.create_model(_tiny())
 
 
 @pytest.mark.parametrize("shape,dtype,match", [
@@ -313,7 +315,7 @@ def _model_cfg(**overrides):
 def test_contradictory_model_configs(change, match):
   cfg = _model_cfg(**change)
   with pytest.raises(ValueError, match=match):
-    train.create_model(cfg)
+    variables_lib.create_model(cfg)
 
 
 def test_contradictory_data_and_class_configs():
@@ -321,11 +323,11 @@ def test_contradictory_data_and_class_configs():
   cfg.data.image_size = (40, 40)
   with pytest.raises(ValueError, match=r"data.image_size=\(40, 40\) is not a multiple of the "
                                        r"patch size 16 of Mu/16; use e.g. \(48, 48\)"):
-    train.create_model(cfg)
+    variables_lib.create_model(cfg)
   cfg = _tiny()
   cfg.ignore_index = 3
   with pytest.raises(ValueError, match=r"ignore_index=3 must lie outside the classes 0\.\.5"):
-    train.create_model(cfg)
+    variables_lib.create_model(cfg)
   with pytest.raises(ValueError, match=r"res=100 must be a positive multiple of the patch "
                                        r"size 16 of B/16"):
     segvit.get_config("variant=B/16,dataset=ade20k,res=100")
@@ -338,7 +340,7 @@ def test_contradictory_data_and_class_configs():
 def test_cli_reports_a_bad_config_and_writes_no_checkpoint(tmp_path):
   wd = tmp_path / "wd"
   proc = subprocess.run(
-      [sys.executable, "-m", "step_jax.main", f"--workdir={wd}",
+      [sys.executable, "-m", "step_jax.cli.train", f"--workdir={wd}",
        "--config=configs/segvit.py:variant=Mu/16,dataset=synthetic,smoke",
        "--config.data.image_size=(40, 40)"],
       cwd=REPO, capture_output=True, text=True, timeout=240)
@@ -351,7 +353,7 @@ def test_cli_reports_a_bad_config_and_writes_no_checkpoint(tmp_path):
 # Checkpoints.                                                                 #
 ################################################################################
 def _abstract(cfg, mesh):
-  model, tx = train.create_model(cfg), optim.make_optimizer(cfg.optim)
+  model, tx = variables_lib.create_model(cfg), optim.make_optimizer(cfg.optim)
   abstract, sh = train.abstract_train_state(cfg, model, mesh, tx)
   init = functools.partial(train.init_state, model=model, tx=tx, config=cfg)
   return sharding.with_shardings(abstract, sh), jax.jit(init, out_shardings=sh)
@@ -431,7 +433,7 @@ def test_partially_written_checkpoint_is_never_picked_up(saved, tmp_path):
   assert ck.latest_step() == 4 and ck.all_steps() == [2, 4]
   state, _, step = ck.restore(saved[2])
   assert step == 4 and _params_equal(state["params"], saved[3][4]["params"])
-  assert ckpt_lib.load_pretrained(wd, None)["backbone"]["embedding"]["kernel"].shape
+  assert pretrained.load_pretrained(wd, None)["backbone"]["embedding"]["kernel"].shape
   ck.close()
 
 
@@ -465,7 +467,7 @@ def test_bf16_forward_and_training_agree_with_fp32():
   cfg32 = _tiny()
   cfg16 = _tiny()
   cfg16.model.dtype = "bfloat16"
-  m32, m16 = train.create_model(cfg32), train.create_model(cfg16)
+  m32, m16 = variables_lib.create_model(cfg32), variables_lib.create_model(cfg16)
   src = get_source(cfg32.data, "train", cfg32.num_classes, cfg32.ignore_index)
   batch = dict(image=np.stack([src[i]["image"] for i in range(4)]),
                label=np.stack([src[i]["label"] for i in range(4)]).astype(np.int32))

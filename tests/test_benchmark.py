@@ -2,7 +2,7 @@
 import numpy as np
 
 from configs import step as step_configs
-from step_jax import benchmark
+from step_jax.analysis import benchmark
 
 
 def _cfg(method, **kw):

@@ -9,11 +9,13 @@ import pytest
 from jax.sharding import PartitionSpec as P
 
 from configs import segvit
-from step_jax import checkpoint as ckpt_lib
-from step_jax import convert
-from step_jax import optim
-from step_jax import sharding
-from step_jax import train
+from step_jax.runtime import checkpoint as ckpt_lib
+from step_jax.models import convert
+from step_jax.training import optim
+from step_jax.runtime import sharding
+from step_jax.training import train
+from step_jax.models import pretrained
+from step_jax.models import variables as variables_lib
 
 _CACHE = os.path.join(tempfile.gettempdir(), "step_jax_test_jit_cache")
 if not jax.config.jax_compilation_cache_dir:
@@ -31,7 +33,7 @@ def _tiny():
 
 
 def _state(cfg, mesh, seed=0):
-  model, tx = train.create_model(cfg), optim.make_optimizer(cfg.optim)
+  model, tx = variables_lib.create_model(cfg), optim.make_optimizer(cfg.optim)
   abstract, sh = train.abstract_train_state(cfg, model, mesh, tx)
   init = functools.partial(train.init_state, model=model, tx=tx, config=cfg)
   return jax.jit(init, out_shardings=sh)(jax.random.key(seed)), abstract, sh
@@ -126,8 +128,8 @@ def test_init_from_workdir_npz_and_timm(tmp_path):
   ck.save(10, donor)
   ck.close()
   # A whole step_jax workdir (e.g. the BASE model before pruning fine-tuning).
-  loaded = ckpt_lib.load_pretrained(str(tmp_path / "base"), cfg.model)
-  merged, info = ckpt_lib.merge_params(target["params"], loaded)
+  loaded = pretrained.load_pretrained(str(tmp_path / "base"), cfg.model)
+  merged, info = pretrained.merge_params(target["params"], loaded)
   _assert_trees_equal(donor["params"], merged)
   assert not info["missing"]
   # A timm-named ViT state dict (as convert writes it): the backbone only.
@@ -137,12 +139,12 @@ def test_init_from_workdir_npz_and_timm(tmp_path):
                                     sd["pos_embed"]], axis=1)   # timm: with a cls position
   sd["cls_token"] = np.zeros((1, 1, sd["pos_embed"].shape[-1]), np.float32)
   np.savez(tmp_path / "vit.npz", **sd)
-  loaded = ckpt_lib.load_pretrained(str(tmp_path / "vit.npz"), cfg.model)
-  merged, info = ckpt_lib.merge_params(target["params"], loaded)
+  loaded = pretrained.load_pretrained(str(tmp_path / "vit.npz"), cfg.model)
+  merged, info = pretrained.merge_params(target["params"], loaded)
   _assert_trees_equal(donor["params"]["backbone"], merged["backbone"])
   _assert_trees_equal(target["params"]["head"], merged["head"])
   assert info["missing"] and all(m.startswith("head/") for m in info["missing"])
   # Mismatched shapes are an error that names the parameter.
   bad = {"backbone": {"pos_embedding": np.zeros((3, 3, 64), np.float32)}}
   with pytest.raises(ValueError, match="backbone/pos_embedding"):
-    ckpt_lib.merge_params(target["params"], bad)
+    pretrained.merge_params(target["params"], bad)

@@ -8,12 +8,13 @@ import pytest
 
 from configs import camvid
 from configs import step as step_config
-from step_jax import train
+from step_jax.training import train
+from step_jax.models import variables as variables_lib
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
-@pytest.mark.parametrize("module", ["step_jax.main", "step_jax.evaluate"])
+@pytest.mark.parametrize("module", ["step_jax.cli.train", "step_jax.cli.evaluate"])
 def test_help_exits_zero_and_lists_the_flags(module):
   res = subprocess.run([sys.executable, "-m", module, "--help"], cwd=REPO, capture_output=True,
                        text=True, timeout=120)
@@ -44,7 +45,7 @@ def test_smoke_keeps_the_users_exits():
   cfg = step_config.get_config("method=step,variant=Mu/16,dataset=synthetic,smoke,exits=30")
   with pytest.raises(ValueError, match=r"exit_layers=\(30,\) must be increasing 1-based "
                      "layers below the depth 4"):
-    train.create_model(cfg)
+    variables_lib.create_model(cfg)
 
 
 def test_unknown_config_argument_lists_the_allowed_ones():
@@ -53,8 +54,8 @@ def test_unknown_config_argument_lists_the_allowed_ones():
 
 
 def test_config_from_a_workdir_with_overrides(tmp_path):
-  from step_jax import cli  # pylint: disable=g-import-not-at-top
-  from step_jax import checkpoint as ckpt_lib  # pylint: disable=g-import-not-at-top
+  from step_jax.cli import common as cli
+  from step_jax.runtime import checkpoint as ckpt_lib  # pylint: disable=g-import-not-at-top
   cfg = step_config.get_config("method=step,variant=Mu/16,dataset=synthetic,smoke")
   ckpt_lib.write_json(str(tmp_path / "config.json"), cfg.to_dict())
   argv = ["prog", f"--workdir={tmp_path}", "--config.data.split=test",
@@ -81,8 +82,8 @@ def test_config_from_a_workdir_with_overrides(tmp_path):
     ("--config.batch_size", "write config overrides as --config.batch_size=VALUE"),
 ])
 def test_bad_overrides_name_the_key(tmp_path, override, message):
-  from step_jax import cli  # pylint: disable=g-import-not-at-top
-  from step_jax import checkpoint as ckpt_lib  # pylint: disable=g-import-not-at-top
+  from step_jax.cli import common as cli
+  from step_jax.runtime import checkpoint as ckpt_lib  # pylint: disable=g-import-not-at-top
   cfg = step_config.get_config("method=segvit,variant=Mu/16,dataset=synthetic,smoke")
   ckpt_lib.write_json(str(tmp_path / "config.json"), cfg.to_dict())
   with pytest.raises(ValueError, match=message):
@@ -90,7 +91,7 @@ def test_bad_overrides_name_the_key(tmp_path, override, message):
 
 
 def test_missing_workdir_config_is_named(tmp_path):
-  from step_jax import cli  # pylint: disable=g-import-not-at-top
+  from step_jax.cli import common as cli
   with pytest.raises(FileNotFoundError, match=f"{tmp_path}/config.json does not exist"):
     cli.config_from(None, str(tmp_path), ("", []))
   with pytest.raises(ValueError, match="give --config="):
@@ -102,7 +103,7 @@ def test_evaluate_runs_from_the_workdir_alone_with_overrides(tmp_path):
   from test_export import _tiny_segvit, make_workdir  # pylint: disable=g-import-not-at-top
   make_workdir(tmp_path, _tiny_segvit())
   res = subprocess.run(
-      [sys.executable, "-m", "step_jax.evaluate", f"--workdir={tmp_path}",
+      [sys.executable, "-m", "step_jax.cli.evaluate", f"--workdir={tmp_path}",
        "--config.data.split=train", "--config.data.num_train=3"], cwd=REPO,
       capture_output=True, text=True, timeout=300)
   assert res.returncode == 0, res.stderr[-3000:]
@@ -134,8 +135,8 @@ def test_a_rejected_run_leaves_nothing_behind(tmp_path):
 
 
 def test_workdir_that_is_a_file_or_unwritable(tmp_path, monkeypatch):
-  from step_jax import checkpoint as ckpt_lib  # pylint: disable=g-import-not-at-top
-  from step_jax import evaluate  # pylint: disable=g-import-not-at-top
+  from step_jax.runtime import checkpoint as ckpt_lib  # pylint: disable=g-import-not-at-top
+  from step_jax.evaluation import evaluator as evaluate
   (tmp_path / "file").write_text("x")
   with pytest.raises(NotADirectoryError, match="exists and is a file"):
     train.train_and_evaluate(_tiny_train_config(), str(tmp_path / "file"))
@@ -163,7 +164,7 @@ def test_training_console_is_short_and_the_parameter_table_goes_to_the_workdir(t
                "--config.optim.warmup_steps=1", "--config.log_every=2",
                "--config.eval_every=0", "--config.checkpoint_every=3"]
   res = subprocess.run(
-      [sys.executable, "-m", "step_jax.main",
+      [sys.executable, "-m", "step_jax.cli.train",
        "--config=configs/step.py:method=segvit,variant=Mu/16,dataset=synthetic,smoke",
        f"--workdir={tmp_path}", *overrides], cwd=REPO, capture_output=True, text=True,
       timeout=600)

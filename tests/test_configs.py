@@ -5,7 +5,7 @@ import pytest
 
 from configs import common
 from configs import segvit
-from step_jax import train
+from step_jax.models import variables as variables_lib
 
 
 @pytest.mark.parametrize("dataset", sorted(common.DATASETS))
@@ -13,7 +13,7 @@ from step_jax import train
 def test_segvit_configs_build(dataset, variant):
   cfg = segvit.get_config(f"variant={variant},dataset={dataset}")
   assert cfg.num_classes == common.DATASETS[dataset]["num_classes"]
-  model = train.create_model(cfg)
+  model = variables_lib.create_model(cfg)
   h, w = cfg.data.image_size
   shapes = jax.eval_shape(model.init, jax.random.key(0), jnp.zeros((1, h, w, 3)))
   head = shapes["params"]["head"]
@@ -25,7 +25,7 @@ def test_paper_param_counts():
   """ViT-B/16 backbone has ~86M parameters, ViT-L/16 ~303M (no CLS token, no classifier)."""
   for variant, lo, hi in [("B/16", 85e6, 87.5e6), ("L/16", 302e6, 306e6)]:
     cfg = segvit.get_config(f"variant={variant},dataset=ade20k,res=224")
-    shapes = jax.eval_shape(train.create_model(cfg).init, jax.random.key(0),
+    shapes = jax.eval_shape(variables_lib.create_model(cfg).init, jax.random.key(0),
                             jnp.zeros((1, 224, 224, 3)))
     n = sum(x.size for x in jax.tree.leaves(shapes["params"]["backbone"]))
     assert lo < n < hi, (variant, n)
@@ -46,4 +46,4 @@ def test_out_layers_beyond_depth_is_an_error():
   cfg = segvit.get_config("variant=B/16,dataset=ade20k")
   cfg.model.out_layers = (6, 8, 13)
   with pytest.raises(ValueError, match="out_layers"):
-    train.create_model(cfg)
+    variables_lib.create_model(cfg)

@@ -11,7 +11,7 @@ import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
 from timm.models.vision_transformer import VisionTransformer  # noqa: E402
 
-from step_jax import convert  # noqa: E402
+from step_jax.models import convert  # noqa: E402
 from step_jax.models import atm  # noqa: E402
 from step_jax.models import vit  # noqa: E402
 

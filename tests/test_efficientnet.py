@@ -14,7 +14,7 @@ import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
 from timm.models._efficientnet_blocks import DepthwiseSeparableConv, InvertedResidual  # noqa: E402
 
-from step_jax import convert_effnet  # noqa: E402
+from step_jax.models import convert_effnet  # noqa: E402
 from step_jax.models import efficientnet as E  # noqa: E402
 
 ATOL = 1e-4

@@ -11,13 +11,15 @@ import numpy as np
 import pytest
 
 from configs import segvit
-from step_jax import checkpoint as ckpt_lib
-from step_jax import evaluate
-from step_jax import metrics as metrics_lib
-from step_jax import optim
-from step_jax import sharding
-from step_jax import train
+from step_jax.runtime import checkpoint as ckpt_lib
+from step_jax.evaluation import evaluator as evaluate
+from step_jax.evaluation import metrics as metrics_lib
+from step_jax.training import optim
+from step_jax.runtime import sharding
+from step_jax.training import train
 from step_jax.models import resize
+from step_jax.evaluation import tokens
+from step_jax.models import variables as variables_lib
 
 _CACHE = jax.config.jax_compilation_cache_dir  # set in conftest.py
 
@@ -44,8 +46,8 @@ def _tiny(**eval_overrides):
 @pytest.fixture(scope="module")
 def tiny_model():
   cfg = _tiny()
-  model = train.create_model(cfg)
-  params = train.init_variables(model, cfg, jax.random.key(0))["params"]
+  model = variables_lib.create_model(cfg)
+  params = variables_lib.init_variables(model, cfg, jax.random.key(0))["params"]
   apply_fn = jax.jit(evaluate.make_apply_fn(model))
   return cfg, model, params, apply_fn
 
@@ -187,7 +189,7 @@ def test_evaluator_on_variable_sizes_matches_per_image_reference(tiny_model, mod
 
 def test_evaluate_cli_writes_json(tmp_path):
   cfg = _tiny()
-  model, tx = train.create_model(cfg), optim.make_optimizer(cfg.optim)
+  model, tx = variables_lib.create_model(cfg), optim.make_optimizer(cfg.optim)
   mesh = sharding.make_mesh(cfg)
   _, sh = train.abstract_train_state(cfg, model, mesh, tx)
   import functools  # pylint: disable=g-import-not-at-top
@@ -200,7 +202,7 @@ def test_evaluate_cli_writes_json(tmp_path):
                f"--config.{k}=({','.join(map(str, v))},)" for k, v in TINY.items()]
   env = dict(os.environ, JAX_COMPILATION_CACHE_DIR=_CACHE)
   res = subprocess.run(
-      [sys.executable, "-m", "step_jax.evaluate", f"--config={CONFIG_ARG}",
+      [sys.executable, "-m", "step_jax.cli.evaluate", f"--config={CONFIG_ARG}",
        f"--workdir={tmp_path}", "--config.data.split=train", "--config.data.num_train=3",
        *overrides], cwd=REPO, capture_output=True, text=True, env=env, timeout=300)
   assert res.returncode == 0, res.stderr[-3000:]
@@ -213,12 +215,11 @@ def test_evaluate_cli_writes_json(tmp_path):
 
 def test_token_statistics_read_the_evaluated_split():
   """`evaluate --config.data.split=test` measures tokens/GFLOPs on test images, not val."""
-  from step_jax import benchmark  # pylint: disable=g-import-not-at-top
   cfg = _tiny()
   cfg.data.image_size = (32, 32)
-  val = benchmark.load_images(cfg, "", 2)
+  val = tokens.load_images(cfg, "", 2)
   cfg.data.split = "test"
-  test = benchmark.load_images(cfg, "", 2)
-  np.testing.assert_array_equal(test, benchmark.load_images(cfg, "", 2, split="test"))
-  np.testing.assert_array_equal(val, benchmark.load_images(cfg, "", 2, split="val"))
+  test = tokens.load_images(cfg, "", 2)
+  np.testing.assert_array_equal(test, tokens.load_images(cfg, "", 2, split="test"))
+  np.testing.assert_array_equal(val, tokens.load_images(cfg, "", 2, split="val"))
   assert not np.array_equal(test, val)

@@ -13,9 +13,10 @@ import pytest
 from configs import segvit
 from configs import step as step_cfg
 from step_jax import api
-from step_jax import checkpoint as ckpt_lib
-from step_jax import export
+from step_jax.runtime import checkpoint as ckpt_lib
+from step_jax.interop import export
 from step_jax.data import synthetic
+from step_jax.models import variables as variables_lib
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -144,16 +145,15 @@ def _tiny_segvit():
 
 
 def make_workdir(path, cfg, step=3):
-  """A step_jax.main workdir with one checkpoint: random params (numpy, nothing compiled),
+  """A training workdir with one checkpoint: random params (numpy, nothing compiled),
   the rest of the train state zeros, in the layout train.abstract_train_state describes."""
-  from step_jax import benchmark  # pylint: disable=g-import-not-at-top
-  from step_jax import optim  # pylint: disable=g-import-not-at-top
-  from step_jax import train  # pylint: disable=g-import-not-at-top
-  model, tx = train.create_model(cfg), optim.make_optimizer(cfg.optim)
+  from step_jax.training import optim  # pylint: disable=g-import-not-at-top
+  from step_jax.training import train  # pylint: disable=g-import-not-at-top
+  model, tx = variables_lib.create_model(cfg), optim.make_optimizer(cfg.optim)
   abstract = jax.eval_shape(functools.partial(train.init_state, model=model, tx=tx, config=cfg),
                             jax.random.key(0))
   state = jax.tree.map(lambda s: np.zeros(s.shape, s.dtype), abstract)
-  state["params"] = jax.tree.map(np.asarray, benchmark.random_variables(
+  state["params"] = jax.tree.map(np.asarray, variables_lib.random_variables(
       model, tuple(cfg.data.image_size), seed=1)["params"])
   ck = ckpt_lib.Checkpointer(str(path))
   ck.save(step, state)
@@ -167,7 +167,7 @@ def test_cli_exports_a_workdir(tmp_path):
   workdir, out = tmp_path / "run", tmp_path / "out"
   params = make_workdir(workdir, cfg)
   env = dict(os.environ, JAX_COMPILATION_CACHE_DIR=jax.config.jax_compilation_cache_dir or "")
-  res = subprocess.run([sys.executable, "-m", "step_jax.export", f"--workdir={workdir}",
+  res = subprocess.run([sys.executable, "-m", "step_jax.cli.export", f"--workdir={workdir}",
                         f"--out={out}", "--formats=jax,msgpack", "--platforms=cpu"],
                        cwd=REPO, capture_output=True, text=True, env=env, timeout=300)
   assert res.returncode == 0, res.stderr[-3000:]
@@ -189,6 +189,6 @@ def test_cli_exports_a_workdir(tmp_path):
   assert pred.shape == (20, 30) and info["scores"].shape == (20, 30, 6)
   with pytest.raises(ValueError, match="larger than the exported input"):
     api.segment(ex_model, ex_vars, np.zeros((48, 32, 3), np.uint8))
-  help_text = subprocess.run([sys.executable, "-m", "step_jax.export", "--help"], cwd=REPO,
+  help_text = subprocess.run([sys.executable, "-m", "step_jax.cli.export", "--help"], cwd=REPO,
                              capture_output=True, text=True, timeout=120).stdout
   assert "--formats" in help_text and "--workdir" in help_text

@@ -12,7 +12,7 @@ import ml_collections
 import numpy as np
 import pytest
 
-from step_jax import flops
+from step_jax.models import flops
 from step_jax.models import segmenter
 from step_jax.models import vit as vit_lib
 
@@ -199,7 +199,7 @@ def test_cli_prints_one_json_line(tmp_path):
   env = dict(os.environ, PYTHONPATH=REPO + os.pathsep + os.environ.get("PYTHONPATH", ""),
              JAX_PLATFORMS="cpu")
   arg = f"{cfg_file}:512"
-  out = subprocess.run([sys.executable, "-m", "step_jax.flops", f"--config={arg}"],
+  out = subprocess.run([sys.executable, "-m", "step_jax.cli.flops", f"--config={arg}"],
                        cwd=REPO, env=env, capture_output=True, text=True, check=True).stdout
   lines = out.strip().splitlines()
   assert len(lines) == 1, out

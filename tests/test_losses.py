@@ -3,7 +3,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from step_jax import losses
+from step_jax.training import losses
 from step_jax.models import resize
 
 

@@ -1,7 +1,7 @@
 import jax.numpy as jnp
 import numpy as np
 
-from step_jax import metrics
+from step_jax.evaluation import metrics
 
 
 def numpy_miou(pred, label, c, ignore):

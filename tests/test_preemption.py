@@ -1,4 +1,4 @@
-"""Preemption: the real CLI (`python -m step_jax.main`), SIGKILLed at random moments (mid-step,
+"""Preemption: the real CLI (`python -m step_jax.cli.train`), SIGKILLed at random moments (mid-step,
 mid-checkpoint-write), resumes from its last complete checkpoint and ends with parameters
 bit-identical to an uninterrupted run.
 
@@ -21,8 +21,8 @@ import numpy as np
 import pytest
 
 from configs import segvit
-from step_jax import checkpoint as ckpt_lib
-from step_jax import train
+from step_jax.runtime import checkpoint as ckpt_lib
+from step_jax.training import train
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 ARG = "variant=Mu/16,dataset=synthetic,smoke"
@@ -51,7 +51,7 @@ def _launch(workdir, log):
              JAX_COMPILATION_CACHE_DIR=jax.config.jax_compilation_cache_dir,
              JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS="0",
              JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES="0")
-  cmd = [sys.executable, "-m", "step_jax.main", f"--workdir={workdir}",
+  cmd = [sys.executable, "-m", "step_jax.cli.train", f"--workdir={workdir}",
          f"--config=configs/segvit.py:{ARG}"] + [f"--config.{k}={v!r}"
                                                  for k, v in OVERRIDES.items()]
   proc = subprocess.Popen(cmd, cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=log,

@@ -8,10 +8,11 @@ import pytest
 from jax.sharding import PartitionSpec as P
 
 from configs import segvit
-from step_jax import optim
-from step_jax import sharding
-from step_jax import train
+from step_jax.training import optim
+from step_jax.runtime import sharding
+from step_jax.training import train
 from step_jax.data import get_source
+from step_jax.models import variables as variables_lib
 
 _CACHE = jax.config.jax_compilation_cache_dir  # set in conftest.py
 
@@ -43,7 +44,7 @@ def test_batch_must_divide_devices_and_processes():
 
 def _run(cfg, mesh, batches):
   """Two steps from the same init on `mesh` → ((losses, grad norms), params, shardings)."""
-  model, tx = train.create_model(cfg), optim.make_optimizer(cfg.optim)
+  model, tx = variables_lib.create_model(cfg), optim.make_optimizer(cfg.optim)
   abstract, sh = train.abstract_train_state(cfg, model, mesh, tx)
   state = jax.jit(functools.partial(train.init_state, model=model, tx=tx, config=cfg),
                   out_shardings=sh)(jax.random.key(0))
@@ -132,7 +133,7 @@ jax.config.update("jax_num_cpu_devices", 2)
 jax.config.update("jax_cpu_collectives_implementation", "gloo")
 from jax.experimental import multihost_utils
 import ml_collections, numpy as np
-from step_jax import train
+from step_jax.training import train
 state, ev = train.train_and_evaluate(ml_collections.ConfigDict(json.loads(cfg_json)), wd)
 params = multihost_utils.process_allgather(state["params"], tiled=True)
 if pid == 0:
@@ -150,7 +151,7 @@ def test_two_processes_match_one_process(tmp_path):
   import socket  # pylint: disable=g-import-not-at-top
   import subprocess  # pylint: disable=g-import-not-at-top
   import sys  # pylint: disable=g-import-not-at-top
-  from step_jax import writers  # pylint: disable=g-import-not-at-top
+  from step_jax.runtime import writers  # pylint: disable=g-import-not-at-top
   cfg = _tiny()
   cfg.model.head_dropout = 0.0  # dropout masks follow the row order, which differs
   cfg.update(log_every=4, eval_every=0, checkpoint_every=4, eval_batch_size=4)

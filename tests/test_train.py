@@ -15,10 +15,11 @@ import numpy as np
 import pytest
 
 from configs import segvit
-from step_jax import optim
-from step_jax import train
-from step_jax import writers
+from step_jax.training import optim
+from step_jax.training import train
+from step_jax.runtime import writers
 from step_jax.data import get_source
+from step_jax.models import variables as variables_lib
 
 _CACHE = jax.config.jax_compilation_cache_dir  # set in conftest.py
 
@@ -47,7 +48,7 @@ def _single_device_step():
   """(cfg, state, jitted train_step, batch of 4) on one device, no shardings."""
   cfg = _tiny()
   cfg.optim.update(warmup_steps=0, total_steps=600)
-  model, tx = train.create_model(cfg), optim.make_optimizer(cfg.optim)
+  model, tx = variables_lib.create_model(cfg), optim.make_optimizer(cfg.optim)
   state = train.init_state(jax.random.key(0), model=model, tx=tx, config=cfg)
   src = get_source(cfg.data, "train", cfg.num_classes, cfg.ignore_index)
   batch = dict(image=np.stack([src[i]["image"] for i in range(4)]),
@@ -98,7 +99,8 @@ _CHILD = textwrap.dedent("""
     jax.config.update("jax_persistent_cache_min_compile_time_secs", 0)
     jax.config.update("jax_persistent_cache_min_entry_size_bytes", 0)
     import ml_collections
-    from step_jax import checkpoint, train
+    from step_jax.runtime import checkpoint
+    from step_jax.training import train
     cfg = ml_collections.ConfigDict(json.loads(sys.argv[2]))
     save = checkpoint.Checkpointer.save
     def save_then_hang(self, step, *a, **k):  # stand-in for a preemption after step 4
@@ -145,8 +147,8 @@ def test_kill_and_resume_matches_uninterrupted_run(tmp_path):
 
 def _nan_params(cfg, tmp_path):
   """An init_from .npz whose class-head bias is NaN (every step's loss is non-finite)."""
-  model = train.create_model(cfg)
-  params = jax.device_get(train.init_variables(model, cfg, jax.random.key(0))["params"])
+  model = variables_lib.create_model(cfg)
+  params = jax.device_get(variables_lib.init_variables(model, cfg, jax.random.key(0))["params"])
   bias = np.array(params["head"]["class_embed"]["bias"])
   bias[0] = np.nan
   path = str(tmp_path / "nan.npz")

@@ -8,9 +8,10 @@ import pytest
 
 from configs import camvid
 from configs import common
-from step_jax import evaluate
-from step_jax import flops
-from step_jax import train
+from step_jax.evaluation import evaluator as evaluate
+from step_jax.models import flops
+from step_jax.training import train
+from step_jax.models import variables as variables_lib
 
 
 @pytest.mark.parametrize("size", ["cpu", "gpu"])
@@ -21,7 +22,7 @@ def test_camvid_config_builds(size):
   assert tuple(cfg.model.posemb_grid) == tuple(s // 16 for s in cfg.data.image_size)
   assert cfg.batch_size % 4 == 0 and cfg.eval.mode == "whole"
   h, w = cfg.data.image_size
-  shapes = jax.eval_shape(train.create_model(cfg).init, jax.random.key(0),
+  shapes = jax.eval_shape(variables_lib.create_model(cfg).init, jax.random.key(0),
                           jax.numpy.zeros((1, h, w, 3)))
   assert shapes["params"]["head"]["queries"].shape[0] == 11
   assert flops.model_macs(cfg)["total"] > 0

@@ -12,10 +12,12 @@ import pytest
 
 from configs import camvid
 from configs import step as step_config
-from step_jax import benchmark
-from step_jax import optim
-from step_jax import train
-from step_jax import train_policy
+from step_jax.analysis import benchmark
+from step_jax.training import optim
+from step_jax.training import train
+from step_jax.training import train_policy
+from step_jax.models import variables as variables_lib
+from step_jax.runtime import checkpoint as ckpt_lib
 
 
 def _tiny(method, **model):
@@ -49,13 +51,13 @@ def test_optimizer_freezes_the_policy_subtree():
 def test_policy_is_required_and_checked(tmp_path):
   cfg = _tiny("dcts")
   cfg.model.policy.auto_train_steps = 0
-  model = train.create_model(cfg)
+  model = variables_lib.create_model(cfg)
   with pytest.raises(ValueError, match="needs a trained policy net"):
     train.policy_variables(cfg, model, str(tmp_path))
   # A policy trained with another width does not fit.
   other = _tiny("dcts")
   other.model.policy.hidden = 16
-  pol = benchmark.random_variables(train.create_model(other).policy, (64, 64))
+  pol = variables_lib.random_variables(variables_lib.create_model(other).policy, (64, 64))
   train_policy.save(str(tmp_path / "pol"), pol)
   cfg.model.policy.init_from = str(tmp_path / "pol")
   with pytest.raises(ValueError, match="does not fit"):
@@ -65,8 +67,8 @@ def test_policy_is_required_and_checked(tmp_path):
 def test_static_train_model_matches_bucketed_model():
   """Training uses one capacity and masked exits: same outputs as buckets + compaction."""
   cfg = _tiny("step", exit_threshold=0.3)
-  model = train.create_model(cfg)
-  variables = benchmark.random_variables(model, (64, 64), seed=1)
+  model = variables_lib.create_model(cfg)
+  variables = variables_lib.random_variables(model, (64, 64), seed=1)
   images = _batch(cfg)["image"]
   out_b, info_b = jax.jit(model.apply)(variables, images)
   out_s, info_s = jax.jit(train.train_model(model, cfg).apply)(variables, images)
@@ -78,8 +80,8 @@ def test_static_train_model_matches_bucketed_model():
 
 def test_oracle_loss_reads_labels():
   cfg = _tiny("oracle")
-  model = train.create_model(cfg)
-  params = jax.eval_shape(lambda: train.init_variables(model, cfg, jax.random.key(0)))
+  model = variables_lib.create_model(cfg)
+  params = jax.eval_shape(lambda: variables_lib.init_variables(model, cfg, jax.random.key(0)))
   loss, _ = jax.eval_shape(lambda p, b: train.loss_fn(p, model, b, jax.random.key(0), cfg),
                            params["params"], _batch(cfg))
   assert loss.shape == ()
@@ -99,7 +101,7 @@ def test_step_end_to_end_policy_frozen_and_pruning_schedule(tmp_path, capsys, au
     policy_dir = str(tmp_path / "run" / "policy")
   else:  # a saved policy with non-trivial BatchNorm statistics
     policy_dir = str(tmp_path / "policy")
-    pol = benchmark.random_variables(train.create_model(cfg).policy, (64, 64), seed=3)
+    pol = variables_lib.random_variables(variables_lib.create_model(cfg).policy, (64, 64), seed=3)
     pol["batch_stats"] = jax.tree.map(lambda x: x + 0.5, pol["batch_stats"])
     train_policy.save(policy_dir, pol)
     cfg.model.policy.init_from = policy_dir
@@ -123,7 +125,7 @@ def test_step_end_to_end_policy_frozen_and_pruning_schedule(tmp_path, capsys, au
   assert ev["gflops"] <= ev["gflops_executed"] + 1e-9 <= ev["gflops_full"] + 1e-9
   with open(os.path.join(wd, "eval_val.json")) as f:
     assert json.load(f)["gflops"] == pytest.approx(ev["gflops"])
-  variables = train.restore_variables(None, wd)
+  variables = variables_lib.load(None, wd)
   assert set(variables) == {"params", "batch_stats"}
   restored, trained = jax.device_get(variables["params"]), jax.device_get(state["params"])
   # 64x64 crops have no 8x8/16x16 windows: restoring adds never-merging heads for them.
@@ -132,11 +134,11 @@ def test_step_end_to_end_policy_frozen_and_pruning_schedule(tmp_path, capsys, au
   restored = dict(restored, policy={k: v for k, v in restored["policy"].items()
                                     if k not in added})
   jax.tree.map(np.testing.assert_array_equal, restored, trained)
-  # `python -m step_jax.benchmark --workdir=wd`: the run's own config and weights; then the
+  # `python -m step_jax.cli.benchmark --workdir=wd`: the run's own config and weights; then the
   # same weights on 128x128 images, where the 8x8 windows the policy never saw exist.
   r = benchmark.run_config(None, wd, num_images=1, reps=1, warmup=0)
   assert r["weights"] == f"trained ({wd})" and len(r["mean_tokens_per_stage"]) == 2
-  big = train.workdir_config(wd)
+  big = ckpt_lib.read_config(wd)
   big.data.image_size = (128, 128)
   r = benchmark.run_config(big, wd, num_images=1, reps=1, warmup=0)
   assert r["mean_tokens_per_stage"][0] <= 64 and r["gflops_useful"] <= r["gflops_executed"]
@@ -177,18 +179,18 @@ def test_camvid_exit_head_designs():
   for design, out_layers, exit_heads in (("atm", (6, 8, 12), 0), ("dtop", (12,), 1),
                                          ("dtop_multiclass", (12,), 1)):
     cfg = camvid.get_config(f"method=step,size=cpu,variant=Ti/16,exit_head={design}")
-    model = train.create_model(cfg)
+    model = variables_lib.create_model(cfg)
     assert (model.exit_head, tuple(model.out_layers), len(model.exit_heads)) == (
         design, out_layers, exit_heads)
     assert model.exit_layers == (8,) and model.head.binary_cls == (design == "dtop")
   with pytest.raises(ValueError, match="model.exit_head='x'"):
-    train.create_model(camvid.get_config("method=step,size=cpu,exit_head=x"))
+    variables_lib.create_model(camvid.get_config("method=step,size=cpu,exit_head=x"))
 
 
 def test_camvid_configs_build_every_method():
   for method in ("segvit", "cts", "dcts", "dtop", "cts_dtop", "step"):
     cfg = camvid.get_config(f"method={method},size=cpu")
-    model = train.create_model(cfg)
+    model = variables_lib.create_model(cfg)
     assert (model.policy is not None) == (method in ("cts", "dcts", "cts_dtop", "step"))
     assert bool(model.exit_layers) == (method in ("dtop", "cts_dtop", "step"))
     assert cfg.prune_from_step == (1500 if model.exit_layers else 0)

@@ -1,4 +1,4 @@
-"""Datasets: random-access sources of {'image': uint8 [H,W,3], 'label': uint8 [H,W]}.
+"""Layer 2, data. Datasets: random-access sources of {'image': uint8 [H,W,3], 'label': uint8 [H,W]}.
 
 `config.data.name` picks the dataset:
   synthetic      procedural scenes, no download (data.num_train / data.num_eval)

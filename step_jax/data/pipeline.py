@@ -39,7 +39,7 @@ import numpy as np
 
 from step_jax.data import get_source
 from step_jax.data import transforms
-from step_jax.data.sources import BadRecordError
+from step_jax.data.decode import BadRecordError
 
 BAD_RECORD_POLICIES = ("fail", "skip")
 

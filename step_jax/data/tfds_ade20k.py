@@ -21,7 +21,7 @@ import os
 
 import tensorflow_datasets as tfds
 
-from step_jax.data import sources
+from step_jax.data import decode
 
 URL = "http://data.csail.mit.edu/places/ADEchallenge/ADEChallengeData2016.zip"
 ROOT = "ADEChallengeData2016"
@@ -68,13 +68,13 @@ class Ade20k(tfds.core.GeneratorBasedBuilder):
       label = os.path.join(label_dir, stem + ".png")
       if not os.path.exists(label):
         raise FileNotFoundError(f"ADE20K annotation {label} is missing for image {name}")
-      yield stem, {"image": sources.image_for_tfds(os.path.join(image_dir, name)),
+      yield stem, {"image": decode.image_for_tfds(os.path.join(image_dir, name)),
                    "annotation": label, "file_name": name}
 
 
 def find_root(dl_manager):
   """The extracted ADEChallengeData2016 folder: from the manual dir if there, else download."""
-  manual = sources.manual_dir_or_none(dl_manager)
+  manual = decode.manual_dir_or_none(dl_manager)
   if manual is not None:
     if os.path.isdir(os.path.join(manual, ROOT)):
       return os.path.join(manual, ROOT)

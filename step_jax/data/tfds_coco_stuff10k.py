@@ -24,7 +24,7 @@ from PIL import Image
 import scipy.io
 import tensorflow_datasets as tfds
 
-from step_jax.data import sources
+from step_jax.data import decode
 
 URL = "http://calvin.inf.ed.ac.uk/wp-content/uploads/data/cocostuffdataset/cocostuff-10k-v1.1.zip"
 ZIP = "cocostuff-10k-v1.1.zip"
@@ -60,7 +60,7 @@ class CocoStuff10k(tfds.core.GeneratorBasedBuilder):
     names = read_list(os.path.join(root, "imageLists", split + ".txt"))
     for name in names:
       yield name, {
-          "image": sources.image_for_tfds(os.path.join(root, "images", name + ".jpg")),
+          "image": decode.image_for_tfds(os.path.join(root, "images", name + ".jpg")),
           "annotation": encode_png(read_mat_labels(os.path.join(root, "annotations",
                                                                 name + ".mat"))),
           "file_name": name + ".jpg"}
@@ -96,7 +96,7 @@ def encode_png(label):
 
 def find_root(dl_manager):
   """The folder holding imageLists/: from the manual dir if there, else download."""
-  manual = sources.manual_dir_or_none(dl_manager)
+  manual = decode.manual_dir_or_none(dl_manager)
   if manual is not None:
     root = _root_under(manual)
     if root:

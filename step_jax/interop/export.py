@@ -1,6 +1,6 @@
 """Exports a trained model for use without the training code.
 
-  python -m step_jax.export --workdir=DIR --out=OUT [--formats=jax,msgpack,safetensors,tf]
+  python -m step_jax.cli.export --workdir=DIR --out=OUT [--formats=jax,msgpack,safetensors,tf]
 
 writes into OUT:
   config.json         the run's config (`step_jax.load(OUT)` rebuilds the Flax model)
@@ -27,18 +27,19 @@ count and every shape except the batch are static, which is what shape polymorph
 Height and width are fixed (the token capacities, pyramid tables and position embedding
 depend on the grid); export another size with --image_size.
 """
+import importlib.util
 import json
 import os
 
-from absl import app
-from absl import flags
-from absl import logging
+from flax import serialization
 import jax
+from jax import export
 import jax.numpy as jnp
 import numpy as np
 
 from step_jax import api
-from step_jax import cli
+from step_jax.models import pretrained
+from step_jax.models import variables as variables_lib
 
 FORMATS = ("jax", "msgpack", "safetensors", "tf")
 
@@ -52,7 +53,6 @@ def export_inference(model, variables, image_hw, *, platforms=("cpu", "cuda"), b
 
   batch None: a symbolic dimension 'b' (any batch size at call time).
   """
-  from jax import export  # pylint: disable=g-import-not-at-top
   if getattr(model, "merge", "none") == "oracle":
     raise ValueError("merge='oracle' reads labels; it cannot be exported for inference")
   fn = api.inference_fn(model)
@@ -64,15 +64,13 @@ def export_inference(model, variables, image_hw, *, platforms=("cpu", "cuda"), b
 
 def flatten(variables):
   """{'params/backbone/...': array} (numpy), the safetensors layout."""
-  from step_jax import checkpoint  # pylint: disable=g-import-not-at-top
-  return checkpoint._flatten(variables)  # pylint: disable=protected-access
+  return pretrained.flatten(variables)
 
 
 def save_params(out, variables, formats):
   """Writes params.msgpack and/or params.safetensors."""
   host = jax.tree.map(lambda x: np.asarray(jax.device_get(x)), variables)
   if "msgpack" in formats:
-    from flax import serialization  # pylint: disable=g-import-not-at-top
     with open(os.path.join(out, api.MSGPACK), "wb") as f:
       f.write(serialization.msgpack_serialize(host))
   if "safetensors" in formats:
@@ -146,57 +144,22 @@ def export_model(config, variables, out, *, formats=("jax", "msgpack"), platform
   return meta
 
 
-################################################################################
-# CLI.                                                                         #
-################################################################################
-def main(argv, taken=("", [])):
-  if len(argv) > 1:
-    raise app.UsageError(f"unexpected arguments: {argv[1:]}")
-  f = flags.FLAGS
-  formats = tuple(x for x in f.formats.split(",") if x)
-  if "safetensors" in formats and not _have("safetensors"):
-    raise ValueError("--formats=safetensors needs the safetensors package "
-                     "(pip install safetensors)")
-  if "tf" in formats and not _have("tensorflow"):
-    raise ValueError("--formats=tf needs TensorFlow: pip install -r requirements-tf.txt")
-  config = cli.config_from(f.config, f.workdir, taken)
-  from step_jax import train  # pylint: disable=g-import-not-at-top
-  variables = train.restore_variables(config, f.workdir, step=f.step)
-  image_size = tuple(int(s) for s in f.image_size.split(",")) if f.image_size else None
-  meta = export_model(config, variables, f.out, formats=formats,
-                      platforms=tuple(f.platforms.split(",")), image_size=image_size,
-                      batch=f.batch or None)
-  logging.info("export: %s", meta)
-  print(f"exported {f.workdir} → {f.out}: {', '.join(sorted(os.listdir(f.out)))}", flush=True)
-
-
 def _have(module):
-  import importlib.util  # pylint: disable=g-import-not-at-top
   return importlib.util.find_spec(module) is not None
 
 
-def run():
-  """`python -m step_jax.export` and the `step-export` console script."""
-  from ml_collections import config_flags  # pylint: disable=g-import-not-at-top
-  config_flags.DEFINE_config_file("config", None, "Config (path:arg, or a .json); default: "
-                                  "<workdir>/config.json (--config.a.b=value overrides "
-                                  "apply to either).")
-  flags.DEFINE_string("workdir", None, "Training workdir (python -m step_jax.main) to export.")
-  flags.DEFINE_string("out", None, "Output folder.")
-  flags.DEFINE_integer("step", None, "Checkpoint step (default: the latest).")
-  flags.DEFINE_string("formats", "jax,msgpack",
-                      f"Comma-separated subset of {','.join(FORMATS)}: jax = serialized "
-                      "jax.export artifact, msgpack/safetensors = parameter files, tf = "
-                      "SavedModel via jax2tf (needs TensorFlow).")
-  flags.DEFINE_string("platforms", "cpu,cuda", "Platforms the jax artifact is lowered for.")
-  flags.DEFINE_string("image_size", "", "H,W of the exported input (default: the config's "
-                      "data.image_size).")
-  flags.DEFINE_integer("batch", 0, "Fixed batch size; 0 = symbolic (any batch).")
-  flags.mark_flags_as_required(["workdir", "out"])
-  cli.list_flags_in_help(__name__)
-  taken = cli.take_config_args()
-  app.run(lambda argv: main(argv, taken))
-
-
-if __name__ == "__main__":
-  run()
+def export_workdir(config, workdir, out, *, step=None, formats=("jax", "msgpack"),
+                   platforms=("cpu", "cuda"), image_size=None, batch=None):
+  """Exports the latest (or `step`) checkpoint of a training workdir into `out` (see the
+  module doc); returns export.json's dict."""
+  unknown = sorted(set(formats) - set(FORMATS))
+  if unknown:
+    raise ValueError(f"unknown export formats {unknown}; choose from {FORMATS}")
+  if "safetensors" in formats and not _have("safetensors"):
+    raise ValueError("formats=safetensors needs the safetensors package "
+                     "(pip install safetensors)")
+  if "tf" in formats and not _have("tensorflow"):
+    raise ValueError("formats=tf needs TensorFlow: pip install -r requirements-tf.txt")
+  variables = variables_lib.load(config, workdir, step)
+  return export_model(config, variables, out, formats=formats, platforms=platforms,
+                      image_size=image_size, batch=batch)

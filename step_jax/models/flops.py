@@ -23,19 +23,17 @@ one stage to the next) reuse them: sum `vit_block_macs` over blocks with each bl
 multiply-add and also counts elementwise ops, so `xla_flops / 2` sits slightly above our
 analytic MACs (see tests/test_flops.py for the measured gaps).
 
-CLI: `python -m step_jax.flops --config=configs/segvit.py:variant=B/16,dataset=ade20k,res=512`
+CLI: `python -m step_jax.cli.flops --config=configs/segvit.py:variant=B/16,dataset=ade20k,res=512`
 prints one JSON line {gflops, backbone, heads, tokens, image_size, config}. For configs whose
 token count depends on the image (CTS/dCTS, early exit) it runs the model on `--num_images`
 real images (`--images=DIR` or the eval split) and prints the averages, the policy net
 counted, with the executed GFLOPs (padding and bucket capacity included) beside them.
 """
-import json
-import os
 from typing import Dict, Optional, Sequence, Union
 
 import jax
 
-from step_jax import cli
+from step_jax.models import efficientnet
 from step_jax.models import vit as vit_lib
 from step_jax.models.segmenter import HEAD_LAYERS
 
@@ -203,7 +201,6 @@ def efficientnet_lite0_macs(height: int, width: int, last_stage: int = 6) -> flo
   """EfficientNet-Lite0 features up to `last_stage` (the policy net's stride-32 map) with TF
   'SAME' padding (output side = ceil(input / stride)); BatchNorm folds into the convs at
   inference, as fvcore counts a frozen BN (1 per element, included)."""
-  from step_jax.models import efficientnet  # pylint: disable=g-import-not-at-top
   h, w = -(-height // 2), -(-width // 2)
   c = efficientnet.STEM_WIDTH
   macs = 9 * 3 * c * h * w + c * h * w
@@ -287,61 +284,3 @@ def xla_flops(fn, *args) -> float:
   if not cost or "flops" not in cost:
     return float("nan")
   return float(cost["flops"])
-
-
-def _main(argv, taken=("", [])):
-  del argv
-  from absl import flags  # pylint: disable=g-import-not-at-top
-  from ml_collections import config_flags  # pylint: disable=g-import-not-at-top
-  f = flags.FLAGS
-  cfg = cli.config_from(f.config, f.workdir, taken)
-  name = (config_flags.get_config_filename(f["config"]) if f.config
-          else taken[0] or os.path.join(f.workdir, "config.json"))
-  h, w = tuple(cfg.data.image_size)
-  v = vit_lib.decode_variant(cfg.model.variant)
-  dynamic = cfg.model.get("merge", "none") != "none" or cfg.model.get("exit_layers", ())
-  if not dynamic:
-    m = model_macs(cfg)
-    print(json.dumps(dict(gflops=round(m["total"], 4), backbone=round(m["backbone"], 4),
-                          heads=round(m["heads"], 4),
-                          tokens=(h // v["patch_size"]) * (w // v["patch_size"]),
-                          image_size=[h, w], config=name)))
-    return
-  # Token counts depend on the image: run the model (policy, merge, exits) on real images.
-  from step_jax import benchmark  # pylint: disable=g-import-not-at-top
-  variables, weights = None, None
-  if f.workdir:
-    from step_jax import train  # pylint: disable=g-import-not-at-top
-    variables, weights = train.restore_variables(cfg, f.workdir), "trained"
-  images = benchmark.load_images(cfg, f.images, f.num_images)
-  cfg, model, variables, prepared = benchmark.prepare(cfg, "fp32", variables, images,
-                                                      f.exit_share)
-  st = benchmark.token_stats(cfg, model, variables, images)
-  print(json.dumps(dict(
-      gflops=round(st["gflops_useful"], 4), gflops_executed=round(st["gflops_executed"], 4),
-      policy=round(st["gflops_policy"], 4), backbone=round(st["gflops_backbone"], 4),
-      heads=round(st["gflops_heads"], 4), tokens=st["mean_tokens_per_stage"][0],
-      tokens_per_stage=st["mean_tokens_per_stage"], tokens_full=st["tokens_full"],
-      images=st["images"], image_size=[h, w], weights=weights or prepared, config=name)))
-
-
-def run():
-  """Console entry point (`step-flops` in pyproject.toml) and `python -m step_jax.flops`."""
-  from absl import app  # pylint: disable=g-import-not-at-top
-  from absl import flags  # pylint: disable=g-import-not-at-top
-  from ml_collections import config_flags  # pylint: disable=g-import-not-at-top
-  config_flags.DEFINE_config_file("config", None, "path/to/config.py[:args]",
-                                  lock_config=True)
-  flags.DEFINE_string("workdir", None, "Trained run whose weights decide the tokens.")
-  flags.DEFINE_string("images", "", "Folder of images for token-dependent configs "
-                      "(default: the config's eval split).")
-  flags.DEFINE_integer("num_images", 16, "Images to average over (token-dependent configs).")
-  flags.DEFINE_float("exit_share", -1.0, "Without trained exit heads: calibrate the exit "
-                     "thresholds to halt this share of active tokens.")
-  cli.list_flags_in_help(__name__)
-  taken = cli.take_config_args()
-  app.run(lambda argv: _main(argv, taken))
-
-
-if __name__ == "__main__":
-  run()

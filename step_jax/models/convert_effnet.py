@@ -29,7 +29,7 @@ from typing import Any, Dict, Mapping, Optional
 
 import numpy as np
 
-from step_jax.convert import _check, _unwrap
+from step_jax.models.convert import _check, _unwrap
 from step_jax.models import efficientnet
 
 Params = Dict[str, Any]

@@ -1,9 +1,10 @@
 """Evaluation: whole-image and sliding-window inference, mIoU from a confusion matrix.
 
-    python -m step_jax.evaluate --config=configs/camvid.py:method=segvit,size=cpu \
+    python -m step_jax.cli.evaluate --config=configs/camvid.py:method=segvit,size=cpu \
         --workdir=DIR [--config.data.split=test] [--config.data.data_dir=...]
 
-evaluates the latest checkpoint in DIR and writes `DIR/eval_<split>.json` with `miou`
+(`evaluate_checkpoint`) evaluates the latest checkpoint in DIR and writes
+`DIR/eval_<split>.json` with `miou`
 (fraction), `per_class_iou`, `pixel_acc`, `mean_acc`, `gflops`, `images`, `step` and
 `compiled_shapes`. Without `--config`, DIR/config.json is used.
 
@@ -39,13 +40,15 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from step_jax import cli
-from step_jax import metrics as metrics_lib
-from step_jax import sharding as sharding_lib
 from step_jax.data import get_source
+from step_jax.evaluation import metrics as metrics_lib
+from step_jax.evaluation import tokens
 from step_jax.models import resize as resize_lib
 from step_jax.models import segmenter
+from step_jax.models import variables as variables_lib
 from step_jax.models import vit as vit_lib
+from step_jax.runtime import checkpoint as ckpt_lib
+from step_jax.runtime import sharding as sharding_lib
 
 
 ################################################################################
@@ -333,65 +336,31 @@ class Evaluator:
 
 def evaluate(config, params, *, model=None, mesh=None, split=None, source=None):
   """Metrics dict of `params` on `split` (default config.data.split or eval_split)."""
-  from step_jax import train  # pylint: disable=g-import-not-at-top  (train imports us)
-  model = model or train.create_model(config)
+  model = model or variables_lib.create_model(config)
   mesh = mesh or sharding_lib.make_mesh(config)
   return Evaluator(config, model, mesh, split=split, source=source)(params)
 
 
 ################################################################################
-# CLI.                                                                         #
+# A training workdir's checkpoint.                                             #
 ################################################################################
 def evaluate_checkpoint(config, workdir, *, step=None):
   """Restores the latest (or `step`) checkpoint of `workdir`, evaluates, writes
   `<workdir>/eval_<split>.json`; returns the dict written."""
-  from step_jax import checkpoint as ckpt_lib  # pylint: disable=g-import-not-at-top
-  from step_jax import benchmark  # pylint: disable=g-import-not-at-top
-  from step_jax import train  # pylint: disable=g-import-not-at-top
   sharding_lib.initialize_distributed(config)
   if not os.path.isdir(workdir):
-    raise FileNotFoundError(f"workdir {workdir} does not exist (expected a step_jax.main "
+    raise FileNotFoundError(f"workdir {workdir} does not exist (expected a training "
                             "workdir with checkpoints/)")
   ckpt_lib.prepare_workdir(workdir, min_free_bytes=2**20)  # the json must be writable after
   mesh = sharding_lib.make_mesh(config)
-  model = train.create_model(config)
-  variables, step = train.restore_checkpoint(config, workdir, step, model=model, mesh=mesh)
+  model = variables_lib.create_model(config)
+  variables, step = variables_lib.restore(config, workdir, step, model=model, mesh=mesh)
   out = evaluate(config, variables, model=model, mesh=mesh)
   out.update(step=int(step), gflops_image_size=list(config.data.image_size),
-             **benchmark.eval_gflops(config, model, variables, split=out["split"]))
+             **tokens.eval_gflops(config, model, variables, split=out["split"]))
   if jax.process_index() == 0:
     ckpt_lib.write_json(os.path.join(workdir, f"eval_{out['split']}.json"), out)
   print(f"step {step}: {out['split']} mIoU {100 * out['miou']:.2f} pixel acc "
         f"{100 * out['pixel_acc']:.2f} ({out['images']} images, {out['mode']} mode, "
         f"{out['compiled_shapes']} compiled shapes)", flush=True)
   return out
-
-
-def _main(argv, taken=("", [])):
-  from absl import flags  # pylint: disable=g-import-not-at-top
-  if len(argv) > 1:
-    raise ValueError(f"unexpected arguments: {argv[1:]}")
-  workdir = flags.FLAGS.workdir
-  config = cli.config_from(flags.FLAGS.config, workdir, taken)
-  evaluate_checkpoint(config, workdir, step=flags.FLAGS.step)
-
-
-def run():
-  """`python -m step_jax.evaluate` and the `step-eval` console script."""
-  from absl import app  # pylint: disable=g-import-not-at-top
-  from absl import flags  # pylint: disable=g-import-not-at-top
-  from ml_collections import config_flags  # pylint: disable=g-import-not-at-top
-  config_flags.DEFINE_config_file("config", None, "Config file (path:arg, or a .json); "
-                                  "default: <workdir>/config.json (--config.a.b=value "
-                                  "overrides apply to either).", lock_config=True)
-  flags.DEFINE_string("workdir", None, "Training workdir holding checkpoints/.")
-  flags.DEFINE_integer("step", None, "Checkpoint step (default: the latest).")
-  flags.mark_flags_as_required(["workdir"])
-  cli.list_flags_in_help(__name__)
-  taken = cli.take_config_args()
-  cli.quiet_by_default()
-  app.run(lambda argv: _main(argv, taken))
-
-
-if __name__ == "__main__":
-  run()

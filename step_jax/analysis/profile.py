@@ -1,6 +1,6 @@
 """Per-layer profile (paper figures 9-10): wall time and GFLOPs of every piece of the forward.
 
-  python -m step_jax.profile --config=configs/step.py:method=step,variant=B/16,res=1024,exits=8 \
+  python -m step_jax.cli.profile --config=configs/step.py:method=step,variant=B/16,res=1024,exits=8 \
       --out=DIR [--images=DIR] [--workdir=DIR] [--batch=1] [--reps=5]
 
 Pieces: policy net + merge, (super)token embedding, every ViT block, every exit head (ATM head
@@ -13,17 +13,18 @@ every image to record its token count and capacity bucket per stage (after mergi
 exit); a piece is compiled once per bucket it meets, warmed up, and timed `--reps` times with
 `block_until_ready` (median), round-robin over all programs so that a shared machine's load
 changes hit every piece alike; an image is charged the time of its own bucket. GFLOPs come
-from step_jax/flops.py (useful: valid tokens; executed: bucket capacity), so the pieces sum to
+from step_jax.models.flops (useful: valid tokens; executed: bucket capacity), so the pieces sum to
 `flops.token_macs`; XLA's own count of each compiled piece (÷2, elementwise ops included) is
 given beside it as a cross-check.
 
-Weights: `--workdir` (a `python -m step_jax.main` run) or random ones, with exit thresholds
-calibrated to halt `--exit_share` of the active tokens per exit (as step_jax.benchmark does).
+Weights: `--workdir` (a training run) or random ones, with exit thresholds
+calibrated to halt `--exit_share` of the active tokens per exit (as analysis.benchmark does).
 Writes <out>/profile.{md,csv,json,png}.
 """
 import csv
 import json
 import os
+import platform
 import statistics
 import time
 
@@ -31,11 +32,13 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from step_jax import benchmark
-from step_jax import flops
+from step_jax.analysis import benchmark
+from step_jax.evaluation import tokens as tokens_lib
 from step_jax.models import early_exit
+from step_jax.models import flops
 from step_jax.models import segmenter
 from step_jax.models import supertokens
+from step_jax.models import variables as variables_lib
 from step_jax.models import vit as vit_lib
 
 
@@ -44,8 +47,7 @@ def load(config, images, workdir=None, exit_share=0.4, dtype="fp32"):
   or random ones with exit thresholds calibrated to halt `exit_share` per exit."""
   variables = None
   if workdir:
-    from step_jax import train  # pylint: disable=g-import-not-at-top  (heavy imports)
-    variables = train.restore_variables(config, workdir)
+    variables = variables_lib.load(config, workdir)
   config, model, variables, weights = benchmark.prepare(
       config, dtype, variables, images, exit_share if variables is None else -1.0)
   return config, model, variables, (f"trained ({workdir})" if workdir else weights)
@@ -197,7 +199,7 @@ def profile(config, model, variables, images, *, batch=1, reps=5, warmup=2, plan
   `plans`: stage_plan's result when already computed."""
   plans = plans or stage_plan(model, variables, images)
 
-  def fwd(v, x):  # the whole forward as step_jax.benchmark times it
+  def fwd(v, x):  # the whole forward as step_jax.analysis.benchmark times it
     out, _ = model.apply(v, x)
     return segmenter.predict_scores(out, x.shape[1:3])
   images = np.asarray(images)
@@ -308,48 +310,19 @@ def plot(rows, path, title):
   plt.close(fig)
 
 
-def _main(argv):
-  del argv
-  from absl import flags  # pylint: disable=g-import-not-at-top
-  from ml_collections import config_flags  # pylint: disable=g-import-not-at-top
-  import platform  # pylint: disable=g-import-not-at-top
-  f = flags.FLAGS
-  images = benchmark.load_images(f.config, f.images, f.num_images)
-  config, model, variables, weights = load(f.config, images, f.workdir, f.exit_share, f.dtype)
-  table = profile(config, model, variables, images, batch=f.batch, reps=f.reps,
-                  warmup=f.warmup)
+def run_profile(config, out, workdir=None, *, images="", num_images=4, exit_share=0.4,
+                dtype="fp32", batch=1, reps=5, warmup=2, config_name=""):
+  """Profiles `config` (trained weights of `workdir`, or random ones), writes
+  <out>/profile.{md,csv,json,png} and returns the markdown table."""
+  ims = tokens_lib.load_images(config, images, num_images)
+  config, model, variables, weights = load(config, ims, workdir, exit_share, dtype)
+  table = profile(config, model, variables, ims, batch=batch, reps=reps, warmup=warmup)
   dev = jax.devices()[0]
-  header = dict(config=config_flags.get_config_filename(f["config"]),
+  header = dict(config=config_name,
                 device=f"{dev.platform}:{getattr(dev, 'device_kind', '')} "
                        f"({platform.processor() or platform.machine()})",
-                weights=weights, images=len(images), batch=f.batch, reps=f.reps,
-                dispatch_ms=dispatch_ms(),
-                dtype=f.dtype, exit_threshold=np.atleast_1d(model.exit_threshold).tolist()
+                weights=weights, images=len(ims), batch=batch, reps=reps,
+                dispatch_ms=dispatch_ms(), dtype=dtype,
+                exit_threshold=np.atleast_1d(model.exit_threshold).tolist()
                 if model.exit_layers else None)
-  print(write(table, f.out, header))
-
-
-def run():
-  """`python -m step_jax.profile` (flags defined here so importing stays free)."""
-  from absl import app  # pylint: disable=g-import-not-at-top
-  from absl import flags  # pylint: disable=g-import-not-at-top
-  from ml_collections import config_flags  # pylint: disable=g-import-not-at-top
-  config_flags.DEFINE_config_file("config", None, "Config (path:arg).")
-  flags.DEFINE_string("workdir", None, "Trained `step_jax.main` run (default: random weights).")
-  flags.DEFINE_string("images", "", "Folder of images; default: the config's eval split.")
-  flags.DEFINE_integer("num_images", 4, "Images to average over.")
-  flags.DEFINE_float("exit_share", 0.4, "Random weights: calibrate exit thresholds to halt "
-                     "this share of active tokens per exit.")
-  flags.DEFINE_integer("batch", 1, "Images per timed call.")
-  flags.DEFINE_integer("reps", 5, "Timed calls per piece (median).")
-  flags.DEFINE_integer("warmup", 2, "Untimed calls after compilation.")
-  flags.DEFINE_enum("dtype", "fp32", ["fp32", "bf16"], "Compute dtype.")
-  flags.DEFINE_string("out", None, "Output folder.")
-  flags.mark_flags_as_required(["config", "out"])
-  from step_jax import cli  # pylint: disable=g-import-not-at-top
-  cli.list_flags_in_help(__name__)
-  app.run(_main)
-
-
-if __name__ == "__main__":
-  run()
+  return write(table, out, header)

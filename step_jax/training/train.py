@@ -1,6 +1,6 @@
 """Training: sharded jit steps, orbax checkpoints with input state, clu writers, evaluation.
 
-`train_and_evaluate(config, workdir)` is the entry point (`python -m step_jax.main`). The
+`train_and_evaluate(config, workdir)` is the entry point (`python -m step_jax.cli.train`). The
 driver is one flat function in banner sections, in big_vision's order: setup → mesh →
 model/optimizer → input → state (resume) → steps → loop → final evaluation.
 
@@ -9,7 +9,7 @@ Resume order (first that applies):
      iterator state: the run continues exactly where it stopped);
   2. `config.init_from`: weights only (another workdir, e.g. a BASE model before pruning
      fine-tuning; a `.npz` of our names; a timm/mmseg `.pth`/`.safetensors` via
-     step_jax.convert); optimizer state and step start fresh;
+     step_jax.models.convert); optimizer state and step start fresh;
   3. random initialisation from `config.seed`.
 
 Non-finite guard: every step checks the loss terms and gradients; a non-finite update is
@@ -22,7 +22,6 @@ waiting on the device; the exact step is still reported. Checkpoints are never w
 with non-finite parameters.
 """
 import functools
-import json
 import os
 import time
 
@@ -33,17 +32,18 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
-from step_jax import benchmark
-from step_jax import checkpoint as ckpt_lib
-from step_jax import evaluate as eval_lib
-from step_jax import losses
-from step_jax import optim
-from step_jax import sharding
-from step_jax import writers
 from step_jax.data import pipeline
-from step_jax.models import policy as policy_lib
-from step_jax.models import segmenter
-from step_jax.writers import periodic_actions
+from step_jax.evaluation import evaluator as eval_lib
+from step_jax.evaluation import tokens
+from step_jax.models import pretrained
+from step_jax.models import variables as variables_lib
+from step_jax.runtime import checkpoint as ckpt_lib
+from step_jax.runtime import sharding
+from step_jax.runtime import writers
+from step_jax.runtime.writers import periodic_actions
+from step_jax.training import losses
+from step_jax.training import optim
+from step_jax.training import train_policy
 
 NAN_POLICIES = ("stop", "skip")
 
@@ -51,49 +51,6 @@ NAN_POLICIES = ("stop", "skip")
 ################################################################################
 # Model, loss and steps.                                                       #
 ################################################################################
-def create_model(config):
-  return segmenter.build(config.model, config.num_classes, tuple(config.data.image_size),
-                         ignore_index=config.ignore_index)
-
-
-def _dummy_batch(config, batch=1):
-  h, w = config.data.image_size
-  return dict(image=jnp.zeros((batch, h, w, 3), jnp.uint8),
-              label=jnp.zeros((batch, h, w), jnp.int32))
-
-
-def _core_model(model):
-  """The model without token sharing, for init: the same parameters minus the policy net
-  (whose variables never come from a random init), and no labels needed (oracle)."""
-  return model.clone(policy=None, merge="none") if model.merge != "none" else model
-
-
-def abstract_policy_variables(model, config):
-  """Shapes of the policy net's variables ({'params', 'batch_stats'}), or None."""
-  if model.policy is None:
-    return None
-  x = _dummy_batch(config)["image"].astype(jnp.float32)
-  return jax.eval_shape(model.policy.init, jax.random.key(0), x)
-
-
-def init_variables(model, config, rng, policy_vars=None):
-  """Flax variables {'params': ..., 'batch_stats': {'policy': ...}}.
-
-  ViT and heads come from `rng`; a CTS/dCTS policy net must be *trained* (a random one merges
-  at random), so its variables are passed in: `policy_variables` loads or trains them. Without
-  them (shape-only uses: eval_shape, restoring a checkpoint) zeros stand in.
-  """
-  x = _dummy_batch(config)["image"].astype(jnp.float32)
-  variables = {"params": _core_model(model).init(rng, x)["params"]}
-  if model.policy is not None:
-    if policy_vars is None:
-      policy_vars = jax.tree.map(lambda s: jnp.zeros(s.shape, s.dtype),
-                                 abstract_policy_variables(model, config))
-    variables["params"] = dict(variables["params"], policy=policy_vars["params"])
-    variables["batch_stats"] = {"policy": policy_vars["batch_stats"]}
-  return variables
-
-
 def model_inputs(model, batch):
   """Keyword inputs beyond the images: the oracle merge reads the labels."""
   return dict(labels=batch["label"]) if model.merge == "oracle" else {}
@@ -132,10 +89,10 @@ def init_state(rng, policy_vars=None, *, model, tx, config):
   array (in `jax.tree.leaves(params)` order), set at the first non-finite step, so a 'stop'
   error can name what went wrong.
   """
-  variables = init_variables(model, config, rng, policy_vars)
+  variables = variables_lib.init_variables(model, config, rng, policy_vars)
   params = variables.pop("params")
   _, metrics = jax.eval_shape(functools.partial(loss_fn, model=model, config=config),
-                              params, batch=_dummy_batch(config), rng=rng,
+                              params, batch=variables_lib.dummy_batch(config), rng=rng,
                               model_state=variables)
   n_leaves = len(jax.tree.leaves(params))
   guard = dict(skipped=jnp.zeros((), jnp.int32), first_bad_step=jnp.full((), -1, jnp.int32),
@@ -243,7 +200,6 @@ def policy_variables(config, model, workdir):
   """
   if model.policy is None:
     return None
-  from step_jax import train_policy  # pylint: disable=g-import-not-at-top
   pc = config.model.policy
   path = pc.get("init_from", "")
   if not path:
@@ -252,60 +208,18 @@ def policy_variables(config, model, workdir):
       if int(pc.get("auto_train_steps", 0)) <= 0:
         raise ValueError(
             f"model.merge={model.merge!r} needs a trained policy net: set "
-            "config.model.policy.init_from to a `python -m step_jax.train_policy` workdir, "
+            "config.model.policy.init_from to a `python -m step_jax.cli.train_policy` workdir, "
             "or config.model.policy.auto_train_steps > 0 to train one here first")
       print(f"training the policy net first ({pc.auto_train_steps} steps) into {path}",
             flush=True)
       train_policy.train_and_evaluate(train_policy.config_from_segmenter(config), path)
   loaded = train_policy.load_variables(path)
-  want = jax.tree.map(lambda a: a.shape, abstract_policy_variables(model, config))
+  want = jax.tree.map(lambda a: a.shape, variables_lib.abstract_policy_variables(model, config))
   got = jax.tree.map(np.shape, {k: loaded[k] for k in ("params", "batch_stats")})
   if got != want:
     raise ValueError(f"policy checkpoint {path} does not fit model.policy (source/hidden "
                      "differ from the config it was trained with?)")
   return jax.tree.map(jnp.asarray, {k: loaded[k] for k in ("params", "batch_stats")})
-
-
-def restore_checkpoint(config, workdir, step=None, *, model=None, mesh=None):
-  """(flax variables, step) of the latest (or `step`) checkpoint of a `step_jax.main`
-  workdir, placed on `mesh`: {'params', plus 'batch_stats' with a policy net}. A policy net
-  gets heads for window sizes its training crops were too small for (they never merge)."""
-  mesh = mesh or sharding.make_mesh(config)
-  if os.path.isfile(os.path.join(workdir, "config.json")):
-    # The policy's window heads depend on the crop size: build the state at the run's own.
-    crop = tuple(workdir_config(workdir).data.image_size)
-    if crop != tuple(config.data.image_size):
-      config = config.copy_and_resolve_references()
-      config.data.image_size, model = crop, None
-  model = model or create_model(config)
-  abstract, shardings = abstract_train_state(config, model, mesh)
-  ckpt = ckpt_lib.Checkpointer(workdir, keep=int(config.get("keep_checkpoints", 3)))
-  try:
-    if ckpt.latest_step() is None:
-      raise FileNotFoundError(f"no checkpoint under {workdir}/{ckpt_lib.CHECKPOINT_DIR}")
-    state, _, step = ckpt.restore(sharding.with_shardings(abstract, shardings), step=step)
-  finally:
-    ckpt.close()
-  params = state["params"]
-  if "policy" in params:  # runnable on images larger than the training crops
-    params = dict(params, policy=policy_lib.add_unseen_sizes(params["policy"]))
-  return dict(state.get("model_state", {}), params=params), step
-
-
-def restore_variables(config, workdir, step=None):
-  """Flax variables of a workdir's checkpoint (see restore_checkpoint); config None reads
-  <workdir>/config.json."""
-  return restore_checkpoint(config or workdir_config(workdir), workdir, step)[0]
-
-
-def workdir_config(workdir):
-  """The ConfigDict a `step_jax.main` run saved as <workdir>/config.json."""
-  import ml_collections  # pylint: disable=g-import-not-at-top
-  path = os.path.join(workdir, "config.json")
-  if not os.path.isfile(path):
-    raise FileNotFoundError(f"no config.json in {workdir}: not a step_jax.main workdir")
-  with open(path) as f:
-    return ml_collections.ConfigDict(json.load(f))
 
 
 def nonfinite_report(guard, params=None) -> str:
@@ -373,7 +287,7 @@ def train_and_evaluate(config, workdir):
   ######## Setup: distributed runtime, workdir, writers. ########
   sharding.initialize_distributed(config)
   # Everything that can reject the config runs before anything is written.
-  model = create_model(config)
+  model = variables_lib.create_model(config)
   policy = config.get("nan_policy", "stop")
   if policy not in NAN_POLICIES:
     raise ValueError(f"config.nan_policy={policy!r}: use one of {NAN_POLICIES}")
@@ -534,7 +448,7 @@ def train_and_evaluate(config, workdir):
   ev.update(step=total, train_time_s=train_time, resumed_from=start,
             skipped_steps=int(jax.device_get(state["guard"]["skipped"])),
             bad_records=int(getattr(train_iter, "bad_records", 0)),
-            **benchmark.eval_gflops(config, model,
+            **tokens.eval_gflops(config, model,
                                     dict(state["model_state"], params=state["params"]),
                                     split=ev["split"]))
   if is_chief:
@@ -546,12 +460,10 @@ def train_and_evaluate(config, workdir):
 
 
 def _workdir_has_policy(path):
-  """Whether `path` is a step_jax.main workdir of a model with a (trained) policy net."""
-  cfg = os.path.join(path or "", "config.json")
-  if not os.path.isfile(cfg):
+  """Whether `path` is a training workdir of a model with a (trained) policy net."""
+  if not os.path.isfile(os.path.join(path or "", "config.json")):
     return False
-  with open(cfg) as f:
-    return json.load(f).get("model", {}).get("merge", "none") in ("cts", "dcts")
+  return ckpt_lib.read_config(path).model.get("merge", "none") in ("cts", "dcts")
 
 
 def _load_init_from(state, config):
@@ -559,13 +471,13 @@ def _load_init_from(state, config):
   also brings its non-trained collections (policy BatchNorm statistics)."""
   path = config.init_from
   if os.path.isfile(os.path.join(path, "config.json")):
-    loaded = jax.tree.map(np.asarray, restore_variables(None, path))
+    loaded = jax.tree.map(np.asarray, variables_lib.load(None, path))
   else:
-    loaded = dict(params=ckpt_lib.load_pretrained(path, config.model))
-  params, _ = ckpt_lib.merge_params(state["params"], loaded.pop("params"), source=path)
+    loaded = dict(params=pretrained.load_pretrained(path, config.model))
+  params, _ = pretrained.merge_params(state["params"], loaded.pop("params"), source=path)
   model_state = state["model_state"]
   if loaded and model_state:
-    model_state, _ = ckpt_lib.merge_params(model_state, loaded, source=path)
+    model_state, _ = pretrained.merge_params(model_state, loaded, source=path)
   return dict(state, params=params, model_state=model_state)
 
 

@@ -1,22 +1,25 @@
-"""Console-script helpers."""
+"""What every command-line module shares: --help listing, quiet logging, and configs from
+a Python file, a .json or a workdir with --config.a.b=value overrides."""
 import ast
-import json
 import os
 import sys
+
+from absl import app
+from absl import flags
+
+from step_jax.runtime import checkpoint
 
 
 def list_flags_in_help(module_name: str):
   """Console scripts (`step-train` …) run a wrapper script as sys.argv[0], and absl's --help
   lists only that script's flags; list the flags `module_name` defined under it too, and
   answer --help with status 0."""
-  from absl import flags  # pylint: disable=g-import-not-at-top
   listed = {f.name for f in flags.FLAGS.get_flags_for_module(sys.argv[0])}
   for f in flags.FLAGS.get_flags_for_module(module_name):
     if f.name not in listed:
       flags.FLAGS.register_flag_by_module(sys.argv[0], f)
   if any(a in ("--help", "-h", "-?", "--helpshort") for a in sys.argv[1:]):
     # absl exits with status 1 after --help; asking for help is not an error.
-    from absl import app  # pylint: disable=g-import-not-at-top
     app.usage(shorthelp=True, writeto_stdout=True, exitcode=0)
 
 
@@ -74,7 +77,6 @@ def config_from(flag_config, workdir, taken=("", [])):
   with the `--config.a.b=value` overrides of `take_config_args` applied."""
   if flag_config is not None:
     return flag_config
-  import ml_collections  # pylint: disable=g-import-not-at-top
   path, overrides = taken
   if not path:
     if not workdir:
@@ -83,9 +85,8 @@ def config_from(flag_config, workdir, taken=("", [])):
     path = os.path.join(workdir, "config.json")
   if not os.path.isfile(path):
     raise FileNotFoundError(f"{path} does not exist: give --config=<configs/….py[:args]> or "
-                            "the config.json of a step_jax.main workdir")
-  with open(path) as f:
-    config = ml_collections.ConfigDict(json.load(f))
+                            "the config.json of a training workdir")
+  config = checkpoint.read_config(path)
   for key, value in overrides:
     node = config
     for part in key.split(".")[:-1]:

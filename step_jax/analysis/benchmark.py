@@ -1,0 +1,142 @@
+"""Wall-clock and FLOPs of one configuration on the current device, as one JSON line.
+
+  python -m step_jax.cli.benchmark --config=configs/step.py:method=step,variant=B/16,res=1024 \
+      --batch=1 --dtype=fp32 [--workdir=DIR] [--images=DIR_OR_SPLIT] [--exit_share=0.4]
+  python -m step_jax.cli.benchmark --workdir=DIR    # a trained run at its own config
+
+Timing: `--warmup` untimed calls, then `--reps` timed calls of the jitted forward (policy net,
+merge, encoder, exits, heads and the upsampled prediction), each ended by
+`block_until_ready`; median and spread are reported with the compile time.
+
+Tokens and GFLOPs: every valid token of every stage is counted (useful GFLOPs) and so is every
+slot the compiled program executes, padding and bucket capacity included (executed GFLOPs).
+
+Weights: a trained checkpoint when `--workdir` holds one; otherwise random weights, with the
+policy from `config.model.policy.init_from` when set. Halting needs trained exit heads; with
+random heads `--exit_share` calibrates each exit threshold on the benchmark images so that
+this share of the still-active tokens halts (the paper reports ~40 %), which fixes the token
+counts that the wall-clock is compared against. The JSON says which weights were used.
+"""
+
+import platform
+import statistics
+import time
+
+import jax
+import numpy as np
+
+from step_jax.evaluation import tokens
+from step_jax.models import attention
+from step_jax.models import flops
+from step_jax.models import segmenter
+from step_jax.models import variables as variables_lib
+from step_jax.models import vit as vit_lib
+from step_jax.runtime import checkpoint
+from step_jax.training import train_policy
+
+def prepare(config, dtype="fp32", variables=None, images=None, exit_share=-1.0):
+  """(config, model, variables, weights description) ready to run; see the module doc."""
+  config = config.copy_and_resolve_references()
+  config.model.dtype = "bfloat16" if dtype == "bf16" else "float32"
+  hw = tuple(config.data.image_size)
+  model = segmenter.build(config.model, config.num_classes, hw, config.ignore_index)
+  weights = "given"
+  if variables is None:
+    variables, weights = variables_lib.random_variables(model, hw), "random"
+    init_from = config.model.get("policy", {}).get("init_from", "")
+    if init_from and model.policy is not None:
+      pol = train_policy.load_variables(init_from)
+      variables = {col: dict(variables[col], policy=pol[col]) for col in variables}
+      weights = "random ViT/heads, trained policy"
+  if exit_share > 0 and model.exit_layers:
+    model = model.clone(exit_threshold=tokens.calibrate_exits(model, variables, np.asarray(images),
+                                                       exit_share))
+  return config, model, variables, weights
+
+
+def measure(config, variables=None, images=None, *, batch=1, dtype="fp32", reps=5, warmup=2,
+            exit_share=-1.0, weights="given"):
+  """Times the jitted forward and counts tokens/GFLOPs; returns the JSON-able dict."""
+  config, model, variables, prepared = prepare(config, dtype, variables, images, exit_share)
+  weights = weights if prepared == "given" else prepared
+  hw = tuple(config.data.image_size)
+  images = np.asarray(images)
+  reps_batch = np.concatenate([images] * (-(-batch // len(images))))[:batch]
+
+  def fwd(v, x):
+    out, info = model.apply(v, x)
+    return segmenter.predict_scores(out, x.shape[1:3]), info
+
+  t0 = time.perf_counter()
+  compiled = jax.jit(fwd).lower(variables, reps_batch).compile()
+  compile_s = time.perf_counter() - t0
+  for _ in range(warmup):
+    jax.block_until_ready(compiled(variables, reps_batch))
+  times = []
+  for _ in range(reps):
+    t = time.perf_counter()
+    jax.block_until_ready(compiled(variables, reps_batch))
+    times.append(time.perf_counter() - t)
+  stats = tokens.token_stats(config, model, variables, images)
+  ms = [1000 * t / batch for t in times]
+  mem = None
+  try:
+    mem = jax.devices()[0].memory_stats().get("peak_bytes_in_use")
+  except Exception:  # pylint: disable=broad-except
+    pass  # the CPU backend reports no memory statistics
+  dev = jax.devices()[0]
+  return dict(
+      config=config.get("name", ""), method=config.get("method", "segvit"),
+      variant=config.model.variant, image_size=list(hw),
+      device=f"{dev.platform}:{getattr(dev, 'device_kind', '')} "
+             f"({platform.processor() or platform.machine()})",
+      dtype=dtype, batch=batch, weights=weights,
+      images_per_s=batch / statistics.median(times),
+      ms_per_image_median=statistics.median(ms), ms_per_image_min=min(ms),
+      ms_per_image_max=max(ms), compile_s=compile_s, peak_bytes=mem,
+      exit_threshold=np.atleast_1d(model.exit_threshold).round(4).tolist()
+      if model.exit_layers else None,
+      exit_mode=model.exit_mode if model.exit_layers else None,
+      exit_head=model.exit_head if model.exit_layers else None,
+      attention_impl=attention.resolve_impl(model.backbone.attention_impl, model.backbone.dtype,
+                                            model.backbone.width // model.backbone.num_heads),
+      **stats)
+
+
+def run_config(config, workdir=None, *, images="", num_images=8, **kw):
+  """The benchmark's JSON dict for `config` (None: the workdir's own config.json), with the
+  trained weights of `workdir` or random ones; kw go to `measure`."""
+  variables, weights = None, "random"
+  if workdir:
+    config = config or checkpoint.read_config(workdir)
+    variables, weights = variables_lib.load(config, workdir), f"trained ({workdir})"
+  if config is None:
+    raise ValueError("benchmark needs --config, or --workdir of a trained run")
+  return measure(config, variables, tokens.load_images(config, images, num_images), weights=weights,
+                 **kw)
+
+
+def flops_report(config, workdir=None, *, images="", num_images=16, exit_share=-1.0):
+  """GFLOPs and tokens of `config`: the formula for a static model; for supertokens or exits
+  (the tokens depend on the image) the mean over `num_images` images, with the weights of
+  `workdir` or random ones (`exit_share`: calibrated exits; see the module doc)."""
+  h, w = tuple(config.data.image_size)
+  v = vit_lib.decode_variant(config.model.variant)
+  dynamic = config.model.get("merge", "none") != "none" or config.model.get("exit_layers", ())
+  if not dynamic:
+    m = flops.model_macs(config)
+    return dict(gflops=round(m["total"], 4), backbone=round(m["backbone"], 4),
+                heads=round(m["heads"], 4),
+                tokens=(h // v["patch_size"]) * (w // v["patch_size"]), image_size=[h, w])
+  variables, weights = None, None
+  if workdir:
+    variables, weights = variables_lib.load(config, workdir), "trained"
+  ims = tokens.load_images(config, images, num_images)
+  config, model, variables, prepared = prepare(config, "fp32", variables, ims, exit_share)
+  st = tokens.token_stats(config, model, variables, ims)
+  return dict(
+      gflops=round(st["gflops_useful"], 4), gflops_executed=round(st["gflops_executed"], 4),
+      policy=round(st["gflops_policy"], 4), backbone=round(st["gflops_backbone"], 4),
+      heads=round(st["gflops_heads"], 4), tokens=st["mean_tokens_per_stage"][0],
+      tokens_per_stage=st["mean_tokens_per_stage"], tokens_full=st["tokens_full"],
+      images=st["images"], image_size=[h, w], weights=weights or prepared)

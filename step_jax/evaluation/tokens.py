@@ -1,0 +1,96 @@
+"""Tokens and GFLOPs of a trained (or random) model on real images: how many tokens each
+stage keeps, and the useful (valid tokens) and executed (compiled slots: padding and bucket
+capacity included) GFLOPs from the analytic cost model (`models.flops`).
+"""
+import os
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from PIL import Image
+
+from step_jax.data import get_source
+from step_jax.models import early_exit
+from step_jax.models import flops
+
+
+def load_images(config, folder, n, split=None):
+  """n images resized to the config's crop, uint8 [n, H, W, 3]: from `folder`, else from
+  `split` (default: the split being evaluated, config.data.split, else data.eval_split)."""
+  h, w = config.data.image_size
+  if folder:
+    names = sorted(f for f in os.listdir(folder) if f.lower().endswith((".png", ".jpg", ".jpeg")))
+    if not names:
+      raise FileNotFoundError(f"no PNG/JPEG images in --images={folder}")
+    ims = [Image.open(os.path.join(folder, f)).convert("RGB") for f in names[:n]]
+  else:
+    split = split or config.data.get("split", "") or config.data.eval_split
+    src = get_source(config.data, split, config.num_classes, config.ignore_index)
+    ims = [Image.fromarray(src[i]["image"]) for i in range(min(n, len(src)))]
+  return np.stack([np.asarray(im.resize((w, h), Image.BILINEAR)) for im in ims])
+
+
+def calibrate_exits(model, variables, images, share, *, labels=None):
+  """Per-exit thresholds such that `share` of the active tokens are halting candidates at
+  each exit (the top-k-per-class rule then keeps a few of them: <= k·C tokens); `labels`
+  only for the oracle merge."""
+  kw = {} if labels is None else dict(labels=jnp.asarray(labels))
+  taus = []
+  for s in range(len(model.exit_layers)):
+    trial = model.clone(exit_threshold=tuple(taus) + (1.0,) * (len(model.exit_layers) - s))
+    out, info = jax.jit(lambda v, x, trial=trial: trial.apply(v, x, **kw))(
+        variables, jnp.asarray(images, jnp.float32))
+    aux = out["aux"][s]
+    conf, _ = early_exit.token_confidence(
+        aux["pred_logits"], aux["pred_masks"].reshape(aux["pred_masks"].shape[:2] + (-1,)))
+    # Cells still active at exit s (with supertokens a token counts once per covered cell).
+    alive = np.asarray(info["halt_stage"]).reshape(conf.shape) >= s
+    taus.append(float(np.quantile(np.asarray(conf)[alive], 1 - share)))
+  return tuple(taus)
+
+
+def token_stats(config, model, variables, images):
+  """Tokens per stage and GFLOPs (useful: valid tokens; executed: compiled slots), averaged
+  over `images` run one at a time (each image picks its own buckets)."""
+  hw = tuple(config.data.image_size)
+  n_full = (hw[0] // model.backbone.patch_size) * (hw[1] // model.backbone.patch_size)
+  single = jax.jit(lambda v, x: model.apply(v, x)[1])
+  useful, executed, stage_tokens = [], [], []
+  for im in np.asarray(images):
+    info = single(variables, im[None])
+    n_tok = float(np.asarray(info.get("num_tokens", [n_full]))[0])
+    cap = float(info.get("capacity", n_full))
+    if model.exit_layers:
+      active = [float(a) for a in np.asarray(info["active_tokens"])[0]]
+      caps = [cap] * len(active) if model.exit_mode == "mask" else \
+          [cap] + [float(c) for c in np.asarray(info["stage_capacity"])[1:]]
+    else:
+      active = caps = None
+    stage_tokens.append(active or [n_tok])
+    useful.append(flops.token_macs(config, n_tok, active))
+    executed.append(flops.token_macs(config, cap, caps))
+  mean = lambda rows, k: float(np.mean([r[k] for r in rows]))
+  return dict(tokens_full=n_full,
+              mean_tokens_per_stage=np.mean(stage_tokens, 0).round(1).tolist(),
+              gflops_useful=mean(useful, "total"), gflops_executed=mean(executed, "total"),
+              gflops_policy=mean(useful, "policy"), gflops_backbone=mean(useful, "backbone"),
+              gflops_heads=mean(useful, "heads"), images=len(images))
+
+
+def eval_gflops(config, model, variables, num_images=16, split=None):
+  """GFLOPs for the eval json: the formula for static models; for supertoken/early-exit
+  models the mean over the first `num_images` images of `split` (default: the evaluated
+  split, see load_images; at the crop size) of the useful and the executed (bucket capacity)
+  GFLOPs, with the tokens per stage."""
+  if model.merge == "none" and not model.exit_layers:
+    return dict(gflops=flops.model_macs(config)["total"])
+  h, w = config.data.image_size
+  p = model.backbone.patch_size
+  full = flops.token_macs(config, (h // p) * (w // p))["total"]   # every token, every layer
+  if model.merge == "oracle":  # needs labels; token_stats runs images only
+    return dict(gflops_full=full)
+  split = split or config.data.get("split", "") or config.data.eval_split
+  st = token_stats(config, model, variables, load_images(config, "", num_images, split))
+  return dict(gflops=st["gflops_useful"], gflops_executed=st["gflops_executed"],
+              gflops_full=full, tokens_per_stage=st["mean_tokens_per_stage"],
+              tokens_full=st["tokens_full"], gflops_images=st["images"], gflops_split=split)

@@ -1,0 +1,1 @@
+"""Layer 7, interop: exporting trained models (jax.export, msgpack, safetensors, SavedModel)."""
