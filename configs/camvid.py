@@ -18,8 +18,8 @@ $STEP_JAX_DATA/camvid_segnet, else ../shared/data/camvid_segnet next to the repo
 
 Arguments: method (segvit, cts, dcts, dtop, cts_dtop, step: see configs/step.py), size (cpu |
 gpu), variant (override the size's ViT, e.g. Ti/16), tau (dCTS thresholds, '6899' or
-'4999'), exits ('-'-separated layers; default per variant), exit_tau (halting confidence), exit_head
-(dtop | dtop_multiclass | atm: see configs/step.py).
+'4999'), exits ('-'-separated layers; default per variant), exit_tau (halting confidence),
+exit_head (atm, the default | dtop | dtop_multiclass: see configs/step.py).
 
 Evaluation: the val split, whole images. `size=cpu` trains at half resolution, so it also
 tests at half resolution (short side 180) and resizes the scores back to the 480x360
@@ -27,13 +27,14 @@ labels; `size=gpu` tests at full resolution (480x360, padded to 480x368 inside t
 """
 from configs import common
 from configs import step as step_config
+from step_jax.models import segmenter
 
 _METHODS = tuple(m for m in step_config.METHODS if m != "oracle")  # the oracle needs labels
 
 
 def get_config(arg=None):
   arg = common.parse_arg(arg, method="segvit", size="cpu", variant="", tau="6899", exits="",
-                         exit_tau=0.9, exit_head="dtop")
+                         exit_tau=0.9, exit_head=segmenter.DEFAULT_EXIT_HEAD)
   if arg.method not in _METHODS:
     raise ValueError(f"unknown method {arg.method!r}; choose from {_METHODS}")
   if not 0 <= arg.exit_tau <= 1:

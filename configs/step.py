@@ -17,9 +17,10 @@ Examples:
 Arguments: method; variant (Mu/16 Ti/16 S/16 B/16 L/16); dataset; res (0 = dataset crop);
 tau: dCTS thresholds for 2,4,8,16 windows as digits ('6899' = .6 .8 .9 .9, '4999') or
 '-'-separated decimals ('0.6-0.8-0.9-0.9'); exits: '-'-separated 1-based layers ('6-8', '16');
-exit_tau: halting confidence (paper: .9 ADE20K/Cityscapes, .95 COCO-Stuff); exit_head: 'dtop'
-(DToP's single-stage binary heads, the paper), 'dtop_multiclass' ((C+1)-way class heads) or
-'atm' (SegViT's own head stages serve as the exits, no extra head); smoke.
+exit_tau: halting confidence (paper: .9 ADE20K/Cityscapes, .95 COCO-Stuff); exit_head: 'atm'
+(default: SegViT's own head stages serve as the exits, no extra head; exits must be among the
+head's out_layers), 'dtop' (DToP's single-stage binary heads, the paper) or 'dtop_multiclass'
+((C+1)-way class heads); smoke.
 
 CTS/dCTS/STEP need a trained policy net: `--config.model.policy.init_from=<workdir of
 python -m step_jax.cli.train_policy>`, or `--config.model.policy.auto_train_steps=N` to train
@@ -64,7 +65,8 @@ def parse_tau(tau: str):
   return values
 
 
-def set_method(m, method, variant, *, tau="6899", exits="", exit_tau=0.9, exit_head="dtop"):
+def set_method(m, method, variant, *, tau="6899", exits="", exit_tau=0.9,
+               exit_head=segmenter.DEFAULT_EXIT_HEAD):
   """Sets the token-sharing and early-exit fields of model config `m` for `method` (one of
   METHODS); returns whether the method has early exits."""
   if method not in METHODS:
@@ -109,7 +111,8 @@ def set_dtop_recipe(config, use_exits, base_steps, warmup_steps):
 
 def get_config(arg=None):
   arg = common.parse_arg(arg, method="step", variant="B/16", dataset="ade20k", res=0,
-                         tau="6899", exits="", exit_tau=-1.0, exit_head="dtop", smoke=False)
+                         tau="6899", exits="", exit_tau=-1.0,
+                         exit_head=segmenter.DEFAULT_EXIT_HEAD, smoke=False)
   config = common.ml_collections.ConfigDict()
   config.seed = 0
   config.method = arg.method

@@ -25,9 +25,10 @@ import exit_analysis  # noqa: E402
 import sweep  # noqa: E402
 
 
-def _cfg(method="step", tau="0.5-0.9-0.9-0.9", exits="1-2", res=64):
+def _cfg(method="step", tau="0.5-0.9-0.9-0.9", exits="1-2", res=64, exit_head="dtop"):
+  """DToP's exit heads by default: the tables name its heads Aux1, Aux2 (the paper's)."""
   cfg = step_configs.get_config(f"method={method},variant=Mu/16,dataset=synthetic,smoke,"
-                                f"tau={tau},exits={exits}")
+                                f"tau={tau},exits={exits},exit_head={exit_head}")
   cfg.data.image_size = (res, res)
   cfg.model.posemb_grid = (res // 16, res // 16)
   cfg.model.buckets = (0.5, 1.0)          # few buckets: few programs to compile
