@@ -167,6 +167,7 @@ def test_sweep_rows_and_labels():
   assert sweep.pareto_front([1, 2, 3, 2, 1], [0.5, 0.7, 0.6, 0.7, 0.4]) == [0, 1]
 
 
+@pytest.mark.slow  # experiments/ scripts: run with -m slow
 def test_sweep_exits_writes_table(images, tmp_path):
   cfg = _cfg("dtop", exits="2")
   out = sweep.run_sweeps(cfg, images, ["exits"], placements=[(2,)], out=str(tmp_path),
@@ -187,6 +188,7 @@ def test_sweep_exits_writes_table(images, tmp_path):
   assert os.path.exists(tmp_path / "pareto_exits.png")
 
 
+@pytest.mark.slow  # experiments/ scripts: run with -m slow
 def test_calibrate_choice_is_within_budget_and_on_the_front(images, prepared):
   cfg, _, variables, _ = prepared
   result = calibrate.calibrate(cfg, variables, images, budget_gflops=1e9,
@@ -211,6 +213,7 @@ def test_calibrate_choice_is_within_budget_and_on_the_front(images, prepared):
   assert none is None
 
 
+@pytest.mark.slow  # experiments/ scripts: run with -m slow
 def test_pick_trained_prefers_the_rows_own_method():
   """CTS and dCTS weights (policy included) have the same shapes: each row takes its own
   method's run, else the first run that fits."""
@@ -229,6 +232,7 @@ def test_pick_trained_prefers_the_rows_own_method():
 
 
 @pytest.mark.slow
+@pytest.mark.slow  # experiments/ scripts: run with -m slow
 def test_sweep_miou_with_a_fitting_workdir_and_calibrate_ms(images, tmp_path):
   cfg = _cfg("dtop", exits="2")
   cfg.data.num_eval = 2

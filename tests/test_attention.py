@@ -90,11 +90,11 @@ CASES = {  # name: model kwargs (SegViT; dCTS-like padded buckets; DToP; STEP)
 }
 
 
-def _slow(*names):  # gradients through the bucket switches compile for minutes on 2 cores
+def _slow(*names):  # bucket switches compile for minutes on 2 cores; step_atm covers both
   return [pytest.param(n, marks=pytest.mark.slow) if n in names else n for n in sorted(CASES)]
 
 
-@pytest.mark.parametrize("case", sorted(CASES))
+@pytest.mark.parametrize("case", _slow("supertokens", "dtop_compact"))
 def test_fused_model_equals_einsum_model(case):
   _compare(CASES[case], grads=False)
 

@@ -8,8 +8,14 @@ from configs import segvit
 from step_jax.models import variables as variables_lib
 
 
-@pytest.mark.parametrize("dataset", sorted(common.DATASETS))
-@pytest.mark.parametrize("variant", ["Ti/16", "S/16", "B/16", "L/16"])
+VARIANTS = ("Ti/16", "S/16", "B/16", "L/16")
+# Every dataset and every variant once by default; the whole cross product with -m slow.
+_ONCE = {(d, VARIANTS[i % len(VARIANTS)]) for i, d in enumerate(sorted(common.DATASETS))}
+_PAIRS = [(d, v) if (d, v) in _ONCE else pytest.param(d, v, marks=pytest.mark.slow)
+          for d in sorted(common.DATASETS) for v in VARIANTS]
+
+
+@pytest.mark.parametrize("dataset,variant", _PAIRS)
 def test_segvit_configs_build(dataset, variant):
   cfg = segvit.get_config(f"variant={variant},dataset={dataset}")
   assert cfg.num_classes == common.DATASETS[dataset]["num_classes"]

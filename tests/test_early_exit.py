@@ -17,6 +17,8 @@ from step_jax.models import vit
 
 
 DESIGNS = ("dtop", "atm")
+# The heaviest invariants run for the default design by default, for DToP's with -m slow.
+HEAVY = (pytest.param("dtop", marks=pytest.mark.slow), "atm")
 
 
 def make_model(mode="compact", tau=1.0, merge="none", buckets=(1.0,), design="dtop"):
@@ -97,7 +99,7 @@ def test_halting_rule_keeps_top_k_per_class():
   np.testing.assert_array_equal(np.flatnonzero(no_keep[0]), [0, 1, 2, 3, 4, 5, 6, 8, 9, 10])
 
 
-@pytest.mark.parametrize("design", DESIGNS)
+@pytest.mark.parametrize("design", HEAVY)
 def test_threshold_one_is_exactly_the_no_exit_model(design):
   images, params = _images(), _params(design)
   out, info = forward("mask", 1.0, design=design)(params, images)
@@ -158,7 +160,7 @@ def test_compaction_equals_masking_on_real_images():
   _check_compact_equals_mask(jnp.asarray(np.stack(ims), jnp.float32))
 
 
-@pytest.mark.parametrize("design", DESIGNS)
+@pytest.mark.parametrize("design", HEAVY)
 def test_step_supertokens_plus_exits_compact_equals_mask(design):
   info = _check_compact_equals_mask(_images(seed=5), merge="oracle", buckets=(0.5, 1.0),
                                     design=design)
@@ -207,7 +209,7 @@ def test_canvas_keeps_exit_logits_for_halted_tokens_and_jit_once(design):
   assert fwd._cache_size() == 1
 
 
-@pytest.mark.parametrize("design", DESIGNS)
+@pytest.mark.parametrize("design", HEAVY)
 def test_differentiable_through_compaction(design):
   images, params = _images(), _params(design)
   m = make_model("compact", _median_tau(params, images, design), design=design)

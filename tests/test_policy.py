@@ -53,6 +53,7 @@ def test_pretrained_init_and_shapes_on_an_odd_size():
                                 pre["params"]["stem_conv"]["kernel"])
 
 
+@pytest.mark.slow  # trains the EfficientNet backbone too (minutes of compile on a CPU)
 def test_train_policy_end_to_end(tmp_path):
   cfg = policy_config.get_config("dataset=synthetic,size=smoke")
   variables, ev = train_policy.train_and_evaluate(cfg, str(tmp_path))

@@ -95,7 +95,10 @@ def _steps(workdir):
     ck.close()
 
 
-@pytest.mark.parametrize("kills", [3, pytest.param(6, marks=pytest.mark.slow)])
+# Slow: test_train.py's kill-and-resume covers resuming in the default run; these random kills
+# (mid-step, mid-write) run with -m slow.
+@pytest.mark.parametrize("kills", [pytest.param(3, marks=pytest.mark.slow),
+                                   pytest.param(6, marks=pytest.mark.slow)])
 def test_random_sigkills_resume_bit_identical(tmp_path, kills):
   seed = int(os.environ.get("STEP_JAX_KILL_SEED", random.randrange(1 << 30)))
   rng = random.Random(seed)
