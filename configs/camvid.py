@@ -51,7 +51,7 @@ def get_config(arg=None):
   # photometric distortion). cpu: frames at about half size (≈240x180), 176x240 crops.
   crop = (176, 240) if cpu else (352, 480)
   config.data, config.num_classes, config.ignore_index = common.dataset_config(
-      "camvid", 0, data_dir=common.default_data_dir("camvid_segnet"))
+      "camvid", 0)
   config.data.image_size = crop
   config.data.aug = common.ml_collections.ConfigDict(dict(
       scale=(480, 360),                      # (long, short) edges the ratios apply to

@@ -42,7 +42,8 @@ DATASETS = {
     "coco_stuff10k": dict(num_classes=171, ignore_index=255, crop=512, steps=80_000,
                           eval=dict(mode="slide", resize_short=1, max_long=4)),
     "cityscapes": dict(num_classes=19, ignore_index=255, crop=1024, steps=90_000),
-    "camvid": dict(num_classes=11, ignore_index=11, crop=480, steps=20_000),
+    "camvid": dict(num_classes=11, ignore_index=11, crop=480, steps=20_000,
+                   folder="camvid_segnet"),   # a local folder: found by default_data_dir
 }
 
 # SegViT/DToP backbone and head presets (docs/design.md §5).
@@ -91,6 +92,8 @@ def dataset_config(name, res, data_dir=""):
     raise ValueError(f"unknown dataset {name!r}; choose from {sorted(DATASETS)}")
   d = DATASETS[name]
   res = res or d["crop"]
+  if not data_dir and d.get("folder"):
+    data_dir = default_data_dir(d["folder"])
   data = ml_collections.ConfigDict(dict(
       name=name, image_size=(res, res), data_dir=data_dir, train_split="train",
       eval_split="val" if name != "synthetic" else "val",
@@ -116,6 +119,8 @@ def model_config(variant, res):
       # ViT self-attention: 'auto' = jax.nn.dot_product_attention on a GPU (cuDNN's fused
       # kernel in bf16), the written-out einsum on a CPU (models/attention.resolve_impl).
       attention_impl="auto",
+      # Inference: the blocks as one lax.scan (one compiled block per capacity bucket).
+      scan_blocks=False,
       posemb_grid=(res // patch, res // patch), pixel_mean=(127.5,) * 3, pixel_std=(127.5,) * 3))
 
 

@@ -20,7 +20,6 @@ def get_config(arg=None):
   config.data, config.num_classes, config.ignore_index = common.dataset_config(
       arg.dataset, arg.res)
   if arg.dataset == "camvid":
-    config.data.data_dir = common.default_data_dir("camvid_segnet")
     config.data.image_size = (352, 480)         # 360x480 images, crops on the 16-px grid
     config.data.eval_crop = (352, 480)
   else:

@@ -38,7 +38,6 @@ from step_jax.models import pretrained
 from step_jax.models import segmenter
 from step_jax.models import variables as variables_lib
 from step_jax.runtime import checkpoint
-from step_jax.training import train_policy
 
 CONFIG_JSON = "config.json"
 EXPORT_JSON = "export.json"
@@ -90,8 +89,7 @@ def build(config, *, seed=0):
   variables = variables_lib.random_variables(model, tuple(config.data.image_size), seed)
   init_from = config.model.get("policy", {}).get("init_from", "")
   if init_from and model.policy is not None:
-    pol = train_policy.load_variables(init_from)
-    variables = {col: dict(variables[col], policy=pol[col]) for col in variables}
+    variables = variables_lib.with_trained_policy(variables, init_from)
   return model, variables
 
 

@@ -28,6 +28,12 @@ def test_measure_dtop_compaction_counts_fewer_flops_than_segvit():
   assert base["mean_tokens_per_stage"] == [16.0]
   first, second = dtop["mean_tokens_per_stage"]
   assert first == 16.0 and 6.0 <= second <= 10.0      # about half halted at the exit
-  # Two single-stage DToP heads on 16 and ~8 tokens cost less than SegViT's three stages on
-  # 16, and half the tokens skip blocks 3-4: fewer FLOPs, useful and executed.
+  # Per stage: compiled slots hold the tokens; the overall waste is executed / useful.
+  caps = dtop["mean_capacity_per_stage"]
+  assert caps[0] == 16.0 and 8.0 <= caps[1] <= 16.0 and caps[1] >= second   # buckets 8, 16
+  np.testing.assert_allclose(dtop["capacity_over_tokens_per_stage"],
+                             np.divide(caps, dtop["mean_tokens_per_stage"]), rtol=0.01)
+  assert dtop["executed_over_useful"] == round(dtop["gflops_executed"] / dtop["gflops_useful"], 4)
+  # SegViT's stages as exits cost no extra head, and half the tokens skip blocks 3-4: fewer
+  # FLOPs than SegViT, useful and executed.
   assert dtop["gflops_useful"] < dtop["gflops_executed"] < base["gflops_useful"]

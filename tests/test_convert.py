@@ -419,7 +419,7 @@ def test_dtop_segmentor_checkpoint_fits_our_segmenter():
                              binary_cls=True)
   model = segmenter.Segmenter(vit.ViT(width=64, depth=2, mlp_dim=256, num_heads=2,
                                       posemb_grid=(8, 8)), head(), out_layers=(2,),
-                              exit_layers=(1,), exit_heads=(head(),))
+                              exit_layers=(1,), exit_heads=(head(),), exit_head="dtop")
   x = jnp.zeros((1, 128, 128, 3))
   shapes = jax.eval_shape(model.init, jax.random.key(0), x)["params"]
   assert jax.tree.map(np.shape, params) == jax.tree.map(lambda s: s.shape, shapes)

@@ -138,10 +138,11 @@ def test_step_end_to_end_policy_frozen_and_pruning_schedule(tmp_path, capsys, au
   # same weights on 128x128 images, where the 8x8 windows the policy never saw exist.
   r = benchmark.run_config(None, wd, num_images=1, reps=1, warmup=0)
   assert r["weights"] == f"trained ({wd})" and len(r["mean_tokens_per_stage"]) == 2
-  big = ckpt_lib.read_config(wd)
-  big.data.image_size = (128, 128)
-  r = benchmark.run_config(big, wd, num_images=1, reps=1, warmup=0)
-  assert r["mean_tokens_per_stage"][0] <= 64 and r["gflops_useful"] <= r["gflops_executed"]
+  if auto_train:   # (the slow variant) larger images: another set of bucket programs
+    big = ckpt_lib.read_config(wd)
+    big.data.image_size = (128, 128)
+    r = benchmark.run_config(big, wd, num_images=1, reps=1, warmup=0)
+    assert r["mean_tokens_per_stage"][0] <= 64 and r["gflops_useful"] <= r["gflops_executed"]
 
 
 def test_optimizer_phases_restart_the_schedule_for_pruning():

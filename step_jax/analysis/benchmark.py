@@ -32,7 +32,6 @@ from step_jax.models import segmenter
 from step_jax.models import variables as variables_lib
 from step_jax.models import vit as vit_lib
 from step_jax.runtime import checkpoint
-from step_jax.training import train_policy
 
 def prepare(config, dtype="fp32", variables=None, images=None, exit_share=-1.0):
   """(config, model, variables, weights description) ready to run; see the module doc."""
@@ -45,8 +44,7 @@ def prepare(config, dtype="fp32", variables=None, images=None, exit_share=-1.0):
     variables, weights = variables_lib.random_variables(model, hw), "random"
     init_from = config.model.get("policy", {}).get("init_from", "")
     if init_from and model.policy is not None:
-      pol = train_policy.load_variables(init_from)
-      variables = {col: dict(variables[col], policy=pol[col]) for col in variables}
+      variables = variables_lib.with_trained_policy(variables, init_from)
       weights = "random ViT/heads, trained policy"
   if exit_share > 0 and model.exit_layers:
     model = model.clone(exit_threshold=tokens.calibrate_exits(model, variables, np.asarray(images),

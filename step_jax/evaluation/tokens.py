@@ -55,7 +55,7 @@ def token_stats(config, model, variables, images):
   hw = tuple(config.data.image_size)
   n_full = (hw[0] // model.backbone.patch_size) * (hw[1] // model.backbone.patch_size)
   single = jax.jit(lambda v, x: model.apply(v, x)[1])
-  useful, executed, stage_tokens = [], [], []
+  useful, executed, stage_tokens, stage_caps = [], [], [], []
   for im in np.asarray(images):
     info = single(variables, im[None])
     n_tok = float(np.asarray(info.get("num_tokens", [n_full]))[0])
@@ -67,12 +67,18 @@ def token_stats(config, model, variables, images):
     else:
       active = caps = None
     stage_tokens.append(active or [n_tok])
+    stage_caps.append(caps or [cap])
     useful.append(flops.token_macs(config, n_tok, active))
     executed.append(flops.token_macs(config, cap, caps))
   mean = lambda rows, k: float(np.mean([r[k] for r in rows]))
+  tok, caps = np.mean(stage_tokens, 0), np.mean(stage_caps, 0)
   return dict(tokens_full=n_full,
-              mean_tokens_per_stage=np.mean(stage_tokens, 0).round(1).tolist(),
+              mean_tokens_per_stage=tok.round(1).tolist(),
+              # Bucket slots compiled per stage, and their waste: executed / useful tokens.
+              mean_capacity_per_stage=caps.round(1).tolist(),
+              capacity_over_tokens_per_stage=(caps / np.maximum(tok, 1e-9)).round(3).tolist(),
               gflops_useful=mean(useful, "total"), gflops_executed=mean(executed, "total"),
+              executed_over_useful=round(mean(executed, "total") / mean(useful, "total"), 4),
               gflops_policy=mean(useful, "policy"), gflops_backbone=mean(useful, "backbone"),
               gflops_heads=mean(useful, "heads"), images=len(images))
 

@@ -30,6 +30,32 @@ TAU_PRESETS = {"6899": TAU_6899, "4999": (0.4, 0.9, 0.9, 0.9)}   # the paper's �
 # Token capacities as fractions of the full grid (supertokens and exits: 1/8 steps).
 BUCKETS = (0.25, 0.375, 0.5, 0.625, 0.75, 0.875, 1.0)
 
+
+def exit_capacities(caps, exit_buckets, limit=32):
+  """The exit buckets after supertokens in any of the capacities `caps`: every capacity the
+  exit ladder gives inside each of them (so no exit bucket is larger than with the ladder
+  relative to the image's own capacity), or, when that makes more than `limit` programs,
+  the ladder relative to the largest capacity."""
+  union = sorted({c for cap in caps
+                  for c in supertokens.bucket_capacities(cap, exit_buckets, multiple=8)})
+  if len(union) <= limit:
+    return tuple(union)
+  return supertokens.bucket_capacities(caps[-1], exit_buckets, multiple=8)
+
+
+def geometric_buckets(ratio=1.1, smallest=0.1):
+  """Capacity fractions smallest, smallest·ratio, ... up to 1: a bucket never holds more
+  than `ratio` times the tokens it serves (above the smallest), for ~log(1/smallest)/log(ratio)
+  buckets (ratio 1.1: 25). Affordable with `model.scan_blocks` (one block per bucket)."""
+  if ratio <= 1 or not 0 < smallest <= 1:
+    raise ValueError(f"geometric_buckets(ratio={ratio}, smallest={smallest}): need ratio > 1 "
+                     "and 0 < smallest <= 1")
+  out, f = [], float(smallest)
+  while f < 1:
+    out.append(round(f, 6))
+    f *= ratio
+  return tuple(out) + (1.0,)
+
 # Early-exit head designs (Segmenter.exit_head). 'atm' is the default because it keeps
 # SegViT's accuracy where DToP's heads do not. Measured (CamVid, ViT-Ti/16 STEP@[8] from
 # scratch, same recipe, budget, policy and seed; experiments/results/camvid_ti_step_*): at the
@@ -212,7 +238,13 @@ class Segmenter(nn.Module):
     exit layers are the exits, queries carry over and masks add up, so exits cost no extra
     head and the final prediction is SegViT's multi-stage sum (halted tokens keep theirs).
     """
-    b, n, _ = x.shape
+    state = self.stage_init(x, key_mask)
+    caps = supertokens.bucket_capacities(x.shape[1], self.exit_buckets, multiple=8)
+    for s in range(len(self.exit_layers) + 1):
+      state = self.stage_segment(state, s, caps, train=train)
+    return self.stage_finish(state)
+
+  def check_stages(self):
     depth = len(self.backbone.blocks)
     layers = self.stage_layers()
     if self.exit_head == "atm":
@@ -225,58 +257,100 @@ class Segmenter(nn.Module):
       raise ValueError(f"early exit needs out_layers == ({depth},) and one exit head per exit "
                        f"layer; got out_layers={tuple(self.out_layers)}, "
                        f"{len(self.exit_heads)} heads for exit_layers={tuple(self.exit_layers)}")
+    if self.exit_mode not in ("compact", "mask"):
+      raise ValueError(f"exit_mode={self.exit_mode!r}: use 'mask' or 'compact'")
+
+  def stage_init(self, x, key_mask):
+    """The state the staged encoder carries from segment to segment (arrays only, so that it
+    can leave a lax.switch branch): tokens, queries, active and halt maps, the canvas, the
+    head stages' outputs so far, active counts and capacities per segment."""
+    self.check_stages()
+    b, n, _ = x.shape
+    return dict(x=x, q=self.head.initial_queries(b) if self.exit_head == "atm" else None,
+                active=jnp.ones((b, n), bool) if key_mask is None else key_mask,
+                halt_stage=jnp.full((b, n), len(self.exit_layers), jnp.int32),
+                canvas=jnp.zeros((b, self.head.num_classes, n), jnp.float32),
+                results=[], counts=[], caps=[])
+
+  def stage_segment(self, state, s, caps, *, train):
+    """Runs segment s (the blocks up to exit s, or to the end) and its head stages; in compact
+    mode after the first exit, the active tokens in the smallest of `caps` that holds them."""
+    depth = len(self.backbone.blocks)
+    layers = self.stage_layers()
+    bounds = (0,) + tuple(self.exit_layers) + (depth,)
     taus = self.exit_threshold
     taus = tuple(taus) if isinstance(taus, (tuple, list)) else (taus,) * len(self.exit_layers)
-    bounds = (0,) + tuple(self.exit_layers) + (depth,)
-    active = jnp.ones((b, n), bool) if key_mask is None else key_mask
-    halt_stage = jnp.full((b, n), len(self.exit_layers), jnp.int32)  # exit index, or last
-    canvas = jnp.zeros((b, self.head.num_classes, n), jnp.float32)
-    q = self.head.initial_queries(b) if self.exit_head == "atm" else None
-    results, counts, caps_used = [], [], []
-    caps = supertokens.bucket_capacities(n, self.exit_buckets, multiple=8)
-    for s in range(len(bounds) - 1):
-      counts.append(jnp.sum(active, axis=-1))
-      stages = tuple((i, l) for i, l in enumerate(layers) if bounds[s] < l <= bounds[s + 1])
-      run = functools.partial(Segmenter.run_segment, start=bounds[s], stop=bounds[s + 1],
-                              stages=stages, train=train)
-      if self.exit_mode == "compact" and s > 0 and len(caps) > 1:
-        idx = supertokens.bucket_index(counts[-1], caps)
-        branches = [functools.partial(run, capacity=c) for c in caps]
-        x, q, outs = nn.switch(idx, branches, self, x, q, active)
-        caps_used.append(jnp.asarray(caps, jnp.int32)[idx])
-      elif self.exit_mode in ("compact", "mask"):
-        x, q, outs = run(self, x, q, active, capacity=None)
-        caps_used.append(jnp.asarray(n, jnp.int32))
-      else:
-        raise ValueError(f"exit_mode={self.exit_mode!r}: use 'mask' or 'compact'")
-      for cls, masks in outs:
-        new = canvas + masks if self.exit_head == "atm" else masks
-        canvas = jnp.where(active[:, None, :], new, canvas)   # halted tokens keep theirs
-        results.append(dict(pred_logits=cls, pred_masks=canvas))
-      if s < len(self.exit_layers):
-        halt = early_exit.halting(jax.lax.stop_gradient(outs[-1][0]),
-                                  jax.lax.stop_gradient(canvas), active, taus[s],
-                                  self.keep_top_k)
-        halt_stage = jnp.where(halt, s, halt_stage)
-        active &= ~halt
-    return dict(results[-1], aux=results[:-1], token_maps=dict(halt_stage=halt_stage),
-                stats=dict(active_tokens=jnp.stack(counts, 1), stage_capacity=jnp.stack(caps_used)))
+    state = dict(state, results=list(state["results"]), counts=list(state["counts"]),
+                 caps=list(state["caps"]))
+    x, q, active, canvas = state["x"], state["q"], state["active"], state["canvas"]
+    n = x.shape[1]
+    state["counts"].append(jnp.sum(active, axis=-1))
+    stages = tuple((i, l) for i, l in enumerate(layers) if bounds[s] < l <= bounds[s + 1])
+    run = functools.partial(Segmenter.run_segment, start=bounds[s], stop=bounds[s + 1],
+                            stages=stages, train=train)
+    if self.exit_mode == "compact" and s > 0 and len(caps) > 1:
+      idx = supertokens.bucket_index(state["counts"][-1], caps)
+      branches = [functools.partial(run, capacity=c) for c in caps]
+      x, q, outs = nn.switch(idx, branches, self, x, q, active)
+      state["caps"].append(jnp.asarray(caps, jnp.int32)[idx])
+    else:
+      x, q, outs = run(self, x, q, active, capacity=None)
+      state["caps"].append(jnp.asarray(n, jnp.int32))
+    for cls, masks in outs:
+      new = canvas + masks if self.exit_head == "atm" else masks
+      canvas = jnp.where(active[:, None, :], new, canvas)   # halted tokens keep theirs
+      state["results"].append(dict(pred_logits=cls, pred_masks=canvas))
+    if s < len(self.exit_layers):
+      halt = early_exit.halting(jax.lax.stop_gradient(outs[-1][0]),
+                                jax.lax.stop_gradient(canvas), active, taus[s],
+                                self.keep_top_k)
+      state["halt_stage"] = jnp.where(halt, s, state["halt_stage"])
+      active = active & ~halt
+    return dict(state, x=x, q=q, active=active, canvas=canvas)
 
-  def run_supertokens(self, x, layout, grid, capacity, train):
-    """Gathers `capacity` supertokens, runs the network, un-shares masks to the grid."""
+  def stage_finish(self, state):
+    results = state["results"]
+    return dict(results[-1], aux=results[:-1],
+                token_maps=dict(halt_stage=state["halt_stage"]),
+                stats=dict(active_tokens=jnp.stack(state["counts"], 1),
+                           stage_capacity=jnp.stack(state["caps"])))
+
+  def embed_supertokens(self, x, layout, grid, capacity):
+    """(tokens [B, capacity, D], valid [B, capacity]): the superpatches of `layout`, resized
+    to one patch and embedded, with their area-pooled position embeddings."""
     p = self.backbone.patch_size
     patches, valid = supertokens.gather_tokens(
         supertokens.pyramid_table(x, p, self.superpatch_resize), layout, capacity)
     pos_table = supertokens.pyramid_table(self.backbone.posemb(grid)[None], 1, "area")
     pos, _ = supertokens.gather_tokens(
         jnp.broadcast_to(pos_table, (x.shape[0],) + pos_table.shape[1:]), layout, capacity)
-    tokens = self.backbone.embed_patches(patches) + pos
-    out = self.encode_decode(tokens, valid, train=train)
+    return self.backbone.embed_patches(patches) + pos, valid
+
+  def run_supertokens(self, x, layout, grid, capacity, train):
+    """Gathers `capacity` supertokens, runs the network, un-shares masks to the grid."""
+    tokens, valid = self.embed_supertokens(x, layout, grid, capacity)
+    return self.unshare_outputs(self.encode_decode(tokens, valid, train=train), layout)
+
+  def unshare_outputs(self, out, layout):
+    """Per-token outputs → per-cell (every cell takes its supertoken's)."""
     unshare = lambda o: dict(pred_logits=o["pred_logits"],
                              pred_masks=supertokens.unshare(o["pred_masks"], layout["leaf"]))
     return dict(unshare(out), aux=[unshare(o) for o in out["aux"]], stats=out["stats"],
                 token_maps={k: supertokens.unshare(v, layout["leaf"])
                             for k, v in out["token_maps"].items()})
+
+  def first_segment(self, x, layout, grid, capacity, slots, train):
+    """Supertokens in `capacity` slots through the blocks up to the first exit, the state
+    then padded to `slots` (the largest capacity), so that the later segments, with their own
+    exit buckets, run outside this capacity's branch."""
+    tokens, valid = self.embed_supertokens(x, layout, grid, capacity)
+    state = self.stage_segment(self.stage_init(tokens, valid), 0, (), train=train)
+    pad = lambda a, value=0: jnp.pad(a, [(0, 0)] * (a.ndim - 1) + [(0, slots - capacity)],
+                                     constant_values=value)
+    return dict(state, x=jnp.pad(state["x"], ((0, 0), (0, slots - capacity), (0, 0))),
+                active=pad(state["active"], False), canvas=pad(state["canvas"]),
+                halt_stage=pad(state["halt_stage"], len(self.exit_layers)),
+                results=[dict(r, pred_masks=pad(r["pred_masks"])) for r in state["results"]])
 
   @nn.compact
   def __call__(self, images, *, train=False, labels=None, capacity=None):
@@ -299,11 +373,23 @@ class Segmenter(nn.Module):
       level = self.merge_levels(images, labels)
       layout = supertokens.token_layout(level)
       caps = (capacity,) if capacity else self.capacities(grid)
+      idx = (jnp.zeros((), jnp.int32) if len(caps) == 1
+             else supertokens.bucket_index(layout["count"], caps))
       if len(caps) == 1:
         out = self.run_supertokens(x, layout, grid, caps[0], train)
-        idx = jnp.zeros((), jnp.int32)
+      elif self.exit_layers and self.exit_mode == "compact":
+        # Two switches in sequence, not nested: the supertoken capacity covers the blocks up
+        # to the first exit, the exit buckets the rest, so len(caps) + len(exit caps)
+        # segment programs compile instead of len(caps) x len(exit caps).
+        slots = caps[-1]
+        branches = [functools.partial(Segmenter.first_segment, grid=grid, capacity=c,
+                                      slots=slots, train=train) for c in caps]
+        state = nn.switch(idx, branches, self, x, layout)
+        exit_caps = exit_capacities(caps, self.exit_buckets)
+        for s in range(1, len(self.exit_layers) + 1):
+          state = self.stage_segment(state, s, exit_caps, train=train)
+        out = self.unshare_outputs(self.stage_finish(state), layout)
       else:
-        idx = supertokens.bucket_index(layout["count"], caps)
         branches = [functools.partial(Segmenter.run_supertokens, grid=grid, capacity=c,
                                       train=train) for c in caps]
         out = nn.switch(idx, branches, self, x, layout)
@@ -359,7 +445,7 @@ def build(model_cfg, num_classes: int, image_size: Sequence[int], ignore_index: 
   """Builds the model from a `config.model` ConfigDict (see configs/common.py).
 
   Keys: variant, out_layers, head_dim, head_heads, head_layers, head_dropout, drop_path, dtype,
-  remat, attention_impl (auto | xla | cudnn | einsum), posemb_grid, pixel_mean/std; token
+  remat, attention_impl (auto | xla | cudnn | einsum), scan_blocks, posemb_grid, pixel_mean/std; token
   sharing: merge ('none' | 'cts' | 'dcts' | 'oracle'), thresholds, cts_shared, superpatch_resize, buckets, policy (a ConfigDict with
   source, hidden); early exit: exit_layers, exit_threshold, exit_mode, keep_top_k,
   exit_buckets, exit_head_heads.
@@ -387,7 +473,7 @@ def build(model_cfg, num_classes: int, image_size: Sequence[int], ignore_index: 
   backbone = vit_lib.ViT(**v, patch_size=p, posemb_grid=posemb_grid,
                          drop_path=model_cfg.get("drop_path", 0.0),
                          remat=model_cfg.get("remat", False), attention_impl=attention_impl,
-                         dtype=dtype)
+                         scan_blocks=model_cfg.get("scan_blocks", False), dtype=dtype)
   depth = v["depth"]
   out_layers = tuple(model_cfg.out_layers)
   exit_layers = tuple(model_cfg.get("exit_layers", ()))

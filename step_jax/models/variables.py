@@ -75,6 +75,14 @@ def random_variables(model, image_hw, seed=0):
   return jax.tree.map(jnp.asarray, jax.tree_util.tree_map_with_path(draw, shapes))
 
 
+def with_trained_policy(variables, path):
+  """`variables` with the policy net of a policy-trainer workdir `path`, given heads for every
+  window size (see policy.add_unseen_sizes) so it runs on images larger than its crops."""
+  pol = checkpoint.read_policy(path)
+  pol = dict(pol, params=policy_lib.add_unseen_sizes(pol["params"]))
+  return {col: dict(variables[col], policy=pol[col]) for col in variables}
+
+
 def restore(config, workdir, step=None, *, model=None, mesh=None):
   """(flax variables, step) of the latest (or `step`) checkpoint of a training workdir,
   placed on `mesh`: {'params', plus 'batch_stats' with a policy net}. Only params and

@@ -285,3 +285,15 @@ def read_params(path: str):
   restore_args = jax.tree.map(lambda _: ocp.RestoreArgs(restore_type=np.ndarray), meta)
   tree = ck.restore(state_dir, args=ocp.args.PyTreeRestore(restore_args=restore_args))
   return tree["params"]
+
+
+def read_policy(path):
+  """Policy-net variables {'params', 'batch_stats'} saved by the policy trainer (`path`: its
+  workdir or the policy_ckpt folder)."""
+  path = os.path.abspath(path)
+  if os.path.isdir(os.path.join(path, "policy_ckpt")):
+    path = os.path.join(path, "policy_ckpt")
+  if not os.path.isdir(path):
+    raise FileNotFoundError(f"no policy checkpoint at {path}; train one with "
+                            "python -m step_jax.cli.train_policy")
+  return ocp.StandardCheckpointer().restore(path)

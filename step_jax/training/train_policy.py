@@ -181,13 +181,7 @@ def save(workdir, variables):
 
 def load_variables(path):
   """Policy variables saved by `save` (path = a workdir or its policy_ckpt folder)."""
-  path = os.path.abspath(path)
-  if os.path.isdir(os.path.join(path, "policy_ckpt")):
-    path = os.path.join(path, "policy_ckpt")
-  if not os.path.isdir(path):
-    raise FileNotFoundError(f"no policy checkpoint at {path}; train one with "
-                            "python -m step_jax.cli.train_policy")
-  return ocp.StandardCheckpointer().restore(path)
+  return ckpt_lib.read_policy(path)
 
 
 def _optim_config(config):
