@@ -6,7 +6,6 @@ JSON line (step_jax.analysis.benchmark).
   python -m step_jax.cli.benchmark --workdir=DIR    # a trained run at its own config
 """
 import json
-import os
 
 from absl import app
 from absl import flags
@@ -23,8 +22,7 @@ def main(argv, taken=("", [])):
   result = benchmark.run_config(config, f.workdir, images=f.images, num_images=f.num_images,
                                 batch=f.batch, dtype=f.dtype, reps=f.reps, warmup=f.warmup,
                                 exit_share=f.exit_share)
-  result["config"] = (config_flags.get_config_filename(f["config"]) if f.config
-                      else taken[0] or os.path.join(f.workdir, "config.json"))
+  result["config"] = common.config_name(f, taken)
   print(json.dumps(result))
 
 

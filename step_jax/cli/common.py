@@ -6,6 +6,7 @@ import sys
 
 from absl import app
 from absl import flags
+from ml_collections import config_flags
 
 from step_jax.runtime import checkpoint
 
@@ -69,6 +70,13 @@ def _parse_like(old, value, key):
   except (ValueError, SyntaxError):
     raise ValueError(f"--config.{key}={value!r} cannot be read as a {type(old).__name__} "
                      f"like the current value {old!r}") from None
+
+
+def config_name(flag_values, taken=("", [])):
+  """Where the config of a command with `--config` and `--workdir` came from (for its output)."""
+  if flag_values.config:
+    return config_flags.get_config_filename(flag_values["config"])
+  return taken[0] or os.path.join(flag_values.workdir, "config.json")
 
 
 def config_from(flag_config, workdir, taken=("", [])):

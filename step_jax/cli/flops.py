@@ -5,7 +5,6 @@
   python -m step_jax.cli.flops --workdir=DIR    # a trained dCTS/STEP run: tokens from images
 """
 import json
-import os
 
 from absl import app
 from absl import flags
@@ -21,8 +20,7 @@ def main(argv, taken=("", [])):
   config = common.config_from(f.config, f.workdir, taken)
   report = benchmark.flops_report(config, f.workdir, images=f.images,
                                   num_images=f.num_images, exit_share=f.exit_share)
-  report["config"] = (config_flags.get_config_filename(f["config"]) if f.config
-                      else taken[0] or os.path.join(f.workdir, "config.json"))
+  report["config"] = common.config_name(f, taken)
   print(json.dumps(report))
 
 

@@ -23,11 +23,7 @@ def prepare(name, data_dir=None, manual_dir=None):
     raise ImportError("preparing a tfds dataset needs TensorFlow: "
                       "pip install -r requirements-tf.txt") from e
   import tensorflow_datasets as tfds  # pylint: disable=g-import-not-at-top
-  if name == "ade20k":
-    from step_jax.data import tfds_ade20k  # noqa: F401  (registers the builder)
-  elif name == "coco_stuff10k":
-    from step_jax.data import tfds_coco_stuff10k  # noqa: F401
-  builder = tfds.builder(sources.TFDS[name][0], data_dir=data_dir)
+  builder = sources.tfds_builder(name, data_dir)
   # array_record, not tfds' default TFRecord: tfds.data_source (random access) needs it.
   builder.download_and_prepare(
       file_format="array_record",

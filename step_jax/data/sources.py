@@ -200,16 +200,22 @@ def raw_label_table(ranges):
   return valid
 
 
-def tfds_source(name, split, data_dir, ignore_index=255):
-  """A LabelMapped tfds data source (array_record) of dataset `name`, read without TF."""
-  import tensorflow_datasets as tfds   # Lazy: only the real datasets need it.
+def tfds_builder(name, data_dir):
+  """The tfds builder of dataset `name`, our own builders (ADE20K, COCO-Stuff-10k) registered
+  first. tfds is imported here: only the real datasets need it, and it is slow to import."""
+  import tensorflow_datasets as tfds   # pylint: disable=g-import-not-at-top
   if name == "ade20k":
     from step_jax.data import tfds_ade20k  # noqa: F401  (registers the builder)
   elif name == "coco_stuff10k":
     from step_jax.data import tfds_coco_stuff10k  # noqa: F401
+  return tfds.builder(TFDS[name][0], data_dir=data_dir or None)
+
+
+def tfds_source(name, split, data_dir, ignore_index=255):
+  """A LabelMapped tfds data source (array_record) of dataset `name`, read without TF."""
   tfds_name, image_key, label_key, lut_fn, aliases = TFDS[name]
   split = aliases.get(split, split)
-  builder = tfds.builder(tfds_name, data_dir=data_dir or None)
+  builder = tfds_builder(name, data_dir)
   try:
     raw = builder.as_data_source(split=split)
   except Exception as e:  # tfds' errors for an unprepared dataset are cryptic.
