@@ -7,6 +7,7 @@ import os
 
 import ml_collections
 
+from step_jax.data import datasets
 from step_jax.models import segmenter
 
 
@@ -31,21 +32,6 @@ def parse_arg(arg, **defaults):
   return out
 
 
-# The dataset registry: classes, ignore value, default crop, training steps (the papers'), and
-# the evaluation protocol every method is measured with (default: whole images at the crop
-# scale; `slide`: SegViT/DToP's test protocol, windows of the crop over images resized to
-# short side `resize_short` × crop, long side at most `max_long` × crop).
-DATASETS = {
-    "synthetic": dict(num_classes=6, ignore_index=255, crop=128),
-    "ade20k": dict(num_classes=150, ignore_index=255, crop=512, steps=160_000,
-                   eval=dict(mode="slide", resize_short=1, max_long=4)),
-    "coco_stuff10k": dict(num_classes=171, ignore_index=255, crop=512, steps=80_000,
-                          eval=dict(mode="slide", resize_short=1, max_long=4)),
-    "cityscapes": dict(num_classes=19, ignore_index=255, crop=1024, steps=90_000),
-    "camvid": dict(num_classes=11, ignore_index=11, crop=480, steps=20_000,
-                   folder="camvid_segnet"),   # a local folder: found by default_data_dir
-}
-
 # SegViT/DToP backbone and head presets (docs/design.md §5).
 # variant: (out_layers, head_dim, head_heads, drop_path)
 BACKBONES = {
@@ -60,13 +46,10 @@ BACKBONES = {
 def aug_config(name, res):
   """Training augmentation (step_jax/data/pipeline.py): mmseg's RandomResize(scale, ratio)
   → RandomCrop(image_size, cat_max_ratio) → RandomFlip → PhotoMetricDistortion → Pad."""
-  if name == "synthetic":  # crops + flips only: the scenes are generated at the crop size
+  scale = datasets.get(name).scale(res)
+  if scale is None:  # crops + flips only (the synthetic scenes are generated at the crop size)
     return ml_collections.ConfigDict(dict(scale=(0, 0), min_ratio=1.0, max_ratio=1.0,
                                           cat_max_ratio=1.0, flip=True, photometric=False))
-  scale = {"ade20k": (4 * res, res),            # (2048, 512) at 512; SegViT (2560, 640) at 640
-           "coco_stuff10k": (4 * res, res),     # (2048, 512)
-           "cityscapes": (2048, 1024),          # mmseg's, whatever the crop
-           "camvid": (res, res * 3 // 4)}[name]  # (480, 360) at 480: native size at ratio 1
   return ml_collections.ConfigDict(dict(scale=scale, min_ratio=0.5, max_ratio=2.0,
                                         cat_max_ratio=0.75, flip=True, photometric=True))
 
@@ -88,20 +71,18 @@ def default_data_dir(folder):
 
 
 def dataset_config(name, res, data_dir=""):
-  if name not in DATASETS:
-    raise ValueError(f"unknown dataset {name!r}; choose from {sorted(DATASETS)}")
-  d = DATASETS[name]
-  res = res or d["crop"]
-  if not data_dir and d.get("folder"):
-    data_dir = default_data_dir(d["folder"])
+  d = datasets.get(name)
+  res = res or d.crop
+  if not data_dir and d.folder:
+    data_dir = default_data_dir(d.folder)
   data = ml_collections.ConfigDict(dict(
       name=name, image_size=(res, res), data_dir=data_dir, train_split="train",
-      eval_split="val" if name != "synthetic" else "val",
+      eval_split="val",
       split="",   # evaluate.py: evaluate this split instead of eval_split (e.g. "test")
       num_train=512, num_eval=64,   # synthetic only
       seed=0, aug=aug_config(name, res), num_workers=0, num_threads=4, prefetch=4,
       bad_records="fail"))   # bad training records: 'fail' (raise) | 'skip' (skip + count)
-  return data, d["num_classes"], d["ignore_index"]
+  return data, d.num_classes, d.ignore_index
 
 
 def model_config(variant, res):
@@ -160,7 +141,7 @@ def add_runtime_defaults(config):
       max_long=0,                     # ... long side at most this (0: no cap)
       label_multiple=32,              # label padding multiple (fewer compiled shapes)
       batch_size=0))                  # images per eval batch (0: config.eval_batch_size)
-  protocol = DATASETS.get(config.data.name, {}).get("eval")
+  protocol = datasets.get(config.data.name).eval
   if protocol:  # the dataset's protocol, the same for every method
     res = int(config.data.image_size[0])
     config.eval.update(mode=protocol["mode"], resize_short=protocol["resize_short"] * res,

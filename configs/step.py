@@ -30,6 +30,7 @@ those weights with a fresh optimizer and schedule (`prune_optim`); for the separ
 recipe set prune_from_step=0 and init_from=<the BASE run's workdir>.
 """
 from configs import common
+from step_jax.data import datasets
 from step_jax.models import segmenter
 
 # What `method=` means, the one home of it: method → (token sharing `model.merge`, early
@@ -120,11 +121,10 @@ def get_config(arg=None):
   config.data, config.num_classes, config.ignore_index = common.dataset_config(
       arg.dataset, arg.res)
   res = config.data.image_size[0]
-  steps = common.DATASETS[arg.dataset].get("steps", 4000)
+  steps, default_tau = datasets.get(arg.dataset).steps, datasets.get(arg.dataset).exit_tau
   config.model = common.model_config(arg.variant, res)
   m = config.model
 
-  default_tau = 0.95 if arg.dataset == "coco_stuff10k" else 0.9
   if arg.exit_tau != -1.0 and not 0 <= arg.exit_tau <= 1:
     raise ValueError(f"config argument exit_tau={arg.exit_tau:g} must lie in [0, 1] (the "
                      "halting confidence, e.g. exit_tau=0.9)")

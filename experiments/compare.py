@@ -6,9 +6,10 @@ of which the policy net), ms/image and ratios to the first row.
       --row="DToP-BASE=workdirs/camvid_ti_dtop_s0@1500:noexit" \
       --row="+DToP@[8]=workdirs/camvid_ti_dtop_s0" ...
 
-A row is LABEL=WORKDIR[@STEP][:noexit]: the latest checkpoint of a training workdir
+A row is LABEL=WORKDIR[@STEP][:noexit|:tau=T]: the latest checkpoint of a training workdir
 (or the one at STEP, e.g. the DToP BASE model at `prune_from_step`), run with its own config;
-`:noexit` runs it with nothing halting (exit threshold 1), as DToP reports its BASE model.
+`:noexit` runs it with nothing halting (exit threshold 1), as DToP reports its BASE model;
+`:tau=T` runs it at halting confidence T instead of the trained run's.
 
 mIoU: the eval split with the run's own evaluation settings (CamVid cpu: the 101 val images,
 whole, at the training scale). Tokens, GFLOPs and time: `--num_images` eval images resized
@@ -34,34 +35,55 @@ from step_jax.runtime import checkpoint as ckpt_lib
 
 
 def parse_row(spec):
-  """'LABEL=WORKDIR[@STEP][:noexit]' → (label, workdir, step or None, exits on)."""
+  """'LABEL=WORKDIR[@STEP][:noexit|:tau=T]' → (label, workdir, step or None, exit threshold
+  or None for the run's own)."""
   label, eq, rest = spec.partition("=")
   if not eq or not label or not rest:
-    raise ValueError(f"--row={spec!r}: use LABEL=WORKDIR[@STEP][:noexit]")
+    raise ValueError(f"--row={spec!r}: use LABEL=WORKDIR[@STEP][:noexit|:tau=T]")
   rest, _, flag = rest.partition(":")
-  if flag not in ("", "noexit"):
-    raise ValueError(f"--row={spec!r}: the only suffix is ':noexit', got {flag!r}")
+  threshold = None
+  if flag == "noexit":
+    threshold = 1.0
+  elif flag.startswith("tau="):
+    try:
+      threshold = float(flag[4:])
+    except ValueError:
+      threshold = -1.0
+    if not 0.0 <= threshold <= 1.0:
+      raise ValueError(f"--row={spec!r}: tau must be a number in [0, 1], got {flag[4:]!r}")
+  elif flag:
+    raise ValueError(f"--row={spec!r}: the suffix is ':noexit' or ':tau=T', got {flag!r}")
   workdir, _, step = rest.partition("@")
   if step and not step.isdigit():
     raise ValueError(f"--row={spec!r}: @STEP must be a step number, got {step!r}")
-  return label, workdir, int(step) if step else None, flag != "noexit"
+  return label, workdir, int(step) if step else None, threshold
 
 
 def measure(spec, res, images, **kw):
   """One row: sweep.measure_row on the run's own config at res², its trained weights."""
-  label, workdir, step, exits = parse_row(spec)
+  label, workdir, step, threshold = parse_row(spec)
   config = ckpt_lib.read_config(workdir)
   variables, got_step = variables_lib.restore(config, workdir, step)
-  if not exits:
-    config.model.exit_threshold = 1.0
+  if threshold is not None:
+    config.model.exit_threshold = threshold
   config.data.image_size = (res, res)
   r = sweep.measure_row(config, images, trained=[(workdir, variables, config.method)],
                         exit_share=-1.0, **kw)
   m = config.model
   r.update(label=label, spec=spec, step=got_step, seed=config.seed,
            exit_head=m.get("exit_head", "dtop") if m.get("exit_layers", ()) else "",
-           exits_on=exits)
+           exits_on=threshold != 1.0, exit_threshold=m.get("exit_threshold"))
   return r
+
+
+def exit_cell(row):
+  """'atm, τ .85', 'dtop (off)' or '–'."""
+  if not row["exit_head"]:
+    return "–"
+  if not row["exits_on"]:
+    return f"{row['exit_head']} (off)"
+  taus = "/".join(f"{t:g}" for t in np.atleast_1d(row["exit_threshold"]))
+  return f"{row['exit_head']}, τ {taus}"
 
 
 def table(rows, res, images):
@@ -81,7 +103,7 @@ def table(rows, res, images):
         f"{base['gflops_useful'] / r['gflops_useful']:.2f}× | "
         f"{r['ms_per_image_median']:.0f} | "
         f"{base['ms_per_image_median'] / r['ms_per_image_median']:.2f}× | "
-        f"{r['exit_head'] or '–'}{'' if r['exits_on'] else ' (off)'} | {r['spec']} |")
+        f"{exit_cell(r)} | {r['spec']} |")
   return "\n".join(lines)
 
 
@@ -89,7 +111,7 @@ def main(argv):
   del argv
   f = flags.FLAGS
   if not f.row:
-    raise app.UsageError("give at least one --row=LABEL=WORKDIR[@STEP][:noexit]")
+    raise app.UsageError("give at least one --row=LABEL=WORKDIR[@STEP][:noexit|:tau=T]")
   config = ckpt_lib.read_config(parse_row(f.row[0])[1])
   config.data.image_size = (f.res, f.res)
   images = tokens.load_images(config, f.images, f.num_images)
@@ -113,7 +135,7 @@ def main(argv):
 
 
 if __name__ == "__main__":
-  flags.DEFINE_multi_string("row", [], "LABEL=WORKDIR[@STEP][:noexit], repeatable; the first "
+  flags.DEFINE_multi_string("row", [], "LABEL=WORKDIR[@STEP][:noexit|:tau=T], repeatable; the first "
                             "row is the reference of the ratios.")
   flags.DEFINE_integer("res", 1024, "Square size the eval images are resized to for tokens, "
                        "GFLOPs and time.")

@@ -208,14 +208,8 @@ def check_pixels(images):
   lies in (0, 1] is refused rather than guessed at). Refused: bool, uint16 (16-bit images),
   values outside 0..255, NaN/Inf, empty images, other shapes.
   """
-  shape = images.shape
-  if images.ndim != 4 or shape[-1] != 3:
-    hint = {1: "; grayscale? repeat it to 3 channels", 4: "; RGBA? drop the alpha channel"}.get(
-        shape[-1] if images.ndim in (3, 4) else 0, "")
-    raise ValueError(f"expected an image [H, W, 3] or a batch [B, H, W, 3], got shape "
-                     f"{shape}{hint}")
-  if 0 in shape:
-    raise ValueError(f"empty input: images have shape {shape} (every side must be >= 1)")
+  segmenter.check_image_shape(images.shape,
+                              "expected an image [H, W, 3] or a batch [B, H, W, 3]")
   kind = images.dtype
   if kind == bool or not (np.issubdtype(kind, np.integer) or np.issubdtype(kind, np.floating)):
     raise ValueError(f"images have dtype {kind}; expected uint8 (or float) pixels in [0, 255]")
@@ -225,10 +219,7 @@ def check_pixels(images):
   if kind == np.uint8:
     return
   if np.issubdtype(kind, np.floating):
-    finite = np.isfinite(images)
-    if not finite.all():
-      raise ValueError(f"images contain {images.size - int(finite.sum())} NaN/Inf values "
-                       f"(of {images.size})")
+    segmenter.check_finite(images)
   lo, hi = float(images.min()), float(images.max())
   if lo < 0 or hi > 255:
     hint = "; 16-bit? scale to 8 bits first (e.g. x >> 8)" if hi > 255 and hi <= 65535 else ""

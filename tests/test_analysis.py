@@ -143,12 +143,18 @@ def test_profile_atm_exit_pieces_run_and_sum_to_model_macs():
 
 
 def test_compare_row_specs():
-  assert compare.parse_row("SegViT=wd/a") == ("SegViT", "wd/a", None, True)
-  assert compare.parse_row("DToP-BASE=wd/b@1500:noexit") == ("DToP-BASE", "wd/b", 1500, False)
+  assert compare.parse_row("SegViT=wd/a") == ("SegViT", "wd/a", None, None)
+  assert compare.parse_row("DToP-BASE=wd/b@1500:noexit") == ("DToP-BASE", "wd/b", 1500, 1.0)
+  assert compare.parse_row("STEP=wd/c:tau=0.85") == ("STEP", "wd/c", None, 0.85)
   for bad, msg in (("wd/a", "use LABEL=WORKDIR"), ("x=wd@last", "@STEP must be a step"),
-                   ("x=wd:off", "the only suffix is ':noexit'")):
+                   ("x=wd:off", "the suffix is ':noexit' or ':tau=T'"),
+                   ("x=wd:tau=high", "tau must be a number"), ("x=wd:tau=1.5", "tau must")):
     with pytest.raises(ValueError, match=msg):
       compare.parse_row(bad)
+  row = dict(exit_head="atm", exits_on=True, exit_threshold=(0.85,))
+  assert compare.exit_cell(row) == "atm, τ 0.85"
+  assert compare.exit_cell(dict(row, exits_on=False)) == "atm (off)"
+  assert compare.exit_cell(dict(row, exit_head="")) == "–"
 
 
 def test_sweep_rows_and_labels():

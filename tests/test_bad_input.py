@@ -26,6 +26,7 @@ from step_jax.training import train
 from step_jax.runtime import writers
 from step_jax.data import get_source
 from step_jax.data import pipeline
+from step_jax.data import datasets
 from step_jax.data import sources
 from step_jax.data.decode import BadRecordError
 from step_jax.models import segmenter
@@ -135,7 +136,7 @@ def test_bad_split_files_and_folders(tmp_path):
 
 def test_tfds_records_with_bad_labels_or_dtypes():
   lut = sources.ade20k_lut()
-  valid = sources.raw_label_table(sources.RAW_LABELS["ade20k"])
+  valid = sources.raw_label_table(datasets.DATASETS["ade20k"].tfds.raw_labels)
   good = dict(image=np.zeros((4, 5, 3), np.uint8), annotation=np.full((4, 5, 1), 3, np.uint8))
   records = [good, dict(good, annotation=np.full((4, 5, 1), 200, np.uint8)),
              dict(good, image=np.zeros((4, 5, 3), np.uint16))]

@@ -5,20 +5,21 @@ import pytest
 
 from configs import common
 from configs import segvit
+from step_jax.data import datasets
 from step_jax.models import variables as variables_lib
 
 
 VARIANTS = ("Ti/16", "S/16", "B/16", "L/16")
 # Every dataset and every variant once by default; the whole cross product with -m slow.
-_ONCE = {(d, VARIANTS[i % len(VARIANTS)]) for i, d in enumerate(sorted(common.DATASETS))}
+_ONCE = {(d, VARIANTS[i % len(VARIANTS)]) for i, d in enumerate(sorted(datasets.DATASETS))}
 _PAIRS = [(d, v) if (d, v) in _ONCE else pytest.param(d, v, marks=pytest.mark.slow)
-          for d in sorted(common.DATASETS) for v in VARIANTS]
+          for d in sorted(datasets.DATASETS) for v in VARIANTS]
 
 
 @pytest.mark.parametrize("dataset,variant", _PAIRS)
 def test_segvit_configs_build(dataset, variant):
   cfg = segvit.get_config(f"variant={variant},dataset={dataset}")
-  assert cfg.num_classes == common.DATASETS[dataset]["num_classes"]
+  assert cfg.num_classes == datasets.DATASETS[dataset].num_classes
   model = variables_lib.create_model(cfg)
   h, w = cfg.data.image_size
   shapes = jax.eval_shape(model.init, jax.random.key(0), jnp.zeros((1, h, w, 3)))

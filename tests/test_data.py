@@ -11,6 +11,7 @@ import pytest
 from configs import segvit
 from step_jax.data import get_source
 from step_jax.data import pipeline
+from step_jax.data import datasets
 from step_jax.data import sources
 from step_jax.data import transforms
 
@@ -409,6 +410,48 @@ def test_get_source_rejects_mismatched_config():
     get_source(_data_cfg("ade20k"), "train", 151, 255)
   with pytest.raises(ValueError, match="ignore_index"):
     get_source(_data_cfg("camvid", "/x"), "train", 11, 5)
+
+
+def test_registry_entries_are_complete_and_their_tables_fit_the_classes():
+  for name, d in datasets.DATASETS.items():
+    assert (name == "synthetic") + (d.local is not None) + (d.tfds is not None) == 1, name
+    assert d.num_classes <= d.ignore_index <= 255 and d.crop % 16 == 0
+    if d.tfds:   # every raw value a release may hold maps to a class or to ignore
+      lut = d.tfds.lut(d.ignore_index)
+      raw = np.flatnonzero(sources.raw_label_table(d.tfds.raw_labels))
+      assert set(lut[raw]) - {d.ignore_index} == set(range(d.num_classes)), name
+  with pytest.raises(ValueError, match="unknown dataset 'imagenet'; choose from"):
+    datasets.get("imagenet")
+
+
+class _Tiles:
+  """A local reader as a new dataset would bring one: (data_dir, split, classes, ignore)."""
+
+  def __init__(self, data_dir, split, num_classes, ignore_index):
+    self.n, self.num_classes = {"train": 6, "val": 2}[split], num_classes
+
+  def __len__(self):
+    return self.n
+
+  def __getitem__(self, i):
+    label = (np.arange(40 * 48).reshape(40, 48) // 7 + i) % self.num_classes
+    return {"image": _noise((40, 48, 3), i), "label": label.astype(np.uint8)}
+
+
+def test_a_new_dataset_is_one_registry_entry_plus_its_source(monkeypatch):
+  entry = datasets.Dataset(num_classes=5, crop=32, steps=123, aug_scale=(2, 1),
+                           eval=dict(mode="slide", resize_short=1, max_long=2), local=_Tiles)
+  monkeypatch.setitem(datasets.DATASETS, "tiles", entry)
+  from configs import step   # pylint: disable=g-import-not-at-top
+  cfg = step.get_config("variant=Mu/16,dataset=tiles,method=segvit")
+  assert (cfg.num_classes, cfg.ignore_index, tuple(cfg.data.image_size)) == (5, 255, (32, 32))
+  assert cfg.optim.total_steps == 123 and tuple(cfg.data.aug.scale) == (64, 32)
+  assert (cfg.eval.mode, cfg.eval.resize_short, cfg.eval.max_long) == ("slide", 32, 64)
+  cfg.batch_size = 2
+  assert len(get_source(cfg.data, "val", 5, 255)) == 2
+  batch = next(pipeline.make_train_iter(cfg))
+  assert batch["image"].shape == (2, 32, 32, 3)
+  assert set(np.unique(batch["label"])) <= {0, 1, 2, 3, 4, 255}   # 255: padding
 
 
 @pytest.mark.skipif(CAMVID is None, reason="real CamVid (shared/data/camvid_segnet) absent")

@@ -1,6 +1,6 @@
 """Layer 2, data. Datasets: random-access sources of {'image': uint8 [H,W,3], 'label': uint8 [H,W]}.
 
-`config.data.name` picks the dataset:
+`config.data.name` picks the dataset (the registry: datasets.py):
   synthetic      procedural scenes, no download (data.num_train / data.num_eval)
   camvid         SegNet CamVid folder; data.data_dir = folder holding CamVid/
   ade20k         ADE20K-150 (tfds_ade20k.py), splits train / val (= validation)
@@ -11,6 +11,7 @@ once with `python -m step_jax.data.prepare` (see sources.py and the builders).
 """
 import zlib
 
+from step_jax.data import datasets
 from step_jax.data import sources
 from step_jax.data import synthetic
 
@@ -29,15 +30,13 @@ def get_source(data_cfg, split, num_classes, ignore_index):
     # Distinct seeds per split, so validation scenes are never training scenes.
     return synthetic.SyntheticScenes(n, tuple(data_cfg.image_size), num_classes,
                                      ignore_index, seed=zlib.crc32(split.encode()) + data_cfg.seed)
-  if name not in sources.NUM_CLASSES:
-    raise ValueError(f"unknown dataset {name!r}; choose from "
-                     f"{sorted(['synthetic', *sources.NUM_CLASSES])}")
-  if num_classes != sources.NUM_CLASSES[name]:
-    raise ValueError(f"{name} has {sources.NUM_CLASSES[name]} classes, config says "
+  spec = datasets.get(name)
+  if num_classes != spec.num_classes:
+    raise ValueError(f"{name} has {spec.num_classes} classes, config says "
                      f"num_classes={num_classes}")
   if not num_classes <= ignore_index <= 255:
     raise ValueError(f"{name}: ignore_index={ignore_index} must be a uint8 value outside "
                      f"the classes 0..{num_classes - 1}")
-  if name == "camvid":
-    return sources.CamVid(data_cfg.data_dir, split, num_classes, ignore_index)
-  return sources.tfds_source(name, split, data_cfg.data_dir, ignore_index)
+  if spec.local is not None:
+    return spec.local(data_cfg.data_dir, split, num_classes, ignore_index)
+  return sources.tfds_source(name, spec.tfds, split, data_cfg.data_dir, ignore_index)

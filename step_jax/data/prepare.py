@@ -13,17 +13,25 @@ preparation).
 from absl import app
 from absl import flags
 
+from step_jax.data import datasets
 from step_jax.data import sources
+
+TFDS_DATASETS = [n for n, d in datasets.DATASETS.items() if d.tfds]
+
 
 def prepare(name, data_dir=None, manual_dir=None):
   """Downloads (if needed) and writes `name` as array_record under data_dir; returns it."""
+  spec = datasets.get(name).tfds
+  if spec is None:
+    raise ValueError(f"{name} is not a tfds dataset; prepare one of "
+                     f"{sorted(TFDS_DATASETS)}")
   try:
     import tensorflow  # noqa: F401  pylint: disable=g-import-not-at-top,unused-import
   except ImportError as e:
     raise ImportError("preparing a tfds dataset needs TensorFlow: "
                       "pip install -r requirements-tf.txt") from e
   import tensorflow_datasets as tfds  # pylint: disable=g-import-not-at-top
-  builder = sources.tfds_builder(name, data_dir)
+  builder = sources.tfds_builder(spec, data_dir)
   # array_record, not tfds' default TFRecord: tfds.data_source (random access) needs it.
   builder.download_and_prepare(
       file_format="array_record",
@@ -41,7 +49,7 @@ def main(argv):
 
 if __name__ == "__main__":
   # Flags only when run as a script, so importing `prepare` defines none.
-  flags.DEFINE_enum("dataset", None, sorted(sources.TFDS), "dataset to prepare")
+  flags.DEFINE_enum("dataset", None, sorted(TFDS_DATASETS), "dataset to prepare")
   flags.DEFINE_string("data_dir", None, "tfds data_dir (default: tfds' own)")
   flags.DEFINE_string("manual_dir", None, "folder with manually downloaded files")
   flags.mark_flag_as_required("dataset")

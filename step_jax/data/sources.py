@@ -6,6 +6,7 @@ it into worker processes). Prepared tfds datasets keep labels exactly as release
 0..150, COCO-Stuff ids 0..182, Cityscapes labelIds 0..33); the mapping to train ids happens
 here, through one 256-entry lookup table per dataset, so it lives in one place and is tested.
 """
+import importlib
 import os
 
 import numpy as np
@@ -179,20 +180,6 @@ def _camvid_pairs(root, split):
 ################################################################################
 # Prepared tfds datasets.                                                      #
 ################################################################################
-# Our name → (tfds name, image feature, label feature, lookup table, split aliases).
-TFDS = {
-    "ade20k": ("ade20k", "image", "annotation", ade20k_lut, {"val": "validation"}),
-    "coco_stuff10k": ("coco_stuff10k", "image", "annotation", coco_stuff_lut,
-                      {"val": "test"}),
-    "cityscapes": ("cityscapes/semantic_segmentation", "image_left", "segmentation_label",
-                   cityscapes_lut, {"val": "validation"}),
-}
-NUM_CLASSES = {"ade20k": 150, "coco_stuff10k": 171, "cityscapes": 19, "camvid": 11}
-# Raw label values each release contains; any other value means a corrupt record.
-RAW_LABELS = {"ade20k": ((0, 150),), "coco_stuff10k": ((0, 182),),
-              "cityscapes": ((0, 33), (255, 255))}
-
-
 def raw_label_table(ranges):
   valid = np.zeros(256, bool)
   for lo, hi in ranges:
@@ -200,22 +187,20 @@ def raw_label_table(ranges):
   return valid
 
 
-def tfds_builder(name, data_dir):
-  """The tfds builder of dataset `name`, our own builders (ADE20K, COCO-Stuff-10k) registered
-  first. tfds is imported here: only the real datasets need it, and it is slow to import."""
+def tfds_builder(spec, data_dir):
+  """The tfds builder of a `datasets.Tfds` spec, our own builder module (ADE20K, COCO-Stuff-10k)
+  imported first to register it. tfds is imported here: only the real datasets need it, and
+  it is slow to import."""
   import tensorflow_datasets as tfds   # pylint: disable=g-import-not-at-top
-  if name == "ade20k":
-    from step_jax.data import tfds_ade20k  # noqa: F401  (registers the builder)
-  elif name == "coco_stuff10k":
-    from step_jax.data import tfds_coco_stuff10k  # noqa: F401
-  return tfds.builder(TFDS[name][0], data_dir=data_dir or None)
+  if spec.builder_module:
+    importlib.import_module(spec.builder_module)   # registers the builder
+  return tfds.builder(spec.name, data_dir=data_dir or None)
 
 
-def tfds_source(name, split, data_dir, ignore_index=255):
+def tfds_source(name, spec, split, data_dir, ignore_index=255):
   """A LabelMapped tfds data source (array_record) of dataset `name`, read without TF."""
-  tfds_name, image_key, label_key, lut_fn, aliases = TFDS[name]
-  split = aliases.get(split, split)
-  builder = tfds_builder(name, data_dir)
+  split = spec.splits.get(split, split)
+  builder = tfds_builder(spec, data_dir)
   try:
     raw = builder.as_data_source(split=split)
   except Exception as e:  # tfds' errors for an unprepared dataset are cryptic.
@@ -226,5 +211,5 @@ def tfds_source(name, split, data_dir, ignore_index=255):
         f"--config.data.data_dir=<tfds data_dir> (now {data_dir or 'tfds default'}) or "
         f"prepare it once (needs requirements-tf.txt): python -m step_jax.data.prepare "
         f"--dataset={name} --data_dir=<tfds data_dir> [--manual_dir=<downloads>]") from e
-  return LabelMapped(raw, lut_fn(ignore_index), image_key, label_key, name=f"{name}/{split}",
-                     valid=raw_label_table(RAW_LABELS[name]))
+  return LabelMapped(raw, spec.lut(ignore_index), spec.image_key, spec.label_key,
+                     name=f"{name}/{split}", valid=raw_label_table(spec.raw_labels))
