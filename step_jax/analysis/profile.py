@@ -106,12 +106,7 @@ def pieces(config, model, plan, image, batch):
 
     def embed(mod, x, level, cap=cap0):  # as Segmenter.run_supertokens, up to the tokens
       layout = supertokens.token_layout(level)
-      patches, _ = supertokens.gather_tokens(
-          supertokens.pyramid_table(mod.normalize(x), p, mod.superpatch_resize), layout, cap)
-      table = supertokens.pyramid_table(mod.backbone.posemb((h // p, w // p))[None], 1, "area")
-      pos, _ = supertokens.gather_tokens(
-          jnp.broadcast_to(table, (batch,) + table.shape[1:]), layout, cap)
-      return mod.backbone.embed_patches(patches) + pos
+      return mod.embed_supertokens(mod.normalize(x), layout, (h // p, w // p), cap)[0]
     add("embed", "", embed, (x, level), tokens, cap0, flops.patch_embed_macs(tokens, d, p),
         flops.patch_embed_macs(cap0, d, p))
   bounds = (0,) + tuple(model.exit_layers) + (depth,)
@@ -132,8 +127,7 @@ def pieces(config, model, plan, image, batch):
             k + 1 in model.exit_layers) else None
 
         def stage_fn(mod, x, mk, i=i, tau=tau):
-          q, masks = mod.head.stage(i, mod.head.initial_queries(x.shape[0]), x, mk)
-          cls = mod.head.classify(q)
+          _, cls, masks = mod.head_stage(i, mod.head.initial_queries(x.shape[0]), x, mk, False)
           return (cls, masks) if tau is None else early_exit.halting(
               cls, masks, mk, tau, mod.keep_top_k)
         add(f"head stage {i + 1}" + (" (exit)" if tau is not None else ""), str(k + 1),
@@ -143,14 +137,14 @@ def pieces(config, model, plan, image, batch):
     if s < len(model.exit_layers):
       tau = taus[s] if isinstance(taus, (tuple, list)) else taus
 
-      def exit_fn(mod, x, mk, s=s, tau=tau):  # ATM head + DToP halting rule
-        o = mod.exit_heads[s]([x], mk)
-        return early_exit.halting(o["pred_logits"], o["pred_masks"], mk, tau, mod.keep_top_k)
+      def exit_fn(mod, x, mk, s=s, tau=tau):  # DToP's head s + its halting rule
+        _, cls, masks = mod.head_stage(s, None, x, mk, False)
+        return early_exit.halting(cls, masks, mk, tau, mod.keep_top_k)
       add(f"exit {s + 1}", str(bounds[s + 1]), exit_fn, args, n, cap, head_macs(n),
           head_macs(cap))
     elif model.exit_layers:
-      add("final head", str(depth), lambda mod, x, mk: mod.head([x], mk), args, n, cap,
-          head_macs(n), head_macs(cap))
+      final = lambda mod, x, mk, s=s: mod.head_stage(s, None, x, mk, False)
+      add("final head", str(depth), final, args, n, cap, head_macs(n), head_macs(cap))
     else:
       nst = len(model.out_layers)
       hm = lambda n: flops.atm_head_macs([n] * nst, c, m.head_dim, d, layers, c + 1)
