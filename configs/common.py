@@ -102,6 +102,10 @@ def model_config(variant, res):
       attention_impl="auto",
       # Inference: the blocks as one lax.scan (one compiled block per capacity bucket).
       scan_blocks=False,
+      # Inference: capacity buckets chosen on device in the one program ('device'), or on
+      # the host between programs compiled on first use ('host', evaluation/dispatch.py;
+      # affordable with a fine ladder, e.g. buckets = segmenter.geometric_buckets(1.05)).
+      bucket_dispatch="device",
       posemb_grid=(res // patch, res // patch), pixel_mean=(127.5,) * 3, pixel_std=(127.5,) * 3))
 
 

@@ -25,6 +25,7 @@ import time
 import jax
 import numpy as np
 
+from step_jax.evaluation import dispatch as dispatch_lib
 from step_jax.evaluation import tokens
 from step_jax.models import attention
 from step_jax.models import flops
@@ -53,29 +54,50 @@ def prepare(config, dtype="fp32", variables=None, images=None, exit_share=-1.0):
 
 
 def measure(config, variables=None, images=None, *, batch=1, dtype="fp32", reps=5, warmup=2,
-            exit_share=-1.0, weights="given"):
-  """Times the jitted forward and counts tokens/GFLOPs; returns the JSON-able dict."""
+            exit_share=-1.0, weights="given", dispatch=None, group=False):
+  """Times the forward and counts tokens/GFLOPs; returns the JSON-able dict.
+
+  The images run `batch` at a time (`group`: batches of similar token counts); call k of the
+  `warmup` + `reps` calls takes batch k of them, cyclically. dispatch: 'device' (the one
+  jitted program; its buckets chosen by lax.switch) or 'host' (dispatch.HostBuckets:
+  capacities chosen on the host, each compiled on first use; every batch runs once untimed
+  first, so that timed calls never compile); default config.model.bucket_dispatch.
+  """
   config, model, variables, prepared = prepare(config, dtype, variables, images, exit_share)
   weights = weights if prepared == "given" else prepared
+  dispatch = dispatch or config.model.get("bucket_dispatch", "device")
+  if dispatch not in ("device", "host"):
+    raise ValueError(f"bucket dispatch {dispatch!r}: use 'device' or 'host'")
   hw = tuple(config.data.image_size)
   images = np.asarray(images)
-  reps_batch = np.concatenate([images] * (-(-batch // len(images))))[:batch]
+  host = dispatch_lib.HostBuckets(model) if dispatch == "host" else None
+  batches = tokens.batches_of(model, variables, images, batch, group, host)
+  scores = jax.jit(lambda out: segmenter.predict_scores(out, hw))
 
   def fwd(v, x):
     out, info = model.apply(v, x)
     return segmenter.predict_scores(out, x.shape[1:3]), info
 
   t0 = time.perf_counter()
-  compiled = jax.jit(fwd).lower(variables, reps_batch).compile()
-  compile_s = time.perf_counter() - t0
-  for _ in range(warmup):
-    jax.block_until_ready(compiled(variables, reps_batch))
+  if host:
+    call = lambda v, x: scores(host(v, x)[0])
+    for idx in batches:   # compiles every program these batches need
+      jax.block_until_ready(call(variables, images[idx]))
+    compile_s, programs = sum(host.compile_s.values()), len(host.compile_s)
+    warmup = 0
+  else:
+    call = jax.jit(fwd).lower(variables, images[batches[0]]).compile()
+    compile_s, programs = time.perf_counter() - t0, 1
+  for k in range(warmup):
+    jax.block_until_ready(call(variables, images[batches[k % len(batches)]]))
   times = []
-  for _ in range(reps):
+  for k in range(reps):
+    x = images[batches[(warmup + k) % len(batches)]]
     t = time.perf_counter()
-    jax.block_until_ready(compiled(variables, reps_batch))
+    jax.block_until_ready(call(variables, x))
     times.append(time.perf_counter() - t)
-  stats = tokens.token_stats(config, model, variables, images)
+  stats = tokens.token_stats(config, model, variables, images, batch=batch, group=group,
+                             forward=host)
   ms = [1000 * t / batch for t in times]
   mem = None
   try:
@@ -91,7 +113,8 @@ def measure(config, variables=None, images=None, *, batch=1, dtype="fp32", reps=
       dtype=dtype, batch=batch, weights=weights,
       images_per_s=batch / statistics.median(times),
       ms_per_image_median=statistics.median(ms), ms_per_image_min=min(ms),
-      ms_per_image_max=max(ms), compile_s=compile_s, peak_bytes=mem,
+      ms_per_image_max=max(ms), compile_s=compile_s, programs_compiled=programs,
+      bucket_dispatch=dispatch, peak_bytes=mem,
       exit_threshold=np.atleast_1d(model.exit_threshold).round(4).tolist()
       if model.exit_layers else None,
       exit_mode=model.exit_mode if model.exit_layers else None,

@@ -21,7 +21,8 @@ def main(argv, taken=("", [])):
   config = common.config_from(f.config, f.workdir, taken)
   result = benchmark.run_config(config, f.workdir, images=f.images, num_images=f.num_images,
                                 batch=f.batch, dtype=f.dtype, reps=f.reps, warmup=f.warmup,
-                                exit_share=f.exit_share)
+                                exit_share=f.exit_share, dispatch=f.dispatch,
+                                group=f.group_by_tokens)
   result["config"] = common.config_name(f, taken)
   print(json.dumps(result))
 
@@ -41,6 +42,9 @@ def run():
   flags.DEFINE_integer("num_images", 8, "How many images to use.")
   flags.DEFINE_float("exit_share", -1.0, "Calibrate exit thresholds to halt this "
                      "share of active tokens per exit (random exit heads).")
+  flags.DEFINE_enum("dispatch", None, ["device", "host"], "Bucket choice: in the one program "
+                    "or on the host (default: config.model.bucket_dispatch).")
+  flags.DEFINE_bool("group_by_tokens", False, "Batch images of similar token counts.")
   common.list_flags_in_help(__name__)
   taken = common.take_config_args()
   app.run(lambda argv: main(argv, taken))

@@ -10,6 +10,7 @@ import numpy as np
 from PIL import Image
 
 from step_jax.data import get_source
+from step_jax.evaluation import dispatch
 from step_jax.models import early_exit
 from step_jax.models import flops
 
@@ -49,27 +50,50 @@ def calibrate_exits(model, variables, images, share, *, labels=None):
   return tuple(taus)
 
 
-def token_stats(config, model, variables, images):
+def batches_of(model, variables, images, batch, group=False, forward=None):
+  """Index batches of `batch` images (the last tiled to full size from the first images, so
+  that every call has one shape); `group`: ordered by token count first
+  (dispatch.group_by_tokens), so each batch's capacity is close to its images' counts."""
+  n = len(images)
+  if group and model.merge != "none":
+    counts = (forward or dispatch.HostBuckets(model)).token_counts(variables, images)
+    groups = dispatch.group_by_tokens(counts, batch)
+  else:
+    groups = [np.arange(i, min(i + batch, n)) for i in range(0, n, batch)]
+  pad = lambda g: np.concatenate([g, np.resize(np.arange(n), batch - len(g))]) if len(g) < batch \
+      else g
+  return [pad(np.asarray(g)) for g in groups]
+
+
+def token_stats(config, model, variables, images, *, batch=1, group=False, forward=None):
   """Tokens per stage and GFLOPs (useful: valid tokens; executed: compiled slots), averaged
-  over `images` run one at a time (each image picks its own buckets)."""
+  over `images` run `batch` at a time: a batch runs in the capacity its largest count needs,
+  so at batch > 1 an image's executed GFLOPs follow its batch (`group`: batches of similar
+  token counts, see batches_of). `forward(variables, images) → (outputs, info)`: the model
+  (default: the one-program model, jitted; or a dispatch.HostBuckets)."""
   hw = tuple(config.data.image_size)
   n_full = (hw[0] // model.backbone.patch_size) * (hw[1] // model.backbone.patch_size)
-  single = jax.jit(lambda v, x: model.apply(v, x)[1])
-  useful, executed, stage_tokens, stage_caps = [], [], [], []
-  for im in np.asarray(images):
-    info = single(variables, im[None])
-    n_tok = float(np.asarray(info.get("num_tokens", [n_full]))[0])
-    cap = float(info.get("capacity", n_full))
-    if model.exit_layers:
-      active = [float(a) for a in np.asarray(info["active_tokens"])[0]]
-      caps = [cap] * len(active) if model.exit_mode == "mask" else \
-          [cap] + [float(c) for c in np.asarray(info["stage_capacity"])[1:]]
-    else:
-      active = caps = None
-    stage_tokens.append(active or [n_tok])
-    stage_caps.append(caps or [cap])
-    useful.append(flops.token_macs(config, n_tok, active))
-    executed.append(flops.token_macs(config, cap, caps))
+  run = forward or jax.jit(model.apply)
+  images = np.asarray(images)
+  useful, executed, stage_tokens, stage_caps, seen = [], [], [], [], set()
+  for idx in batches_of(model, variables, images, batch, group, forward):
+    _, info = run(variables, images[idx])
+    for j, i in enumerate(idx):
+      if int(i) in seen:   # a tiled copy: counted once
+        continue
+      seen.add(int(i))
+      n_tok = float(np.asarray(info.get("num_tokens", [n_full] * len(idx)))[j])
+      cap = float(info.get("capacity", n_full))
+      if model.exit_layers:
+        active = [float(a) for a in np.asarray(info["active_tokens"])[j]]
+        caps = [cap] * len(active) if model.exit_mode == "mask" else \
+            [cap] + [float(c) for c in np.asarray(info["stage_capacity"])[1:]]
+      else:
+        active = caps = None
+      stage_tokens.append(active or [n_tok])
+      stage_caps.append(caps or [cap])
+      useful.append(flops.token_macs(config, n_tok, active))
+      executed.append(flops.token_macs(config, cap, caps))
   mean = lambda rows, k: float(np.mean([r[k] for r in rows]))
   tok, caps = np.mean(stage_tokens, 0), np.mean(stage_caps, 0)
   return dict(tokens_full=n_full,
@@ -80,7 +104,8 @@ def token_stats(config, model, variables, images):
               gflops_useful=mean(useful, "total"), gflops_executed=mean(executed, "total"),
               executed_over_useful=round(mean(executed, "total") / mean(useful, "total"), 4),
               gflops_policy=mean(useful, "policy"), gflops_backbone=mean(useful, "backbone"),
-              gflops_heads=mean(useful, "heads"), images=len(images))
+              gflops_heads=mean(useful, "heads"), images=len(images), stats_batch=batch,
+              grouped_by_tokens=bool(group))
 
 
 def eval_gflops(config, model, variables, num_images=16, split=None):

@@ -293,6 +293,10 @@ class Segmenter(nn.Module):
       branches = [functools.partial(run, capacity=c) for c in caps]
       x, q, outs = nn.switch(idx, branches, self, x, q, active)
       state["caps"].append(jnp.asarray(caps, jnp.int32)[idx])
+    elif self.exit_mode == "compact" and s > 0 and caps and caps[0] < n:
+      # One capacity chosen by the caller (host dispatch: it holds every active token).
+      x, q, outs = run(self, x, q, active, capacity=caps[0])
+      state["caps"].append(jnp.asarray(caps[0], jnp.int32))
     else:
       x, q, outs = run(self, x, q, active, capacity=None)
       state["caps"].append(jnp.asarray(n, jnp.int32))
@@ -352,8 +356,49 @@ class Segmenter(nn.Module):
                 halt_stage=pad(state["halt_stage"], len(self.exit_layers)),
                 results=[dict(r, pred_masks=pad(r["pred_masks"])) for r in state["results"]])
 
+  def token_count(self, images, labels=None):
+    """(level map [B, gh, gw], supertokens per image [B]): the merge alone, for callers that
+    choose the capacity on the host (evaluation.dispatch)."""
+    level = self.merge_levels(images, labels)
+    return level, supertokens.token_layout(level)["count"]
+
+  def begin_staged(self, images, level, capacity):
+    """Host-dispatched early exit, first program: tokens (supertokens of `level` in `capacity`
+    slots, or every patch) through the blocks up to the first exit; the staged state."""
+    x = self.normalize(images)
+    grid = self.grid(images)
+    if self.merge == "none":
+      tokens = self.backbone.embed(x).reshape(x.shape[0], grid[0] * grid[1], -1)
+      return self.stage_segment(self.stage_init(tokens, None), 0, (), train=False)
+    layout = supertokens.token_layout(level)
+    return self.first_segment(x, layout, grid, capacity, capacity, False)
+
+  def continue_staged(self, state, s, capacity):
+    """Segment s of a host-dispatched early exit, its active tokens in `capacity` slots."""
+    return self.stage_segment(state, s, (capacity,), train=False)
+
+  def end_staged(self, state, images, level):
+    """The last program of a host-dispatched early exit: (outputs, info) as __call__'s."""
+    grid = self.grid(images)
+    out, info = self.stage_finish(state), dict(grid=grid)
+    if self.merge != "none":
+      layout = supertokens.token_layout(level)
+      out = self.unshare_outputs(out, layout)
+      info.update(level=level, num_tokens=layout["count"], capacity=state["caps"][0])
+    return self.assemble(out, info, images.shape[0], grid)
+
+  def assemble(self, out, info, b, grid):
+    """Per-cell outputs → (outputs on the patch grid, info with the stats and token maps)."""
+    to_grid = lambda o: dict(pred_logits=o["pred_logits"],
+                             pred_masks=o["pred_masks"].reshape(b, -1, *grid))
+    outputs = to_grid(out)
+    outputs["aux"] = [to_grid(o) for o in out["aux"]]
+    info.update(out["stats"])
+    info.update({k: v.reshape(b, *grid) for k, v in out["token_maps"].items()})
+    return outputs, info
+
   @nn.compact
-  def __call__(self, images, *, train=False, labels=None, capacity=None):
+  def __call__(self, images, *, train=False, labels=None, capacity=None, level=None):
     """images [B, H, W, 3] in [0, 255] → (outputs, info).
 
     outputs: pred_logits [B, Q, K]; pred_masks [B, Q, gh, gw] mask logits on the patch grid;
@@ -361,6 +406,7 @@ class Segmenter(nn.Module):
     info: grid; with token sharing also the level map, tokens per image and the capacity used;
       with exits the halt stage per cell, active tokens and capacity per stage.
     capacity: force one token capacity instead of the on-device bucket choice.
+    level: the merge's level map when already computed (token_count), skipping the policy.
     """
     x = self.normalize(images)   # checks shape and dtype first: their errors say more
     grid = self.grid(images)
@@ -370,7 +416,7 @@ class Segmenter(nn.Module):
       tokens = self.backbone.embed(x).reshape(b, grid[0] * grid[1], -1)
       out = self.encode_decode(tokens, None, train=train)
     else:
-      level = self.merge_levels(images, labels)
+      level = self.merge_levels(images, labels) if level is None else level
       layout = supertokens.token_layout(level)
       caps = (capacity,) if capacity else self.capacities(grid)
       idx = (jnp.zeros((), jnp.int32) if len(caps) == 1
@@ -395,13 +441,7 @@ class Segmenter(nn.Module):
         out = nn.switch(idx, branches, self, x, layout)
       info.update(level=level, num_tokens=layout["count"],
                   capacity=jnp.asarray(caps, jnp.int32)[idx])
-    to_grid = lambda o: dict(pred_logits=o["pred_logits"],
-                             pred_masks=o["pred_masks"].reshape(b, -1, *grid))
-    outputs = to_grid(out)
-    outputs["aux"] = [to_grid(o) for o in out["aux"]]
-    info.update(out["stats"])
-    info.update({k: v.reshape(b, *grid) for k, v in out["token_maps"].items()})
-    return outputs, info
+    return self.assemble(out, info, b, grid)
 
 
 _PIXEL_DTYPES = (np.uint8, np.float16, jnp.bfloat16, np.float32, np.float64)

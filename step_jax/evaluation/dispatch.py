@@ -1,0 +1,102 @@
+"""Inference with token buckets chosen on the host and compiled on first use.
+
+The one-program model (`Segmenter.__call__`) picks its bucket on device with `lax.switch`, so
+every capacity of the ladder is compiled up front, whether or not an image ever needs it: a
+fine ladder, the only kind that wastes little, costs a compile time that grows with its
+length. `HostBuckets` splits the forward where the token count becomes known: the merge runs
+first and its count is read back; the batch then runs in the smallest capacity of the ladder
+that holds it; with compacting exits, each later segment is a program of its own, run in the
+smallest exit capacity that holds the tokens still active. Every (program, capacity) pair is
+compiled the first time a batch needs it and kept, so a fine ladder (e.g.
+`segmenter.geometric_buckets(1.05)`) bounds the padding at 5 % while compiling only the
+capacities the data uses. The price is one device→host read per segment, small next to a
+ViT forward at the resolutions STEP is for; outputs equal the one-program model's.
+
+`group_by_tokens` orders images so that a batch holds images of similar token counts, which
+keeps the batch's capacity (set by its largest count) close to every image's own.
+"""
+import time
+
+import jax
+import numpy as np
+
+from step_jax.models import segmenter as segmenter_lib
+from step_jax.models import supertokens
+
+
+def pick_capacity(count, capacities):
+  """The smallest of the sorted `capacities` that holds `count` tokens."""
+  i = int(np.searchsorted(np.asarray(capacities), count, side="left"))
+  if i == len(capacities):
+    raise ValueError(f"{count} tokens exceed the largest capacity {capacities[-1]}")
+  return int(capacities[i])
+
+
+def group_by_tokens(counts, batch):
+  """Image indices in batches of `batch`, ordered by token count (ties in input order), so
+  that each batch's largest count, which sets its capacity, is close to all of its counts."""
+  order = np.argsort(np.asarray(counts), kind="stable")
+  return [order[i:i + batch] for i in range(0, len(order), batch)]
+
+
+class HostBuckets:
+  """`model.apply(variables, images)` with the capacities chosen on the host (module doc).
+
+  Attributes after calls: `compile_s`, seconds spent compiling each (program, capacity, batch
+  shape); `calls`, how many batches each ran.
+  """
+
+  def __init__(self, model):
+    self.model = model
+    self.compile_s, self.calls, self._compiled = {}, {}, {}
+    self._count = lambda v, x: model.apply(v, x, method=segmenter_lib.Segmenter.token_count)
+    self._whole = lambda v, x, level, capacity: model.apply(v, x, level=level,
+                                                            capacity=capacity)
+    self._begin = lambda v, x, level, capacity: model.apply(
+        v, x, level, capacity, method=segmenter_lib.Segmenter.begin_staged)
+    self._segment = lambda v, state, s, capacity: model.apply(
+        v, state, s, capacity, method=segmenter_lib.Segmenter.continue_staged)
+    self._end = lambda v, state, x, level: model.apply(
+        v, state, x, level, method=segmenter_lib.Segmenter.end_staged)
+
+  def _run(self, name, fn, static, *args):
+    """fn(*args, **static), compiled once per (name, static values, argument shapes)."""
+    shapes = tuple((a.shape, str(a.dtype)) for a in jax.tree.leaves(args[1:]))
+    key = (name, tuple(sorted(static.items())), shapes)
+    if key not in self._compiled:
+      t = time.perf_counter()
+      self._compiled[key] = jax.jit(lambda *a: fn(*a, **static)).lower(*args).compile()
+      self.compile_s[key] = time.perf_counter() - t
+    self.calls[key] = self.calls.get(key, 0) + 1
+    return self._compiled[key](*args)
+
+  def capacities(self, grid):
+    """The supertoken capacities of the model's ladder (`model.buckets`)."""
+    return self.model.capacities(grid)
+
+  def __call__(self, variables, images):
+    m = self.model
+    grid = m.grid(images)
+    n = grid[0] * grid[1]
+    level, cap = None, n
+    if m.merge != "none":
+      level, count = self._run("merge", self._count, {}, variables, images)
+      cap = pick_capacity(int(np.max(np.asarray(count))), self.capacities(grid))
+    if not m.exit_layers or m.exit_mode != "compact":
+      if m.merge == "none":
+        return self._run("model", lambda v, x: m.apply(v, x), {}, variables, images)
+      return self._run("model", self._whole, dict(capacity=cap), variables, images, level)
+    state = self._run("segment 1", self._begin, dict(capacity=cap), variables, images, level)
+    for s in range(1, len(m.exit_layers) + 1):
+      active = int(np.max(np.asarray(state["active"]).sum(-1)))
+      caps = supertokens.bucket_capacities(cap, m.exit_buckets, multiple=8)
+      state = self._run(f"segment {s + 1}", self._segment,
+                        dict(s=s, capacity=pick_capacity(active, caps)), variables, state)
+    return self._run("finish", self._end, {}, variables, state, images, level)
+
+  def token_counts(self, variables, images):
+    """Supertokens per image [B] (the full grid without a merge)."""
+    if self.model.merge == "none":
+      grid = self.model.grid(images)
+      return np.full(len(images), grid[0] * grid[1])
+    return np.asarray(self._run("merge", self._count, {}, variables, images)[1])

@@ -1,0 +1,111 @@
+"""Host-dispatched buckets: the same outputs as the one-program model, only the capacities a
+batch needs compiled, the smallest capacity that holds the batch, grouping by token count."""
+import jax
+import numpy as np
+import pytest
+
+from configs import step as step_configs
+from step_jax.analysis import benchmark
+from step_jax.evaluation import dispatch
+from step_jax.evaluation import tokens
+from step_jax.models import segmenter
+from step_jax.models import supertokens
+
+
+def _prepared(method, exit_head="dtop", exit_mode="compact", buckets=(0.5, 1.0)):
+  cfg = step_configs.get_config(f"method={method},variant=Mu/16,dataset=synthetic,smoke,"
+                                f"tau=0.5-0.9-0.9-0.9,exits=1-2,exit_head={exit_head}")
+  cfg.data.image_size = (128, 128)
+  # keep_top_k=1: a token stays active per class, so no image halts entirely (its last head
+  # would then attend to no token, whose output depends on the slots of the bucket).
+  cfg.model.update(posemb_grid=(8, 8), buckets=buckets, exit_buckets=buckets, keep_top_k=1,
+                   exit_mode=exit_mode)
+  images = tokens.load_images(cfg, "", 4)
+  _, _, variables, _ = benchmark.prepare(cfg, images=images)
+  if "policy" in variables["params"]:   # random scores sit at .5: spread the 2x2 ones
+    v = jax.tree.map(np.asarray, variables)
+    v["params"]["policy"]["logit_2"]["kernel"] = v["params"]["policy"]["logit_2"]["kernel"] * 3e3
+    variables = v
+  _, model, variables, _ = benchmark.prepare(cfg, "fp32", variables, images, 0.4)
+  return model, variables, images
+
+
+@pytest.mark.parametrize("method,exit_head,exit_mode", [
+    ("step", "dtop", "compact"),      # supertokens + DToP exits: programs in sequence
+    pytest.param("dtop", "atm", "compact", marks=pytest.mark.slow),  # no supertokens
+    pytest.param("step", "atm", "mask", marks=pytest.mark.slow),  # one program per capacity
+])
+def test_host_buckets_give_the_one_program_outputs(method, exit_head, exit_mode):
+  model, variables, images = _prepared(method, exit_head, exit_mode,
+                                       buckets=segmenter.geometric_buckets(1.2, 0.25))
+  want, want_info = jax.jit(model.apply)(variables, images)
+  host = dispatch.HostBuckets(model)
+  got, info = host(variables, images)
+  jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, atol=2e-4), got, want)
+  for key in ("num_tokens", "active_tokens", "halt_stage", "level"):
+    if key in want_info:
+      np.testing.assert_array_equal(info[key], want_info[key])
+  if model.merge != "none":   # the smallest ladder capacity that holds the batch
+    caps = model.capacities((8, 8))
+    assert int(info["capacity"]) == dispatch.pick_capacity(
+        int(np.max(want_info["num_tokens"])), caps)
+    assert int(info["capacity"]) <= int(want_info["capacity"])
+  if model.exit_layers and exit_mode == "compact":   # exits: no slot beyond the ladder's
+    active = np.asarray(info["active_tokens"]).max(0)
+    for s, cap in enumerate(np.asarray(info["stage_capacity"])[1:], start=1):
+      ladder = supertokens.bucket_capacities(int(np.asarray(info["stage_capacity"])[0]),
+                                             model.exit_buckets, multiple=8)
+      assert int(cap) == dispatch.pick_capacity(int(active[s]), ladder)
+
+
+def test_only_the_capacities_used_are_compiled_and_then_reused():
+  ladder = segmenter.geometric_buckets(1.05, 0.1)    # 48 buckets: far too many to compile
+  model, variables, images = _prepared("step", buckets=ladder)
+  host = dispatch.HostBuckets(model)
+  for im in images:
+    host(variables, im[None])
+  for im in images:          # second pass: nothing new to compile
+    host(variables, im[None])
+  # Per call: the merge, three segments (exits after blocks 1 and 2), the finish.
+  assert sum(host.calls.values()) == 2 * len(images) * 5
+  counts = host.token_counts(variables, images)
+  used = {dispatch.pick_capacity(int(c), model.capacities((8, 8))) for c in counts}
+  firsts = [k for k in host.compile_s if k[0] == "segment 1"]
+  assert len(firsts) == len(used) < len(model.capacities((8, 8)))
+  assert len(host.compile_s) == len(host._compiled)   # pylint: disable=protected-access
+
+
+def test_pick_capacity_and_group_by_tokens():
+  assert dispatch.pick_capacity(17, (16, 32, 64)) == 32
+  assert dispatch.pick_capacity(16, (16, 32, 64)) == 16
+  with pytest.raises(ValueError, match="65 tokens exceed the largest capacity 64"):
+    dispatch.pick_capacity(65, (16, 32, 64))
+  groups = dispatch.group_by_tokens([50, 10, 40, 10, 30], 2)
+  assert [g.tolist() for g in groups] == [[1, 3], [4, 2], [0]]
+
+
+def test_batched_token_stats_grouping_and_the_host_benchmark():
+  ladder = segmenter.geometric_buckets(1.2, 0.25)
+  model, variables, images = _prepared("dcts", buckets=ladder)
+  images = np.concatenate([images, images[::-1]])[:6]   # 6 images, 2 batches of 3
+  cfg = step_configs.get_config("method=dcts,variant=Mu/16,dataset=synthetic,smoke,"
+                                "tau=0.5-0.9-0.9-0.9")
+  cfg.data.image_size = (128, 128)
+  cfg.model.buckets = ladder
+  stats = lambda **kw: tokens.token_stats(cfg, model, variables, images, **kw)
+  b1, b3, b3g = stats(), stats(batch=3), stats(batch=3, group=True)
+  host = stats(batch=3, group=True, forward=dispatch.HostBuckets(model))
+  assert b1["gflops_useful"] == pytest.approx(b3["gflops_useful"]) == pytest.approx(
+      b3g["gflops_useful"])
+  # A batch runs in the capacity of its largest count; grouping similar counts wastes less.
+  assert b1["gflops_executed"] <= b3g["gflops_executed"] <= b3["gflops_executed"]
+  assert host["gflops_executed"] == pytest.approx(b3g["gflops_executed"])
+  counts = dispatch.HostBuckets(model).token_counts(variables, images)
+  assert len(set(counts.tolist())) > 1    # the test needs images of different counts
+  r = benchmark.measure(cfg, variables, images, batch=3, reps=2, warmup=0, dispatch="host",
+                        group=True)
+  assert r["bucket_dispatch"] == "host" and r["programs_compiled"] >= 2   # merge + a capacity
+  assert r["executed_over_useful"] == pytest.approx(
+      b3g["gflops_executed"] / b3g["gflops_useful"], rel=1e-3)
+  with pytest.raises(ValueError, match="bucket dispatch 'gpu'"):
+    benchmark.measure(cfg, variables, images, dispatch="gpu")
