@@ -1,12 +1,21 @@
-"""Issue 16: compile time and bucket waste of the capacity-bucket designs, one JSON line each.
+"""Issue 16: bucket waste and compile time of the capacity-bucket designs, one JSON line per
+design and batch size.
 
   python experiments/bucket_compile.py --config=configs/step.py:method=dcts,variant=Ti/16,dataset=camvid,res=1024 \
-      --config.model.policy.init_from=POLICY --num_images=2 --out=experiments/results/bucket_compile.jsonl
+      --config.model.policy.init_from=POLICY --num_images=16 --batch=1 --batch=8 \
+      --out=experiments/results/bucket_waste.jsonl
+  python experiments/bucket_compile.py --workdir=workdirs/camvid_ti_step_atm_s1 --res=1024 ...
 
-Designs: the 1/8-step ladder with every block unrolled (before), the same with the blocks as
-one lax.scan (`model.scan_blocks`), and a geometric ladder (ratio 1.1, 26 buckets) with the
-scan. Each: compile seconds of the batch-1 forward, tokens, useful / executed GFLOPs (per image,
-each image in its own bucket) and ms/image.
+Designs (`--designs`, repeatable):
+  eighths, device            the 1/8-step ladder chosen on device by lax.switch, every block
+                             unrolled, batches in input order (before)
+  eighths, device, scan      the same with the blocks as one lax.scan (model.scan_blocks)
+  eighths, device, grouped   the same ladder, batches of similar token counts
+  geometric 1.1, scan        ratio-1.1 ladder on device with the scan (26 buckets compiled)
+  geometric 1.05, host       ratio-1.05 ladder (48 buckets) chosen on the host, each
+                             capacity compiled on first use, batches grouped (after)
+Each: compile seconds and programs compiled, tokens, capacity, useful / executed GFLOPs
+(each image in its batch's buckets) and ms/image.
 """
 import json
 import os
@@ -20,42 +29,74 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from step_jax.analysis import benchmark  # noqa: E402
 from step_jax.evaluation import tokens  # noqa: E402
 from step_jax.models import segmenter  # noqa: E402
+from step_jax.models import variables as variables_lib  # noqa: E402
+from step_jax.runtime import checkpoint  # noqa: E402
 
 DESIGNS = {
-    "eighths, unrolled": dict(ladder=segmenter.BUCKETS, scan=False),
-    "eighths, scan": dict(ladder=segmenter.BUCKETS, scan=True),
-    "geometric 1.1, scan": dict(ladder=segmenter.geometric_buckets(1.1), scan=True),
+    "eighths, device": dict(ladder=segmenter.BUCKETS, dispatch="device", scan=False,
+                            group=False),
+    "eighths, device, scan": dict(ladder=segmenter.BUCKETS, dispatch="device", scan=True,
+                                  group=False),
+    "eighths, device, grouped": dict(ladder=segmenter.BUCKETS, dispatch="device", scan=False,
+                                     group=True),
+    "geometric 1.1, scan": dict(ladder=segmenter.geometric_buckets(1.1), dispatch="device",
+                                scan=True, group=False),
+    "geometric 1.05, host": dict(ladder=segmenter.geometric_buckets(1.05), dispatch="host",
+                                 scan=False, group=True),
 }
 
 
 def main(argv):
   del argv
   f = flags.FLAGS
-  images = tokens.load_images(f.config, f.images, f.num_images)
+  variables, weights = None, "given"
+  if f.workdir:
+    config = f.config or checkpoint.read_config(f.workdir)
+    variables, step = variables_lib.restore(config, f.workdir)
+    weights = f"trained ({f.workdir} step {step})"
+  else:
+    config = f.config
+  config = config.copy_and_resolve_references()
+  if f.res:
+    config.data.image_size = (f.res, f.res)
+  images = tokens.load_images(config, f.images, f.num_images)
   for name in f.designs:
     d = DESIGNS[name]
-    cfg = f.config.copy_and_resolve_references()
-    cfg.model.update(buckets=d["ladder"], exit_buckets=d["ladder"], scan_blocks=d["scan"])
-    r = benchmark.measure(cfg, images=images, reps=f.reps, warmup=1, exit_share=f.exit_share)
-    row = dict(design=name, buckets=len(d["ladder"]), scan_blocks=d["scan"],
-               compile_s=round(r["compile_s"], 1), tokens=r["mean_tokens_per_stage"],
-               capacity=r["mean_capacity_per_stage"], gflops_useful=round(r["gflops_useful"], 2),
-               gflops_executed=round(r["gflops_executed"], 2),
-               executed_over_useful=r["executed_over_useful"],
-               ms_per_image=round(r["ms_per_image_median"], 1), method=r["method"],
-               variant=r["variant"], image_size=r["image_size"], device=r["device"])
-    print(json.dumps(row), flush=True)
-    if f.out:
-      with open(f.out, "a") as fh:
-        fh.write(json.dumps(row) + "\n")
+    for batch in f.batch:
+      if batch == 1 and name.endswith("grouped"):
+        continue   # grouping changes nothing at batch 1
+      cfg = config.copy_and_resolve_references()
+      cfg.model.update(buckets=d["ladder"], exit_buckets=d["ladder"], scan_blocks=d["scan"])
+      r = benchmark.measure(cfg, variables, images, batch=batch, reps=f.reps, warmup=1,
+                            exit_share=f.exit_share if variables is None else -1.0,
+                            weights=weights, dispatch=d["dispatch"], group=d["group"])
+      row = dict(design=name, batch=batch, buckets=len(d["ladder"]), scan_blocks=d["scan"],
+                 dispatch=d["dispatch"], grouped=d["group"], compile_s=round(r["compile_s"], 1),
+                 programs=r["programs_compiled"], tokens=r["mean_tokens_per_stage"],
+                 capacity=r["mean_capacity_per_stage"],
+                 gflops_useful=round(r["gflops_useful"], 2),
+                 gflops_executed=round(r["gflops_executed"], 2),
+                 executed_over_useful=r["executed_over_useful"],
+                 ms_per_image=round(r["ms_per_image_median"], 1), method=r["method"],
+                 variant=r["variant"], image_size=r["image_size"], images=len(images),
+                 weights=r["weights"], device=r["device"])
+      print(json.dumps(row), flush=True)
+      if f.out:
+        with open(f.out, "a") as fh:
+          fh.write(json.dumps(row) + "\n")
 
 
 if __name__ == "__main__":
-  config_flags.DEFINE_config_file("config", None, "Config (path:arg).")
+  config_flags.DEFINE_config_file("config", None, "Config (path:arg); default: the "
+                                  "--workdir's config.json.")
+  flags.DEFINE_string("workdir", "", "A trained run: its weights (and config).")
+  flags.DEFINE_integer("res", 0, "Square image size (0: the config's).")
   flags.DEFINE_string("images", "", "Folder of images; default: the config's eval split.")
-  flags.DEFINE_integer("num_images", 2, "Images for the token statistics.")
+  flags.DEFINE_integer("num_images", 16, "Images for the token statistics and the timing.")
+  flags.DEFINE_multi_integer("batch", [1], "Batch sizes, repeatable.")
   flags.DEFINE_integer("reps", 2, "Timed calls.")
   flags.DEFINE_float("exit_share", 0.4, "Random exit heads: halt this share per exit.")
-  flags.DEFINE_multi_string("designs", list(DESIGNS), "Designs to measure.")
+  flags.DEFINE_multi_string("designs", ["eighths, device", "eighths, device, grouped",
+                                        "geometric 1.05, host"], "Designs to measure.")
   flags.DEFINE_string("out", "", "Append the JSON lines to this file.")
   app.run(main)

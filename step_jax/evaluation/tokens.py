@@ -38,7 +38,10 @@ def calibrate_exits(model, variables, images, share, *, labels=None):
   kw = {} if labels is None else dict(labels=jnp.asarray(labels))
   taus = []
   for s in range(len(model.exit_layers)):
-    trial = model.clone(exit_threshold=tuple(taus) + (1.0,) * (len(model.exit_layers) - s))
+    # One capacity: the confidences do not depend on the buckets, and a fine ladder's
+    # programs would take long to compile.
+    trial = model.clone(exit_threshold=tuple(taus) + (1.0,) * (len(model.exit_layers) - s),
+                        buckets=(1.0,), exit_buckets=(1.0,))
     out, info = jax.jit(lambda v, x, trial=trial: trial.apply(v, x, **kw))(
         variables, jnp.asarray(images, jnp.float32))
     aux = out["aux"][s]
