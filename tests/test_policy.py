@@ -2,11 +2,6 @@
 and resume after SIGKILL (the main trainer's checkpointing)."""
 import json
 import os
-import signal
-import subprocess
-import sys
-import textwrap
-import time
 
 import flax
 import jax
@@ -14,11 +9,12 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
+import killed  # tests/killed.py
+
 from configs import policy as policy_config
 from step_jax.training import train_policy
 from step_jax.models import policy as policy_lib
 
-REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
 def test_loss_and_counts_match_numpy():
@@ -93,30 +89,6 @@ def test_unseen_window_sizes_never_merge_on_larger_images():
   assert policy_lib.add_unseen_sizes(full["params"]) is full["params"]  # nothing to add
 
 
-_CHILD = textwrap.dedent("""
-    import json, sys, time
-    import jax
-    jax.config.update("jax_num_cpu_devices", 4)   # as conftest: the same reduction order
-    jax.config.update("jax_compilation_cache_dir", sys.argv[3])
-    jax.config.update("jax_persistent_cache_min_compile_time_secs", 0)
-    jax.config.update("jax_persistent_cache_min_entry_size_bytes", 0)
-    import ml_collections
-    from step_jax.runtime import checkpoint
-    from step_jax.training import train_policy
-    cfg = ml_collections.ConfigDict(json.loads(sys.argv[2]))
-    save = checkpoint.Checkpointer.save
-    def save_then_hang(self, step, *a, **k):  # stand-in for a preemption after step 2
-      out = save(self, step, *a, **k)
-      if step == 2:
-        self.wait()
-        print("SAVED", flush=True)
-        time.sleep(600)
-      return out
-    checkpoint.Checkpointer.save = save_then_hang
-    train_policy.train_and_evaluate(cfg, sys.argv[1])
-""")
-
-
 def test_train_policy_resumes_bit_identically_after_sigkill(tmp_path):
   cfg = policy_config.get_config("dataset=synthetic,size=smoke")
   cfg.data.update(image_size=(64, 64), num_train=16, num_eval=2)
@@ -126,21 +98,7 @@ def test_train_policy_resumes_bit_identically_after_sigkill(tmp_path):
   cfg.checkpoint_every = 2
   ref, _ = train_policy.train_and_evaluate(cfg, str(tmp_path / "ref"))
   wd = tmp_path / "run"
-  proc = subprocess.Popen(
-      [sys.executable, "-c", _CHILD, str(wd), json.dumps(cfg.to_dict()),
-       jax.config.jax_compilation_cache_dir or ""],
-      cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True)
-  try:
-    deadline = time.time() + 300
-    for line in proc.stdout:
-      if "SAVED" in line or time.time() > deadline:
-        break
-    assert os.path.isdir(wd / "checkpoints" / "2"), "child never checkpointed step 2"
-    assert proc.poll() is None, "child finished before it could be killed"
-    os.kill(proc.pid, signal.SIGKILL)
-  finally:
-    proc.kill()
-    proc.wait()
+  killed.run_killed_after("step_jax.training.train_policy", str(wd), cfg, 2, timeout=300)
   assert not os.path.exists(wd / "policy_ckpt")   # it died before the end
   variables, ev = train_policy.train_and_evaluate(cfg, str(wd))   # steps 3..4 from step 2
   assert ev["resumed_from"] == 2

@@ -3,16 +3,13 @@ the optimiser does what it says."""
 import functools
 import json
 import os
-import signal
-import subprocess
-import sys
-import textwrap
-import time
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+
+import killed  # tests/killed.py
 
 from configs import segvit
 from step_jax.training import optim
@@ -21,9 +18,7 @@ from step_jax.runtime import writers
 from step_jax.data import get_source
 from step_jax.models import variables as variables_lib
 
-_CACHE = jax.config.jax_compilation_cache_dir  # set in conftest.py
 
-REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
 def _smoke(**overrides):
@@ -91,30 +86,6 @@ def test_main_job_end_to_end(tmp_path):
   assert ev2["resumed_from"] == 8 and ev2["miou"] == ev["miou"]
 
 
-_CHILD = textwrap.dedent("""
-    import json, sys, time
-    import jax
-    jax.config.update("jax_num_cpu_devices", 4)
-    jax.config.update("jax_compilation_cache_dir", sys.argv[3])
-    jax.config.update("jax_persistent_cache_min_compile_time_secs", 0)
-    jax.config.update("jax_persistent_cache_min_entry_size_bytes", 0)
-    import ml_collections
-    from step_jax.runtime import checkpoint
-    from step_jax.training import train
-    cfg = ml_collections.ConfigDict(json.loads(sys.argv[2]))
-    save = checkpoint.Checkpointer.save
-    def save_then_hang(self, step, *a, **k):  # stand-in for a preemption after step 4
-      out = save(self, step, *a, **k)
-      if step == 4:
-        self.wait()
-        print("SAVED", flush=True)
-        time.sleep(600)
-      return out
-    checkpoint.Checkpointer.save = save_then_hang
-    train.train_and_evaluate(cfg, sys.argv[1])
-""")
-
-
 def test_kill_and_resume_matches_uninterrupted_run(tmp_path):
   cfg = _tiny()
   # Uninterrupted reference.
@@ -122,20 +93,7 @@ def test_kill_and_resume_matches_uninterrupted_run(tmp_path):
   ref = jax.device_get(ref_state["params"])
   # Same run in a subprocess, SIGKILLed right after its step-4 checkpoint.
   wd = tmp_path / "run"
-  proc = subprocess.Popen(
-      [sys.executable, "-c", _CHILD, str(wd), json.dumps(cfg.to_dict()), _CACHE],
-      cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True)
-  try:
-    deadline = time.time() + 240
-    for line in proc.stdout:
-      if "SAVED" in line or time.time() > deadline:
-        break
-    assert os.path.isdir(wd / "checkpoints" / "4"), "child never checkpointed step 4"
-    assert proc.poll() is None, "child finished before it could be killed"
-    os.kill(proc.pid, signal.SIGKILL)
-  finally:
-    proc.kill()
-    proc.wait()
+  killed.run_killed_after("step_jax.training.train", str(wd), cfg, 4, timeout=240)
   assert sorted(os.listdir(wd / "checkpoints")) == ["4"]
   # Resume: steps 5..8 from the checkpoint (state + grain iterator position).
   state, ev = train.train_and_evaluate(cfg, str(wd))
