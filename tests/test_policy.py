@@ -16,7 +16,6 @@ from step_jax.training import train_policy
 from step_jax.models import policy as policy_lib
 
 
-
 def test_loss_and_counts_match_numpy():
   rng = np.random.default_rng(0)
   logits = {2: rng.normal(size=(2, 3, 4)).astype(np.float32)}

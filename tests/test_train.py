@@ -19,8 +19,6 @@ from step_jax.data import get_source
 from step_jax.models import variables as variables_lib
 
 
-
-
 def _smoke(**overrides):
   cfg = segvit.get_config("variant=Mu/16,dataset=synthetic,smoke")
   cfg.data.num_train, cfg.data.num_eval = 16, 8
