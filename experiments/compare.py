@@ -68,7 +68,7 @@ def measure(spec, res, images, **kw):
     config.model.exit_threshold = threshold
   config.data.image_size = (res, res)
   r = sweep.measure_row(config, images, trained=[(workdir, variables, config.method)],
-                        exit_share=-1.0, **kw)
+                        exit_share=-1.0, quality=False, **kw)   # (agreement: not a column)
   m = config.model
   r.update(label=label, spec=spec, step=got_step, seed=config.seed,
            exit_head=m.get("exit_head", "dtop") if m.get("exit_layers", ()) else "",

@@ -59,7 +59,9 @@ def batches_of(model, variables, images, batch, group=False, forward=None):
   (dispatch.group_by_tokens), so each batch's capacity is close to its images' counts."""
   n = len(images)
   if group and model.merge != "none":
-    counts = (forward or dispatch.HostBuckets(model)).token_counts(variables, images)
+    counter = forward if isinstance(forward, dispatch.HostBuckets) else \
+        dispatch.HostBuckets(model)
+    counts = counter.token_counts(variables, images)
     groups = dispatch.group_by_tokens(counts, batch)
   else:
     groups = [np.arange(i, min(i + batch, n)) for i in range(0, n, batch)]
