@@ -5,7 +5,7 @@
 # at [8] (STEP@[8] on ViT-B), τ-6899. Every training resumes where it stopped.
 #
 #   bash experiments/compare_camvid_ti.sh train   # the runs missing under $W (hours on 2 cores)
-#   bash experiments/compare_camvid_ti.sh table   # the table, one measuring run (~15 min)
+#   bash experiments/compare_camvid_ti.sh table   # the table, one measuring run (~35 min)
 #
 # Rows: SegViT (2 seeds), DToP-BASE (the BASE checkpoint at step 1500, nothing halting),
 # +DToP@[8], +dCTS, +STEP@[8] with DToP's head, +STEP@[8] with SegViT's stages as exits
