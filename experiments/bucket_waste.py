@@ -40,17 +40,14 @@ def waste(config, counts, ladder, batch, group):
   h, w = config.data.image_size
   p = vit_lib.decode_variant(config.model.variant)["patch_size"]
   caps = supertokens.bucket_capacities((h // p) * (w // p), ladder)
-  n = len(counts)
-  groups = dispatch.group_by_tokens(counts, batch) if group else \
-      [np.arange(i, min(i + batch, n)) for i in range(0, n, batch)]
-  useful, executed = [], []
-  for g in groups:
+  useful, executed, used = [], [], set()
+  for g in dispatch.batch_indices(len(counts), batch, counts if group else None):
     cap = dispatch.pick_capacity(int(np.max(counts[g])), caps)
+    used.add(cap)
     for i in g:
       useful.append(flops.token_macs(config, int(counts[i]))["total"])
       executed.append(flops.token_macs(config, cap)["total"])
-  return float(np.mean(useful)), float(np.mean(executed)), len(
-      {dispatch.pick_capacity(int(np.max(counts[g])), caps) for g in groups})
+  return float(np.mean(useful)), float(np.mean(executed)), len(used)
 
 
 def main(argv):

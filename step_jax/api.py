@@ -34,6 +34,7 @@ import ml_collections
 import numpy as np
 
 from step_jax.evaluation import tokens
+from step_jax.models import inputs
 from step_jax.models import pretrained
 from step_jax.models import segmenter
 from step_jax.models import variables as variables_lib
@@ -208,8 +209,8 @@ def check_pixels(images):
   lies in (0, 1] is refused rather than guessed at). Refused: bool, uint16 (16-bit images),
   values outside 0..255, NaN/Inf, empty images, other shapes.
   """
-  segmenter.check_image_shape(images.shape,
-                              "expected an image [H, W, 3] or a batch [B, H, W, 3]")
+  inputs.check_image_shape(images.shape,
+                           "expected an image [H, W, 3] or a batch [B, H, W, 3]")
   kind = images.dtype
   if kind == bool or not (np.issubdtype(kind, np.integer) or np.issubdtype(kind, np.floating)):
     raise ValueError(f"images have dtype {kind}; expected uint8 (or float) pixels in [0, 255]")
@@ -219,7 +220,7 @@ def check_pixels(images):
   if kind == np.uint8:
     return
   if np.issubdtype(kind, np.floating):
-    segmenter.check_finite(images)
+    inputs.check_finite(images)
   lo, hi = float(images.min()), float(images.max())
   if lo < 0 or hi > 255:
     hint = "; 16-bit? scale to 8 bits first (e.g. x >> 8)" if hi > 255 and hi <= 65535 else ""

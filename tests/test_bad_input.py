@@ -30,6 +30,7 @@ from step_jax.data import datasets
 from step_jax.data import sources
 from step_jax.data.decode import BadRecordError
 from step_jax.models import segmenter
+from step_jax.models import inputs
 from step_jax.models import pretrained
 from step_jax.models import variables as variables_lib
 
@@ -285,8 +286,8 @@ def test_model_rejects_non_finite_pixels_outside_jit(tiny_model):
   with pytest.raises(ValueError, match=r"images contain 2 NaN/Inf values \(of 3072\)"):
     tiny_model.init(jax.random.key(0), images)
   with pytest.raises(ValueError, match="NaN/Inf"):
-    segmenter.check_images(images)       # the host-side check for jitted callers
-  segmenter.check_images(np.zeros((1, 32, 32, 3), np.uint8))
+    inputs.check_images(images)       # the host-side check for jitted callers
+  inputs.check_images(np.zeros((1, 32, 32, 3), np.uint8))
 
 
 ################################################################################

@@ -39,6 +39,14 @@ def group_by_tokens(counts, batch):
   return [order[i:i + batch] for i in range(0, len(order), batch)]
 
 
+def batch_indices(n, batch, counts=None):
+  """Indices of n images in batches of `batch` (the last may be short): in input order, or
+  grouped by token count when `counts` are given."""
+  if counts is not None:
+    return group_by_tokens(counts, batch)
+  return [np.arange(i, min(i + batch, n)) for i in range(0, n, batch)]
+
+
 class HostBuckets:
   """`model.apply(variables, images)` with the capacities chosen on the host (module doc).
 
@@ -70,10 +78,6 @@ class HostBuckets:
     self.calls[key] = self.calls.get(key, 0) + 1
     return self._compiled[key](*args)
 
-  def capacities(self, grid):
-    """The supertoken capacities of the model's ladder (`model.buckets`)."""
-    return self.model.capacities(grid)
-
   def __call__(self, variables, images):
     m = self.model
     grid = m.grid(images)
@@ -81,7 +85,7 @@ class HostBuckets:
     level, cap = None, n
     if m.merge != "none":
       level, count = self._run("merge", self._count, {}, variables, images)
-      cap = pick_capacity(int(np.max(np.asarray(count))), self.capacities(grid))
+      cap = pick_capacity(int(np.max(np.asarray(count))), m.capacities(grid))
     if not m.exit_layers or m.exit_mode != "compact":
       if m.merge == "none":
         return self._run("model", lambda v, x: m.apply(v, x), {}, variables, images)

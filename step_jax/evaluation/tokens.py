@@ -57,14 +57,12 @@ def batches_of(model, variables, images, batch, group=False, forward=None):
   """Index batches of `batch` images (the last tiled to full size from the first images, so
   that every call has one shape); `group`: ordered by token count first
   (dispatch.group_by_tokens), so each batch's capacity is close to its images' counts."""
-  n = len(images)
+  n, counts = len(images), None
   if group and model.merge != "none":
     counter = forward if isinstance(forward, dispatch.HostBuckets) else \
         dispatch.HostBuckets(model)
     counts = counter.token_counts(variables, images)
-    groups = dispatch.group_by_tokens(counts, batch)
-  else:
-    groups = [np.arange(i, min(i + batch, n)) for i in range(0, n, batch)]
+  groups = dispatch.batch_indices(n, batch, counts)
   pad = lambda g: np.concatenate([g, np.resize(np.arange(n), batch - len(g))]) if len(g) < batch \
       else g
   return [pad(np.asarray(g)) for g in groups]
