@@ -104,7 +104,8 @@ def model_config(variant, res):
       scan_blocks=False,
       # Inference: capacity buckets chosen on device in the one program ('device'), or on
       # the host between programs compiled on first use ('host', evaluation/dispatch.py;
-      # affordable with a fine ladder, e.g. buckets = segmenter.geometric_buckets(1.05)).
+      # affordable with a fine ladder, e.g. buckets = segmenter.geometric_buckets(1.05)), or
+      # 'host_split': the same, each image in its own capacity after the first exit.
       bucket_dispatch="device",
       posemb_grid=(res // patch, res // patch), pixel_mean=(127.5,) * 3, pixel_std=(127.5,) * 3))
 

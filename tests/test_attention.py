@@ -107,7 +107,8 @@ def test_fused_model_gradients_equal_einsum_model(case):
 def _compare(kw, grads):
   images, labels = _images(), _labels()
   ref, fused = _model("einsum", **kw), _model("xla", **kw)
-  params = _model("einsum", **kw).init(jax.random.key(0), images, labels=labels)
+  params = jax.jit(lambda k: _model("einsum", **kw).init(k, images, labels=labels))(
+      jax.random.key(0))   # compiled: eagerly every op of the init compiles on its own
   if "exits" in kw:  # τ = the median first-exit confidence: about half of the tokens halt
     aux = jax.jit(_model("einsum", **kw).apply)(params, images, labels=labels)[0]["aux"][0]
     conf, _ = early_exit.token_confidence(
@@ -142,7 +143,7 @@ def test_fused_bf16_agrees_with_fp32_einsum():
   """bf16 on the fused path within the project's stated bf16 tolerances (tests/
   test_bad_input.py): logits within 2 % of their largest fp32 magnitude."""
   images = _images()
-  params = _model("einsum").init(jax.random.key(0), images)
+  params = jax.jit(_model("einsum").init)(jax.random.key(0), images)
   o32, _ = jax.jit(_model("einsum").apply)(params, images)
   o16, _ = jax.jit(_model("xla", dtype=jnp.bfloat16).apply)(params, images)
   for k in ("pred_logits", "pred_masks"):

@@ -1,8 +1,10 @@
 """The benchmark reports consistent numbers (it is a tool, so only its bookkeeping is tested)."""
 import numpy as np
+import pytest
 
 from configs import step as step_configs
 from step_jax.analysis import benchmark
+from step_jax.evaluation import tokens
 
 
 def _cfg(method, **kw):
@@ -23,6 +25,7 @@ def test_measure_dtop_compaction_counts_fewer_flops_than_segvit():
                            exit_share=0.5)
   for r in (base, dtop):
     assert r["ms_per_image_min"] <= r["ms_per_image_median"] <= r["ms_per_image_max"]
+    assert r["ms_per_image_min"] <= r["ms_per_image_mean"] <= r["ms_per_image_max"]
     assert r["gflops_executed"] >= r["gflops_useful"] > 0
     assert r["weights"] == "random" and r["images"] == 3
   assert base["mean_tokens_per_stage"] == [16.0]
@@ -37,3 +40,14 @@ def test_measure_dtop_compaction_counts_fewer_flops_than_segvit():
   # SegViT's stages as exits cost no extra head, and half the tokens skip blocks 3-4: fewer
   # FLOPs than SegViT, useful and executed.
   assert dtop["gflops_useful"] < dtop["gflops_executed"] < base["gflops_useful"]
+
+
+def test_exit_calibration_never_halts_more_than_the_share_on_ties():
+  """Random heads can saturate many tokens to one confidence: the quantile alone would then
+  halt every tied token (a 40 % request once halted 99.8 % at ViT-B/16)."""
+  spread = np.linspace(0, 1, 101, dtype=np.float32)
+  tau = tokens._threshold_for_share(spread, 0.4)   # pylint: disable=protected-access
+  assert np.mean(spread >= tau) == pytest.approx(0.4, abs=0.011)
+  tied = np.concatenate([np.full(90, 0.7, np.float32), np.linspace(0, .5, 10, dtype=np.float32)])
+  tau = tokens._threshold_for_share(tied, 0.4)     # pylint: disable=protected-access
+  assert np.mean(tied >= tau) <= 0.4

@@ -55,8 +55,8 @@ def _labels(images):
 
 
 @functools.lru_cache(maxsize=None)
-def _params(design="dtop"):
-  return make_model(design=design).init(jax.random.key(0), _images())
+def _params(design="dtop"):   # one compiled init (eagerly, every op compiles on its own)
+  return jax.jit(make_model(design=design).init)(jax.random.key(0), _images())
 
 
 def _median_tau(params, images, design="dtop"):

@@ -363,12 +363,12 @@ def test_shifted_depthwise_equals_grouped_conv(padding):
     x = jax.random.normal(jax.random.key(0), (2, h, w, 6))
     kern = jax.random.normal(jax.random.key(1), (k, k, 1, 6))
     f = lambda impl: (lambda a, b: E.depthwise_conv(a, b, stride, padding, impl))
-    ref, got = f("conv")(x, kern), f("shifted")(x, kern)
-    assert ref.shape == got.shape
+    ref, got = jax.jit(f("conv"))(x, kern), jax.jit(f("shifted"))(x, kern)  # eagerly, each
+    assert ref.shape == got.shape                                         # op would compile
     np.testing.assert_allclose(got, ref, atol=1e-5)
     loss = lambda impl: (lambda a, b: jnp.sum(jnp.sin(f(impl)(a, b))))
-    for g_ref, g_got in zip(jax.grad(loss("conv"), (0, 1))(x, kern),
-                            jax.grad(loss("shifted"), (0, 1))(x, kern)):
+    grad = lambda impl: jax.jit(jax.grad(loss(impl), (0, 1)))(x, kern)
+    for g_ref, g_got in zip(grad("conv"), grad("shifted")):
       np.testing.assert_allclose(g_got, g_ref, atol=1e-4)
   with pytest.raises(ValueError, match="impl"):
     E.depthwise_conv(x, kern, 1, padding, "fft")

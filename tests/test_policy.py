@@ -70,20 +70,21 @@ def test_unseen_window_sizes_never_merge_on_larger_images():
   """A policy initialised on 64x64 crops has no 8x8/16x16 heads; add_unseen_sizes lets it run
   on 256x256 images with the trained heads unchanged and the new ones never merging."""
   net = policy_lib.PolicyNet(source="pypi", hidden=8)
+  init, apply = jax.jit(net.init), jax.jit(net.apply)   # eager ops would compile one by one
   small = jnp.zeros((1, 64, 64, 3))
-  variables = net.init(jax.random.key(0), small)
+  variables = init(jax.random.key(0), small)
   assert "logit_8" not in variables["params"] and "logit_4" in variables["params"]
   big = jax.random.uniform(jax.random.key(1), (1, 256, 256, 3), maxval=255)
   with pytest.raises(flax.errors.ScopeParamNotFoundError, match="hidden_8|logit_8"):
-    net.apply(variables, big)
+    apply(variables, big)
   full = dict(variables, params=policy_lib.add_unseen_sizes(variables["params"]))
-  out = net.apply(full, big)
+  out = apply(full, big)
   assert {k: v.shape for k, v in out.items()} == {2: (1, 8, 8), 4: (1, 4, 4), 8: (1, 2, 2),
                                                   16: (1, 1, 1)}
   assert np.all(np.asarray(jax.nn.sigmoid(out[8])) < 1e-9)
   assert np.all(np.asarray(jax.nn.sigmoid(out[16])) < 1e-9)
-  ref = net.init(jax.random.key(0), big)   # same key: the 2/4 heads have the same weights
-  np.testing.assert_allclose(out[2], net.apply(
+  ref = init(jax.random.key(0), big)   # same key: the 2/4 heads have the same weights
+  np.testing.assert_allclose(out[2], apply(
       dict(ref, params=dict(ref["params"], **variables["params"])), big)[2], atol=1e-5)
   assert policy_lib.add_unseen_sizes(full["params"]) is full["params"]  # nothing to add
 

@@ -1,4 +1,6 @@
 """dCTS/CTS invariants: partitions, exactness at τ = 1, padding, un-sharing, buckets, jit."""
+import functools
+
 from configs import common
 import flax.linen as nn
 import jax
@@ -163,6 +165,11 @@ def make_model(merge="none", **kw):
   return segmenter.Segmenter(backbone, head, (2, 3), merge=merge, **kw)
 
 
+def _init(model, images, **kw):
+  """Variables from one compiled init (run eagerly, every op would compile on its own)."""
+  return jax.jit(functools.partial(model.init, **kw))(jax.random.key(0), images)
+
+
 def _images(b=2, h=128, w=96, seed=0):
   return jax.random.uniform(jax.random.key(seed), (b, h, w, 3), minval=0, maxval=255)
 
@@ -170,7 +177,7 @@ def _images(b=2, h=128, w=96, seed=0):
 def test_threshold_one_gives_the_plain_vit_exactly():
   images = _images()
   plain = make_model()
-  params = plain.init(jax.random.key(0), images)
+  params = _init(plain, images)
   ref, _ = jax.jit(plain.apply)(params, images)
   dcts = make_model("dcts", thresholds=(1.0,) * 4, policy=ConstPolicy(50.0))  # σ(50) = 1.0
   p2 = {"params": dict(params["params"], policy={"bias": jnp.zeros(())})}
@@ -193,7 +200,7 @@ def _oracle_labels(b=2, h=128, w=96):
 def test_padding_tokens_never_change_valid_outputs():
   images, labels = _images(), _oracle_labels()
   model = make_model("oracle", buckets=(1.0,))
-  params = model.init(jax.random.key(0), images, labels=labels)
+  params = _init(model, images, labels=labels)
   full, info = jax.jit(lambda p: model.apply(p, images, labels=labels))(params)  # capacity 48
   n = int(np.max(info["num_tokens"]))
   assert n < 48
@@ -205,7 +212,7 @@ def test_padding_tokens_never_change_valid_outputs():
 def test_bucket_switch_jits_once_and_picks_the_smallest_bucket():
   images, labels = _images(), _oracle_labels()
   model = make_model("oracle", buckets=(0.25, 0.5, 0.75, 1.0))
-  params = model.init(jax.random.key(0), images, labels=labels)
+  params = _init(model, images, labels=labels)
   fwd = jax.jit(lambda p, im, lab: model.apply(p, im, labels=lab))
   out, info = fwd(params, images, labels)
   caps = st.bucket_capacities(48, (0.25, 0.5, 0.75, 1.0))
@@ -225,7 +232,7 @@ def test_bucket_switch_jits_once_and_picks_the_smallest_bucket():
 def test_forward_is_differentiable_wrt_vit_params():
   images, labels = _images(), _oracle_labels()
   model = make_model("oracle", buckets=(0.5, 1.0))
-  params = model.init(jax.random.key(0), images, labels=labels)
+  params = _init(model, images, labels=labels)
 
   def loss(p):
     out, _ = model.apply(p, images, labels=labels)
@@ -241,7 +248,7 @@ def test_forward_is_differentiable_wrt_vit_params():
 def test_policy_frozen_and_fewer_tokens_with_lower_thresholds():
   images = _images()
   model = make_model("dcts", thresholds=(0.4, 0.9, 0.9, 0.9), policy=ConstPolicy(0.0))
-  params = model.init(jax.random.key(0), images)   # σ(0) = .5: only 2x2 windows pass τ=.4
+  params = _init(model, images)   # σ(0) = .5: only 2x2 windows pass τ=.4
   _, info = jax.jit(model.apply)(params, images)
   assert np.all(np.asarray(info["num_tokens"]) == 48 // 4)
   g = jax.jit(jax.grad(lambda p: jnp.sum(model.apply(p, images)[0]["pred_masks"])))(params)
@@ -254,7 +261,7 @@ def test_cts_share_scales_k_with_the_grid():
     images = _images(1, h, w)
     windows = (h // 32) * (w // 32)
     model = make_model("cts", cts_shared=0.4, policy=ConstPolicy(0.0))
-    params = model.init(jax.random.key(0), images)
+    params = _init(model, images)
     _, info = jax.jit(model.apply)(params, images)
     k = round(0.4 * windows)
     assert int(info["num_tokens"][0]) == (h // 16) * (w // 16) - 3 * k

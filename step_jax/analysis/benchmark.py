@@ -59,18 +59,21 @@ def measure(config, variables=None, images=None, *, batch=1, dtype="fp32", reps=
 
   The images run `batch` at a time (`group`: batches of similar token counts); call k of the
   `warmup` + `reps` calls takes batch k of them, cyclically. dispatch: 'device' (the one
-  jitted program; its buckets chosen by lax.switch) or 'host' (dispatch.HostBuckets:
-  capacities chosen on the host, each compiled on first use; every batch runs once untimed
-  first, so that timed calls never compile); default config.model.bucket_dispatch.
+  jitted program; its buckets chosen by lax.switch), 'host' (dispatch.HostBuckets:
+  capacities chosen on the host, each compiled on first use) or 'host_split' (the same, each
+  image alone after the first exit, in its own capacity); on the host every batch runs once
+  untimed first, so that timed calls never compile, and stands for the warmup; default
+  config.model.bucket_dispatch.
   """
   config, model, variables, prepared = prepare(config, dtype, variables, images, exit_share)
   weights = weights if prepared == "given" else prepared
   dispatch = dispatch or config.model.get("bucket_dispatch", "device")
-  if dispatch not in ("device", "host"):
-    raise ValueError(f"bucket dispatch {dispatch!r}: use 'device' or 'host'")
+  if dispatch not in ("device", "host", "host_split"):
+    raise ValueError(f"bucket dispatch {dispatch!r}: use 'device', 'host' or 'host_split'")
   hw = tuple(config.data.image_size)
   images = np.asarray(images)
-  host = dispatch_lib.HostBuckets(model) if dispatch == "host" else None
+  host = None if dispatch == "device" else dispatch_lib.HostBuckets(
+      model, split_exits=dispatch == "host_split")
   batches = tokens.batches_of(model, variables, images, batch, group, host)
   scores = jax.jit(lambda out: segmenter.predict_scores(out, hw))
 
@@ -84,18 +87,19 @@ def measure(config, variables=None, images=None, *, batch=1, dtype="fp32", reps=
     for idx in batches:   # compiles every program these batches need
       jax.block_until_ready(call(variables, images[idx]))
     compile_s, programs = sum(host.compile_s.values()), len(host.compile_s)
-    warmup = 0
   else:
     call = jax.jit(fwd).lower(variables, images[batches[0]]).compile()
     compile_s, programs = time.perf_counter() - t0, 1
-  for k in range(warmup):
-    jax.block_until_ready(call(variables, images[batches[k % len(batches)]]))
-  times = []
+    for k in range(warmup):
+      jax.block_until_ready(call(variables, images[batches[k % len(batches)]]))
+  times, timed = [], 0
+  # Both dispatches time the same batches (their token counts, hence their cost, differ).
   for k in range(reps):
     x = images[batches[(warmup + k) % len(batches)]]
     t = time.perf_counter()
     jax.block_until_ready(call(variables, x))
     times.append(time.perf_counter() - t)
+    timed += len(x)
   # The token statistics run the same batches: on device through the program just timed.
   forward = host or (lambda v, x: (None, call(v, x)[1]))
   stats = tokens.token_stats(config, model, variables, images, batch=batch, group=group,
@@ -115,7 +119,7 @@ def measure(config, variables=None, images=None, *, batch=1, dtype="fp32", reps=
       dtype=dtype, batch=batch, weights=weights,
       images_per_s=batch / statistics.median(times),
       ms_per_image_median=statistics.median(ms), ms_per_image_min=min(ms),
-      ms_per_image_max=max(ms), compile_s=compile_s, programs_compiled=programs,
+      ms_per_image_max=max(ms), ms_per_image_mean=1000 * sum(times) / timed, compile_s=compile_s, programs_compiled=programs,
       bucket_dispatch=dispatch, peak_bytes=mem,
       exit_threshold=np.atleast_1d(model.exit_threshold).round(4).tolist()
       if model.exit_layers else None,

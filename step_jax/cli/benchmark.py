@@ -42,8 +42,9 @@ def run():
   flags.DEFINE_integer("num_images", 8, "How many images to use.")
   flags.DEFINE_float("exit_share", -1.0, "Calibrate exit thresholds to halt this "
                      "share of active tokens per exit (random exit heads).")
-  flags.DEFINE_enum("dispatch", None, ["device", "host"], "Bucket choice: in the one program "
-                    "or on the host (default: config.model.bucket_dispatch).")
+  flags.DEFINE_enum("dispatch", None, ["device", "host", "host_split"],
+                    "Bucket choice: in the one program, on the host, or on the host with each "
+                    "image alone after the first exit (default: config.model.bucket_dispatch).")
   flags.DEFINE_bool("group_by_tokens", False, "Batch images of similar token counts.")
   common.list_flags_in_help(__name__)
   taken = common.take_config_args()

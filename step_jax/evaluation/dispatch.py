@@ -18,6 +18,7 @@ keeps the batch's capacity (set by its largest count) close to every image's own
 import time
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 
 from step_jax.models import segmenter as segmenter_lib
@@ -50,12 +51,18 @@ def batch_indices(n, batch, counts=None):
 class HostBuckets:
   """`model.apply(variables, images)` with the capacities chosen on the host (module doc).
 
+  split_exits: after the first exit every image continues alone, in the smallest capacity
+  that holds its own active tokens. Halting differs from image to image much more than the
+  merge does, so in a batch the image that halts least would otherwise set everyone's
+  capacity; the price is a batch-1 program per later segment.
+
   Attributes after calls: `compile_s`, seconds spent compiling each (program, capacity, batch
   shape); `calls`, how many batches each ran.
   """
 
-  def __init__(self, model):
+  def __init__(self, model, split_exits=False):
     self.model = model
+    self.split_exits = split_exits
     self.compile_s, self.calls, self._compiled = {}, {}, {}
     self._count = lambda v, x: model.apply(v, x, method=segmenter_lib.Segmenter.token_count)
     self._whole = lambda v, x, level, capacity: model.apply(v, x, level=level,
@@ -91,11 +98,21 @@ class HostBuckets:
         return self._run("model", lambda v, x: m.apply(v, x), {}, variables, images)
       return self._run("model", self._whole, dict(capacity=cap), variables, images, level)
     state = self._run("segment 1", self._begin, dict(capacity=cap), variables, images, level)
+    caps = supertokens.bucket_capacities(cap, m.exit_buckets, multiple=8)
+    parts = [state]
+    if self.split_exits and len(images) > 1:   # one image each (0-d leaves are shared)
+      parts = [jax.tree.map(lambda a, i=i: a[i:i + 1] if a.ndim else a, state)
+               for i in range(len(images))]
     for s in range(1, len(m.exit_layers) + 1):
-      active = int(np.max(np.asarray(state["active"]).sum(-1)))
-      caps = supertokens.bucket_capacities(cap, m.exit_buckets, multiple=8)
-      state = self._run(f"segment {s + 1}", self._segment,
-                        dict(s=s, capacity=pick_capacity(active, caps)), variables, state)
+      for i, part in enumerate(parts):
+        active = int(np.max(np.asarray(part["active"]).sum(-1)))
+        parts[i] = self._run(f"segment {s + 1}", self._segment,
+                             dict(s=s, capacity=pick_capacity(active, caps)), variables, part)
+    if len(parts) > 1:   # per-image capacities become [B] per stage
+      state = jax.tree.map(lambda *a: jnp.concatenate(a) if a[0].ndim else jnp.stack(a),
+                           *parts)
+    else:
+      state = parts[0]
     return self._run("finish", self._end, {}, variables, state, images, level)
 
   def token_counts(self, variables, images):

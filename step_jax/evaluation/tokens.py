@@ -49,8 +49,18 @@ def calibrate_exits(model, variables, images, share, *, labels=None):
         aux["pred_logits"], aux["pred_masks"].reshape(aux["pred_masks"].shape[:2] + (-1,)))
     # Cells still active at exit s (with supertokens a token counts once per covered cell).
     alive = np.asarray(info["halt_stage"]).reshape(conf.shape) >= s
-    taus.append(float(np.quantile(np.asarray(conf)[alive], 1 - share)))
+    taus.append(_threshold_for_share(np.asarray(conf)[alive], share))
   return tuple(taus)
+
+
+def _threshold_for_share(conf, share):
+  """The threshold at which at most `share` of `conf` halts (conf >= threshold): the
+  quantile, or just above it when ties there would halt more (random heads can saturate many
+  tokens to one confidence; the quantile would then halt all of them)."""
+  tau = float(np.quantile(conf, 1 - share))
+  if np.mean(conf >= tau) > share:
+    tau = float(np.nextafter(np.float32(tau), np.float32(np.inf)))
+  return tau
 
 
 def batches_of(model, variables, images, batch, group=False, forward=None):
@@ -86,11 +96,13 @@ def token_stats(config, model, variables, images, *, batch=1, group=False, forwa
         continue
       seen.add(int(i))
       n_tok = float(np.asarray(info.get("num_tokens", [n_full] * len(idx)))[j])
-      cap = float(info.get("capacity", n_full))
+      # One capacity per batch, or per image ([B]) when HostBuckets splits after the merge.
+      own = lambda c: float(np.asarray(c).reshape(-1)[j if np.size(c) > 1 else 0])
+      cap = own(info.get("capacity", n_full))
       if model.exit_layers:
         active = [float(a) for a in np.asarray(info["active_tokens"])[j]]
         caps = [cap] * len(active) if model.exit_mode == "mask" else \
-            [cap] + [float(c) for c in np.asarray(info["stage_capacity"])[1:]]
+            [cap] + [own(c) for c in np.asarray(info["stage_capacity"])[1:]]
       else:
         active = caps = None
       stage_tokens.append(active or [n_tok])
