@@ -114,7 +114,8 @@ def main(argv):
                  executed_over_useful=r["executed_over_useful"],
                  ms_per_image=round(r["ms_per_image_median"], 1),
                  ms_per_image_mean=round(r["ms_per_image_mean"], 1), timed_calls=reps,
-                 method=r["method"], variant=r["variant"], image_size=r["image_size"], images=len(images),
+                 method=r["method"], variant=r["variant"], image_size=r["image_size"],
+                 images=len(images),
                  weights=r["weights"], device=r["device"])
       print(json.dumps(row), flush=True)
       if f.out:

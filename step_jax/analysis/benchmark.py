@@ -119,7 +119,8 @@ def measure(config, variables=None, images=None, *, batch=1, dtype="fp32", reps=
       dtype=dtype, batch=batch, weights=weights,
       images_per_s=batch / statistics.median(times),
       ms_per_image_median=statistics.median(ms), ms_per_image_min=min(ms),
-      ms_per_image_max=max(ms), ms_per_image_mean=1000 * sum(times) / timed, compile_s=compile_s, programs_compiled=programs,
+      ms_per_image_max=max(ms), ms_per_image_mean=1000 * sum(times) / timed,
+      compile_s=compile_s, programs_compiled=programs,
       bucket_dispatch=dispatch, peak_bytes=mem,
       exit_threshold=np.atleast_1d(model.exit_threshold).round(4).tolist()
       if model.exit_layers else None,
