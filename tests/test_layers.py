@@ -10,12 +10,12 @@ import pytest
 ROOT = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "step_jax")
 LAYERS = ("runtime", "models", "data", "evaluation", "training", "analysis", "api", "interop",
           "cli")
-# The package root only re-exports the api lazily (importing step_jax stays free of JAX).
+# The package root is the top layer: it re-exports the Python API.
 ROOT_LAYER = len(LAYERS)
 # Imports allowed inside functions: optional or heavy dependencies that most runs never need.
 LAZY_OK = ("torch", "tensorflow", "tensorflow_datasets", "matplotlib", "safetensors",
            "jax.experimental.jax2tf", "step_jax.data.tfds_ade20k",
-           "step_jax.data.tfds_coco_stuff10k", "step_jax.api")
+           "step_jax.data.tfds_coco_stuff10k")
 
 
 def _modules():
