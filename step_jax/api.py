@@ -33,6 +33,7 @@ import jax.numpy as jnp
 import ml_collections
 import numpy as np
 
+from step_jax.evaluation import dispatch as dispatch_lib
 from step_jax.evaluation import tokens
 from step_jax.models import inputs
 from step_jax.models import pretrained
@@ -115,11 +116,15 @@ def inference_fn(model):
   def fn(variables, images, labels=None):
     kw = {} if labels is None else dict(labels=labels)
     outputs, info = model.apply(variables, images, train=False, **kw)
-    scores = segmenter.predict_scores(outputs, images.shape[1:3])
-    out = dict(scores=scores, pred=jnp.argmax(scores, axis=-1).astype(jnp.int32))
-    out.update({k: v for k, v in info.items() if k != "grid"})
-    return out
+    return _outputs(outputs, info, images.shape[1:3])
   return fn
+
+
+def _outputs(outputs, info, hw):
+  scores = segmenter.predict_scores(outputs, hw)
+  out = dict(scores=scores, pred=jnp.argmax(scores, axis=-1).astype(jnp.int32))
+  out.update({k: v for k, v in info.items() if k != "grid"})
+  return out
 
 
 def _read_config(folder):
@@ -191,13 +196,25 @@ def load(path, *, step=None, exported=False):
 ################################################################################
 # Info entries that describe the whole batch (the bucket it ran in), not one image.
 _PER_BATCH = ("capacity", "stage_capacity")
-_JITTED = {}  # id(model) → (model, jitted inference_fn): one compilation per model
+_RUNNERS = {}  # (id(model), dispatch) → (model, runner): programs compile once per model
 
 
-def _jitted(model):
-  hit = _JITTED.get(id(model))
+def _runner(model, dispatch):
+  """inference_fn as one jitted program ('device'), or with the capacity buckets chosen on
+  the host ('host', 'host_split'; evaluation/dispatch.py): the same outputs, less padding."""
+  host = dispatch_lib.host_buckets(model, dispatch)   # checks `dispatch`
+  hit = _RUNNERS.get((id(model), dispatch))
   if hit is None or hit[0] is not model:
-    hit = _JITTED[id(model)] = (model, jax.jit(inference_fn(model)))
+    if host is None:
+      run = jax.jit(inference_fn(model))
+    else:
+      finish = jax.jit(_outputs, static_argnums=2)
+
+      def run(variables, images):
+        outputs, info = host(variables, images)
+        return finish(outputs, {k: v for k, v in info.items() if k != "grid"},
+                      images.shape[1:3])
+    hit = _RUNNERS[(id(model), dispatch)] = (model, run)
   return hit[1]
 
 
@@ -267,7 +284,7 @@ def check_memory(model, batch, height, width):
       "pixels or less, or segment fewer images per call")
 
 
-def segment(model, variables, images, *, labels=None):
+def segment(model, variables, images, *, labels=None, dispatch="device"):
   """(pred, info) for one image [H, W, 3] or a batch [B, H, W, 3] (uint8 or float 0..255).
 
   Inputs are checked on the host first (check_pixels; for the Flax model also check_memory):
@@ -276,6 +293,9 @@ def segment(model, variables, images, *, labels=None):
   Images are padded bottom/right with the pixel mean to the patch grid (the exported model:
   to its fixed input size) and the outputs cropped back, as `evaluate`'s whole mode does;
   token maps cover the padded grid. `labels` ([H, W] / [B, H, W]) feed the 'oracle' merge.
+  `dispatch` ('device', 'host', 'host_split'; the Flax model only): where the token buckets
+  are chosen, see configs/common.py `bucket_dispatch`; the host designs pad less with a fine
+  ladder (`model.clone(buckets=segmenter.geometric_buckets(1.05))`) and compile on first use.
   """
   images = np.asarray(images)
   single = images.ndim == 3
@@ -294,6 +314,9 @@ def segment(model, variables, images, *, labels=None):
   if isinstance(model, ExportedModel):
     if labels is not None:
       raise ValueError("an exported model takes no labels (the oracle merge is not exported)")
+    if dispatch != "device":
+      raise ValueError(f"an exported model is one program: dispatch={dispatch!r} needs the "
+                       "Flax model (step_jax.load without exported=True)")
     hp, wp = model.image_size
     if h > hp or w > wp:
       raise ValueError(f"image {h}x{w} is larger than the exported input {hp}x{wp}; "
@@ -303,7 +326,9 @@ def segment(model, variables, images, *, labels=None):
     patch, exit_layers = model.backbone.patch_size, tuple(model.exit_layers)
     hp, wp = -(-h // patch) * patch, -(-w // patch) * patch
     check_memory(model, images.shape[0], hp, wp)
-    mean, run = model.pixel_mean, _jitted(model)
+    if labels is not None and dispatch != "device":
+      raise ValueError(f"labels (the oracle merge) need dispatch='device', not {dispatch!r}")
+    mean, run = model.pixel_mean, _runner(model, dispatch)
   x = np.empty((images.shape[0], hp, wp, 3), np.float32)
   x[...] = np.asarray(mean, np.float32)
   x[:, :h, :w] = images

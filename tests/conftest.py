@@ -23,3 +23,14 @@ if not jax.config.jax_compilation_cache_dir:
 from absl import flags  # noqa: E402
 
 flags.FLAGS.mark_as_parsed()  # grain workers and absl-using code read flags
+
+# The heaviest files first: with two xdist workers taking whole files in order, a heavy
+# file left for the end would run alone while the other worker idles.
+HEAVY_FIRST = ("test_train_step.py", "test_dispatch.py", "test_early_exit.py",
+               "test_attention.py", "test_bad_input.py", "test_train.py")
+
+
+def pytest_collection_modifyitems(items):
+  rank = lambda item: (HEAVY_FIRST.index(item.path.name) if item.path.name in HEAVY_FIRST
+                       else len(HEAVY_FIRST))
+  items.sort(key=rank)   # stable: the tests of a file keep their order

@@ -94,7 +94,9 @@ def _slow(*names):  # bucket switches compile for minutes on 2 cores; step_atm c
   return [pytest.param(n, marks=pytest.mark.slow) if n in names else n for n in sorted(CASES)]
 
 
-@pytest.mark.parametrize("case", _slow("supertokens", "dtop_compact"))
+# The gradient test below checks the forward first, so by default this runs with -m slow
+# only; the key mask that bucket padding relies on is checked at the layer level above.
+@pytest.mark.parametrize("case", _slow(*CASES))
 def test_fused_model_equals_einsum_model(case):
   _compare(CASES[case], grads=False)
 

@@ -1,10 +1,13 @@
 """Host-dispatched buckets: the same outputs as the one-program model, only the capacities a
 batch needs compiled, the smallest capacity that holds the batch, grouping by token count."""
+import functools
+
 import jax
 import numpy as np
 import pytest
 
 from configs import step as step_configs
+from step_jax import api
 from step_jax.analysis import benchmark
 from step_jax.evaluation import dispatch
 from step_jax.evaluation import tokens
@@ -12,13 +15,16 @@ from step_jax.models import segmenter
 from step_jax.models import supertokens
 
 
-def _prepared(method, exit_head="dtop", exit_mode="compact", buckets=(0.5, 1.0)):
+@functools.lru_cache(maxsize=None)
+def _prepared_once(method, exit_head, exit_mode):
+  """Variables, calibrated model and images, once per module: the buckets change no value."""
   cfg = step_configs.get_config(f"method={method},variant=Mu/16,dataset=synthetic,smoke,"
                                 f"tau=0.5-0.9-0.9-0.9,exits=1-2,exit_head={exit_head}")
   cfg.data.image_size = (128, 128)
   # keep_top_k=1: a token stays active per class, so no image halts entirely (its last head
   # would then attend to no token, whose output depends on the slots of the bucket).
-  cfg.model.update(posemb_grid=(8, 8), buckets=buckets, exit_buckets=buckets, keep_top_k=1,
+  ladder = (0.5, 0.75, 1.0)   # few device programs
+  cfg.model.update(posemb_grid=(8, 8), buckets=ladder, exit_buckets=ladder, keep_top_k=1,
                    exit_mode=exit_mode)
   images = tokens.load_images(cfg, "", 4)
   _, _, variables, _ = benchmark.prepare(cfg, images=images)
@@ -30,14 +36,18 @@ def _prepared(method, exit_head="dtop", exit_mode="compact", buckets=(0.5, 1.0))
   return model, variables, images
 
 
+def _prepared(method, exit_head="dtop", exit_mode="compact", buckets=(0.5, 0.75, 1.0)):
+  model, variables, images = _prepared_once(method, exit_head, exit_mode)
+  return model.clone(buckets=tuple(buckets), exit_buckets=tuple(buckets)), variables, images
+
+
 @pytest.mark.parametrize("method,exit_head,exit_mode", [
     ("step", "dtop", "compact"),      # supertokens + DToP exits: programs in sequence
     pytest.param("dtop", "atm", "compact", marks=pytest.mark.slow),  # no supertokens
     pytest.param("step", "atm", "mask", marks=pytest.mark.slow),  # one program per capacity
 ])
 def test_host_buckets_give_the_one_program_outputs(method, exit_head, exit_mode):
-  model, variables, images = _prepared(method, exit_head, exit_mode,
-                                       buckets=(0.5, 0.75, 1.0))  # few device programs
+  model, variables, images = _prepared(method, exit_head, exit_mode)
   want, want_info = jax.jit(model.apply)(variables, images)
   host = dispatch.HostBuckets(model)
   got, info = host(variables, images)
@@ -68,6 +78,14 @@ def test_host_buckets_give_the_one_program_outputs(method, exit_head, exit_mode)
         assert own[s, i] == dispatch.pick_capacity(
             int(np.asarray(split_info["active_tokens"])[i, s]), ladder)
       assert own[s].max() == np.asarray(info["stage_capacity"])[s]
+    # The Python API with the same dispatch: the one program's classes and halt map.
+    pred, api_info = api.segment(model, variables, images, dispatch="host_split")
+    want_scores = segmenter.predict_scores(want, images.shape[1:3])
+    np.testing.assert_allclose(api_info["scores"], want_scores, atol=2e-4)
+    np.testing.assert_array_equal(pred, np.argmax(api_info["scores"], -1))
+    np.testing.assert_array_equal(api_info["halt_stage"], want_info["halt_stage"])
+    with pytest.raises(ValueError, match="bucket dispatch 'gpu'"):
+      api.segment(model, variables, images, dispatch="gpu")
 
 
 def test_only_the_capacities_used_are_compiled_and_then_reused():
@@ -97,7 +115,7 @@ def test_pick_capacity_and_group_by_tokens():
 
 
 def test_batched_token_stats_grouping_and_the_host_benchmark():
-  ladder = (0.5, 0.75, 1.0)   # few device programs
+  ladder = (0.5, 0.75, 1.0)
   model, variables, images = _prepared("dcts", buckets=ladder)
   images = np.concatenate([images, images[::-1]])[:6]   # 6 images, 2 batches of 3
   cfg = step_configs.get_config("method=dcts,variant=Mu/16,dataset=synthetic,smoke,"

@@ -68,12 +68,9 @@ def measure(config, variables=None, images=None, *, batch=1, dtype="fp32", reps=
   config, model, variables, prepared = prepare(config, dtype, variables, images, exit_share)
   weights = weights if prepared == "given" else prepared
   dispatch = dispatch or config.model.get("bucket_dispatch", "device")
-  if dispatch not in ("device", "host", "host_split"):
-    raise ValueError(f"bucket dispatch {dispatch!r}: use 'device', 'host' or 'host_split'")
+  host = dispatch_lib.host_buckets(model, dispatch)
   hw = tuple(config.data.image_size)
   images = np.asarray(images)
-  host = None if dispatch == "device" else dispatch_lib.HostBuckets(
-      model, split_exits=dispatch == "host_split")
   batches = tokens.batches_of(model, variables, images, batch, group, host)
   scores = jax.jit(lambda out: segmenter.predict_scores(out, hw))
 

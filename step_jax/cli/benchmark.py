@@ -13,6 +13,7 @@ from ml_collections import config_flags
 
 from step_jax.analysis import benchmark
 from step_jax.cli import common
+from step_jax.evaluation import dispatch
 
 
 def main(argv, taken=("", [])):
@@ -42,7 +43,7 @@ def run():
   flags.DEFINE_integer("num_images", 8, "How many images to use.")
   flags.DEFINE_float("exit_share", -1.0, "Calibrate exit thresholds to halt this "
                      "share of active tokens per exit (random exit heads).")
-  flags.DEFINE_enum("dispatch", None, ["device", "host", "host_split"],
+  flags.DEFINE_enum("dispatch", None, list(dispatch.DISPATCHES),
                     "Bucket choice: in the one program, on the host, or on the host with each "
                     "image alone after the first exit (default: config.model.bucket_dispatch).")
   flags.DEFINE_bool("group_by_tokens", False, "Batch images of similar token counts.")

@@ -25,6 +25,19 @@ from step_jax.models import segmenter as segmenter_lib
 from step_jax.models import supertokens
 
 
+# Where the capacity buckets are chosen (`model.bucket_dispatch`): in the one jitted program
+# by lax.switch, on the host (HostBuckets), or on the host with each image in its own
+# capacity after the first exit (HostBuckets(split_exits=True)).
+DISPATCHES = ("device", "host", "host_split")
+
+
+def host_buckets(model, dispatch):
+  """HostBuckets for 'host' / 'host_split'; None for 'device' (the one jitted program)."""
+  if dispatch not in DISPATCHES:
+    raise ValueError(f"bucket dispatch {dispatch!r}: use one of {', '.join(DISPATCHES)}")
+  return None if dispatch == "device" else HostBuckets(model, dispatch == "host_split")
+
+
 def pick_capacity(count, capacities):
   """The smallest of the sorted `capacities` that holds `count` tokens."""
   i = int(np.searchsorted(np.asarray(capacities), count, side="left"))
