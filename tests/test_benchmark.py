@@ -51,3 +51,10 @@ def test_exit_calibration_never_halts_more_than_the_share_on_ties():
   tied = np.concatenate([np.full(90, 0.7, np.float32), np.linspace(0, .5, 10, dtype=np.float32)])
   tau = tokens._threshold_for_share(tied, 0.4)     # pylint: disable=protected-access
   assert np.mean(tied >= tau) <= 0.4
+  # The threshold lies between two confidences, never on one (float noise would flip it).
+  for conf in (spread, tied, np.random.default_rng(0).random(1000, np.float32)):
+    for share in (0.0, 0.1, 0.4, 1.0):
+      tau = tokens._threshold_for_share(conf, share)   # pylint: disable=protected-access
+      assert not np.any(conf == np.float32(tau)) and np.mean(conf > tau) <= share + 1e-9
+  everything = tokens._threshold_for_share(spread, 1.0)   # pylint: disable=protected-access
+  assert np.mean(spread > everything) == 1.0

@@ -48,7 +48,10 @@ def _prepared(method, exit_head="dtop", exit_mode="compact", buckets=(0.5, 0.75,
 ])
 def test_host_buckets_give_the_one_program_outputs(method, exit_head, exit_mode):
   model, variables, images = _prepared(method, exit_head, exit_mode)
-  want, want_info = jax.jit(model.apply)(variables, images)
+  # The reference: the one program with a single capacity (the buckets change no value, see
+  # test_supertokens/test_early_exit), so that it compiles one encoder, not 3 x 3.
+  want, want_info = jax.jit(model.clone(buckets=(1.0,), exit_buckets=(1.0,)).apply)(
+      variables, images)
   host = dispatch.HostBuckets(model)
   got, info = host(variables, images)
   jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, atol=2e-4), got, want)
@@ -59,7 +62,6 @@ def test_host_buckets_give_the_one_program_outputs(method, exit_head, exit_mode)
     caps = model.capacities((8, 8))
     assert int(info["capacity"]) == dispatch.pick_capacity(
         int(np.max(want_info["num_tokens"])), caps)
-    assert int(info["capacity"]) <= int(want_info["capacity"])
   if model.exit_layers and exit_mode == "compact":   # exits: no slot beyond the ladder's
     active = np.asarray(info["active_tokens"]).max(0)
     ladder = supertokens.bucket_capacities(int(np.asarray(info["stage_capacity"])[0]),

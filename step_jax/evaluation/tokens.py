@@ -54,13 +54,20 @@ def calibrate_exits(model, variables, images, share, *, labels=None):
 
 
 def _threshold_for_share(conf, share):
-  """The threshold at which at most `share` of `conf` halts (conf >= threshold): the
-  quantile, or just above it when ties there would halt more (random heads can saturate many
-  tokens to one confidence; the quantile would then halt all of them)."""
-  tau = float(np.quantile(conf, 1 - share))
-  if np.mean(conf >= tau) > share:
-    tau = float(np.nextafter(np.float32(tau), np.float32(np.inf)))
-  return tau
+  """A threshold at which at most `share` of `conf` halts (conf > threshold), midway between
+  the largest confidence that stays and the smallest that halts: a threshold equal to one
+  token's confidence would let float noise (another bucket capacity, another batch) flip that
+  token. Tied confidences at the cut all stay (random heads can saturate many tokens to one
+  confidence; halting them would halt far more than `share`)."""
+  c = np.sort(np.asarray(conf, np.float64).ravel())
+  i = len(c) - int(np.floor(share * len(c) + 1e-9))   # c[i:] halt
+  if 0 < i < len(c) and c[i] == c[i - 1]:
+    i = int(np.searchsorted(c, c[i], side="right"))   # past the tie: the tied tokens stay
+  if i >= len(c):
+    return float(np.nextafter(np.float32(c[-1]), np.float32(np.inf)))   # none halts
+  if i == 0:
+    return float(np.nextafter(np.float32(c[0]), np.float32(-np.inf)))   # all halt
+  return float((c[i - 1] + c[i]) / 2)
 
 
 def batches_of(model, variables, images, batch, group=False, forward=None):
