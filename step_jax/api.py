@@ -202,18 +202,14 @@ _RUNNERS = {}  # (id(model), dispatch) → (model, runner): programs compile onc
 def _runner(model, dispatch):
   """inference_fn as one jitted program ('device'), or with the capacity buckets chosen on
   the host ('host', 'host_split'; evaluation/dispatch.py): the same outputs, less padding."""
-  host = dispatch_lib.host_buckets(model, dispatch)   # checks `dispatch`
   hit = _RUNNERS.get((id(model), dispatch))
-  if hit is None or hit[0] is not model:
+  if hit is None or hit[0] is not model:   # an unknown dispatch is never cached: checked here
+    host = dispatch_lib.host_buckets(model, dispatch)
     if host is None:
       run = jax.jit(inference_fn(model))
     else:
       finish = jax.jit(_outputs, static_argnums=2)
-
-      def run(variables, images):
-        outputs, info = host(variables, images)
-        return finish(outputs, {k: v for k, v in info.items() if k != "grid"},
-                      images.shape[1:3])
+      run = lambda variables, images: finish(*host(variables, images), images.shape[1:3])
     hit = _RUNNERS[(id(model), dispatch)] = (model, run)
   return hit[1]
 
