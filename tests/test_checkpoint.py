@@ -119,6 +119,20 @@ def test_non_finite_params_are_never_saved(tmp_path):
   assert ck.latest_step() is None
 
 
+@pytest.mark.parametrize("bad", [np.nan, np.inf, -np.inf])
+def test_all_finite_finds_one_bad_value_in_any_leaf(bad):
+  tree = dict(a=np.zeros((3, 2), np.float32), b=[np.ones(5, np.float16), np.arange(4)],
+              c=np.ones((), np.float32))
+  assert bool(ckpt_lib.all_finite(tree)) and bool(ckpt_lib.all_finite({}))
+  for path in (("a",), ("b", 0), ("c",)):
+    t = jax.tree.map(np.copy, tree)
+    leaf = t[path[0]] if len(path) == 1 else t[path[0]][path[1]]
+    leaf.reshape(-1)[-1] = bad
+    assert not bool(ckpt_lib.all_finite(t)), path
+  big = np.iinfo(np.int64).max
+  assert bool(ckpt_lib.all_finite(dict(tree, i=np.full(3, big))))  # integers are not checked
+
+
 def test_init_from_workdir_npz_and_timm(tmp_path):
   cfg = _tiny()
   mesh = sharding.make_mesh(cfg)

@@ -56,8 +56,10 @@ def _labels(images):
 
 
 @functools.lru_cache(maxsize=None)
-def _params(design="dtop"):   # one compiled init (eagerly, every op compiles on its own)
-  return jax.jit(make_model(design=design).init)(jax.random.key(0), _images())
+def _params(design="dtop"):
+  """One compiled init (eagerly, every op compiles on its own) of the masked model: the same
+  parameters as the compacting one, without a switch branch per exit bucket."""
+  return jax.jit(make_model(mode="mask", design=design).init)(jax.random.key(0), _images())
 
 
 def _median_tau(params, images, design="dtop"):

@@ -14,6 +14,7 @@ import killed  # tests/killed.py
 from configs import policy as policy_config
 from step_jax.training import train_policy
 from step_jax.models import policy as policy_lib
+from step_jax.models import variables as variables_lib
 
 
 def test_loss_and_counts_match_numpy():
@@ -70,9 +71,8 @@ def test_unseen_window_sizes_never_merge_on_larger_images():
   """A policy initialised on 64x64 crops has no 8x8/16x16 heads; add_unseen_sizes lets it run
   on 256x256 images with the trained heads unchanged and the new ones never merging."""
   net = policy_lib.PolicyNet(source="pypi", hidden=8)
-  init, apply = jax.jit(net.init), jax.jit(net.apply)   # eager ops would compile one by one
-  small = jnp.zeros((1, 64, 64, 3))
-  variables = init(jax.random.key(0), small)
+  apply = jax.jit(net.apply)   # eager ops would compile one by one
+  variables = variables_lib.random_variables(net, (64, 64))   # a compiled init takes ~10 s
   assert "logit_8" not in variables["params"] and "logit_4" in variables["params"]
   big = jax.random.uniform(jax.random.key(1), (1, 256, 256, 3), maxval=255)
   with pytest.raises(flax.errors.ScopeParamNotFoundError, match="hidden_8|logit_8"):
@@ -83,7 +83,7 @@ def test_unseen_window_sizes_never_merge_on_larger_images():
                                                   16: (1, 1, 1)}
   assert np.all(np.asarray(jax.nn.sigmoid(out[8])) < 1e-9)
   assert np.all(np.asarray(jax.nn.sigmoid(out[16])) < 1e-9)
-  ref = init(jax.random.key(0), big)   # same key: the 2/4 heads have the same weights
+  ref = variables_lib.random_variables(net, (256, 256), seed=1)   # heads 2/4 replaced below
   np.testing.assert_allclose(out[2], apply(
       dict(ref, params=dict(ref["params"], **variables["params"])), big)[2], atol=1e-5)
   assert policy_lib.add_unseen_sizes(full["params"]) is full["params"]  # nothing to add

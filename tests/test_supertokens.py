@@ -166,7 +166,9 @@ def make_model(merge="none", **kw):
 
 
 def _init(model, images, **kw):
-  """Variables from one compiled init (run eagerly, every op would compile on its own)."""
+  """Variables from one compiled init (run eagerly, every op would compile on its own), of
+  the model with one capacity: the same parameters, without a switch branch per bucket."""
+  model = model.clone(buckets=(1.0,))
   return jax.jit(functools.partial(model.init, **kw))(jax.random.key(0), images)
 
 

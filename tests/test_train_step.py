@@ -2,6 +2,7 @@
 its BatchNorm statistics travel in the train state, exits train without pruning until
 `prune_from_step`, the oracle merge reads labels, and the train step uses one static shape
 with the same outputs as the bucketed inference model."""
+import functools
 import json
 import os
 
@@ -143,6 +144,80 @@ def test_step_end_to_end_policy_frozen_and_pruning_schedule(tmp_path, capsys, au
     big.data.image_size = (128, 128)
     r = benchmark.run_config(big, wd, num_images=1, reps=1, warmup=0)
     assert r["mean_tokens_per_stage"][0] <= 64 and r["gflops_useful"] <= r["gflops_executed"]
+
+
+def test_phase_model_halts_nothing_before_pruning_starts():
+  cfg = _tiny("dtop", exit_threshold=0.0, keep_top_k=0)   # pruning halts every token
+  model = train.train_model(variables_lib.create_model(cfg), cfg)
+  variables = variables_lib.random_variables(model, (64, 64))
+  halt = jax.jit(lambda v, step, prune_from: train.phase_model(model, step, prune_from).apply(
+      v, _batch(cfg)["image"])[1]["halt_stage"], static_argnums=2)
+  n_exits = len(model.exit_layers)
+  for step, prune_from, halted in ((0, 2, False), (1, 2, False), (2, 2, True), (7, 2, True),
+                                   (0, 0, True)):
+    got = np.asarray(halt(variables, jnp.asarray(step), prune_from))
+    assert np.all(got < n_exits) if halted else np.all(got == n_exits), (step, prune_from)
+
+
+def test_phase_optimizer_switches_optimizer_and_schedule_at_the_phase_start():
+  cfg = _tiny("step")
+  cfg.optim.update(total_steps=10, warmup_steps=0, lr=1e-2)   # first updates: 1e-2 vs 1e-6
+  cfg.prune_from_step = 4
+  cfg.prune_optim.update(warmup_steps=3, lr=1e-3)
+  phases = train.optimizer_phases(cfg)
+  txs = [optim.make_optimizer(c) for _, c in phases]
+  params = dict(backbone=dict(kernel=jnp.ones((3, 2))), head=dict(bias=jnp.ones(2)))
+  grads = jax.tree.map(lambda x: 0.5 * jnp.ones_like(x), params)
+
+  @jax.jit
+  def run(step):
+    tx, lr_fn = train.phase_optimizer(txs, phases, step)
+    return tx.update(grads, tx.init(params), params)[0], lr_fn(step)
+  for step in range(10):
+    phase = int(step >= 4)
+    updates, lr = run(jnp.asarray(step))
+    first, pcfg = phases[phase]
+    want = txs[phase].update(grads, txs[phase].init(params), params)[0]
+    jax.tree.map(np.testing.assert_allclose, updates, want)
+    other = txs[1 - phase].update(grads, txs[1 - phase].init(params), params)[0]
+    assert not np.allclose(updates["backbone"]["kernel"], other["backbone"]["kernel"])
+    assert float(lr) == pytest.approx(float(optim.learning_rate_fn(pcfg)(step - first)))
+  one = [(0, cfg.optim)]
+  tx, lr_fn = train.phase_optimizer(txs[:1], one, jnp.asarray(5))
+  assert tx is txs[0] and float(lr_fn(5)) == pytest.approx(
+      float(optim.learning_rate_fn(cfg.optim)(5)))
+
+
+@pytest.mark.slow  # compiles three train steps
+def test_one_program_trains_both_dtop_phases():
+  """phased_train_step, one program for DToP's two phases, does what the two separate steps
+  did: pruning off with the BASE optimizer, then pruning on with the fresh one."""
+  cfg = _tiny("dtop", exit_threshold=0.0, keep_top_k=0)   # pruning halts every token
+  cfg.prune_from_step = 1
+  cfg.prune_optim.warmup_steps = 1
+  model = train.train_model(variables_lib.create_model(cfg), cfg)
+  phases = train.optimizer_phases(cfg)
+  txs = [optim.make_optimizer(c) for _, c in phases]
+  state = jax.jit(functools.partial(train.init_state, model=model, tx=txs[0], config=cfg))(
+      jax.random.key(0))
+  batch = _batch(cfg)
+  one = jax.jit(functools.partial(train.phased_train_step, model=model, txs=txs,
+                                  phases=phases, prune_from=1, config=cfg))
+  base = jax.jit(functools.partial(train.train_step, model=model.clone(exit_threshold=1.0),
+                                   tx=txs[0], config=cfg))
+  tune_lr = lambda s: optim.learning_rate_fn(phases[1][1])(s - 1)
+  prune = jax.jit(functools.partial(train.train_step, model=model, tx=txs[1], config=cfg,
+                                    lr_fn=tune_lr))
+  close = lambda a, b: jax.tree.map(
+      lambda x, y: np.testing.assert_allclose(x, y, rtol=1e-5, atol=1e-6), a, b)
+  (got, m_got), (want, m_want) = one(state, batch), base(state, batch)
+  close((got["params"], m_got), (want["params"], m_want))
+  fresh = lambda st: dict(st, opt_state=txs[1].init(st["params"]))
+  got, want = fresh(got), fresh(want)
+  (got, m_got), (want, m_want), (_, m_off) = one(got, batch), prune(want, batch), base(want, batch)
+  close((got["params"], m_got), (want["params"], m_want))
+  assert abs(float(m_got["loss"]) - float(m_off["loss"])) > 1e-3   # pruning is on now
+  assert float(m_got["lr"]) == pytest.approx(float(tune_lr(1)))
 
 
 def test_optimizer_phases_restart_the_schedule_for_pruning():

@@ -27,9 +27,12 @@ def dummy_batch(config, batch=1):
 
 
 def _core_model(model):
-  """The model without token sharing, for init: the same parameters minus the policy net
-  (whose variables never come from a random init), and no labels needed (oracle)."""
-  return model.clone(policy=None, merge="none") if model.merge != "none" else model
+  """The model without token sharing and with masked exits, for init: the same parameters
+  minus the policy net (whose variables never come from a random init), no labels needed
+  (oracle), and no capacity buckets (their switch branches would all compile in init)."""
+  if model.merge != "none":
+    model = model.clone(policy=None, merge="none")
+  return model.clone(exit_mode="mask") if model.exit_layers else model
 
 
 def abstract_policy_variables(model, config):

@@ -151,6 +151,40 @@ def train_step(state, batch, rng=None, *, model, tx, config, lr_fn=None):
   return new_state, metrics
 
 
+def phase_model(model, step, prune_from):
+  """`model` whose exits halt no token while `step` < `prune_from` (threshold 1: every token
+  runs every layer) and use its own thresholds after; `step` may be traced."""
+  if not prune_from:
+    return model
+  taus = model.exit_threshold
+  taus = tuple(taus) if isinstance(taus, (tuple, list)) else (taus,) * len(model.exit_layers)
+  return model.clone(exit_threshold=tuple(jnp.where(step >= prune_from, t, 1.0) for t in taus))
+
+
+def phase_optimizer(txs, phases, step):
+  """(tx, lr_fn): the optimizer and learning-rate schedule of the phase `step` is in, chosen
+  at run time (`step` may be traced). `phases` = optimizer_phases(config), `txs` their
+  optimizers (same state layout: the loop re-initialises it at a phase start)."""
+  if len(txs) == 1:
+    return txs[0], optim.learning_rate_fn(phases[0][1])
+  phase = sum((step >= first).astype(jnp.int32) for first, _ in phases[1:])
+  update = lambda g, s, p: jax.lax.switch(phase, [tx.update for tx in txs], g, s, p)
+  lr_fns = [functools.partial(lambda s, f, c: optim.learning_rate_fn(c)(s - f), f=first, c=cfg)
+            for first, cfg in phases]
+  return (optax.GradientTransformation(txs[0].init, update),
+          lambda s: jax.lax.switch(phase, lr_fns, s))
+
+
+def phased_train_step(state, batch, rng=None, *, model, txs, phases, prune_from, config):
+  """`train_step` for DToP's recipe in ONE program: pruning off for the first `prune_from`
+  steps, then on (phase_model), each optimizer phase with its own optimizer and schedule
+  (phase_optimizer). The phase is read from state['step'] at run time, so one train program
+  compiles instead of one per phase."""
+  tx, lr_fn = phase_optimizer(txs, phases, state["step"])
+  return train_step(state, batch, rng, model=phase_model(model, state["step"], prune_from),
+                    tx=tx, config=config, lr_fn=lr_fn)
+
+
 def optimizer_phases(config, has_exits=True):
   """[(first step, optim config)]: one schedule over `config.optim.total_steps`, or DToP's
   two-step recipe when a model with exits has `prune_from_step` and `prune_optim` set:
@@ -343,23 +377,18 @@ def train_and_evaluate(config, workdir):
     writer.write_hparams({k: v for k, v in _flat_config(config).items()})
 
   ######## Jitted step (state donated: no second copy of params/opt state). ########
-  def make_step(m, phase):
-    first, cfg = phases[phase]
-    lr_fn = lambda step: optim.learning_rate_fn(cfg)(step - first)
-    return jax.jit(functools.partial(train_step, model=m, tx=txs[phase], config=config,
-                                     lr_fn=lr_fn),
-                   in_shardings=(state_sh, sharding.batch_sharding(mesh)),
-                   out_shardings=(state_sh, sharding.replicated(mesh)), donate_argnums=(0,))
-  # DToP's two steps in one run: up to `prune_from_step` the exits are trained with pruning
-  # off (threshold 1: every token runs every layer), then pruning is active, with a fresh
-  # optimizer when `prune_optim` is set (optimizer_phases).
-  step_fn = make_step(train_model(model, config), len(phases) - 1)
-  base_step_fn = make_step(train_model(model, config).clone(exit_threshold=1.0), 0) if (
-      prune_from > start) else None
+  # DToP's two steps in one run and one program: up to `prune_from_step` the exits are
+  # trained with pruning off, then pruning is active, with a fresh optimizer when
+  # `prune_optim` is set (optimizer_phases, phased_train_step).
+  step_fn = jax.jit(functools.partial(phased_train_step, model=train_model(model, config),
+                                      txs=txs, phases=phases, prune_from=prune_from,
+                                      config=config),
+                    in_shardings=(state_sh, sharding.batch_sharding(mesh)),
+                    out_shardings=(state_sh, sharding.replicated(mesh)), donate_argnums=(0,))
   fresh_from = phases[-1][0] if len(phases) > 1 and phases[-1][0] >= start else None
   reset_opt = jax.jit(lambda st: dict(st, opt_state=txs[-1].init(st["params"])),
                       in_shardings=(state_sh,), out_shardings=state_sh, donate_argnums=(0,))
-  if base_step_fn is not None:
+  if prune_from > start:
     say(f"steps {start + 1}..{prune_from}: exits trained without pruning (DToP base); "
         f"pruning from step {prune_from + 1}"
         + (" with a fresh optimizer and schedule" if fresh_from is not None else ""))
@@ -389,18 +418,16 @@ def train_and_evaluate(config, workdir):
   if config.get("profile", False) and is_chief:
     hooks.append(periodic_actions.Profile(logdir=workdir, num_profile_steps=5))
   history, t_last, step_last = [], time.time(), start
-  # The ETA counts steady steps only: intervals that compiled a step function (the first,
-  # and the first pruning step) and the time spent in checkpoints and evaluation are out.
+  # The ETA counts steady steps only: the interval that compiled the step function and the
+  # time spent in checkpoints and evaluation are out.
   steady_s, steady_n, paused, compiling = 0.0, 0, 0.0, True
   t0 = time.time()
   for step in range(start + 1, total + 1):
     if fresh_from is not None and step == fresh_from + 1:
       state = reset_opt(state)   # DToP: pruning fine-tuning restarts the optimizer
-    if base_step_fn is not None and step == prune_from + 1:
-      compiling = True
     with jax.profiler.StepTraceAnnotation("train", step_num=step):
       batch = _next_batch(train_iter, mesh, host_batch)
-      state, m = (base_step_fn if base_step_fn and step <= prune_from else step_fn)(state, batch)
+      state, m = step_fn(state, batch)
     history.append(m)
     for h in hooks:
       h(step)
