@@ -72,12 +72,15 @@ def prepare_workdir(workdir, min_free_bytes=2**30):
 def all_finite(tree) -> jax.Array:
   """Scalar bool: every floating leaf of `tree` is finite (runs where the arrays live).
 
-  One reduction over all leaves' flags, not one per leaf: XLA compiles a separate kernel per
-  reduction, and a few hundred of them took 20-30 s to compile (1-2 s this way)."""
-  leaves = [x for x in jax.tree.leaves(tree) if jnp.issubdtype(x.dtype, jnp.inexact)]
-  if not leaves:
-    return jnp.asarray(True)
-  return jnp.all(jnp.concatenate([jnp.isfinite(x).ravel() for x in leaves]))
+  The leaves of each dtype are concatenated first and checked as one array: XLA compiles a
+  kernel per separate check, and a few hundred of them took 15-30 s to compile (under 1 s
+  this way)."""
+  by_dtype = {}
+  for x in jax.tree.leaves(tree):
+    if jnp.issubdtype(x.dtype, jnp.inexact):
+      by_dtype.setdefault(jnp.dtype(x.dtype), []).append(jnp.ravel(x))
+  checks = [jnp.all(jnp.isfinite(jnp.concatenate(xs))) for xs in by_dtype.values()]
+  return jnp.all(jnp.stack(checks)) if checks else jnp.asarray(True)
 
 
 _all_finite = jax.jit(all_finite)
@@ -98,6 +101,19 @@ def _saved_model_config(config_dir) -> str:
     return ""
 
 
+def _state_handler():
+  """The train state's handler: orbax's pytree format, but each array written whole by its
+  first replica. orbax's default on CPU and TPU ("replica-parallel") splits every replicated
+  array across the replicas and compiles a slice program per array shape and offset: 300
+  parameter arrays on 4 devices took 45 s at the first save, for no gain on one host."""
+  scalar = ocp.type_handlers.ScalarHandler()
+  registry = ocp.type_handlers.create_type_handler_registry(
+      (jax.Array, ocp.type_handlers.ArrayHandler(use_replica_parallel=False)),
+      (np.ndarray, ocp.type_handlers.NumpyHandler()),
+      (int, scalar), (float, scalar), (np.number, scalar))
+  return ocp.PyTreeCheckpointHandler(type_handler_registry=registry)
+
+
 class Checkpointer:
   """Periodic + final saves, keep-N, resume from the latest committed step."""
 
@@ -111,10 +127,15 @@ class Checkpointer:
     if keep_steps:
       keep_policy = policy.AnyPreservationPolicy(
           [keep_policy, policy.CustomSteps([int(s) for s in keep_steps])])
+    handlers = ocp.handlers.DefaultCheckpointHandlerRegistry()
+    state_handler = _state_handler()
+    handlers.add("state", ocp.args.PyTreeSave, state_handler)
+    handlers.add("state", ocp.args.PyTreeRestore, state_handler)
     self._mgr = ocp.CheckpointManager(
         self.directory,
         options=ocp.CheckpointManagerOptions(preservation_policy=keep_policy, create=True,
-                                             enable_async_checkpointing=async_save))
+                                             enable_async_checkpointing=async_save),
+        handler_registry=handlers)
 
   def latest_step(self) -> Optional[int]:
     return self._mgr.latest_step()
@@ -127,7 +148,7 @@ class Checkpointer:
     if not bool(_all_finite(state["params"])):
       logging.error("step %d: parameters are not finite; checkpoint NOT saved", step)
       return False
-    items = dict(state=ocp.args.StandardSave(state))
+    items = dict(state=ocp.args.PyTreeSave(state))
     if data_iter is not None and hasattr(data_iter, "get_state"):
       items["data"] = grain.checkpoint.CheckpointSave(data_iter)
     if config is not None:
@@ -170,7 +191,9 @@ class Checkpointer:
                        f"restored; first error: {failed[0][1]!r}") from failed[0][1]
 
   def _restore(self, step, abstract_state, data_iter):
-    items = dict(state=ocp.args.StandardRestore(abstract_state))
+    restore_args = jax.tree.map(lambda x: ocp.ArrayRestoreArgs(sharding=x.sharding),
+                                abstract_state)
+    items = dict(state=ocp.args.PyTreeRestore(abstract_state, restore_args=restore_args))
     has_data = os.path.isdir(os.path.join(self.directory, str(step), "data"))
     if data_iter is not None and hasattr(data_iter, "set_state") and has_data:
       items["data"] = grain.checkpoint.CheckpointRestore(data_iter)
