@@ -57,13 +57,13 @@ def test_fused_path_refuses_attention_dropout_in_training():
 
 
 def _model(impl, merge="none", exits=(), mode="compact", tau=1.0, dtype=jnp.float32,
-           design="dtop"):
+           design="dtop", one_bucket=False):
   backbone = vit.ViT(width=32, depth=4, mlp_dim=64, num_heads=2, posemb_grid=(4, 4),
                      attention_impl=impl, dtype=dtype)
   head = lambda stages, binary: atm.ATMHead(num_classes=4, dim=32, num_heads=4, num_layers=1,
                                             num_stages=stages, binary_cls=binary, dtype=dtype)
-  kw = dict(merge=merge, buckets=(0.5, 1.0), exit_layers=exits, exit_threshold=tau,
-            exit_mode=mode, exit_buckets=(0.5, 1.0), exit_head=design)
+  kw = dict(merge=merge, buckets=(1.0,) if one_bucket else (0.5, 1.0), exit_layers=exits,
+            exit_threshold=tau, exit_mode=mode, exit_buckets=(0.5, 1.0), exit_head=design)
   if not exits or design == "atm":
     return segmenter.Segmenter(backbone, head(3, False), (1, 2, 4), **kw)
   return segmenter.Segmenter(backbone, head(1, True), (4,),
@@ -107,22 +107,28 @@ def test_fused_model_gradients_equal_einsum_model(case):
 
 
 def _compare(kw, grads):
+  """The fused and einsum models give the same outputs (and, with `grads`, the same
+  gradients: then outputs and gradients come from one program per model)."""
   images, labels = _images(), _labels()
-  ref, fused = _model("einsum", **kw), _model("xla", **kw)
-  params = jax.jit(lambda k: _model("einsum", **kw).init(k, images, labels=labels))(
-      jax.random.key(0))   # compiled: eagerly every op of the init compiles on its own
+  # Compiled (eagerly every op of the init compiles on its own), without bucket switches:
+  # one capacity and masked exits have the same parameters.
+  simple = _model("einsum", **dict(kw, mode="mask", one_bucket=True))
+  params = jax.jit(lambda k: simple.init(k, images, labels=labels))(jax.random.key(0))
   if "exits" in kw:  # τ = the median first-exit confidence: about half of the tokens halt
-    aux = jax.jit(_model("einsum", **kw).apply)(params, images, labels=labels)[0]["aux"][0]
+    aux = jax.jit(simple.apply)(params, images, labels=labels)[0]["aux"][0]
     conf, _ = early_exit.token_confidence(
         aux["pred_logits"], aux["pred_masks"].reshape(aux["pred_masks"].shape[:2] + (-1,)))
     kw = dict(kw, tau=float(np.median(np.asarray(conf))))
-    ref, fused = _model("einsum", **kw), _model("xla", **kw)
+  ref, fused = _model("einsum", **kw), _model("xla", **kw)
 
-  def run(model, p):
+  def loss(model, p):
     out, info = model.apply(p, images, labels=labels)
-    return out, info
-  (o1, i1), (o2, i2) = jax.jit(functools.partial(run, ref))(params), jax.jit(
-      functools.partial(run, fused))(params)
+    return jnp.mean(jnp.tanh(out["pred_masks"])) + jnp.mean(out["pred_logits"] ** 2), (out, info)
+  if grads:
+    run = lambda m: jax.jit(jax.grad(functools.partial(loss, m), has_aux=True))(params)
+  else:
+    run = lambda m: (None, jax.jit(lambda p: loss(m, p)[1])(params))
+  (g1, (o1, i1)), (g2, (o2, i2)) = run(ref), run(fused)
   if "exits" in kw:  # the same tokens halted, so the comparison covers halting
     np.testing.assert_array_equal(i1["halt_stage"], i2["halt_stage"])
     assert 0 < np.mean(np.asarray(i1["halt_stage"]) < len(kw["exits"])) < 1
@@ -130,15 +136,8 @@ def _compare(kw, grads):
     assert np.all(np.asarray(i1["num_tokens"]) < 24)      # padded buckets in use
   np.testing.assert_allclose(o2["pred_masks"], o1["pred_masks"], atol=1e-4)
   np.testing.assert_allclose(o2["pred_logits"], o1["pred_logits"], atol=1e-4)
-  if not grads:
-    return
-
-  def loss(model, p):
-    out, _ = model.apply(p, images, labels=labels)
-    return jnp.mean(jnp.tanh(out["pred_masks"])) + jnp.mean(out["pred_logits"] ** 2)
-  g1 = jax.jit(jax.grad(functools.partial(loss, ref)))(params)
-  g2 = jax.jit(jax.grad(functools.partial(loss, fused)))(params)
-  jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, atol=1e-5), g2, g1)
+  if grads:
+    jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, atol=1e-5), g2, g1)
 
 
 def test_fused_bf16_agrees_with_fp32_einsum():

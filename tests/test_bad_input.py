@@ -473,7 +473,7 @@ def test_bf16_forward_and_training_agree_with_fp32():
   src = get_source(cfg32.data, "train", cfg32.num_classes, cfg32.ignore_index)
   batch = dict(image=np.stack([src[i]["image"] for i in range(4)]),
                label=np.stack([src[i]["label"] for i in range(4)]).astype(np.int32))
-  params = jax.jit(m32.init)(jax.random.key(0), batch["image"])["params"]
+  params = variables_lib.random_variables(m32, cfg32.data.image_size)["params"]
 
   def forward(m):
     out, _ = m.apply({"params": params}, batch["image"])
@@ -489,13 +489,15 @@ def test_bf16_forward_and_training_agree_with_fp32():
 
   def sgd(cfg, model, lr=0.05):
     rng = jax.random.key(1)
-    grad = jax.jit(jax.value_and_grad(
-        lambda p: train.loss_fn(p, model, batch, rng, cfg)[0]))
+
+    @jax.jit   # one program (eagerly, each tree op would compile per array shape)
+    def step(p):
+      loss, g = jax.value_and_grad(lambda p: train.loss_fn(p, model, batch, rng, cfg)[0])(p)
+      return (loss, optax.tree.norm(g)), jax.tree.map(lambda w, d: w - lr * d, p, g)
     p, out = params, []
     for _ in range(3):
-      loss, g = grad(p)
-      out.append((float(loss), float(optax.tree.norm(g))))
-      p = jax.tree.map(lambda w, d: w - lr * d, p, g)
+      (loss, norm), p = step(p)
+      out.append((float(loss), float(norm)))
     return np.array(out)
   r32, r16 = sgd(cfg32, m32), sgd(cfg16, m16)
   assert r32[-1, 0] < r32[0, 0]                                       # it does train

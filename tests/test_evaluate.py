@@ -47,7 +47,8 @@ def _tiny(**eval_overrides):
 def tiny_model():
   cfg = _tiny()
   model = variables_lib.create_model(cfg)
-  params = variables_lib.init_variables(model, cfg, jax.random.key(0))["params"]
+  params = jax.jit(lambda k: variables_lib.init_variables(model, cfg, k))(  # eagerly, each
+      jax.random.key(0))["params"]                                      # op would compile
   apply_fn = jax.jit(evaluate.make_apply_fn(model))
   return cfg, model, params, apply_fn
 

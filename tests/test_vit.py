@@ -66,8 +66,9 @@ def test_key_mask_makes_padding_invisible():
   """Padded tokens (any values) behind a False key mask never change valid outputs."""
   m = tiny()
   x = jax.random.normal(jax.random.key(0), (2, 10, 32))
-  params = m.init(jax.random.key(1), jnp.zeros((1, 32, 32, 3)))
-  run = lambda t, mask: m.apply(params, t, mask, method=lambda mod, a, b: mod.run_blocks(a, b))
+  params = jax.jit(m.init)(jax.random.key(1), jnp.zeros((1, 32, 32, 3)))
+  run = jax.jit(lambda t, mask: m.apply(params, t, mask,
+                                        method=lambda mod, a, b: mod.run_blocks(a, b)))
   ref = run(x, None)[-1]
   pad = jax.random.normal(jax.random.key(2), (2, 6, 32)) * 100
   mask = jnp.concatenate([jnp.ones((2, 10), bool), jnp.zeros((2, 6), bool)], 1)
@@ -89,10 +90,10 @@ def test_drop_path_train_vs_eval():
 def test_remat_same_values_and_grads():
   x = jax.random.normal(jax.random.key(0), (2, 32, 32, 3))
   plain, remat = tiny(), tiny(remat=True)
-  params = plain.init(jax.random.key(1), x)
+  params = jax.jit(plain.init)(jax.random.key(1), x)   # jitted: eagerly every op compiles
   f = lambda m: lambda p: jnp.sum(m.apply(p, x)[0] ** 2)
-  np.testing.assert_allclose(f(plain)(params), f(remat)(params), rtol=1e-6)
-  g1, g2 = jax.grad(f(plain))(params), jax.grad(f(remat))(params)
+  (v1, g1), (v2, g2) = [jax.jit(jax.value_and_grad(f(m)))(params) for m in (plain, remat)]
+  np.testing.assert_allclose(v1, v2, rtol=1e-6)
   jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-6), g1, g2)
 
 
