@@ -101,7 +101,9 @@ def test_fused_model_equals_einsum_model(case):
   _compare(CASES[case], grads=False)
 
 
-@pytest.mark.parametrize("case", _slow("supertokens", "dtop_compact", "step_atm"))
+# segvit runs with -m slow: test_fused_equals_einsum_with_key_mask_and_gradients checks the
+# layer's gradients, dtop_mask the model's with halting masks.
+@pytest.mark.parametrize("case", _slow("segvit", "supertokens", "dtop_compact", "step_atm"))
 def test_fused_model_gradients_equal_einsum_model(case):
   _compare(CASES[case], grads=True)
 

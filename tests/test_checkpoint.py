@@ -45,7 +45,7 @@ def _assert_trees_equal(a, b):
     np.testing.assert_array_equal(x, y, err_msg=jax.tree_util.keystr(path))
 
 
-@pytest.mark.parametrize("fsdp", [True, False])
+@pytest.mark.parametrize("fsdp", [True, pytest.param(False, marks=pytest.mark.slow)])
 def test_restore_onto_a_different_mesh(tmp_path, fsdp):
   cfg = _tiny()
   cfg.sharding.fsdp = fsdp

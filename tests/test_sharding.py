@@ -88,6 +88,9 @@ def _assert_same(result, reference):
   assert loose < 1e-3 * total, (loose, total)
 
 
+# The default run's training tests all run data-parallel on the 4 test devices, and the FSDP
+# test below compares a sharded batch (and sharded parameters) with one device.
+@pytest.mark.slow
 def test_data_parallel_step_matches_single_device(single_device_result):
   batches, ref = single_device_result
   cfg = _tiny()

