@@ -89,6 +89,7 @@ def test_exit_analysis_counts_match_the_model(images, prepared, tmp_path):
   assert exit_analysis.shrink(panel, (64, 64), 32).shape == (165, 66, 3)
 
 
+@pytest.mark.slow   # ~30 s; the two tests below check the SegViT and ATM-exit pieces
 def test_profile_pieces_sum_to_model_flops(images, prepared, tmp_path):
   cfg, model, variables, _ = prepared
   plans = profile_lib.stage_plan(model, variables, images)

@@ -146,7 +146,10 @@ def _check_compact_equals_mask(images, merge="none", buckets=(1.0,), design="dto
   return info_c
 
 
-@pytest.mark.parametrize("design", HEAVY)
+# -m slow only: the real-image test (DToP heads) and the STEP test below (ATM exits) check
+# the same on the default run.
+@pytest.mark.slow
+@pytest.mark.parametrize("design", DESIGNS)
 def test_compaction_equals_masking_on_random_images(design):
   _check_compact_equals_mask(_images(seed=3), design=design)
 

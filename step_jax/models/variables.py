@@ -26,13 +26,20 @@ def dummy_batch(config, batch=1):
               label=jnp.zeros((batch, h, w), jnp.int32))
 
 
+def _switch_free(model):
+  """A segmenter with one token capacity and masked exits: the same parameters, but init
+  traces (and compiles) one path instead of every bucket's switch branch."""
+  if not isinstance(model, segmenter.Segmenter):
+    return model
+  return model.clone(buckets=(1.0,), exit_mode="mask")
+
+
 def _core_model(model):
-  """The model without token sharing and with masked exits, for init: the same parameters
-  minus the policy net (whose variables never come from a random init), no labels needed
-  (oracle), and no capacity buckets (their switch branches would all compile in init)."""
+  """The model without token sharing, for init: the same parameters minus the policy net
+  (whose variables never come from a random init) and no labels needed (oracle)."""
   if model.merge != "none":
     model = model.clone(policy=None, merge="none")
-  return model.clone(exit_mode="mask") if model.exit_layers else model
+  return _switch_free(model)
 
 
 def abstract_policy_variables(model, config):
@@ -64,7 +71,8 @@ def init_variables(model, config, rng, policy_vars=None):
 def random_variables(model, image_hw, seed=0):
   """Variables of `model` drawn with numpy from eval_shape (no compiled init): kernels
   lecun-normal, embeddings N(0, .02), norms 1, biases 0."""
-  shapes = jax.eval_shape(model.init, jax.random.key(0), jnp.zeros((1, *image_hw, 3)))
+  shapes = jax.eval_shape(_switch_free(model).init, jax.random.key(0),
+                          jnp.zeros((1, *image_hw, 3)))
   rng = np.random.default_rng(seed)
 
   def draw(path, s):
