@@ -94,16 +94,14 @@ def _slow(*names):  # bucket switches compile for minutes on 2 cores; step_atm c
   return [pytest.param(n, marks=pytest.mark.slow) if n in names else n for n in sorted(CASES)]
 
 
-# The gradient test below checks the forward first, so by default this runs with -m slow
-# only; the key mask that bucket padding relies on is checked at the layer level above.
-@pytest.mark.parametrize("case", _slow(*CASES))
+# The default run compares the models' outputs with halting masks (dtop_mask); the gradients
+# are checked at the layer level above (with a key mask), the models' with -m slow.
+@pytest.mark.parametrize("case", _slow("segvit", "supertokens", "dtop_compact", "step_atm"))
 def test_fused_model_equals_einsum_model(case):
   _compare(CASES[case], grads=False)
 
 
-# segvit runs with -m slow: test_fused_equals_einsum_with_key_mask_and_gradients checks the
-# layer's gradients, dtop_mask the model's with halting masks.
-@pytest.mark.parametrize("case", _slow("segvit", "supertokens", "dtop_compact", "step_atm"))
+@pytest.mark.parametrize("case", _slow(*CASES))
 def test_fused_model_gradients_equal_einsum_model(case):
   _compare(CASES[case], grads=True)
 
