@@ -5,6 +5,9 @@ Layout: `<workdir>/checkpoints/<step>/{state, data, config}` (orbax items) and
 NaN-guard counters); `data` is the input iterator's state (`grain.checkpoint`), one JSON file
 per process, so a resumed run sees exactly the batches an uninterrupted one would.
 
+Each replicated array is written whole by its first replica (see `_state_handler`: orbax's
+replica-parallel default compiled a slice program per array shape at the first save).
+
 Restoring takes an abstract target whose leaves carry the *current* mesh's shardings
 (`sharding.with_shardings`), so a checkpoint written on 4 devices (or FSDP-sharded) loads
 onto 1 device, or the other way round.
