@@ -112,7 +112,7 @@ def pieces(config, model, plan, image, batch):
   bounds = (0,) + tuple(model.exit_layers) + (depth,)
   n_cls = 2 if model.exit_layers and model.exit_head == "dtop" else c + 1
   head_macs = lambda n: flops.atm_head_macs([n], c, m.head_dim, d, layers, n_cls)
-  taus = model.exit_threshold
+  taus = model.exit_thresholds()
   atm_exits = bool(model.exit_layers) and model.exit_head == "atm"
   for s, (n, cap) in enumerate(zip(plan["active"], plan["caps"])):
     xs = jnp.ones((batch, cap, d), model.backbone.dtype)
@@ -123,8 +123,7 @@ def pieces(config, model, plan, image, batch):
           flops.vit_block_macs(cap, d, mlp))
       if atm_exits and k + 1 in model.out_layers:  # SegViT's stage at this block (+ halting)
         i = list(model.out_layers).index(k + 1)
-        tau = (taus[s] if isinstance(taus, (tuple, list)) else taus) if (
-            k + 1 in model.exit_layers) else None
+        tau = taus[s] if k + 1 in model.exit_layers else None
 
         def stage_fn(mod, x, mk, i=i, tau=tau):
           _, cls, masks = mod.head_stage(i, mod.head.initial_queries(x.shape[0]), x, mk, False)
@@ -135,7 +134,7 @@ def pieces(config, model, plan, image, batch):
     if atm_exits:
       continue   # its stages were profiled with their blocks
     if s < len(model.exit_layers):
-      tau = taus[s] if isinstance(taus, (tuple, list)) else taus
+      tau = taus[s]
 
       def exit_fn(mod, x, mk, s=s, tau=tau):  # DToP's head s + its halting rule
         _, cls, masks = mod.head_stage(s, None, x, mk, False)

@@ -245,6 +245,11 @@ class Segmenter(nn.Module):
       state = self.stage_segment(state, s, caps, train=train)
     return self.stage_finish(state)
 
+  def exit_thresholds(self):
+    """One threshold per exit (exit_threshold may be one value for all)."""
+    taus = self.exit_threshold
+    return tuple(taus) if isinstance(taus, (tuple, list)) else (taus,) * len(self.exit_layers)
+
   def check_stages(self):
     depth = len(self.backbone.blocks)
     layers = self.stage_layers()
@@ -279,8 +284,7 @@ class Segmenter(nn.Module):
     depth = len(self.backbone.blocks)
     layers = self.stage_layers()
     bounds = (0,) + tuple(self.exit_layers) + (depth,)
-    taus = self.exit_threshold
-    taus = tuple(taus) if isinstance(taus, (tuple, list)) else (taus,) * len(self.exit_layers)
+    taus = self.exit_thresholds()
     state = dict(state, results=list(state["results"]), counts=list(state["counts"]),
                  caps=list(state["caps"]))
     x, q, active, canvas = state["x"], state["q"], state["active"], state["canvas"]

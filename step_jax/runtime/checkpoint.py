@@ -117,6 +117,12 @@ def _state_handler():
   return ocp.PyTreeCheckpointHandler(type_handler_registry=registry)
 
 
+def _restore_args(abstract):
+  """Restore arguments placing each array as `abstract`'s leaf (a ShapeDtypeStruct with a
+  sharding) says."""
+  return jax.tree.map(lambda x: ocp.ArrayRestoreArgs(sharding=x.sharding), abstract)
+
+
 class Checkpointer:
   """Periodic + final saves, keep-N, resume from the latest committed step."""
 
@@ -194,9 +200,8 @@ class Checkpointer:
                        f"restored; first error: {failed[0][1]!r}") from failed[0][1]
 
   def _restore(self, step, abstract_state, data_iter):
-    restore_args = jax.tree.map(lambda x: ocp.ArrayRestoreArgs(sharding=x.sharding),
-                                abstract_state)
-    items = dict(state=ocp.args.PyTreeRestore(abstract_state, restore_args=restore_args))
+    items = dict(state=ocp.args.PyTreeRestore(abstract_state,
+                                              restore_args=_restore_args(abstract_state)))
     has_data = os.path.isdir(os.path.join(self.directory, str(step), "data"))
     if data_iter is not None and hasattr(data_iter, "set_state") and has_data:
       items["data"] = grain.checkpoint.CheckpointRestore(data_iter)
@@ -293,9 +298,8 @@ def restore_subtree(workdir, abstract, step=None):
   finally:
     ckpt.close()
   state_dir = os.path.join(ckpt.directory, str(step), "state")
-  restore_args = jax.tree.map(lambda x: ocp.ArrayRestoreArgs(sharding=x.sharding), abstract)
   tree = ocp.PyTreeCheckpointer().restore(state_dir, args=ocp.args.PyTreeRestore(
-      item=abstract, restore_args=restore_args, partial_restore=True))
+      item=abstract, restore_args=_restore_args(abstract), partial_restore=True))
   return {k: tree[k] for k in abstract}, step
 
 

@@ -156,9 +156,8 @@ def phase_model(model, step, prune_from):
   runs every layer) and use its own thresholds after; `step` may be traced."""
   if not prune_from:
     return model
-  taus = model.exit_threshold
-  taus = tuple(taus) if isinstance(taus, (tuple, list)) else (taus,) * len(model.exit_layers)
-  return model.clone(exit_threshold=tuple(jnp.where(step >= prune_from, t, 1.0) for t in taus))
+  return model.clone(exit_threshold=tuple(jnp.where(step >= prune_from, t, 1.0)
+                                           for t in model.exit_thresholds()))
 
 
 def phase_optimizer(txs, phases, step):
