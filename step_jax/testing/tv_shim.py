@@ -4,7 +4,7 @@ PyPI's torchvision 0.28.0 is linked against CUDA torch; next to torch 2.13.0+cpu
 `import` fails with "operator torchvision::nms does not exist". Declaring the two op
 schemas first lets the pure-Python parts import (timm's ViT needs nothing compiled from
 torchvision); calling the ops themselves would still fail. Import this before torchvision
-or timm: `from step_jax.testing import tv_shim  # noqa: F401`.
+or timm (`import step_jax.testing.tv_shim`, or pytest.importorskip of it).
 """
 import torch
 
