@@ -227,24 +227,23 @@ def test_skip_policy_with_nothing_good_and_unknown_policies():
 
 
 def test_bad_record_stops_training_and_keeps_the_last_checkpoint(tmp_path, monkeypatch):
-  cfg = _tiny()
-  cfg.optim.total_steps = 2
-  train.train_and_evaluate(cfg, str(tmp_path))          # good data: checkpoint at step 2
+  cfg = _tiny()   # (the program of test_skipped_records_reach_training_metrics: compiled once)
+  train.train_and_evaluate(cfg, str(tmp_path))          # good data: checkpoints at steps 2, 4
   real = pipeline.get_source
 
   def all_bad(*args):
     n = len(real(*args))
     return _Examples(n, {i: BadRecordError(f"training example {i}: corrupt") for i in range(n)})
-  monkeypatch.setattr(pipeline, "get_source", all_bad)  # the files rot after step 2
-  cfg.optim.total_steps = 4
+  monkeypatch.setattr(pipeline, "get_source", all_bad)  # the files rot after step 4
+  cfg.optim.total_steps = 6
   with pytest.raises(BadRecordError, match=r"training example \d+: corrupt"):
     train.train_and_evaluate(cfg, str(tmp_path))
   ck = ckpt_lib.Checkpointer(str(tmp_path))
-  assert ck.all_steps() == [2]                          # nothing written after, nothing lost
+  assert ck.all_steps() == [2, 4]                       # nothing written after, nothing lost
   model = variables_lib.create_model(cfg)
   abstract, sh = train.abstract_train_state(cfg, model, sharding.make_mesh(cfg))
   state, _, step = ck.restore(sharding.with_shardings(abstract, sh))
-  assert step == 2 and int(state["step"]) == 2
+  assert step == 4 and int(state["step"]) == 4
 
 
 def test_skipped_records_reach_training_metrics(tmp_path, monkeypatch):

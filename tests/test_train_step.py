@@ -88,6 +88,26 @@ def test_oracle_loss_reads_labels():
   assert loss.shape == ()
 
 
+@pytest.mark.parametrize("method,exit_head", [("segvit", "atm"), ("dtop", "dtop"),
+                                              ("step", "atm"), ("oracle", "atm")])
+def test_guard_names_the_loss_terms_the_loss_returns(method, exit_head):
+  """init_state names the loss terms from the model's head stages without tracing it: the
+  names must be exactly loss_fn's metrics (train_step maps one over the other)."""
+  cfg = _tiny(method, exit_head=exit_head, exit_layers=(1, 3) if method != "segvit" else ())
+  model = train.train_model(variables_lib.create_model(cfg), cfg)
+  v = jax.eval_shape(lambda: variables_lib.init_variables(model, cfg, jax.random.key(0)))
+  _, metrics = jax.eval_shape(
+      lambda v, b: train.loss_fn(v["params"], model, b, jax.random.key(0), cfg, v), v,
+      _batch(cfg))
+  state = jax.eval_shape(functools.partial(train.init_state, model=model,
+                                           tx=optim.make_optimizer(cfg.optim), config=cfg),
+                         jax.random.key(0))
+  assert set(state["guard"]["first_bad"]["loss"]) == set(metrics)
+  # DToP: two exit heads and the final one; SegViT's head: a stage per out layer (exits too).
+  stages = 3 if method == "dtop" else len(model.out_layers)
+  assert len(metrics) == 1 + 3 * stages == 1 + 3 * model.num_predictions()
+
+
 @pytest.mark.parametrize("auto_train", [
     False, pytest.param(True, marks=pytest.mark.slow)])  # compiling the policy's train step
 def test_step_end_to_end_policy_frozen_and_pruning_schedule(tmp_path, capsys, auto_train):

@@ -189,7 +189,7 @@ class Segmenter(nn.Module):
     its final head, or (exit_head='atm') SegViT's `out_layers`, which include the exits."""
     if self.exit_head == "atm":
       return tuple(self.out_layers)
-    return tuple(self.exit_layers) + (len(self.backbone.blocks),)
+    return tuple(self.exit_layers) + (self.backbone.depth,)
 
   def head_stage(self, i, q, y, key_mask, train):
     """Head stage i on block outputs y: (queries, class logits [B, Q, K], masks [B, Q, N]).
@@ -244,6 +244,11 @@ class Segmenter(nn.Module):
     for s in range(len(self.exit_layers) + 1):
       state = self.stage_segment(state, s, caps, train=train)
     return self.stage_finish(state)
+
+  def num_predictions(self):
+    """Predictions one forward returns: the final one plus its `aux` list (a head stage each;
+    deep supervision), so the loss terms are known without tracing the model."""
+    return len(self.stage_layers()) if self.exit_layers else self.head.num_stages
 
   def exit_thresholds(self):
     """One threshold per exit (exit_threshold may be one value for all)."""

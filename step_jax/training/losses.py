@@ -52,6 +52,16 @@ def atm_mask_losses(mask_logits, labels, present, num_masks, alpha=0.25, gamma=2
           jnp.sum(jnp.where(present, dice, 0.0)) / num_masks)
 
 
+def _suffixes(num_predictions):
+  return [""] + [f"_{i}" for i in range(num_predictions - 1)]   # final, then aux 0, 1, ...
+
+
+def atm_loss_names(num_predictions):
+  """The metric names atm_loss returns for outputs with `num_predictions` predictions."""
+  return ["loss"] + [f"loss_{term}{suffix}" for suffix in _suffixes(num_predictions)
+                     for term in ("ce", "focal", "dice")]
+
+
 def atm_loss(outputs, labels, *, num_classes, no_object_weight=0.1, ce_weight=1.0,
              focal_weight=20.0, dice_weight=1.0):
   """Total ATM loss over the final output and every `outputs['aux']` entry.
@@ -60,7 +70,8 @@ def atm_loss(outputs, labels, *, num_classes, no_object_weight=0.1, ce_weight=1.
   """
   present = class_presence(labels, num_classes)
   num_masks = jnp.maximum(jnp.sum(present), 1).astype(jnp.float32)
-  parts = [("", outputs)] + [(f"_{i}", o) for i, o in enumerate(outputs.get("aux", []))]
+  predictions = [outputs] + list(outputs.get("aux", []))
+  parts = zip(_suffixes(len(predictions)), predictions)
   total, metrics = 0.0, {}
   for suffix, out in parts:
     ce = atm_class_loss(out["pred_logits"], present, no_object_weight)

@@ -57,6 +57,8 @@ def model_inputs(model, batch):
 
 
 def loss_fn(params, model, batch, rng, config, model_state=None):
+  if "policy" in params:   # frozen (optim.make_optimizer): not differentiated, not traced twice
+    params = dict(params, policy=jax.lax.stop_gradient(params["policy"]))
   variables = dict(model_state or {}, params=params)
   outputs, _ = model.apply(variables, batch["image"], train=True, rngs={"dropout": rng},
                            **model_inputs(model, batch))
@@ -91,12 +93,10 @@ def init_state(rng, policy_vars=None, *, model, tx, config):
   """
   variables = variables_lib.init_variables(model, config, rng, policy_vars)
   params = variables.pop("params")
-  _, metrics = jax.eval_shape(functools.partial(loss_fn, model=model, config=config),
-                              params, batch=variables_lib.dummy_batch(config), rng=rng,
-                              model_state=variables)
   n_leaves = len(jax.tree.leaves(params))
+  loss_names = losses.atm_loss_names(model.num_predictions())   # loss_fn's metrics
   guard = dict(skipped=jnp.zeros((), jnp.int32), first_bad_step=jnp.full((), -1, jnp.int32),
-               first_bad=dict(loss=jax.tree.map(lambda _: jnp.zeros((), bool), metrics),
+               first_bad=dict(loss={k: jnp.zeros((), bool) for k in loss_names},
                               grads=jnp.zeros((n_leaves,), bool)))
   return dict(params=params, model_state=variables, opt_state=tx.init(params),
               step=jnp.zeros((), jnp.int32), guard=guard)
