@@ -6,6 +6,9 @@ import numpy as np
 from step_jax.training import losses
 from step_jax.models import resize
 
+# One compiled program per shape (eagerly, each of the loss's ops compiles on its own).
+atm_loss = jax.jit(losses.atm_loss, static_argnames="num_classes")
+
 
 def _sigmoid(x):
   return 1 / (1 + np.exp(-x))
@@ -49,7 +52,7 @@ def _case(seed, k_extra=1, c=6, ignore=255):
 def test_matches_reference_segvit_head():
   logits, masks, labels = _case(0)
   out = dict(pred_logits=logits, pred_masks=masks)
-  _, m = losses.atm_loss(out, jnp.asarray(labels), num_classes=6)
+  _, m = atm_loss(out, jnp.asarray(labels), num_classes=6)
   ce, focal, dice = reference_atm(logits, masks, labels, 6, 255)
   np.testing.assert_allclose(m["loss_ce"], ce, rtol=1e-5)
   np.testing.assert_allclose(m["loss_focal"], focal, rtol=1e-4)
@@ -60,7 +63,7 @@ def test_matches_reference_segvit_head():
 def test_matches_reference_binary_head():
   logits, masks, labels = _case(1, k_extra=2 - 6)
   assert logits.shape[-1] == 2
-  _, m = losses.atm_loss(dict(pred_logits=logits, pred_masks=masks), jnp.asarray(labels),
+  _, m = atm_loss(dict(pred_logits=logits, pred_masks=masks), jnp.asarray(labels),
                          num_classes=6)
   ce, focal, dice = reference_atm(logits, masks, labels, 6, 255)
   np.testing.assert_allclose(m["loss_ce"], ce, rtol=1e-5)
@@ -71,8 +74,8 @@ def test_aux_outputs_each_get_the_same_terms():
   logits, masks, labels = _case(2)
   out = dict(pred_logits=logits, pred_masks=masks,
              aux=[dict(pred_logits=logits, pred_masks=masks)] * 2)
-  total, m = losses.atm_loss(out, jnp.asarray(labels), num_classes=6)
-  single, _ = losses.atm_loss(dict(pred_logits=logits, pred_masks=masks), jnp.asarray(labels),
+  total, m = atm_loss(out, jnp.asarray(labels), num_classes=6)
+  single, _ = atm_loss(dict(pred_logits=logits, pred_masks=masks), jnp.asarray(labels),
                               num_classes=6)
   np.testing.assert_allclose(total, 3 * single, rtol=1e-5)
   assert {"loss_ce_0", "loss_focal_1", "loss_dice_1"} <= set(m)
@@ -80,16 +83,16 @@ def test_aux_outputs_each_get_the_same_terms():
 
 def test_ignore_pixels_are_negatives_and_absent_classes_get_no_mask_loss():
   logits, masks, labels = _case(3)
-  base = losses.atm_loss(dict(pred_logits=logits, pred_masks=masks), jnp.asarray(labels),
+  base = atm_loss(dict(pred_logits=logits, pred_masks=masks), jnp.asarray(labels),
                          num_classes=6)[1]
   # Mask logits of an absent class (4) do not matter for focal/dice ...
   m2 = masks.copy(); m2[:, 4] += 7
-  alt = losses.atm_loss(dict(pred_logits=logits, pred_masks=m2), jnp.asarray(labels),
+  alt = atm_loss(dict(pred_logits=logits, pred_masks=m2), jnp.asarray(labels),
                         num_classes=6)[1]
   np.testing.assert_allclose(alt["loss_focal"], base["loss_focal"], rtol=1e-6)
   # ... but raising every logit where pixels are ignored raises the loss (they are negatives).
   m3 = masks.copy(); m3[1, :, :, 0] += 5
-  worse = losses.atm_loss(dict(pred_logits=logits, pred_masks=m3), jnp.asarray(labels),
+  worse = atm_loss(dict(pred_logits=logits, pred_masks=m3), jnp.asarray(labels),
                           num_classes=6)[1]
   assert worse["loss_focal"] > base["loss_focal"]
 
@@ -97,7 +100,7 @@ def test_ignore_pixels_are_negatives_and_absent_classes_get_no_mask_loss():
 def test_all_ignore_batch_is_finite_and_differentiable():
   logits, masks, _ = _case(4)
   labels = jnp.full((2, 16, 24), 255, jnp.int32)
-  f = lambda mk: losses.atm_loss(dict(pred_logits=logits, pred_masks=mk), labels,
+  f = lambda mk: atm_loss(dict(pred_logits=logits, pred_masks=mk), labels,
                                  num_classes=6)[0]
-  v, g = jax.value_and_grad(f)(jnp.asarray(masks))
+  v, g = jax.jit(jax.value_and_grad(f))(jnp.asarray(masks))
   assert np.isfinite(v) and np.all(np.isfinite(g))

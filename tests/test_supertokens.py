@@ -14,17 +14,25 @@ from step_jax.models import supertokens as st
 from step_jax.models import vit
 
 
+def _merge_levels(scores, tau, grid):
+  """st.merge_levels as one compiled program (eagerly, each of its ~60 ops compiles alone)."""
+  return jax.jit(lambda s: st.merge_levels(s, tau, grid))(scores)
+
+
+_token_layout = jax.jit(st.token_layout)
+
+
 def random_levels(seed, grid, b=3, taus=(0.6, 0.8, 0.9, 0.9)):
   rng = np.random.default_rng(seed)
   scores = {k: jnp.asarray(rng.random((b, grid[0] // k + 1, grid[1] // k + 1)) ** 0.3)
             for k in st.SIZES}
-  return st.merge_levels(scores, dict(zip(st.SIZES, taus)), grid)
+  return _merge_levels(scores, dict(zip(st.SIZES, taus)), grid)
 
 
 @pytest.mark.parametrize("grid", [(32, 32), (13, 22), (17, 40), (5, 3)])
 def test_partition_covers_every_cell_exactly_once(grid):
   level = np.asarray(random_levels(0, grid))
-  layout = jax.tree.map(np.asarray, st.token_layout(jnp.asarray(level)))
+  layout = jax.tree.map(np.asarray, _token_layout(jnp.asarray(level)))
   for b in range(level.shape[0]):
     leaf = layout["leaf"][b].reshape(grid)
     count = layout["count"][b]
@@ -44,9 +52,9 @@ def test_partition_covers_every_cell_exactly_once(grid):
 def test_coarse_to_fine_no_window_merged_twice():
   grid = (16, 16)
   ones = lambda k: jnp.ones((1, 16 // k, 16 // k))
-  level = st.merge_levels({k: ones(k) for k in st.SIZES}, {k: 0.5 for k in st.SIZES}, grid)
+  level = _merge_levels({k: ones(k) for k in st.SIZES}, {k: 0.5 for k in st.SIZES}, grid)
   assert np.all(np.asarray(level) == 16)     # the 16x16 window wins, nothing inside it merges
-  lay = st.token_layout(level)
+  lay = _token_layout(level)
   assert int(lay["count"][0]) == 1
 
 
@@ -68,8 +76,8 @@ def test_all_windows_forced_to_merge_count(grid, expected):
             n += 1
     return n + (~cover).sum()
   scores = {k: jnp.ones((1, grid[0] // k, grid[1] // k)) for k in st.SIZES}
-  level = st.merge_levels(scores, {k: 0.0 for k in st.SIZES}, grid)
-  count = int(st.token_layout(level)["count"][0])
+  level = _merge_levels(scores, {k: 0.0 for k in st.SIZES}, grid)
+  count = int(_token_layout(level)["count"][0])
   assert count == arithmetic(*grid)
   if expected is not None:
     assert count == expected
@@ -91,7 +99,7 @@ def test_window_purity_rules():
 def test_cts_merges_exactly_k_windows():
   rng = np.random.default_rng(0)
   level = st.cts_levels(jnp.asarray(rng.random((2, 8, 8))), 10, (16, 16))
-  lay = st.token_layout(level)
+  lay = _token_layout(level)
   np.testing.assert_array_equal(lay["count"], [256 - 30] * 2)
   assert np.all(np.isin(np.asarray(level), [1, 2]))
   with pytest.raises(ValueError, match="exceeds"):
@@ -101,7 +109,7 @@ def test_cts_merges_exactly_k_windows():
 def test_unshare_inverts_share():
   grid = (13, 22)
   level = random_levels(1, grid)
-  lay = st.token_layout(level)
+  lay = _token_layout(level)
   # A per-cell value that is constant on each superpatch: its anchor's raster index.
   ii, jj = np.mgrid[:grid[0], :grid[1]]
   lv = np.asarray(level)

@@ -23,8 +23,8 @@ def test_decode_variant():
 def test_shapes_and_intermediates():
   m = tiny()
   x = jax.random.normal(jax.random.key(0), (2, 48, 80, 3))
-  params = m.init(jax.random.key(1), x)
-  y, outs = m.apply(params, x)
+  params = jax.jit(m.init)(jax.random.key(1), x)   # (eagerly every op compiles alone)
+  y, outs = jax.jit(m.apply)(params, x)
   assert y.shape == (2, 3, 5, 32)
   assert len(outs) == 3 and outs[-1].shape == (2, 15, 32)
   np.testing.assert_array_equal(outs[-1].reshape(y.shape), y)  # final_norm=False
@@ -39,7 +39,7 @@ def test_rejects_sizes_off_the_patch_grid():
 def test_patch_embedding_equals_strided_conv():
   m = tiny()
   x = jax.random.normal(jax.random.key(0), (1, 32, 48, 3))
-  params = m.init(jax.random.key(1), x)
+  params = jax.jit(m.init)(jax.random.key(1), x)
   tokens = m.apply(params, x, method=lambda mod, im: mod.embed_patches(mod.patchify(im)))
   k = params["params"]["embedding"]["kernel"].reshape(16, 16, 3, 32)  # HWIO
   conv = jax.lax.conv_general_dilated(x, k, (16, 16), "VALID",
@@ -50,7 +50,7 @@ def test_patch_embedding_equals_strided_conv():
 
 def test_posemb_resample_identity_and_smoothness():
   m = tiny()
-  params = m.init(jax.random.key(0), jnp.zeros((1, 64, 64, 3)))
+  params = jax.jit(m.init)(jax.random.key(0), jnp.zeros((1, 64, 64, 3)))
   same = m.apply(params, (4, 4), method=lambda mod, g: mod.posemb(g))
   np.testing.assert_array_equal(same, params["params"]["pos_embedding"])
   big = m.apply(params, (8, 12), method=lambda mod, g: mod.posemb(g))
@@ -79,11 +79,12 @@ def test_key_mask_makes_padding_invisible():
 def test_drop_path_train_vs_eval():
   m = tiny(drop_path=0.5)
   x = jax.random.normal(jax.random.key(0), (8, 32, 32, 3))
-  params = m.init(jax.random.key(1), x)
-  e1, _ = m.apply(params, x)
-  e2, _ = m.apply(params, x)
+  params = jax.jit(m.init)(jax.random.key(1), x)
+  apply = jax.jit(m.apply, static_argnames="train")
+  e1, _ = apply(params, x)
+  e2, _ = apply(params, x)
   np.testing.assert_array_equal(e1, e2)
-  t1, _ = m.apply(params, x, train=True, rngs={"dropout": jax.random.key(3)})
+  t1, _ = apply(params, x, train=True, rngs={"dropout": jax.random.key(3)})
   assert not np.allclose(t1, e1)
 
 
@@ -100,9 +101,9 @@ def test_remat_same_values_and_grads():
 
 def test_bf16_close_to_fp32():
   x = jax.random.normal(jax.random.key(0), (2, 32, 32, 3))
-  params = tiny().init(jax.random.key(1), x)
-  y32, _ = tiny().apply(params, x)
-  y16, _ = tiny(dtype=jnp.bfloat16).apply(params, x)
+  params = jax.jit(tiny().init)(jax.random.key(1), x)
+  y32, _ = jax.jit(tiny().apply)(params, x)
+  y16, _ = jax.jit(tiny(dtype=jnp.bfloat16).apply)(params, x)
   assert y16.dtype == jnp.bfloat16
   err = np.abs(np.asarray(y16, np.float32) - np.asarray(y32))
   assert err.max() < 0.1 * np.abs(np.asarray(y32)).max()
