@@ -29,17 +29,17 @@ flags.FLAGS.mark_as_parsed()  # grain workers and absl-using code read flags
 # The heaviest files first, longest first (their seconds in a cold default run on 2 cores):
 # with two xdist workers taking whole files in order, a heavy file left for the end would run
 # alone while the other worker idles.
-HEAVY_FIRST = ("test_train_step.py",   # 135
-               "test_early_exit.py",   # 106
-               "test_train.py",        # 94
-               "test_supertokens.py",  # 92
-               "test_bad_input.py",    # 91
-               "test_dispatch.py",     # 81
-               "test_evaluate.py",     # 61
-               "test_efficientnet.py", # 54
-               "test_export.py",       # 50
-               "test_policy.py",       # 47
-               "test_attention.py")    # 45
+HEAVY_FIRST = ("test_train_step.py",   # 130
+               "test_early_exit.py",   # 105
+               "test_train.py",        # 86
+               "test_dispatch.py",     # 82
+               "test_bad_input.py",    # 75
+               "test_supertokens.py",  # 59
+               "test_export.py",       # 58
+               "test_policy.py",       # 55
+               "test_evaluate.py",     # 54
+               "test_efficientnet.py", # 45
+               "test_attention.py")    # 42
 
 
 def pytest_collection_modifyitems(items):

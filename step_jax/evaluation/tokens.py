@@ -36,14 +36,16 @@ def calibrate_exits(model, variables, images, share, *, labels=None):
   each exit (the top-k-per-class rule then keeps a few of them: <= k·C tokens); `labels`
   only for the oracle merge."""
   kw = {} if labels is None else dict(labels=jnp.asarray(labels))
+  n = len(model.exit_layers)
+  # One capacity: the confidences do not depend on the buckets, and a fine ladder's programs
+  # would take long to compile. The thresholds are arguments: one program for every exit.
+  single = model.clone(buckets=(1.0,), exit_buckets=(1.0,))
+  run = jax.jit(lambda v, x, t: single.clone(exit_threshold=tuple(t)).apply(v, x, **kw))
+  images = jnp.asarray(images, jnp.float32)
   taus = []
-  for s in range(len(model.exit_layers)):
-    # One capacity: the confidences do not depend on the buckets, and a fine ladder's
-    # programs would take long to compile.
-    trial = model.clone(exit_threshold=tuple(taus) + (1.0,) * (len(model.exit_layers) - s),
-                        buckets=(1.0,), exit_buckets=(1.0,))
-    out, info = jax.jit(lambda v, x, trial=trial: trial.apply(v, x, **kw))(
-        variables, jnp.asarray(images, jnp.float32))
+  for s in range(n):
+    # Exits before s halt at their calibrated thresholds; s and later halt nothing (τ = 1).
+    out, info = run(variables, images, jnp.asarray(taus + [1.0] * (n - s), jnp.float32))
     aux = out["aux"][s]
     conf, _ = early_exit.token_confidence(
         aux["pred_logits"], aux["pred_masks"].reshape(aux["pred_masks"].shape[:2] + (-1,)))
