@@ -98,8 +98,17 @@ def targets(labels, config):
           for k in SIZES}
 
 
+def frozen_subtrees(config):
+  """Parameter subtrees that do not train: the EfficientNet unless policy.train_backbone."""
+  return () if config.policy.train_backbone else ("backbone",)
+
+
 def train_step(state, batch, *, model, tx, config):
   def loss_fn(params):
+    # Frozen subtrees get no update (make_optimizer); not differentiating them at all saves
+    # tracing EfficientNet's JVP.
+    params = dict(params, **{k: jax.lax.stop_gradient(params[k])
+                             for k in frozen_subtrees(config) if k in params})
     logits, new = model.apply({"params": params, "batch_stats": state["batch_stats"]},
                               batch["image"], train=True, mutable=["batch_stats"])
     loss, metrics = policy_lib.policy_loss(logits, targets(batch["label"], config))
@@ -208,8 +217,7 @@ def train_and_evaluate(config, workdir):
   mesh = sharding.make_mesh(config)
   host_batch = sharding.host_batch_size(config.batch_size, mesh)
   model = build(config)
-  frozen = () if config.policy.train_backbone else ("backbone",)
-  tx = optim.make_optimizer(_optim_config(config), frozen=frozen)
+  tx = optim.make_optimizer(_optim_config(config), frozen=frozen_subtrees(config))
   writer = writers.create_writer(workdir, process_index=jax.process_index(), tensorboard=False)
   train_iter = pipeline.make_train_iter(config, process_index=jax.process_index(),
                                         process_count=jax.process_count())
