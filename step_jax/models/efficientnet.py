@@ -25,6 +25,7 @@ vs .78). 'SAME' only differs from symmetric padding in stride-2 convs (for an ev
 computes its 'SAME' pads once for 224² inputs; we pad per input size, as TF and timm's
 Conv2dSame do (identical for sizes that are multiples of 32).
 """
+import functools
 from typing import Any, Callable, Sequence, Tuple
 
 import flax.linen as nn
@@ -111,6 +112,14 @@ def depthwise_conv(x, kernel, stride: int, padding: str, impl: str = "auto"):
                                         feature_group_count=x.shape[-1])
   if impl != "shifted":
     raise ValueError(f"depthwise impl {impl!r}: use 'auto', 'conv' or 'shifted'")
+  return _shifted_depthwise(x, kernel, stride, tuple(map(tuple, pads)))
+
+
+@functools.partial(jax.jit, static_argnums=(2, 3))
+def _shifted_depthwise(x, kernel, stride, pads):
+  # Its own jit: the k² taps are traced once per shape and reused (every MBConv of a stage,
+  # every trace of the policy net: train step, evaluation, token statistics), inlined by XLA.
+  k = kernel.shape[0]
   xp = jnp.pad(x, ((0, 0), *pads, (0, 0)))
   oh, ow = [(n + sum(p) - k) // stride + 1 for n, p in zip(x.shape[1:3], pads)]
   out = None
