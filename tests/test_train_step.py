@@ -47,6 +47,12 @@ def test_optimizer_freezes_the_policy_subtree():
   updates, _ = tx.update(grads, tx.init(params), params)
   assert np.all(np.asarray(updates["policy"]["kernel"]) == 0)      # no step, no decay
   assert np.all(np.asarray(updates["backbone"]["kernel"]) != 0)
+  # ... and the loss does not differentiate it (a function that does depend on it).
+  f = lambda p: sum(jnp.sum(x ** 2) for x in jax.tree.leaves(optim.without_gradient(p)))
+  g = jax.grad(f)(params)
+  assert np.all(np.asarray(g["policy"]["kernel"]) == 0)
+  assert np.all(np.asarray(g["backbone"]["kernel"]) == 2)
+  assert optim.without_gradient(params, ("absent",)) == params
 
 
 def test_policy_is_required_and_checked(tmp_path):

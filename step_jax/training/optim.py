@@ -5,6 +5,8 @@ import optax
 
 # Parameter names that never get weight decay (mmseg `paramwise_cfg` / big_vision habit).
 _NO_DECAY = ("bias", "scale", "pos_embedding", "queries")
+# The segmenter's subtrees that never train: the policy net is trained beforehand.
+FROZEN = ("policy",)
 
 
 def learning_rate_fn(cfg, base_lr=None):
@@ -32,7 +34,14 @@ def _decay_mask(params):
       lambda path, _: getattr(path[-1], "key", None) not in _NO_DECAY, params)
 
 
-def make_optimizer(cfg, frozen=("policy",)):
+def without_gradient(params, frozen=FROZEN):
+  """`params` with the `frozen` subtrees behind stop_gradient. They get no update anyway
+  (make_optimizer); not differentiating them saves tracing their JVP (seconds for the policy
+  net's EfficientNet) and gives the same values."""
+  return dict(params, **{k: jax.lax.stop_gradient(params[k]) for k in frozen if k in params})
+
+
+def make_optimizer(cfg, frozen=FROZEN):
   """cfg: config.optim. Everything but the 'backbone' subtree trains at lr × head_lr_mult
   (default 1); the top-level subtrees named in `frozen` (the segmenter's: the 'policy' net,
   trained beforehand; the policy trainer's: its 'backbone' when it stays ImageNet's) get no

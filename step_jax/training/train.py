@@ -57,9 +57,7 @@ def model_inputs(model, batch):
 
 
 def loss_fn(params, model, batch, rng, config, model_state=None):
-  if "policy" in params:   # frozen (optim.make_optimizer): not differentiated, not traced twice
-    params = dict(params, policy=jax.lax.stop_gradient(params["policy"]))
-  variables = dict(model_state or {}, params=params)
+  variables = dict(model_state or {}, params=optim.without_gradient(params))
   outputs, _ = model.apply(variables, batch["image"], train=True, rngs={"dropout": rng},
                            **model_inputs(model, batch))
   lc = config.loss

@@ -105,10 +105,7 @@ def frozen_subtrees(config):
 
 def train_step(state, batch, *, model, tx, config):
   def loss_fn(params):
-    # Frozen subtrees get no update (make_optimizer); not differentiating them at all saves
-    # tracing EfficientNet's JVP.
-    params = dict(params, **{k: jax.lax.stop_gradient(params[k])
-                             for k in frozen_subtrees(config) if k in params})
+    params = optim.without_gradient(params, frozen_subtrees(config))
     logits, new = model.apply({"params": params, "batch_stats": state["batch_stats"]},
                               batch["image"], train=True, mutable=["batch_stats"])
     loss, metrics = policy_lib.policy_loss(logits, targets(batch["label"], config))
