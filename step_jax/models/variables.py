@@ -27,8 +27,10 @@ def dummy_batch(config, batch=1):
 
 
 def _switch_free(model):
-  """A segmenter with one token capacity and masked exits: the same parameters, but init
-  traces (and compiles) one path instead of every bucket's switch branch."""
+  """A segmenter with one token capacity and masked exits: the same parameter shapes, but
+  tracing it goes through one path instead of every bucket's switch branch. Shapes only:
+  its init draws other values for the layers after the first exit (they sit inside the exit
+  switch in compact mode), so a real init uses the model itself (_core_model)."""
   if not isinstance(model, segmenter.Segmenter):
     return model
   return model.clone(buckets=(1.0,), exit_mode="mask")
@@ -36,10 +38,9 @@ def _switch_free(model):
 
 def _core_model(model):
   """The model without token sharing, for init: the same parameters minus the policy net
-  (whose variables never come from a random init) and no labels needed (oracle)."""
-  if model.merge != "none":
-    model = model.clone(policy=None, merge="none")
-  return _switch_free(model)
+  (whose variables never come from a random init) and no labels needed (oracle). Not
+  switch-free: a seed keeps drawing the initial weights it drew for the recorded runs."""
+  return model.clone(policy=None, merge="none") if model.merge != "none" else model
 
 
 def abstract_policy_variables(model, config):
