@@ -256,7 +256,7 @@ class Segmenter(nn.Module):
     return tuple(taus) if isinstance(taus, (tuple, list)) else (taus,) * len(self.exit_layers)
 
   def check_stages(self):
-    depth = len(self.backbone.blocks)
+    depth = self.backbone.depth
     layers = self.stage_layers()
     if self.exit_head == "atm":
       if list(layers) != sorted(set(layers)) or layers[-1] != depth \
@@ -286,7 +286,7 @@ class Segmenter(nn.Module):
   def stage_segment(self, state, s, caps, *, train):
     """Runs segment s (the blocks up to exit s, or to the end) and its head stages; in compact
     mode after the first exit, the active tokens in the smallest of `caps` that holds them."""
-    depth = len(self.backbone.blocks)
+    depth = self.backbone.depth
     layers = self.stage_layers()
     bounds = (0,) + tuple(self.exit_layers) + (depth,)
     taus = self.exit_thresholds()
