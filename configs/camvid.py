@@ -19,7 +19,8 @@ $STEP_JAX_DATA/camvid_segnet, else ../shared/data/camvid_segnet next to the repo
 Arguments: method (segvit, cts, dcts, dtop, cts_dtop, step: see configs/step.py), size (cpu |
 gpu), variant (override the size's ViT, e.g. Ti/16), tau (dCTS thresholds, '6899' or
 '4999'), exits ('-'-separated layers; default per variant), exit_tau (halting confidence),
-exit_head (atm, the default | dtop | dtop_multiclass: see configs/step.py).
+exit_head (segvit, the default | atm_shallow_first | dtop | dtop_multiclass: see
+configs/step.py).
 
 Evaluation: the val split, whole images. `size=cpu` trains at half resolution, so it also
 tests at half resolution (short side 180) and resizes the scores back to the 480x360

@@ -17,10 +17,11 @@ Examples:
 Arguments: method; variant (Mu/16 Ti/16 S/16 B/16 L/16); dataset; res (0 = dataset crop);
 tau: dCTS thresholds for 2,4,8,16 windows as digits ('6899' = .6 .8 .9 .9, '4999') or
 '-'-separated decimals ('0.6-0.8-0.9-0.9'); exits: '-'-separated 1-based layers ('6-8', '16');
-exit_tau: halting confidence (paper: .9 ADE20K/Cityscapes, .95 COCO-Stuff); exit_head: 'atm'
-(default: SegViT's own head stages serve as the exits, no extra head; exits must be among the
-head's out_layers), 'dtop' (DToP's single-stage binary heads, the paper) or 'dtop_multiclass'
-((C+1)-way class heads); smoke.
+exit_tau: halting confidence (paper: .9 ADE20K/Cityscapes, .95 COCO-Stuff); exit_head:
+'segvit' (default: SegViT's head unchanged, its deepest stage rating the tokens at each exit;
+SegViT exactly when nothing halts, so a trained SegViT loads as is), 'atm_shallow_first'
+(SegViT's stages run shallowest first, those at the exits serving as exits), 'dtop' (DToP's
+single-stage binary heads, the paper) or 'dtop_multiclass' ((C+1)-way class heads); smoke.
 
 CTS/dCTS/STEP need a trained policy net: `--config.model.policy.init_from=<workdir of
 python -m step_jax.cli.train_policy>`, or `--config.model.policy.auto_train_steps=N` to train
@@ -93,7 +94,8 @@ def set_method(m, method, variant, *, tau="6899", exits="", exit_tau=0.9,
   m.keep_top_k = 5
   m.exit_buckets = segmenter.BUCKETS
   m.exit_head_heads = DTOP_HEADS[variant]
-  # 'dtop' (the paper: DToP's heads), 'dtop_multiclass' or 'atm' (SegViT's stages as exits).
+  # segmenter.EXIT_HEADS: 'segvit' (SegViT's head, its stage 0 deciding at the exits),
+  # 'atm_shallow_first', 'dtop' (the paper: DToP's heads) or 'dtop_multiclass'.
   m.exit_head = exit_head
   return use_exits
 

@@ -125,10 +125,32 @@ def test_profile_segvit_pieces_sum_to_model_macs():
   assert sum(p["useful"] for p in pieces) / 1e9 == pytest.approx(flops.model_macs(cfg)["total"])
 
 
-def test_profile_atm_exit_pieces_run_and_sum_to_model_macs():
-  """exit_head=atm: SegViT's stages are profiled where they run, the exit stage halts."""
+def test_profile_segvit_exit_pieces_run_and_sum_to_model_macs():
+  """exit_head=segvit: the exit (SegViT's stage 0 + halting) after its block, SegViT's head
+  at the end on every token."""
   cfg = _cfg("dtop", exits="2")
-  cfg.model.exit_head = "atm"
+  cfg.model.exit_head = "segvit"
+  model = segmenter.build(cfg.model, cfg.num_classes, (64, 64), 255)
+  plan = dict(tokens=16, active=[16, 10], caps=[16, 12], info={})
+  pieces = profile_lib.pieces(cfg, model, plan, np.zeros((64, 64, 3), np.uint8), 1)
+  assert [p["name"] for p in pieces] == [
+      "embed", "block 1", "block 2", "exit 1 (head stage 1)", "block 3", "block 4",
+      "final head", "upsample"]
+  assert [p["tokens"] for p in pieces[3:7]] == [16, 10, 10, 16]
+  assert sum(p["useful"] for p in pieces) / 1e9 == pytest.approx(
+      flops.token_macs(cfg, 16, [16, 10])["total"])
+  variables = variables_lib.random_variables(model, (64, 64))
+  for p in (pieces[3], pieces[6]):
+    out = jax.jit(lambda v, *a, fn=p["fn"]: model.apply(v, *a, method=fn))(variables, *p["args"])
+    assert all(np.all(np.isfinite(np.asarray(x))) for x in jax.tree.leaves(out))
+
+
+@pytest.mark.slow
+def test_profile_atm_exit_pieces_run_and_sum_to_model_macs():
+  """exit_head=atm_shallow_first: SegViT's stages are profiled where they run, the exit
+  stage halts."""
+  cfg = _cfg("dtop", exits="2")
+  cfg.model.exit_head = "atm_shallow_first"
   model = segmenter.build(cfg.model, cfg.num_classes, (64, 64), 255)
   plan = dict(tokens=16, active=[16, 10], caps=[16, 12], info={})
   pieces = profile_lib.pieces(cfg, model, plan, np.zeros((64, 64, 3), np.uint8), 1)

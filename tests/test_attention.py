@@ -64,7 +64,7 @@ def _model(impl, merge="none", exits=(), mode="compact", tau=1.0, dtype=jnp.floa
                                             num_stages=stages, binary_cls=binary, dtype=dtype)
   kw = dict(merge=merge, buckets=(1.0,) if one_bucket else (0.5, 1.0), exit_layers=exits,
             exit_threshold=tau, exit_mode=mode, exit_buckets=(0.5, 1.0), exit_head=design)
-  if not exits or design == "atm":
+  if not exits or design == "segvit":
     return segmenter.Segmenter(backbone, head(3, False), (1, 2, 4), **kw)
   return segmenter.Segmenter(backbone, head(1, True), (4,),
                              exit_heads=tuple(head(1, True) for _ in exits), **kw)
@@ -86,17 +86,17 @@ CASES = {  # name: model kwargs (SegViT; dCTS-like padded buckets; DToP; STEP)
     "supertokens": dict(merge="oracle"),
     "dtop_mask": dict(exits=(1, 2), mode="mask"),
     "dtop_compact": dict(exits=(1, 2), mode="compact"),
-    "step_atm": dict(merge="oracle", exits=(2,), mode="compact", design="atm"),
+    "step_segvit": dict(merge="oracle", exits=(2,), mode="compact", design="segvit"),
 }
 
 
-def _slow(*names):  # bucket switches compile for minutes on 2 cores; step_atm covers both
+def _slow(*names):  # bucket switches compile for minutes on 2 cores; step_segvit covers both
   return [pytest.param(n, marks=pytest.mark.slow) if n in names else n for n in sorted(CASES)]
 
 
 # The default run compares the models' outputs with halting masks (dtop_mask); the gradients
 # are checked at the layer level above (with a key mask), the models' with -m slow.
-@pytest.mark.parametrize("case", _slow("segvit", "supertokens", "dtop_compact", "step_atm"))
+@pytest.mark.parametrize("case", _slow("segvit", "supertokens", "dtop_compact", "step_segvit"))
 def test_fused_model_equals_einsum_model(case):
   _compare(CASES[case], grads=False)
 

@@ -42,9 +42,10 @@ def _prepared(method, exit_head="dtop", exit_mode="compact", buckets=(0.5, 0.75,
 
 
 @pytest.mark.parametrize("method,exit_head,exit_mode", [
-    ("step", "dtop", "compact"),      # supertokens + DToP exits: programs in sequence
-    pytest.param("dtop", "atm", "compact", marks=pytest.mark.slow),  # no supertokens
-    pytest.param("step", "atm", "mask", marks=pytest.mark.slow),  # one program per capacity
+    ("step", "segvit", "compact"),    # the default STEP model: programs in sequence
+    pytest.param("step", "dtop", "compact", marks=pytest.mark.slow),  # DToP's exit heads
+    pytest.param("dtop", "atm_shallow_first", "compact", marks=pytest.mark.slow),  # no merge
+    pytest.param("step", "segvit", "mask", marks=pytest.mark.slow),  # a program per capacity
 ])
 def test_host_buckets_give_the_one_program_outputs(method, exit_head, exit_mode):
   model, variables, images = _prepared(method, exit_head, exit_mode)

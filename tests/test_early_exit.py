@@ -17,21 +17,27 @@ from step_jax.models import segmenter
 from step_jax.models import vit
 
 
-DESIGNS = ("dtop", "atm")
-# The heaviest invariants run for the default design by default, for DToP's with -m slow.
-HEAVY = (pytest.param("dtop", marks=pytest.mark.slow), "atm")
+DESIGNS = ("dtop", "atm_shallow_first", "segvit")
+# The heaviest invariants run for the default design by default, for the others with -m slow.
+HEAVY = (pytest.param("dtop", marks=pytest.mark.slow),
+         pytest.param("atm_shallow_first", marks=pytest.mark.slow), "segvit")
+# The light ones for DToP's design too.
+LIGHT = ("dtop", pytest.param("atm_shallow_first", marks=pytest.mark.slow), "segvit")
 
 
 def make_model(mode="compact", tau=1.0, merge="none", buckets=(1.0,), design="dtop"):
   """4 blocks, exits after blocks 1 and 2. 'dtop': DToP's binary heads at the exits and on
-  block 4; 'atm': one SegViT head whose stages at blocks 1, 2 (the exits) and 4 run as the
-  encoder reaches them."""
+  block 4; 'atm_shallow_first': one SegViT head whose stages at blocks 1, 2 (the exits) and 4
+  run as the encoder reaches them; 'segvit': SegViT's head on blocks 2, 3, 4 (Mu/16's
+  out_layers; exit 1 is not one of them), its stage 0 rating the tokens at the exits."""
   backbone = vit.ViT(width=32, depth=4, mlp_dim=64, num_heads=2, posemb_grid=(4, 4))
   kw = dict(merge=merge, buckets=buckets, exit_layers=(1, 2), exit_threshold=tau,
             exit_mode=mode, exit_buckets=(0.5, 0.75, 1.0), exit_head=design)
   head = lambda stages, binary: atm.ATMHead(num_classes=4, dim=32, num_heads=4, num_layers=1,
                                             num_stages=stages, binary_cls=binary)
-  if design == "atm":
+  if design == "segvit":
+    return segmenter.Segmenter(backbone, head(3, False), (2, 3, 4), **kw)
+  if design == "atm_shallow_first":
     return segmenter.Segmenter(backbone, head(3, False), (1, 2, 4), **kw)
   return segmenter.Segmenter(backbone, head(1, True), (4,),
                              exit_heads=(head(1, True), head(1, True)), **kw)
@@ -102,8 +108,63 @@ def test_halting_rule_keeps_top_k_per_class():
   np.testing.assert_array_equal(np.flatnonzero(no_keep[0]), [0, 1, 2, 3, 4, 5, 6, 8, 9, 10])
 
 
-@pytest.mark.parametrize("design", HEAVY)
+def _assert_rel(actual, ref, rel, what=""):
+  """max|actual - ref| <= rel * max|ref|: a bound on the scale of the arrays compared."""
+  actual, ref = np.asarray(actual, np.float64), np.asarray(ref, np.float64)
+  err, scale = np.abs(actual - ref).max(), np.abs(ref).max()
+  assert err <= rel * scale, f"{what}: max|diff| {err:.3g} > {rel:g} * max|ref| {scale:.3g}"
+
+
+def test_segvit_exits_at_threshold_one_are_segvit():
+  """Nothing halts: the default design's outputs are SegViT's (the model without exits, the
+  same variables), in place and compacted."""
+  images, params = _images(), _params("segvit")
+  segvit = jax.jit(make_model(design="segvit").clone(exit_layers=()).apply)
+  ref, _ = segvit(params, images)
+  for mode in ("mask", "compact"):
+    out, info = forward(mode, 1.0, design="segvit")(params, images)
+    assert np.all(np.asarray(info["halt_stage"]) == 2)          # nobody halted
+    for key in ("pred_masks", "pred_logits"):
+      _assert_rel(out[key], ref[key], 1e-5, f"{mode} {key}")
+    # SegViT's deep supervision follows the exits' predictions in aux.
+    for a, r in zip(out["aux"][2:], ref["aux"]):
+      _assert_rel(a["pred_masks"], r["pred_masks"], 1e-5, f"{mode} aux")
+
+
+def test_segvit_design_halted_tokens_carry_their_exit_features():
+  """With halting, the prediction is SegViT's head over features in which a token halted at
+  exit s keeps its layer-(exit s) features for every later out_layer, and later blocks run
+  with halted tokens out of the keys (the halt map taken from the model)."""
+  images, params = _images(), _params("segvit")
+  tau = _median_tau(params, images, "segvit")
+  out, info = forward("compact", tau, design="segvit")(params, images)
+  halt = np.asarray(info["halt_stage"]).reshape(2, -1)
+  assert np.any(halt == 0) and np.any(halt == 1) and np.any(halt == 2)
+
+  def manual(mdl, im, halt):
+    x = mdl.backbone.embed(mdl.normalize(im))
+    b, gh, gw, d = x.shape
+    x, active, feats = x.reshape(b, gh * gw, d), jnp.ones(halt.shape, bool), {}
+    for k in range(mdl.backbone.depth):
+      y = mdl.backbone.run_blocks(x, active, k, k + 1)[-1]
+      x = jnp.where(active[..., None], y, x)
+      feats[k + 1] = x
+      if k + 1 in mdl.exit_layers:
+        active = active & (halt != mdl.exit_layers.index(k + 1))
+    return mdl.head([feats[l] for l in mdl.out_layers])
+  ref = jax.jit(functools.partial(make_model(design="segvit").apply, method=manual))(
+      params, images, jnp.asarray(halt))
+  _assert_rel(out["pred_masks"].reshape(ref["pred_masks"].shape), ref["pred_masks"], 1e-5,
+              "masks")
+  _assert_rel(out["pred_logits"], ref["pred_logits"], 1e-5, "class logits")
+
+
+@pytest.mark.parametrize("design", [pytest.param("dtop", marks=pytest.mark.slow),
+                                    pytest.param("atm_shallow_first",
+                                                 marks=pytest.mark.slow)])
 def test_threshold_one_is_exactly_the_no_exit_model(design):
+  """The other designs at τ = 1 against what they compute: DToP's final head on the last
+  block; SegViT's stages shallowest first (not SegViT's head)."""
   images, params = _images(), _params(design)
   out, info = forward("mask", 1.0, design=design)(params, images)
   assert np.all(np.asarray(info["halt_stage"]) == 2)          # nobody halted
@@ -121,11 +182,11 @@ def test_threshold_one_is_exactly_the_no_exit_model(design):
     return dict(pred_logits=mdl.head.classify(q), pred_masks=masks)
   ref = jax.jit(functools.partial(make_model(design=design).apply, method=manual))(
       params, images)
-  np.testing.assert_allclose(out["pred_masks"].reshape(ref["pred_masks"].shape),
-                             ref["pred_masks"], atol=1e-5)
-  np.testing.assert_allclose(out["pred_logits"], ref["pred_logits"], atol=1e-5)
+  _assert_rel(out["pred_masks"].reshape(ref["pred_masks"].shape), ref["pred_masks"], 1e-5,
+              "masks")
+  _assert_rel(out["pred_logits"], ref["pred_logits"], 1e-5, "class logits")
   compact, _ = forward("compact", 1.0, design=design)(params, images)
-  np.testing.assert_allclose(compact["pred_masks"], out["pred_masks"], atol=1e-5)
+  _assert_rel(compact["pred_masks"], out["pred_masks"], 1e-5, "compact masks")
 
 
 def _check_compact_equals_mask(images, merge="none", buckets=(1.0,), design="dtop"):
@@ -177,31 +238,35 @@ def test_step_supertokens_plus_exits_compact_equals_mask(design):
   assert np.all(np.asarray(info["num_tokens"]) < 48)
 
 
-@pytest.mark.parametrize("design", DESIGNS)
+@pytest.mark.parametrize("design", LIGHT)
 @pytest.mark.parametrize("capacity", [None, 48])
 def test_halted_tokens_never_influence_later_layers(capacity, design):
   """Segment 2 (block 2 and its head stage) run on inputs whose halted rows are garbage gives
   the same active outputs, queries and class logits."""
   m = make_model(design=design)
   segment = lambda mdl, x, a: mdl.run_segment(
-      x, mdl.head.initial_queries(2) if design == "atm" else None, a, 1, 2, ((1, 2),),
-      capacity, False)
+      x, mdl.head.initial_queries(2) if design == "atm_shallow_first" else None, a, 1, 2,
+      ((1, 2),), capacity, False)
   stage2 = jax.jit(functools.partial(m.apply, method=segment))
   x = jax.random.normal(jax.random.key(1), (2, 48, 32))
   active = jax.random.uniform(jax.random.key(2), (2, 48)) < 0.5
   garbage = jnp.where(active[..., None], x, 1e3 * jax.random.normal(jax.random.key(3), x.shape))
-  y1, q1, [(c1, m1)] = stage2(_params(design), x, active)
-  y2, q2, [(c2, m2)] = stage2(_params(design), garbage, active)
+  y1, q1, [(c1, m1)], k1 = stage2(_params(design), x, active)
+  y2, q2, [(c2, m2)], k2 = stage2(_params(design), garbage, active)
   a = np.asarray(active)
   np.testing.assert_allclose(np.asarray(y1)[a], np.asarray(y2)[a], atol=1e-4)
+  np.testing.assert_array_equal(np.asarray(y2)[~a], np.asarray(garbage)[~a])  # kept as halted
   np.testing.assert_allclose(c1, c2, atol=1e-4)
-  if design == "atm":
+  if design == "atm_shallow_first":
     np.testing.assert_allclose(q1, q2, atol=1e-4)
+  assert len(k1) == (1 if design == "segvit" else 0)   # 'segvit' keeps out_layer 2
+  for f1, f2 in zip(k1, k2):
+    np.testing.assert_allclose(np.asarray(f1)[a], np.asarray(f2)[a], atol=1e-4)
   np.testing.assert_allclose(np.swapaxes(np.asarray(m1), 1, 2)[a],
                              np.swapaxes(np.asarray(m2), 1, 2)[a], atol=1e-4)
 
 
-@pytest.mark.parametrize("design", DESIGNS)
+@pytest.mark.parametrize("design", LIGHT)
 def test_canvas_keeps_exit_logits_for_halted_tokens_and_jit_once(design):
   images, params = _images(), _params(design)
   tau = _median_tau(params, images, design)
@@ -209,11 +274,13 @@ def test_canvas_keeps_exit_logits_for_halted_tokens_and_jit_once(design):
   out, info = fwd(params, images)
   hs = np.asarray(info["halt_stage"]).reshape(2, -1)
   first = np.asarray(out["aux"][0]["pred_masks"]).reshape(2, 4, -1)
-  final = np.asarray(out["pred_masks"]).reshape(2, 4, -1)
+  # 'segvit': the exits' canvas (aux[1]); the final head re-reads halted tokens' features.
+  final = np.asarray((out["aux"][1] if design == "segvit" else out)["pred_masks"])
+  final = final.reshape(2, 4, -1)
   assert np.any(hs == 0)
   for b in range(2):
     np.testing.assert_allclose(final[b][:, hs[b] == 0], first[b][:, hs[b] == 0], atol=1e-6)
-    if design == "atm":  # active tokens got the later stages added
+    if design == "atm_shallow_first":  # active tokens got the later stages added
       assert np.abs(final[b][:, hs[b] == 2] - first[b][:, hs[b] == 2]).max() > 1e-3
   fwd(params, _images(seed=9))                          # other images: no retrace
   assert fwd._cache_size() == 1
@@ -232,3 +299,20 @@ def test_differentiable_through_compaction(design):
   assert np.any(np.asarray(g["backbone"]["blocks_3"]["mlp"]["fc2"]["kernel"]) != 0)
   exit_params = g["exit_heads_0"] if design == "dtop" else g["head"]["decoder_0_0"]
   assert any(np.any(np.asarray(l) != 0) for l in jax.tree.leaves(exit_params))
+
+
+def test_segvit_exit_predictions_train_stage_0_and_the_blocks_below():
+  """The loss on the exits' predictions alone reaches SegViT's stage 0 and the blocks up to
+  the last exit (it would not with the exits detached), and no block after it."""
+  images, params = _images(), _params("segvit")
+  m = make_model("mask", _median_tau(params, images, "segvit"), design="segvit")
+
+  def exit_loss(p):
+    out, _ = m.apply(p, images)
+    return sum(jnp.sum(jnp.tanh(a["pred_masks"])) + jnp.sum(a["pred_logits"] ** 2)
+               for a in out["aux"][:len(m.exit_layers)])
+  g = jax.jit(jax.grad(exit_loss))(params)["params"]
+  nonzero = lambda tree: any(np.any(np.asarray(l) != 0) for l in jax.tree.leaves(tree))
+  assert nonzero(g["head"]["decoder_0_0"]) and nonzero(g["head"]["input_proj_0"])
+  assert nonzero(g["backbone"]["blocks_0"]) and nonzero(g["backbone"]["blocks_1"])
+  assert not nonzero(g["backbone"]["blocks_2"]) and not nonzero(g["head"]["decoder_1_0"])

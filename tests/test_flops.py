@@ -14,6 +14,7 @@ import pytest
 
 from step_jax.models import flops
 from step_jax.models import segmenter
+from step_jax.models import variables as variables_lib
 from step_jax.models import vit as vit_lib
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -210,6 +211,18 @@ def test_cli_prints_one_json_line(tmp_path):
 
 
 # ----------------------------------------------------------------------------- dynamic tokens
+def test_flops_reads_the_exit_head_the_builder_builds():
+  """A config without model.exit_head is counted as the builder builds it (the default)."""
+  from configs import step as step_configs
+  cfg = step_configs.get_config("method=step,variant=B/16,dataset=ade20k,res=512,exits=6-8")
+  bare = step_configs.get_config("method=step,variant=B/16,dataset=ade20k,res=512,exits=6-8")
+  del bare.model["exit_head"]
+  model = variables_lib.create_model(bare)
+  assert model.exit_head == segmenter.DEFAULT_EXIT_HEAD
+  assert flops.token_macs(bare, 1024, [1024, 700, 500]) == flops.token_macs(
+      cfg, 1024, [1024, 700, 500])
+
+
 def test_token_macs_full_grid_equals_segvit_count():
   from configs import step as step_configs
   cfg = step_configs.get_config("method=segvit,variant=B/16,dataset=ade20k,res=512")
@@ -218,7 +231,8 @@ def test_token_macs_full_grid_equals_segvit_count():
 
 def test_token_macs_stage_arithmetic_and_policy():
   from configs import step as step_configs
-  cfg = step_configs.get_config("method=step,variant=B/16,dataset=ade20k,res=512,exits=6-8")
+  cfg = step_configs.get_config("method=step,variant=B/16,dataset=ade20k,res=512,exits=6-8,"
+                                "exit_head=dtop")   # DToP's binary heads, one per stage
   full = flops.token_macs(cfg, 1024, [1024, 1024, 1024])
   pruned = flops.token_macs(cfg, 1024, [1024, 600, 400])
   b = lambda n: flops.vit_block_macs(n, 768, 3072)
@@ -241,13 +255,31 @@ def test_policy_backbone_macs_match_xla():
   assert 0.90 < ours / xla <= 1.0, (ours, xla)
 
 
-def test_token_macs_of_atm_exits():
-  """exit_head=atm: with nothing halted the exit model costs exactly SegViT (its stages are
-  the exits); halting saves blocks and the head stages after the exit, nothing else."""
+def test_token_macs_of_segvit_exits():
+  """exit_head=segvit (the default): SegViT plus its stage 0 once per exit on the tokens
+  active there; halting saves the blocks after the exit, and nothing in SegViT's head (it
+  reads every token)."""
+  from configs import step as step_configs
+  segvit = step_configs.get_config("method=segvit,variant=B/16,dataset=ade20k,res=512")
+  cfg = step_configs.get_config("method=dtop,variant=B/16,dataset=ade20k,res=512,exits=6-8")
+  assert segmenter.exit_head_of(cfg.model) == "segvit"
+  h = lambda n: flops.atm_head_macs([n], 150, 384, 768, 3, 151)   # one stage
+  b = lambda n: flops.vit_block_macs(n, 768, 3072)
+  full = flops.model_macs(segvit)["total"] * 1e9
+  np.testing.assert_allclose(flops.token_macs(cfg, 1024, [1024] * 3)["total"] * 1e9,
+                             full + 2 * h(1024), rtol=1e-12)
+  pruned = flops.token_macs(cfg, 1024, [1024, 700, 500])["total"] * 1e9
+  np.testing.assert_allclose(pruned, full + h(1024) + h(700) - 2 * (b(1024) - b(700))
+                             - 4 * (b(1024) - b(500)), rtol=1e-12)
+
+
+def test_token_macs_of_shallow_first_exits():
+  """exit_head=atm_shallow_first: with nothing halted the exit model costs exactly SegViT
+  (its stages are the exits); halting saves blocks and the head stages after the exit."""
   from configs import step as step_configs
   segvit = step_configs.get_config("method=segvit,variant=B/16,dataset=ade20k,res=512")
   cfg = step_configs.get_config("method=dtop,variant=B/16,dataset=ade20k,res=512,exits=8,"
-                                "exit_head=atm")
+                                "exit_head=atm_shallow_first")
   assert flops.token_macs(cfg, 1024, [1024, 1024])["total"] == pytest.approx(
       flops.model_macs(segvit)["total"], rel=1e-12)
   pruned = flops.token_macs(cfg, 1024, [1024, 500])

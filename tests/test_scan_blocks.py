@@ -29,9 +29,9 @@ def test_scanned_blocks_equal_the_unrolled_blocks_with_a_key_mask():
 
 
 def test_scanned_step_model_matches_the_unrolled_one():
-  """dCTS supertokens in capacity buckets + an exit compacting into buckets, ATM exits."""
+  """dCTS supertokens in capacity buckets + an exit compacting into buckets, SegViT exits."""
   from test_early_exit import make_model  # pylint: disable=g-import-not-at-top
-  model = make_model("compact", tau=0.5, merge="oracle", buckets=(0.5, 1.0), design="atm")
+  model = make_model("compact", tau=0.5, merge="oracle", buckets=(0.5, 1.0), design="segvit")
   model = model.clone(exit_buckets=(0.5, 1.0))   # two capacities per switch: fewer programs
   rng = np.random.default_rng(1)
   images = jnp.asarray(rng.integers(0, 255, (2, 64, 64, 3)), jnp.float32)

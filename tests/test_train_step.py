@@ -106,8 +106,9 @@ def test_oracle_loss_reads_labels():
   assert loss.shape == ()
 
 
-@pytest.mark.parametrize("method,exit_head", [("segvit", "atm"), ("dtop", "dtop"),
-                                              ("step", "atm"), ("oracle", "atm")])
+@pytest.mark.parametrize("method,exit_head", [("segvit", "segvit"), ("dtop", "dtop"),
+                                              ("step", "segvit"), ("oracle", "segvit"),
+                                              ("dtop", "atm_shallow_first")])
 def test_guard_names_the_loss_terms_the_loss_returns(method, exit_head):
   """init_state names the loss terms from the model's head stages without tracing it: the
   names must be exactly loss_fn's metrics (train_step maps one over the other)."""
@@ -121,8 +122,10 @@ def test_guard_names_the_loss_terms_the_loss_returns(method, exit_head):
                                            tx=optim.make_optimizer(cfg.optim), config=cfg),
                          jax.random.key(0))
   assert set(state["guard"]["first_bad"]["loss"]) == set(metrics)
-  # DToP: two exit heads and the final one; SegViT's head: a stage per out layer (exits too).
-  stages = 3 if method == "dtop" else len(model.out_layers)
+  # DToP: two exit heads and the final one; 'segvit': a stage per out layer and an exit
+  # prediction per exit; 'atm_shallow_first': a stage per out layer (the exits among them).
+  stages = {"dtop": 3, "segvit": len(model.out_layers) + len(model.exit_layers),
+            "atm_shallow_first": len(model.out_layers)}[exit_head]
   assert len(metrics) == 1 + 3 * stages == 1 + 3 * model.num_predictions()
 
 
@@ -289,16 +292,25 @@ def test_optimizer_phases_restart_the_schedule_for_pruning():
 
 
 def test_camvid_exit_head_designs():
-  """exit_head=atm: SegViT's head with its stages at out_layers ∪ exits; DToP otherwise."""
-  for design, out_layers, exit_heads in (("atm", (6, 8, 12), 0), ("dtop", (12,), 1),
-                                         ("dtop_multiclass", (12,), 1)):
+  """'segvit' (default) and 'atm_shallow_first': SegViT's head, the latter with stages at
+  out_layers ∪ exits; DToP otherwise. The old name 'atm' is refused with the new names."""
+  for design, out_layers, exit_heads in (("segvit", (6, 8, 12), 0),
+                                         ("atm_shallow_first", (6, 8, 12), 0),
+                                         ("dtop", (12,), 1), ("dtop_multiclass", (12,), 1)):
     cfg = camvid.get_config(f"method=step,size=cpu,variant=Ti/16,exit_head={design}")
     model = variables_lib.create_model(cfg)
     assert (model.exit_head, tuple(model.out_layers), len(model.exit_heads)) == (
         design, out_layers, exit_heads)
     assert model.exit_layers == (8,) and model.head.binary_cls == (design == "dtop")
+  assert variables_lib.create_model(camvid.get_config("method=step,size=cpu")).exit_head \
+      == "segvit"
   with pytest.raises(ValueError, match="model.exit_head='x'"):
     variables_lib.create_model(camvid.get_config("method=step,size=cpu,exit_head=x"))
+  with pytest.raises(ValueError, match="renamed 'atm_shallow_first'"):
+    variables_lib.create_model(camvid.get_config("method=step,size=cpu,exit_head=atm"))
+  # Ti/16 with exits at layers 4 and 8: 'segvit' keeps SegViT's three stages.
+  cfg = camvid.get_config("method=step,size=cpu,variant=Ti/16,exits=4-8")
+  assert variables_lib.create_model(cfg).head.num_stages == 3
 
 
 def test_camvid_configs_build_every_method():

@@ -113,7 +113,7 @@ def pieces(config, model, plan, image, batch):
   n_cls = 2 if model.exit_layers and model.exit_head == "dtop" else c + 1
   head_macs = lambda n: flops.atm_head_macs([n], c, m.head_dim, d, layers, n_cls)
   taus = model.exit_thresholds()
-  atm_exits = bool(model.exit_layers) and model.exit_head == "atm"
+  atm_exits = bool(model.exit_layers) and model.exit_head == "atm_shallow_first"
   for s, (n, cap) in enumerate(zip(plan["active"], plan["caps"])):
     xs = jnp.ones((batch, cap, d), model.backbone.dtype)
     args = (xs, _mask(cap, n, batch) if masked else None)
@@ -133,7 +133,15 @@ def pieces(config, model, plan, image, batch):
             stage_fn, args, n, cap, head_macs(n), head_macs(cap))
     if atm_exits:
       continue   # its stages were profiled with their blocks
-    if s < len(model.exit_layers):
+    if s < len(model.exit_layers) and model.exit_head == "segvit":
+      tau = taus[s]
+
+      def exit_fn(mod, x, mk, s=s, tau=tau):  # SegViT's stage 0 on this layer + the halting rule
+        _, cls, masks = mod.head_stage(s, None, x, mk, False)
+        return early_exit.halting(cls, masks, mk, tau, mod.keep_top_k)
+      add(f"exit {s + 1} (head stage 1)", str(bounds[s + 1]), exit_fn, args, n, cap,
+          head_macs(n), head_macs(cap))
+    elif s < len(model.exit_layers):
       tau = taus[s]
 
       def exit_fn(mod, x, mk, s=s, tau=tau):  # DToP's head s + its halting rule
@@ -141,12 +149,15 @@ def pieces(config, model, plan, image, batch):
         return early_exit.halting(cls, masks, mk, tau, mod.keep_top_k)
       add(f"exit {s + 1}", str(bounds[s + 1]), exit_fn, args, n, cap, head_macs(n),
           head_macs(cap))
-    elif model.exit_layers:
+    elif model.exit_layers and model.exit_head != "segvit":
       final = lambda mod, x, mk, s=s: mod.head_stage(s, None, x, mk, False)
       add("final head", str(depth), final, args, n, cap, head_macs(n), head_macs(cap))
-    else:
+    else:  # SegViT's head; with 'segvit' exits on every token (halted ones' kept features)
       nst = len(model.out_layers)
       hm = lambda n: flops.atm_head_macs([n] * nst, c, m.head_dim, d, layers, c + 1)
+      if model.exit_layers:
+        n, cap = tokens, cap0
+        args = (jnp.ones((batch, cap, d), model.backbone.dtype), _mask(cap, n, batch))
       add("final head", ",".join(map(str, model.out_layers)),
           lambda mod, x, mk: mod.head([x] * nst, mk), args, n, cap, hm(n), hm(cap))
   # Mask logits on the patch grid → pixel class scores (the count is fvcore's 4 per output).

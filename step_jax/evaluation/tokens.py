@@ -46,7 +46,7 @@ def calibrate_exits(model, variables, images, share, *, labels=None):
   for s in range(n):
     # Exits before s halt at their calibrated thresholds; s and later halt nothing (τ = 1).
     out, info = run(variables, images, jnp.asarray(taus + [1.0] * (n - s), jnp.float32))
-    aux = out["aux"][s]
+    aux = out["aux"][model.exit_output_index(s)]
     conf, _ = early_exit.token_confidence(
         aux["pred_logits"], aux["pred_masks"].reshape(aux["pred_masks"].shape[:2] + (-1,)))
     # Cells still active at exit s (with supertokens a token counts once per covered cell).

@@ -35,6 +35,7 @@ import jax
 
 from step_jax.models import efficientnet
 from step_jax.models import vit as vit_lib
+from step_jax.models import segmenter
 from step_jax.models.segmenter import HEAD_LAYERS
 
 Number = Union[int, float]
@@ -253,8 +254,13 @@ def token_macs(config, tokens: Number, stage_tokens: Optional[Sequence[Number]] 
   bounds = (0,) + exits + (depth,)
   for s, n in enumerate(stage_tokens):
     backbone += (bounds[s + 1] - bounds[s]) * vit_block_macs(n, d, v["mlp_dim"])
-  exit_head = m.get("exit_head", "dtop")
-  if exits and exit_head == "atm":  # SegViT's stages, each on the tokens active at its layer
+  exit_head = segmenter.exit_head_of(m) if exits else None
+  if exit_head == "segvit":  # SegViT's stage 0 at each exit on its active tokens; SegViT's
+    # whole head at the end on every token (halted ones with their kept features)
+    heads = sum(atm_head_macs([stage_tokens[s]], c, m.head_dim, d, layers, c + 1)
+                for s in range(len(exits)))
+    heads += atm_head_macs([tokens] * len(m.out_layers), c, m.head_dim, d, layers, c + 1)
+  elif exit_head == "atm_shallow_first":  # SegViT's stages, each on its layer's active tokens
     stages = sorted(set(m.out_layers) | set(exits))
     segment = lambda layer: sum(layer > e for e in exits)
     heads = atm_head_macs([stage_tokens[segment(l)] for l in stages], c, m.head_dim, d,

@@ -57,14 +57,26 @@ def geometric_buckets(ratio=1.1, smallest=0.1):
     f *= ratio
   return tuple(out) + (1.0,)
 
-# Early-exit head designs (Segmenter.exit_head). 'atm' is the default because it keeps
-# SegViT's accuracy where DToP's heads do not. Measured (CamVid, ViT-Ti/16 STEP@[8] from
-# scratch, same recipe, budget, policy and seed; experiments/results/camvid_ti_step_*): at the
-# end of BASE 'atm' scores 36.6 % val mIoU and 'dtop' 27.8 %; after the pruning fine-tuning
-# 37.0 % (at 0.1x lr) against 30.3 % (at 1x); SegViT 38.4 %. 'dtop' is DToP exactly (the
-# paper's setup, and the layout of DToP's released checkpoints).
-EXIT_HEADS = ("dtop", "dtop_multiclass", "atm")
-DEFAULT_EXIT_HEAD = "atm"
+# Early-exit head designs (Segmenter.exit_head):
+#   'segvit' (default): SegViT's own head, unchanged; an exit at layer e runs the head's stage 0
+#     (the stage that reads the deepest features) on layer e's features with the initial
+#     queries and halts confident tokens; a halted token keeps its layer-e features for every
+#     later out_layer, and at the end SegViT's full head runs deepest first over active and
+#     halted tokens. With nothing halting it IS SegViT (same parameters, same outputs), so a
+#     trained SegViT becomes a STEP model by training the policy and fine-tuning with pruning.
+#   'atm_shallow_first': SegViT's head stages run shallowest first as the encoder reaches
+#     out_layers ∪ exit layers, the stages at exit layers serving as the exits (called 'atm'
+#     before 2026-12; a different head from SegViT, also with nothing halting).
+#   'dtop': DToP exactly (single-stage heads with binary class logits at the exits and on the
+#     last block; the layout of DToP's released checkpoints); 'dtop_multiclass': the same with
+#     SegViT's (C+1)-way class logits.
+# Measured (CamVid, ViT-Ti/16 STEP@[8] from scratch, same recipe, budget, policy and seed;
+# experiments/results/camvid_ti_step_*): at the end of BASE 'atm_shallow_first' scored 36.6 %
+# val mIoU and 'dtop' 27.8 %; after pruning fine-tuning 37.0 % (0.1x lr) against 30.3 % (1x);
+# SegViT 38.4 %.
+EXIT_HEADS = ("segvit", "atm_shallow_first", "dtop", "dtop_multiclass")
+DEFAULT_EXIT_HEAD = "segvit"
+RENAMED_EXIT_HEADS = {"atm": "atm_shallow_first"}
 
 HEAD_LAYERS = 3                     # decoder layers per ATM stage (SegViT, DToP)
 
@@ -89,12 +101,11 @@ class Segmenter(nn.Module):
     policy: module mapping pixels to {k: logits [B, H/(16k), W/(16k)]} (dcts/cts).
     exit_layers: 1-based blocks after which tokens may halt (DToP/STEP, e.g. (6, 8) for
       ViT-B); empty = no early exit. With DToP exit heads, `head` is the final DToP head (one
-      stage) on block `out_layers == (depth,)`; with exit_head='atm' it is SegViT's head.
+      stage) on block `out_layers == (depth,)`; otherwise it is SegViT's head.
     exit_heads: DToP: one single-stage ATM head per exit layer.
-    exit_head: 'dtop' (DToP exactly: single-stage heads with binary class logits at the exits
-      and on the last block), 'dtop_multiclass' (the same with SegViT's (C+1)-way class
-      logits) or 'atm' (SegViT's multi-stage head run stage by stage, its stages at the exit
-      layers serving as the exits; see `staged`).
+    exit_head: one of EXIT_HEADS (see the table there and `staged`): 'segvit' (SegViT's head
+      unchanged, its stage 0 deciding at the exits), 'atm_shallow_first', 'dtop',
+      'dtop_multiclass'.
     exit_threshold: confidence τ above which tokens halt (per exit, or one for all).
     exit_mode: 'mask' (halted tokens masked in place) or 'compact' (active tokens gathered
       into the smallest capacity bucket of `exit_buckets` at every exit).
@@ -175,7 +186,7 @@ class Segmenter(nn.Module):
   def encode_decode(self, x, key_mask, *, train):
     """Tokens [B, C, D] (+ key mask) → ViT → ATM head(s); outputs per token.
 
-    Without exits: SegViT's multi-stage head on `out_layers`. With exits: the staged DToP
+    Without exits: SegViT's multi-stage head on `out_layers`. With exits: the staged
     encoder. `token_maps` holds per-token maps that the caller un-shares to the grid.
     """
     if not self.exit_layers:
@@ -185,37 +196,58 @@ class Segmenter(nn.Module):
     return self.staged(x, key_mask, train=train)
 
   def stage_layers(self):
-    """1-based blocks after which a head stage runs, shallowest first: DToP's exit heads and
-    its final head, or (exit_head='atm') SegViT's `out_layers`, which include the exits."""
-    if self.exit_head == "atm":
+    """1-based blocks after which a head stage runs during the encoder, shallowest first:
+    'segvit': the exits (SegViT's stage 0 deciding; the full head runs at the end);
+    'atm_shallow_first': SegViT's `out_layers`, which include the exits; DToP: its exit heads
+    and its final head."""
+    if self.exit_head == "segvit":
+      return tuple(self.exit_layers)
+    if self.exit_head == "atm_shallow_first":
       return tuple(self.out_layers)
     return tuple(self.exit_layers) + (self.backbone.depth,)
 
   def head_stage(self, i, q, y, key_mask, train):
     """Head stage i on block outputs y: (queries, class logits [B, Q, K], masks [B, Q, N]).
 
-    'atm': stage i of the one SegViT head, queries carried over from stage i - 1. DToP: the
-    independent head i (exit heads, then the final head); no queries are carried (q None).
+    'segvit': exit i is SegViT's stage 0 (its deepest-feature stage) with the initial queries;
+    the queries carried (q) are not touched. 'atm_shallow_first': stage i of the one SegViT
+    head, queries carried over from stage i - 1. DToP: the independent head i (exit heads,
+    then the final head); no queries are carried (q None).
     """
-    if self.exit_head == "atm":
+    if self.exit_head == "segvit":
+      q0, masks = self.head.stage(0, self.head.initial_queries(y.shape[0]), y, key_mask,
+                                  train=train)
+      return q, self.head.classify(q0), masks
+    if self.exit_head == "atm_shallow_first":
       q, masks = self.head.stage(i, q, y, key_mask, train=train)
       return q, self.head.classify(q), masks
     out = (list(self.exit_heads) + [self.head])[i]([y], key_mask, train=train)
     return q, out["pred_logits"], out["pred_masks"]
+
+  def kept_layers(self, start, stop):
+    """out_layers in blocks (start, stop] whose features the 'segvit' design keeps for the
+    final head."""
+    if self.exit_head != "segvit":
+      return ()
+    return tuple(l for l in self.out_layers if start < l <= stop)
 
   def run_segment(self, x, q, active, start, stop, stages, capacity, train):
     """Blocks [start, stop) and the head stages `stages` ((index, layer) pairs) on the active
     tokens.
 
     capacity None: every token in place, halted ones hidden by the key mask. Otherwise the
-    active tokens are gathered into `capacity` slots, run, and scattered back.
-    Returns (x [B, N, D], queries, [(class logits [B, Q, K], mask logits [B, Q, N]), ...]).
+    active tokens are gathered into `capacity` slots, run, and scattered back. Halted tokens
+    keep their features (x) as they were when they halted.
+    Returns (x [B, N, D], queries, [(class logits [B, Q, K], mask logits [B, Q, N]), ...],
+    [features [B, N, D] at each of `kept_layers(start, stop)`]).
     """
     if capacity is None:
       xs, sub = x, active
+      back = lambda y: jnp.where(active[..., None], y, x)
     else:
       idx, sub = early_exit.compact_indices(active, capacity)
       xs = early_exit.gather(x, idx)
+      back = lambda y: early_exit.scatter(x, y, idx, sub)
     outs = self.backbone.run_blocks(xs, sub, start, stop, train=train)
     results = []
     for i, layer in stages:
@@ -226,29 +258,44 @@ class Segmenter(nn.Module):
             jnp.zeros((x.shape[0], n, masks.shape[1]), jnp.float32),
             jnp.swapaxes(masks, 1, 2), idx, sub), 1, 2)
       results.append((cls, masks))
-    x = outs[-1] if capacity is None else early_exit.scatter(x, outs[-1], idx, sub)
-    return x, q, results
+    kept = [back(outs[layer - start - 1]) for layer in self.kept_layers(start, stop)]
+    return back(outs[-1]), q, results, kept
 
   def staged(self, x, key_mask, *, train):
-    """Early exit: encoder segments separated by exits; confident tokens halt; a canvas of
-    mask logits keeps each halted token's last prediction.
+    """Early exit: encoder segments separated by exits; confident tokens halt (leave the
+    queries and keys of every later block).
 
-    exit_head 'dtop'/'dtop_multiclass': DToP, an independent single-stage head at each exit
-    and after the last block, each writing its masks on the canvas. 'atm': SegViT's own head
-    stages at `out_layers` run shallowest first as the encoder reaches them; the stages at
-    exit layers are the exits, queries carry over and masks add up, so exits cost no extra
-    head and the final prediction is SegViT's multi-stage sum (halted tokens keep theirs).
+    'segvit': at each exit SegViT's stage 0 (fresh queries) rates the active tokens; a halted
+    token keeps its features from then on, so every later out_layer sees them as they were
+    at its exit; the final prediction is SegViT's head (deepest first) over all tokens, so
+    with nothing halting this is SegViT. The exits' predictions (a canvas: halted tokens keep
+    the masks of the exit they halted at) are auxiliary outputs for the loss.
+    'atm_shallow_first': SegViT's head stages at `out_layers` run shallowest first as the
+    encoder reaches them; the stages at exit layers are the exits, queries carry over and
+    masks add up; halted tokens keep the masks summed so far.
+    'dtop'/'dtop_multiclass': DToP, an independent single-stage head at each exit and after
+    the last block, each writing its masks on the canvas (halted tokens keep their exit's).
     """
     state = self.stage_init(x, key_mask)
     caps = supertokens.bucket_capacities(x.shape[1], self.exit_buckets, multiple=8)
     for s in range(len(self.exit_layers) + 1):
       state = self.stage_segment(state, s, caps, train=train)
-    return self.stage_finish(state)
+    return self.stage_finish(state, train=train)
 
   def num_predictions(self):
-    """Predictions one forward returns: the final one plus its `aux` list (a head stage each;
-    deep supervision), so the loss terms are known without tracing the model."""
-    return len(self.stage_layers()) if self.exit_layers else self.head.num_stages
+    """Predictions one forward returns: the final one plus its `aux` list (deep
+    supervision), so the loss terms are known without tracing the model."""
+    if not self.exit_layers:
+      return self.head.num_stages
+    if self.exit_head == "segvit":
+      return self.head.num_stages + len(self.exit_layers)
+    return len(self.stage_layers())
+
+  def exit_output_index(self, s):
+    """Index in `outputs['aux']` of the prediction exit s halts on."""
+    if self.exit_head == "atm_shallow_first":
+      return list(self.out_layers).index(self.exit_layers[s])
+    return s
 
   def exit_thresholds(self):
     """One threshold per exit (exit_threshold may be one value for all)."""
@@ -257,13 +304,16 @@ class Segmenter(nn.Module):
 
   def check_stages(self):
     depth = self.backbone.depth
-    layers = self.stage_layers()
-    if self.exit_head == "atm":
-      if list(layers) != sorted(set(layers)) or layers[-1] != depth \
-          or not set(self.exit_layers) <= set(layers) or self.exit_heads:
-        raise ValueError(f"exit_head='atm' needs increasing out_layers ending at the depth "
-                         f"{depth} that include exit_layers={tuple(self.exit_layers)}; got "
-                         f"out_layers={tuple(self.out_layers)}")
+    if self.exit_head not in EXIT_HEADS:
+      raise ValueError(f"exit_head={self.exit_head!r}: use one of {EXIT_HEADS}")
+    if self.exit_head in ("segvit", "atm_shallow_first"):
+      layers = tuple(self.out_layers)
+      if list(layers) != sorted(set(layers)) or layers[-1] != depth or self.exit_heads or (
+          self.exit_head == "atm_shallow_first" and not set(self.exit_layers) <= set(layers)):
+        need = " that include exit_layers" if self.exit_head == "atm_shallow_first" else ""
+        raise ValueError(f"exit_head={self.exit_head!r} needs increasing out_layers ending at "
+                         f"the depth {depth}{need} and no DToP exit heads; got "
+                         f"out_layers={layers}, exit_layers={tuple(self.exit_layers)}")
     elif tuple(self.out_layers) != (depth,) or len(self.exit_heads) != len(self.exit_layers):
       raise ValueError(f"early exit needs out_layers == ({depth},) and one exit head per exit "
                        f"layer; got out_layers={tuple(self.out_layers)}, "
@@ -273,15 +323,17 @@ class Segmenter(nn.Module):
 
   def stage_init(self, x, key_mask):
     """The state the staged encoder carries from segment to segment (arrays only, so that it
-    can leave a lax.switch branch): tokens, queries, active and halt maps, the canvas, the
-    head stages' outputs so far, active counts and capacities per segment."""
+    can leave a lax.switch branch): tokens, queries, valid/active and halt maps, the canvas,
+    the head stages' outputs so far, the kept out_layer features ('segvit'), active counts
+    and capacities per segment."""
     self.check_stages()
     b, n, _ = x.shape
-    return dict(x=x, q=self.head.initial_queries(b) if self.exit_head == "atm" else None,
-                active=jnp.ones((b, n), bool) if key_mask is None else key_mask,
+    valid = jnp.ones((b, n), bool) if key_mask is None else key_mask
+    return dict(x=x, q=self.head.initial_queries(b) if self.exit_head == "atm_shallow_first"
+                else None, valid=valid, active=valid,
                 halt_stage=jnp.full((b, n), len(self.exit_layers), jnp.int32),
                 canvas=jnp.zeros((b, self.head.num_classes, n), jnp.float32),
-                results=[], counts=[], caps=[])
+                results=[], features=[], counts=[], caps=[])
 
   def stage_segment(self, state, s, caps, *, train):
     """Runs segment s (the blocks up to exit s, or to the end) and its head stages; in compact
@@ -290,8 +342,8 @@ class Segmenter(nn.Module):
     layers = self.stage_layers()
     bounds = (0,) + tuple(self.exit_layers) + (depth,)
     taus = self.exit_thresholds()
-    state = dict(state, results=list(state["results"]), counts=list(state["counts"]),
-                 caps=list(state["caps"]))
+    state = dict(state, results=list(state["results"]), features=list(state["features"]),
+                 counts=list(state["counts"]), caps=list(state["caps"]))
     x, q, active, canvas = state["x"], state["q"], state["active"], state["canvas"]
     n = x.shape[1]
     state["counts"].append(jnp.sum(active, axis=-1))
@@ -301,17 +353,18 @@ class Segmenter(nn.Module):
     if self.exit_mode == "compact" and s > 0 and len(caps) > 1:
       idx = supertokens.bucket_index(state["counts"][-1], caps)
       branches = [functools.partial(run, capacity=c) for c in caps]
-      x, q, outs = nn.switch(idx, branches, self, x, q, active)
+      x, q, outs, kept = nn.switch(idx, branches, self, x, q, active)
       state["caps"].append(jnp.asarray(caps, jnp.int32)[idx])
     elif self.exit_mode == "compact" and s > 0 and caps and caps[0] < n:
       # One capacity chosen by the caller (host dispatch: it holds every active token).
-      x, q, outs = run(self, x, q, active, capacity=caps[0])
+      x, q, outs, kept = run(self, x, q, active, capacity=caps[0])
       state["caps"].append(jnp.asarray(caps[0], jnp.int32))
     else:
-      x, q, outs = run(self, x, q, active, capacity=None)
+      x, q, outs, kept = run(self, x, q, active, capacity=None)
       state["caps"].append(jnp.asarray(n, jnp.int32))
+    state["features"].extend(kept)
     for cls, masks in outs:
-      new = canvas + masks if self.exit_head == "atm" else masks
+      new = canvas + masks if self.exit_head == "atm_shallow_first" else masks
       canvas = jnp.where(active[:, None, :], new, canvas)   # halted tokens keep theirs
       state["results"].append(dict(pred_logits=cls, pred_masks=canvas))
     if s < len(self.exit_layers):
@@ -322,10 +375,17 @@ class Segmenter(nn.Module):
       active = active & ~halt
     return dict(state, x=x, q=q, active=active, canvas=canvas)
 
-  def stage_finish(self, state):
+  def stage_finish(self, state, *, train=False):
+    """The staged outputs: 'segvit' runs SegViT's head over the kept features of every valid
+    token (its predictions first, the exits' as further aux); the other designs' last head
+    stage is the final prediction."""
     results = state["results"]
-    return dict(results[-1], aux=results[:-1],
-                token_maps=dict(halt_stage=state["halt_stage"]),
+    if self.exit_head == "segvit":
+      out = self.head(state["features"], state["valid"], train=train)
+      out = dict(out, aux=list(results) + list(out["aux"]))
+    else:
+      out = dict(results[-1], aux=results[:-1])
+    return dict(out, token_maps=dict(halt_stage=state["halt_stage"]),
                 stats=dict(active_tokens=jnp.stack(state["counts"], 1),
                            stage_capacity=jnp.stack(state["caps"])))
 
@@ -361,7 +421,9 @@ class Segmenter(nn.Module):
     state = self.stage_segment(self.stage_init(tokens, valid), 0, (), train=train)
     pad = lambda a, value=0: jnp.pad(a, [(0, 0)] * (a.ndim - 1) + [(0, slots - capacity)],
                                      constant_values=value)
-    return dict(state, x=jnp.pad(state["x"], ((0, 0), (0, slots - capacity), (0, 0))),
+    pad_tokens = lambda a: jnp.pad(a, ((0, 0), (0, slots - capacity), (0, 0)))
+    return dict(state, x=pad_tokens(state["x"]), features=[pad_tokens(f) for f in state["features"]],
+                valid=pad(state["valid"], False),
                 active=pad(state["active"], False), canvas=pad(state["canvas"]),
                 halt_stage=pad(state["halt_stage"], len(self.exit_layers)),
                 results=[dict(r, pred_masks=pad(r["pred_masks"])) for r in state["results"]])
@@ -444,7 +506,7 @@ class Segmenter(nn.Module):
         exit_caps = exit_capacities(caps, self.exit_buckets)
         for s in range(1, len(self.exit_layers) + 1):
           state = self.stage_segment(state, s, exit_caps, train=train)
-        out = self.unshare_outputs(self.stage_finish(state), layout)
+        out = self.unshare_outputs(self.stage_finish(state, train=train), layout)
       else:
         branches = [functools.partial(Segmenter.run_supertokens, grid=grid, capacity=c,
                                       train=train) for c in caps]
@@ -463,6 +525,20 @@ def predict_scores(outputs, out_hw):
   """Per-pixel class scores [B, H, W, C] (SegViT: upsample mask logits, then combine)."""
   masks = upsample_masks(outputs["pred_masks"], out_hw)
   return jnp.moveaxis(atm.semantic_scores(outputs["pred_logits"], masks), 1, -1)
+
+
+def exit_head_of(model_cfg):
+  """The exit head design a model config asks for (DEFAULT_EXIT_HEAD when it names none);
+  the one reader of `model.exit_head`."""
+  exit_head = model_cfg.get("exit_head", DEFAULT_EXIT_HEAD)
+  if exit_head in RENAMED_EXIT_HEADS:
+    raise ValueError(f"model.exit_head={exit_head!r} was renamed "
+                     f"{RENAMED_EXIT_HEADS[exit_head]!r} (SegViT's stages run shallowest "
+                     f"first); SegViT's own head with exits is {DEFAULT_EXIT_HEAD!r}. Workdirs "
+                     "saved with the old name load as trained.")
+  if exit_head not in EXIT_HEADS:
+    raise ValueError(f"model.exit_head={exit_head!r}: use one of {EXIT_HEADS}")
+  return exit_head
 
 
 def build(model_cfg, num_classes: int, image_size: Sequence[int], ignore_index: int = 255):
@@ -501,9 +577,7 @@ def build(model_cfg, num_classes: int, image_size: Sequence[int], ignore_index: 
   depth = v["depth"]
   out_layers = tuple(model_cfg.out_layers)
   exit_layers = tuple(model_cfg.get("exit_layers", ()))
-  exit_head = model_cfg.get("exit_head", DEFAULT_EXIT_HEAD)
-  if exit_head not in EXIT_HEADS:
-    raise ValueError(f"model.exit_head={exit_head!r}: use one of {EXIT_HEADS}")
+  exit_head = exit_head_of(model_cfg)
   head_kw = dict(dim=model_cfg.head_dim, num_layers=model_cfg.get("head_layers", HEAD_LAYERS),
                  dropout=model_cfg.get("head_dropout", 0.1), dtype=dtype)
   if exit_layers:
@@ -511,20 +585,20 @@ def build(model_cfg, num_classes: int, image_size: Sequence[int], ignore_index: 
         or exit_layers[-1] >= depth:
       raise ValueError(f"model.exit_layers={exit_layers} must be increasing 1-based layers "
                        f"below the depth {depth} of {model_cfg.variant}")
-  if exit_layers and exit_head != "atm":
+  if exit_layers and exit_head in ("dtop", "dtop_multiclass"):
     out_layers = (depth,)  # DToP: the final head reads the last block only
     dtop_head = lambda: atm.ATMHead(num_classes, num_heads=model_cfg.get(
         "exit_head_heads", model_cfg.head_heads), num_stages=1,
                                     binary_cls=exit_head == "dtop", **head_kw)
     head, exit_heads = dtop_head(), tuple(dtop_head() for _ in exit_layers)
   else:
-    if exit_layers:  # SegViT's stages at out_layers and at the exits (no extra head)
+    if exit_layers and exit_head == "atm_shallow_first":  # a stage at each exit too
       out_layers = tuple(sorted(set(out_layers) | set(exit_layers)))
     if not out_layers or max(out_layers) > depth or min(out_layers) < 1:
       raise ValueError(f"model.out_layers={out_layers} must be 1-based layers within depth "
                        f"{depth} of {model_cfg.variant}")
     if exit_layers and out_layers[-1] != depth:
-      raise ValueError(f"model.exit_head='atm' needs the last block {depth} in "
+      raise ValueError(f"model.exit_head={exit_head!r} needs the last block {depth} in "
                        f"model.out_layers={out_layers}: the final stage reads it")
     head = atm.ATMHead(num_classes, num_heads=model_cfg.head_heads,
                        num_stages=len(out_layers), **head_kw)

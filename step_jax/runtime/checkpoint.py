@@ -275,7 +275,21 @@ def read_config(path) -> ml_collections.ConfigDict:
                               "folder")
     path = os.path.join(path, "config.json")
   with open(path) as f:
-    return ml_collections.ConfigDict(json.load(f))
+    return _upgraded(ml_collections.ConfigDict(json.load(f)))
+
+
+def _upgraded(config):
+  """A config.json written by an older step_jax, read as the model it was trained as:
+  `model.exit_head` was absent before 2026-11-29 (the builder's default then: 'dtop'), and
+  'atm' (SegViT's stages shallowest first) is called 'atm_shallow_first' since 2026-12-03."""
+  model = config.get("model")
+  if model is None:
+    return config
+  if model.get("exit_head") == "atm":
+    model.exit_head = "atm_shallow_first"
+  elif "exit_head" not in model and model.get("exit_layers"):
+    model.exit_head = "dtop"
+  return config
 
 
 def restore_subtree(workdir, abstract, step=None):
