@@ -15,12 +15,16 @@ $STEP_JAX_DATA/camvid_segnet, else ../shared/data/camvid_segnet next to the repo
   # 1500 steps without pruning and 500 of pruning fine-tuning (DToP's two steps, the second
   # with a fresh optimizer)
   python -m step_jax.cli.train --config=configs/camvid.py:method=step,size=cpu --workdir=$WD
+  # STEP from a trained SegViT (its weights as they are; the policy net trained first, or
+  # --config.model.policy.init_from=POLICY), 500 steps of pruning fine-tuning at lr 1e-4
+  python -m step_jax.cli.train --config=configs/camvid.py:method=step,size=cpu,init_from=$SEGVIT_WD \
+      --workdir=$WD
 
 Arguments: method (segvit, cts, dcts, dtop, cts_dtop, step: see configs/step.py), size (cpu |
 gpu), variant (override the size's ViT, e.g. Ti/16), tau (dCTS thresholds, '6899' or
 '4999'), exits ('-'-separated layers; default per variant), exit_tau (halting confidence),
 exit_head (segvit, the default | atm_shallow_first | dtop | dtop_multiclass: see
-configs/step.py).
+configs/step.py), init_from (a trained model to fine-tune with pruning: set_finetune_recipe).
 
 Evaluation: the val split, whole images. `size=cpu` trains at half resolution, so it also
 tests at half resolution (short side 180) and resizes the scores back to the 480x360
@@ -35,7 +39,7 @@ _METHODS = tuple(m for m in step_config.METHODS if m != "oracle")  # the oracle 
 
 def get_config(arg=None):
   arg = common.parse_arg(arg, method="segvit", size="cpu", variant="", tau="6899", exits="",
-                         exit_tau=0.9, exit_head=segmenter.DEFAULT_EXIT_HEAD)
+                         exit_tau=0.9, exit_head=segmenter.DEFAULT_EXIT_HEAD, init_from="")
   if arg.method not in _METHODS:
     raise ValueError(f"unknown method {arg.method!r}; choose from {_METHODS}")
   if not 0 <= arg.exit_tau <= 1:
@@ -104,4 +108,6 @@ def get_config(arg=None):
   config.checkpoint_every = 500 if cpu else 2000
   if cpu:  # test at the training scale; scores are resized back to the 360x480 labels
     config.eval.resize_short = 180
+  if arg.init_from:  # STEP from a trained SegViT: the pruning fine-tuning alone (cpu: 500 steps)
+    step_config.set_finetune_recipe(config, use_exits, arg.init_from)
   return config

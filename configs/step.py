@@ -112,10 +112,29 @@ def set_dtop_recipe(config, use_exits, base_steps, warmup_steps):
       poly_power=0.9))
 
 
+def set_finetune_recipe(config, use_exits, init_from):
+  """STEP (or DToP) from a trained model, e.g. a `method=segvit` workdir or a converted
+  SegViT checkpoint: its weights (`init_from`; head stages land on the stage that reads the
+  same block), pruning on from the first step, and only the pruning fine-tuning of DToP's
+  recipe (`prune_optim` over the pruning steps; no BASE phase: the trained model is the
+  BASE). With exit_head='segvit' the model starts as that SegViT exactly."""
+  if not use_exits:
+    raise ValueError(f"config argument init_from={init_from!r} fine-tunes a model with exits "
+                     f"(method={config.method!r} has none)")
+  resolved = config.copy_and_resolve_references()
+  steps = int(resolved.optim.total_steps) - int(resolved.prune_from_step)
+  config.optim = resolved.optim
+  config.optim.update(resolved.prune_optim.to_dict())
+  config.optim.total_steps = steps
+  config.prune_from_step = 0
+  config.prune_optim = None
+  config.init_from = init_from
+
+
 def get_config(arg=None):
   arg = common.parse_arg(arg, method="step", variant="B/16", dataset="ade20k", res=0,
                          tau="6899", exits="", exit_tau=-1.0,
-                         exit_head=segmenter.DEFAULT_EXIT_HEAD, smoke=False)
+                         exit_head=segmenter.DEFAULT_EXIT_HEAD, smoke=False, init_from="")
   config = common.ml_collections.ConfigDict()
   config.seed = 0
   config.method = arg.method
@@ -163,4 +182,6 @@ def get_config(arg=None):
     config.optim.head_lr_mult = 1.0
     config.log_every = 25
     config.eval_every = 200
+  if arg.init_from:
+    set_finetune_recipe(config, use_exits, arg.init_from)
   return config

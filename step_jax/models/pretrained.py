@@ -4,12 +4,14 @@ SegViT checkpoint (`.pth` needs torch; `.safetensors` does not), converted by
 `step_jax.models.convert`; `merge_params` places them into a model's parameters.
 """
 import os
+import re
 
 from absl import logging
 import jax
 import numpy as np
 
 from step_jax.models import convert
+from step_jax.models import segmenter
 from step_jax.runtime import checkpoint
 
 
@@ -97,3 +99,61 @@ def merge_params(target, loaded, *, source="init_from"):
     return jax.make_array_from_callback(x.shape, x.sharding, lambda idx: value[idx])
   return jax.tree_util.tree_map_with_path(pick, target), dict(loaded=len(used),
                                                               unused=unused, missing=missing)
+
+
+_STAGE_KEY = re.compile(r"^(head|exit_heads_\d+)/(input_proj_|proj_norm_|decoder_)(\d+)(.*)$")
+
+
+def align_head_stages(loaded, source_stages, target_stages, *, source="init_from"):
+  """`loaded` params with every ATM head stage renamed to the target's stage that reads the
+  same block, so weights trained on one layer's features never land on another's (SegViT's
+  stage 0 reads its deepest out_layer; 'atm_shallow_first' runs stage 0 on the shallowest;
+  DToP's final head reads the last block).
+
+  source_stages / target_stages: segmenter.head_stages of the two model configs. Stages of
+  the source whose layer the target does not read are dropped, target stages with no source
+  layer keep their initial values (both logged). Raises if the source has head stages and
+  none of them reads a block the target's stages read.
+  """
+  by_layer = {layer: (module, stage) for module, stage, layer in target_stages}
+  flat, out, moved, dropped = flatten(loaded), {}, {}, set()
+  for key, value in flat.items():
+    m = _STAGE_KEY.match(key)
+    if m is None:
+      out[key] = value
+      continue
+    module, kind, stage, rest = m.group(1), m.group(2), int(m.group(3)), m.group(4)
+    layer = next((l for mod, st, l in source_stages if (mod, st) == (module, stage)), None)
+    if layer is None or layer not in by_layer:
+      dropped.add(f"{module} stage {stage} (block {layer})")
+      continue
+    t_module, t_stage = by_layer[layer]
+    out[f"{t_module}/{kind}{t_stage}{rest}"] = value
+    moved[(module, stage)] = (t_module, t_stage, layer)
+  if dropped and not moved:
+    raise ValueError(f"{source}: none of its head stages reads a block the model's stages "
+                     f"read (checkpoint: {sorted(dropped)}; model: "
+                     f"{[(mod, st, l) for mod, st, l in target_stages]})")
+  fresh = [(mod, st, l) for mod, st, l in target_stages
+           if (mod, st, l) not in set(moved.values())]
+  renamed = {k: v for k, v in moved.items() if (k[0], k[1]) != v[:2]}
+  if renamed or dropped or fresh:
+    logging.warning("%s: head stages moved to the stage reading the same block %s; dropped "
+                    "(block not read by this model) %s; kept initial values %s", source,
+                    {f"{a[0]}/{a[1]}": f"{b[0]}/{b[1]} (block {b[2]})"
+                     for a, b in renamed.items()}, sorted(dropped), fresh)
+  return unflatten(out)
+
+
+def source_head_stages(loaded, source_model_cfg, target_model_cfg):
+  """The head stages of weights loaded for `target_model_cfg`: from the source's own config
+  (a step_jax workdir), else (a converted SegViT or DToP checkpoint) SegViT's stages over the
+  target's out_layers, or DToP's heads at its exits when the checkpoint has exit heads."""
+  if source_model_cfg is not None:
+    return segmenter.head_stages(source_model_cfg)
+  cfg = target_model_cfg.copy_and_resolve_references()
+  with cfg.unlocked():
+    cfg.exit_head = "dtop" if "exit_heads_0" in loaded else segmenter.DEFAULT_EXIT_HEAD
+    if "exit_heads_0" not in loaded:
+      cfg.exit_layers = ()
+  return segmenter.head_stages(cfg)

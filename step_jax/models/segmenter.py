@@ -541,6 +541,30 @@ def exit_head_of(model_cfg):
   return exit_head
 
 
+def head_stages(model_cfg):
+  """[(module, stage, layer)]: the 1-based block whose output each ATM head stage of the
+  model that `model_cfg` builds reads ('head' is SegViT's head, or DToP's final head;
+  'exit_heads_<k>' DToP's exit heads). Weights move between designs by these layers
+  (pretrained.align_head_stages): SegViT's stage 0 reads the deepest out_layer."""
+  depth = vit_lib.decode_variant(model_cfg.variant)["depth"]
+  exit_layers = tuple(model_cfg.get("exit_layers", ()))
+  design = exit_head_of(model_cfg) if exit_layers else DEFAULT_EXIT_HEAD
+  if design in ("dtop", "dtop_multiclass"):
+    return [(f"exit_heads_{k}", 0, l) for k, l in enumerate(exit_layers)] + [("head", 0, depth)]
+  out_layers = head_out_layers(model_cfg.out_layers, exit_layers, design)
+  if design == "atm_shallow_first":
+    return [("head", i, l) for i, l in enumerate(out_layers)]
+  return [("head", i, l) for i, l in enumerate(reversed(out_layers))]
+
+
+def head_out_layers(out_layers, exit_layers, design):
+  """The blocks SegViT's head reads: `out_layers`, plus the exits for 'atm_shallow_first'
+  (a stage at each exit)."""
+  if exit_layers and design == "atm_shallow_first":
+    return tuple(sorted(set(out_layers) | set(exit_layers)))
+  return tuple(out_layers)
+
+
 def build(model_cfg, num_classes: int, image_size: Sequence[int], ignore_index: int = 255):
   """Builds the model from a `config.model` ConfigDict (see configs/common.py).
 
@@ -592,8 +616,7 @@ def build(model_cfg, num_classes: int, image_size: Sequence[int], ignore_index: 
                                     binary_cls=exit_head == "dtop", **head_kw)
     head, exit_heads = dtop_head(), tuple(dtop_head() for _ in exit_layers)
   else:
-    if exit_layers and exit_head == "atm_shallow_first":  # a stage at each exit too
-      out_layers = tuple(sorted(set(out_layers) | set(exit_layers)))
+    out_layers = head_out_layers(out_layers, exit_layers, exit_head)
     if not out_layers or max(out_layers) > depth or min(out_layers) < 1:
       raise ValueError(f"model.out_layers={out_layers} must be 1-based layers within depth "
                        f"{depth} of {model_cfg.variant}")
