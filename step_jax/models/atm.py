@@ -55,8 +55,9 @@ class ATMHead(nn.Module):
   Stage i owns `input_proj_i`, `proj_norm_i` and `decoder_i_j`; queries and `class_embed` are
   shared by all stages. `__call__` is SegViT: stage 0 on the deepest feature, queries carried
   over, mask logits summed. The stage-wise methods (`initial_queries`, `stage`, `classify`)
-  let an early-exit encoder run the stages one at a time, shallowest first, so that the
-  head's own stages serve as the exits (segmenter.Segmenter, exit_head='atm').
+  let an early-exit encoder run stage 0 at its exits (segmenter.Segmenter,
+  exit_head='segvit'), or the stages one at a time, shallowest first, as its exits
+  (exit_head='atm_shallow_first').
 
   Attributes:
     num_classes: C; one query per class.

@@ -8,7 +8,9 @@ Rules (zbwxp/Dynamic-Token-Pruning, docs/design.md §3 and §5):
     (5) most confident candidates stay active as context;
   * halted tokens leave the queries and the keys/values of every later layer; their mask
     logits stay on a canvas, later heads overwrite only active tokens; the final prediction
-    uses the final head's class probabilities with the canvas.
+    uses the final head's class probabilities with the canvas. (exit_head='segvit' keeps the
+    canvas for the exits' own predictions only: its final prediction is SegViT's head over
+    every token, halted ones with the features they had at their exit.)
 
 Two execution modes give the same outputs: 'mask' keeps tokens in place and hides halted ones
 behind the key mask (what DToP's masking costs), 'compact' gathers the active tokens of each
