@@ -48,8 +48,7 @@ def run():
                     "image alone after the first exit (default: config.model.bucket_dispatch).")
   flags.DEFINE_bool("group_by_tokens", False, "Batch images of similar token counts.")
   common.list_flags_in_help(__name__)
-  taken = common.take_config_args()
-  app.run(lambda argv: main(argv, taken))
+  common.run_command(main, take_config=True)
 
 
 if __name__ == "__main__":

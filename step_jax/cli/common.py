@@ -1,6 +1,8 @@
-"""What every command-line module shares: --help listing, quiet logging, and configs from
-a Python file, a .json or a workdir with --config.a.b=value overrides."""
+"""What every command-line module shares: --help listing, quiet logging, user errors as one
+line, and configs from a Python file, a .json or a workdir with --config.a.b=value
+overrides."""
 import ast
+import functools
 import os
 import sys
 
@@ -108,3 +110,75 @@ def config_from(flag_config, workdir, taken=("", [])):
     with node.ignore_type():
       node[leaf] = _parse_like(node[leaf], value, key)
   return config
+
+
+# What a user can get wrong (arguments, paths, config values, data, checkpoints): one line, not
+# a traceback. Anything else is a bug in step_jax and keeps its traceback.
+USER_ERRORS = (ValueError, OSError, KeyError, MemoryError, app.UsageError)
+TRACEBACK_ENV = "STEP_JAX_TRACEBACK"
+
+
+def _fail(message):
+  print(f"error: {message}", file=sys.stderr, flush=True)
+  sys.exit(2)
+
+
+def _message(exc):
+  if isinstance(exc, KeyError) and exc.args:
+    return f"missing key {exc.args[0]!r}"
+  if isinstance(exc, OSError) and exc.filename and str(exc.filename) not in str(exc):
+    return f"{exc.filename}: {exc.strerror or exc}"
+  text = " ".join(str(exc).split()) or type(exc).__name__
+  return text
+
+
+def _flag_message(text):
+  """absl's flag error as one line; a config file that raised (config_flags puts the whole
+  traceback in the message) as `--config=...: <its exception's message>`."""
+  lines = [l.strip() for l in text.splitlines() if l.strip()]
+  if "Error whilst parsing config file" in text and len(lines) > 1:
+    flag = lines[0].split(": Error whilst parsing")[0].removeprefix("flag ")
+    return f"{flag}: {lines[-1].split(': ', 1)[-1]}"
+  return " ".join(lines) + " (--help lists the flags)"
+
+
+def run_command(main, argv=None, take_config=False):
+  """`app.run(main)` with user errors (USER_ERRORS, bad flags, a --config.a.b override that
+  names no key) printed as one line `error: <what is wrong>` and exit status 2. The traceback
+  shows with --traceback or STEP_JAX_TRACEBACK=1. take_config: `main(argv, taken)` gets
+  what take_config_args took from argv."""
+  argv = sys.argv if argv is None else argv
+  show = "--traceback" in argv or os.environ.get(TRACEBACK_ENV, "") not in ("", "0")
+  argv[:] = [a for a in argv if a != "--traceback"]
+  if take_config:
+    try:
+      taken = take_config_args(argv)
+    except ValueError as e:
+      if show:
+        raise
+      _fail(_message(e))
+    main = functools.partial(main, taken=taken)
+  overrides = [a.split("=", 1)[0] for a in argv[1:] if a.startswith("--config.")]
+
+  def parse(args):
+    try:
+      return flags.FLAGS(args)
+    except flags.Error as e:
+      if show:
+        raise
+      _fail(_flag_message(str(e)))
+    except AttributeError as e:   # ml_collections: an override names no key of the config
+      key = str(e).strip("\"'")
+      named = [o for o in overrides if key in o[len("--config."):].split(".")]
+      if show or not named:
+        raise
+      _fail(f"{named[0]}: the config has no key {key!r}")
+
+  def guarded(args):
+    try:
+      return main(args)
+    except USER_ERRORS as e:
+      if show:
+        raise
+      _fail(_message(e))
+  app.run(guarded, argv=argv, flags_parser=parse)

@@ -31,9 +31,8 @@ def run():
   flags.DEFINE_integer("step", None, "Checkpoint step (default: the latest).")
   flags.mark_flags_as_required(["workdir"])
   common.list_flags_in_help(__name__)
-  taken = common.take_config_args()
   common.quiet_by_default()
-  app.run(lambda argv: main(argv, taken))
+  common.run_command(main, take_config=True)
 
 
 if __name__ == "__main__":

@@ -46,8 +46,7 @@ def run():
   flags.DEFINE_integer("batch", 0, "Fixed batch size; 0 = symbolic (any batch).")
   flags.mark_flags_as_required(["workdir", "out"])
   common.list_flags_in_help(__name__)
-  taken = common.take_config_args()
-  app.run(lambda argv: main(argv, taken))
+  common.run_command(main, take_config=True)
 
 
 if __name__ == "__main__":

@@ -35,8 +35,7 @@ def run():
   flags.DEFINE_float("exit_share", -1.0, "Without trained exit heads: calibrate the exit "
                      "thresholds to halt this share of active tokens.")
   common.list_flags_in_help(__name__)
-  taken = common.take_config_args()
-  app.run(lambda argv: main(argv, taken))
+  common.run_command(main, take_config=True)
 
 
 if __name__ == "__main__":

@@ -36,7 +36,7 @@ def run():
   flags.DEFINE_string("out", None, "Output folder.")
   flags.mark_flags_as_required(["config", "out"])
   common.list_flags_in_help(__name__)
-  app.run(main)
+  common.run_command(main)
 
 
 if __name__ == "__main__":

@@ -28,7 +28,7 @@ def run():
   flags.mark_flags_as_required(["config", "workdir"])
   common.list_flags_in_help(__name__)
   common.quiet_by_default()
-  app.run(main)
+  common.run_command(main)
 
 
 if __name__ == "__main__":

@@ -23,7 +23,7 @@ def run():
   flags.DEFINE_string("workdir", None, "Output directory.")
   flags.mark_flags_as_required(["config", "workdir"])
   common.list_flags_in_help(__name__)
-  app.run(main)
+  common.run_command(main)
 
 
 if __name__ == "__main__":

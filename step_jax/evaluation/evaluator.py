@@ -352,10 +352,12 @@ def evaluate_checkpoint(config, workdir, *, step=None):
     raise FileNotFoundError(f"workdir {workdir} does not exist (expected a training "
                             "workdir with checkpoints/)")
   ckpt_lib.prepare_workdir(workdir, min_free_bytes=2**20)  # the json must be writable after
+  split = config.data.get("split", "") or config.data.eval_split
+  source = get_source(config.data, split, config.num_classes, config.ignore_index)  # data first
   mesh = sharding_lib.make_mesh(config)
   model = variables_lib.create_model(config)
   variables, step = variables_lib.restore(config, workdir, step, model=model, mesh=mesh)
-  out = evaluate(config, variables, model=model, mesh=mesh)
+  out = evaluate(config, variables, model=model, mesh=mesh, split=split, source=source)
   out.update(step=int(step), gflops_image_size=list(config.data.image_size),
              **tokens.eval_gflops(config, model, variables, split=out["split"]))
   if jax.process_index() == 0:

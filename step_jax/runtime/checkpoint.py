@@ -50,12 +50,23 @@ def write_json(path, obj):
   os.replace(path + ".tmp", path)
 
 
+def check_workdir(workdir):
+  """Raises unless `workdir` is a folder or can become one (nothing is created)."""
+  workdir = os.path.abspath(workdir)
+  if os.path.exists(workdir) and not os.path.isdir(workdir):
+    raise NotADirectoryError(f"workdir {workdir} exists and is a file, not a directory")
+  parent = os.path.dirname(workdir)
+  while not os.path.exists(parent):
+    parent = os.path.dirname(parent)
+  if not os.path.isdir(parent):
+    raise NotADirectoryError(f"workdir {workdir} cannot be created: {parent} is a file")
+
+
 def prepare_workdir(workdir, min_free_bytes=2**30):
   """The absolute workdir, created, checked writable and with `min_free_bytes` free, before
   any long work starts (so a run never ends in a failed write of its results)."""
   workdir = os.path.abspath(workdir)
-  if os.path.exists(workdir) and not os.path.isdir(workdir):
-    raise NotADirectoryError(f"workdir {workdir} exists and is a file, not a directory")
+  check_workdir(workdir)
   try:
     os.makedirs(workdir, exist_ok=True)
     probe = os.path.join(workdir, f".write_test_{os.getpid()}")
@@ -275,7 +286,11 @@ def read_config(path) -> ml_collections.ConfigDict:
                               "folder")
     path = os.path.join(path, "config.json")
   with open(path) as f:
-    return _upgraded(ml_collections.ConfigDict(json.load(f)))
+    try:
+      return _upgraded(ml_collections.ConfigDict(json.load(f)))
+    except json.JSONDecodeError as e:
+      raise ValueError(f"{path} is not valid JSON ({e.msg} at line {e.lineno}, column "
+                       f"{e.colno}): a truncated or hand-edited config?") from None
 
 
 def _upgraded(config):

@@ -113,6 +113,8 @@ def host_batch_size(global_batch: int, mesh=None) -> int:
   """Examples each process loads: batch_size // process_count (checked divisible)."""
   n_proc = jax.process_count()
   n_dev = mesh.size if mesh is not None else jax.device_count()
+  if int(global_batch) != global_batch or global_batch < 1:
+    raise ValueError(f"batch_size={global_batch} must be a positive whole number")
   if global_batch % n_dev or global_batch % n_proc:
     raise ValueError(f"batch_size={global_batch} must be divisible by the number of devices "
                      f"({n_dev}) and of processes ({n_proc})")

@@ -285,11 +285,12 @@ def check_guard(state, policy):
 ################################################################################
 # Input.                                                                       #
 ################################################################################
-def make_train_iter(config, mesh):
-  """This process's training batches (batch_size // process_count examples each)."""
+def make_train_iter(config, mesh, source=None):
+  """This process's training batches (batch_size // process_count examples each); `source`
+  default: the config's training split."""
   sharding.host_batch_size(config.batch_size, mesh)  # checks the batch divides the hosts
   return pipeline.make_train_iter(config, process_index=jax.process_index(),
-                                  process_count=jax.process_count())
+                                  process_count=jax.process_count(), source=source)
 
 
 def _next_batch(train_iter, mesh, host_batch):
@@ -318,7 +319,11 @@ def train_and_evaluate(config, workdir):
   """Trains to `config.optim.total_steps`, resuming if possible; returns (state, metrics)."""
   ######## Setup: distributed runtime, workdir, writers. ########
   sharding.initialize_distributed(config)
-  # Everything that can reject the config runs before anything is written.
+  # Everything that can reject the config runs before anything is written; the workdir and
+  # the data first, so that a wrong path fails in the first second.
+  ckpt_lib.check_workdir(workdir)
+  source = pipeline.get_source(config.data, config.data.train_split, config.num_classes,
+                               config.ignore_index)
   model = variables_lib.create_model(config)
   policy = config.get("nan_policy", "stop")
   if policy not in NAN_POLICIES:
@@ -342,7 +347,7 @@ def train_and_evaluate(config, workdir):
 
   ######## Input. ########
   host_batch = sharding.host_batch_size(config.batch_size, mesh)
-  train_iter = make_train_iter(config, mesh)
+  train_iter = make_train_iter(config, mesh, source)
 
   ######## State: checkpoint > init_from > scratch (see module docstring). ########
   prune_from = int(config.get("prune_from_step", 0) or 0) if model.exit_layers else 0
