@@ -104,3 +104,10 @@ def test_real_commands(module, args, want):
                        text=True, timeout=300)
   assert res.returncode == 2 and "Traceback" not in res.stderr, res.stderr[-2000:]
   assert _error_line(res.stderr).startswith("error: ") and want in res.stderr
+
+
+def test_load_names_a_truncated_config(tmp_path):
+  import step_jax   # pylint: disable=g-import-not-at-top
+  (tmp_path / "config.json").write_text('{"model": {"variant": "Mu/16", "out_la')
+  with pytest.raises(ValueError, match=f"{tmp_path}/config.json is not valid JSON"):
+    step_jax.load(str(tmp_path))
