@@ -35,6 +35,7 @@ import numpy as np
 
 from step_jax.evaluation import dispatch as dispatch_lib
 from step_jax.evaluation import tokens
+from step_jax.models import attention
 from step_jax.models import inputs
 from step_jax.models import pretrained
 from step_jax.models import segmenter
@@ -245,12 +246,28 @@ def check_pixels(images):
 
 
 def memory_estimate(model, batch, height, width):
-  """Bytes one forward of `model` needs at least (a lower bound used to refuse impossible
-  calls): per encoder layer the fp32 attention logits and probabilities [B, heads, N, N]
-  plus the token activations, on the full (padded) grid."""
-  n = (height // model.backbone.patch_size) * (width // model.backbone.patch_size)
+  """Bytes one forward of `model` needs on this device, following the program that runs (used
+  to refuse impossible calls before compiling). On the full (padded) grid of N tokens:
+  - where the attention path materialises it (einsum, xla: not cuDNN's fused kernel), the
+    fp32 attention logits and probabilities [B, heads, N, N] of one layer;
+  - ~4 live token activations of a block ([B, N, D + mlp] in the model's dtype);
+  - the fp32 per-pixel tensors of the output: mask logits upsampled to [B, C, H, W] and the
+    class scores [B, H, W, C];
+  - the parameters (fp32).
+  Within 1.0-1.2x of XLA's compiled memory analysis (temp + arguments + output) on a CPU for
+  ViT-Ti/16 at 256-768² and ViT-B/16 at 512-1024² (tests/test_api_input.py checks 2x)."""
   b = model.backbone
-  return batch * (2 * b.num_heads * n * n + 8 * n * (b.width + b.mlp_dim)) * 4
+  n = (height // b.patch_size) * (width // b.patch_size)
+  impl = attention.resolve_impl(b.attention_impl, b.dtype, b.width // b.num_heads)
+  attn = 0 if impl == "cudnn" else 2 * b.num_heads * n * n * 4
+  act = 4 * n * (b.width + b.mlp_dim) * jnp.dtype(b.dtype).itemsize
+  pixels = 2 * model.head.num_classes * height * width * 4
+  h = model.head
+  head_params = h.num_stages * (b.width * h.dim + h.num_layers * 16 * h.dim ** 2)
+  params = (b.depth * (4 * b.width ** 2 + 2 * b.width * b.mlp_dim)
+            + 3 * b.patch_size ** 2 * b.width + int(np.prod(b.posemb_grid)) * b.width
+            + head_params) * 4
+  return batch * (attn + act + pixels) + params
 
 
 def available_memory():
@@ -274,9 +291,9 @@ def check_memory(model, batch, height, width):
   while side > p and memory_estimate(model, batch, side, side) > have:
     side -= p
   raise MemoryError(
-      f"a {batch}x{height}x{width} input needs at least {need / 2**30:.1f} GiB (attention "
-      f"over {(height // model.backbone.patch_size) * (width // model.backbone.patch_size)} "
-      f"tokens) but this device has {have / 2**30:.1f} GiB; resize to about {side}x{side} "
+      f"a {batch}x{height}x{width} input needs about {need / 2**30:.1f} GiB ("
+      f"{(height // model.backbone.patch_size) * (width // model.backbone.patch_size)} "
+      f"tokens, {model.backbone.attention_impl} attention) but this device has {have / 2**30:.1f} GiB; resize to about {side}x{side} "
       "pixels or less, or segment fewer images per call")
 
 
