@@ -7,6 +7,8 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
+from numerics import assert_close  # tests/numerics.py
+
 from step_jax.models import atm
 from step_jax.models import attention
 from step_jax.models import early_exit
@@ -38,13 +40,13 @@ def test_fused_equals_einsum_with_key_mask_and_gradients(masked):
       params, x)
   (l2, y2), g2 = jax.value_and_grad(functools.partial(loss, "xla"), (0, 1), has_aux=True)(
       params, x)
-  np.testing.assert_allclose(y2, y1, atol=2e-5)
-  jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, atol=5e-5), g2, g1)
+  assert_close(y2, y1, 1e-5)
+  assert_close(g2, g1, 1e-5, what="grads")
   if masked:  # masked keys have no influence, in both paths
     garbage = jnp.where(key_mask[..., None], x, 100.0)
     y3 = make("xla").apply(params, garbage, key_mask)
     keep = np.asarray(key_mask)
-    np.testing.assert_allclose(np.asarray(y3)[keep], np.asarray(y2)[keep], atol=2e-4)
+    assert_close(np.asarray(y3)[keep], np.asarray(y2)[keep], 1e-5)
 
 
 def test_fused_path_refuses_attention_dropout_in_training():
@@ -134,10 +136,10 @@ def _compare(kw, grads):
     assert 0 < np.mean(np.asarray(i1["halt_stage"]) < len(kw["exits"])) < 1
   if kw.get("merge"):
     assert np.all(np.asarray(i1["num_tokens"]) < 24)      # padded buckets in use
-  np.testing.assert_allclose(o2["pred_masks"], o1["pred_masks"], atol=1e-4)
-  np.testing.assert_allclose(o2["pred_logits"], o1["pred_logits"], atol=1e-4)
+  assert_close(o2["pred_masks"], o1["pred_masks"], 1e-5)
+  assert_close(o2["pred_logits"], o1["pred_logits"], 1e-5)
   if grads:
-    jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, atol=1e-5), g2, g1)
+    assert_close(g2, g1, 1e-5, what="grads")
 
 
 def test_fused_bf16_agrees_with_fp32_einsum():
@@ -148,5 +150,4 @@ def test_fused_bf16_agrees_with_fp32_einsum():
   o32, _ = jax.jit(_model("einsum").apply)(params, images)
   o16, _ = jax.jit(_model("xla", dtype=jnp.bfloat16).apply)(params, images)
   for k in ("pred_logits", "pred_masks"):
-    a, b = np.asarray(o32[k]), np.asarray(o16[k], np.float32)
-    assert np.abs(a - b).max() <= 0.02 * np.abs(a).max(), k
+    assert_close(o16[k], o32[k], 0.02, what=k)

@@ -1,6 +1,7 @@
 """The benchmark reports consistent numbers (it is a tool, so only its bookkeeping is tested)."""
 import numpy as np
-import pytest
+
+from numerics import assert_close  # tests/numerics.py
 
 from configs import step as step_configs
 from step_jax.analysis import benchmark
@@ -37,8 +38,8 @@ def test_measure_dtop_compaction_counts_fewer_flops_than_segvit():
   # Per stage: compiled slots hold the tokens; the overall waste is executed / useful.
   caps = dtop["mean_capacity_per_stage"]
   assert caps[0] == 16.0 and 8.0 <= caps[1] <= 16.0 and caps[1] >= second   # buckets 8, 16
-  np.testing.assert_allclose(dtop["capacity_over_tokens_per_stage"],
-                             np.divide(caps, dtop["mean_tokens_per_stage"]), rtol=0.01)
+  assert_close(dtop["capacity_over_tokens_per_stage"],
+               np.divide(caps, dtop["mean_tokens_per_stage"]), 0.01)   # rounded ratios
   assert dtop["executed_over_useful"] == round(dtop["gflops_executed"] / dtop["gflops_useful"], 4)
   # SegViT's stages as exits cost no extra head, and half the tokens skip blocks 3-4: fewer
   # FLOPs than SegViT, useful and executed.
@@ -50,7 +51,7 @@ def test_exit_calibration_never_halts_more_than_the_share_on_ties():
   halt every tied token (a 40 % request once halted 99.8 % at ViT-B/16)."""
   spread = np.linspace(0, 1, 101, dtype=np.float32)
   tau = tokens._threshold_for_share(spread, 0.4)   # pylint: disable=protected-access
-  assert np.mean(spread >= tau) == pytest.approx(0.4, abs=0.011)
+  assert np.sum(spread >= tau) in (40, 41)   # 40 % of 101 confidences, one more at most
   tied = np.concatenate([np.full(90, 0.7, np.float32), np.linspace(0, .5, 10, dtype=np.float32)])
   tau = tokens._threshold_for_share(tied, 0.4)     # pylint: disable=protected-access
   assert np.mean(tied >= tau) <= 0.4

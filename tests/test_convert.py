@@ -7,13 +7,15 @@ torch = pytest.importorskip("torch")
 import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
 
+from numerics import assert_close  # noqa: E402
+
 from step_jax.models import convert  # noqa: E402
 from step_jax.models import atm  # noqa: E402
 from step_jax.models import vit  # noqa: E402
 
 nn = torch.nn
 F = torch.nn.functional
-ATOL = 1e-4
+REL = 1e-5
 
 
 # ----------------------------------------------------------------------------- helpers
@@ -107,8 +109,8 @@ def test_vit_b16_matches_timm():
   want, want_6 = _timm_features(m, img, block=5)
   got, outs = _ours(params, img, width=768, depth=12, mlp_dim=3072, num_heads=12,
                     posemb_grid=(14, 14), final_norm=True)
-  np.testing.assert_allclose(outs[5], want_6, atol=ATOL, rtol=0)
-  np.testing.assert_allclose(got, want, atol=ATOL, rtol=0)
+  assert_close(outs[5], want_6, REL)
+  assert_close(got, want, REL)
 
 
 def test_avgpool_fc_norm_is_dropped():
@@ -120,7 +122,7 @@ def test_avgpool_fc_norm_is_dropped():
   assert "norm" not in params
   img = _image((96, 96))
   got, _ = _ours(params, img, **_small_vit_kw(m, (6, 6), final_norm=False))
-  np.testing.assert_allclose(got, _timm_features(m, img)[0], atol=ATOL, rtol=0)
+  assert_close(got, _timm_features(m, img)[0], REL)
 
 
 def test_resampled_posemb_matches_timm_at_new_resolution():
@@ -141,12 +143,12 @@ def test_resampled_posemb_matches_timm_at_new_resolution():
   params = convert.timm_vit_to_params(sd, posemb_grid=(16, 20))
   assert params["pos_embedding"].shape == (16, 20, d)
   got, outs = _ours(params, img, **_small_vit_kw(m224, (16, 20), final_norm=True))
-  np.testing.assert_allclose(outs[1], want_1, atol=ATOL, rtol=0)
-  np.testing.assert_allclose(got, want, atol=ATOL, rtol=0)
+  assert_close(outs[1], want_1, REL)
+  assert_close(got, want, REL)
   # Keeping the 14x14 grid and letting the ViT resample at run time gives the same.
   got_rt, _ = _ours(convert.timm_vit_to_params(sd), img,
                     **_small_vit_kw(m224, (14, 14), final_norm=True))
-  np.testing.assert_allclose(got_rt, want, atol=ATOL, rtol=0)
+  assert_close(got_rt, want, REL)
 
 
 def test_class_token_checkpoint_drops_cls_before_blocks():
@@ -164,7 +166,7 @@ def test_class_token_checkpoint_drops_cls_before_blocks():
     x = m.patch_embed(torch.from_numpy(img)) + m.pos_embed[:, 1:]
     want = m.norm(m.blocks(x)).numpy()
   got, _ = _ours(params, img, **_small_vit_kw(m, (6, 6), final_norm=True))
-  np.testing.assert_allclose(got, want, atol=ATOL, rtol=0)
+  assert_close(got, want, REL)
 
 
 @pytest.mark.parametrize("kw,n_prefix", [
@@ -183,7 +185,7 @@ def test_prefix_token_layouts(kw, n_prefix):
     np.testing.assert_array_equal(params["blocks_0"]["attn"]["qkv"]["bias"], 0)
     img = _image((96, 96), seed=3)
     got, _ = _ours(params, img, **_small_vit_kw(m, (6, 6), final_norm=True))
-    np.testing.assert_allclose(got, _timm_features(m, img)[0], atol=ATOL, rtol=0)
+    assert_close(got, _timm_features(m, img)[0], REL)
 
 
 def test_deit_distilled_checkpoint():
@@ -350,10 +352,8 @@ def _compare_heads(ref, ours_module, params, features):
   pairs = [(got, want)] + list(zip(got["aux"], want["aux"]))
   assert len(got["aux"]) == len(want["aux"])
   for g, w in pairs:
-    np.testing.assert_allclose(np.asarray(g["pred_logits"]), w["pred_logits"].numpy(),
-                               atol=ATOL, rtol=0)
-    np.testing.assert_allclose(np.asarray(g["pred_masks"]), w["pred_masks"].numpy(),
-                               atol=ATOL, rtol=0)
+    assert_close(g["pred_logits"], w["pred_logits"].numpy(), REL)
+    assert_close(g["pred_masks"], w["pred_masks"].numpy(), REL)
 
 
 def _features(num, b=2, n=24, d_in=48, seed=0):

@@ -6,6 +6,8 @@ import jax
 import numpy as np
 import pytest
 
+from numerics import assert_close  # tests/numerics.py
+
 from configs import step as step_configs
 from step_jax import api
 from step_jax.analysis import benchmark
@@ -55,7 +57,7 @@ def test_host_buckets_give_the_one_program_outputs(method, exit_head, exit_mode)
       variables, images)
   host = dispatch.HostBuckets(model)
   got, info = host(variables, images)
-  jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, atol=2e-4), got, want)
+  assert_close(got, want, 1e-5)
   for key in ("num_tokens", "active_tokens", "halt_stage", "level"):
     if key in want_info:
       np.testing.assert_array_equal(info[key], want_info[key])
@@ -72,7 +74,7 @@ def test_host_buckets_give_the_one_program_outputs(method, exit_head, exit_mode)
     # split_exits: each image alone after the first exit, in its own smallest capacity;
     # the same outputs, and token_stats reads the per-image capacities.
     split, split_info = dispatch.HostBuckets(model, split_exits=True)(variables, images)
-    jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, atol=2e-4), split, want)
+    assert_close(split, want, 1e-5)
     np.testing.assert_array_equal(split_info["halt_stage"], want_info["halt_stage"])
     own = np.asarray(split_info["stage_capacity"])       # [stages, images]
     assert own.shape == (len(model.exit_layers) + 1, len(images))
@@ -84,7 +86,7 @@ def test_host_buckets_give_the_one_program_outputs(method, exit_head, exit_mode)
     # The Python API with the same dispatch: the one program's classes and halt map.
     pred, api_info = api.segment(model, variables, images, dispatch="host_split")
     want_scores = segmenter.predict_scores(want, images.shape[1:3])
-    np.testing.assert_allclose(api_info["scores"], want_scores, atol=2e-4)
+    assert_close(api_info["scores"], want_scores, 1e-5)
     np.testing.assert_array_equal(pred, np.argmax(api_info["scores"], -1))
     np.testing.assert_array_equal(api_info["halt_stage"], want_info["halt_stage"])
     with pytest.raises(ValueError, match="bucket dispatch 'gpu'"):

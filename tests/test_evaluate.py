@@ -10,6 +10,8 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
+from numerics import assert_close  # tests/numerics.py
+
 from configs import segvit
 from step_jax.runtime import checkpoint as ckpt_lib
 from step_jax.evaluation import evaluator as evaluate
@@ -77,7 +79,7 @@ def test_slide_equals_whole_when_one_window_covers_the_image(tiny_model):
   whole = _infer(params, img, (32, 32), apply_fn=apply_fn, mode="whole", crop=None, stride=None)
   slide = _infer(params, img, (32, 32), apply_fn=apply_fn, mode="slide", crop=(32, 32),
                  stride=(16, 16))
-  np.testing.assert_allclose(slide, whole, rtol=1e-6, atol=1e-7)
+  assert_close(slide, whole, 1e-6)
 
 
 def test_slide_matches_hand_computed_window_average(tiny_model):
@@ -95,13 +97,13 @@ def test_slide_matches_hand_computed_window_average(tiny_model):
   assert bucket == (32, 48)   # the third static window is masked out for this image
   got = _infer(params, img.astype(np.uint8), bucket, apply_fn=apply_fn, mode="slide",
                crop=(32, 32), stride=(16, 16))
-  np.testing.assert_allclose(got[:32, :40], want, rtol=2e-5, atol=1e-6)
+  assert_close(got[:32, :40], want, 1e-5)
   # An image shorter than the window: one row of windows over the mean-padded image.
   img = _image(24, 32, seed=2)
   want = run(_padded(img, (32, 32)))[:24]
   got = _infer(params, img, (32, 48), apply_fn=apply_fn, mode="slide", crop=(32, 32),
                stride=(16, 16))
-  np.testing.assert_allclose(got[:24, :32], want, rtol=2e-5, atol=1e-6)
+  assert_close(got[:24, :32], want, 1e-5)
 
 
 def test_whole_pads_to_patch_multiple_and_crops_back(tiny_model):
@@ -111,7 +113,7 @@ def test_whole_pads_to_patch_multiple_and_crops_back(tiny_model):
   assert bucket == (48, 64)
   want = np.asarray(apply_fn(params, jnp.asarray(_padded(img, bucket))[None]))[0][:40, :56]
   got = _infer(params, img, bucket, apply_fn=apply_fn, mode="whole", crop=None, stride=None)
-  np.testing.assert_allclose(got[:40, :56], want, rtol=1e-6, atol=1e-7)
+  assert_close(got[:40, :56], want, 1e-6)
 
 
 def test_resize_scores_is_pytorch_bilinear_with_traced_sizes():
@@ -123,7 +125,7 @@ def test_resize_scores_is_pytorch_bilinear_with_traced_sizes():
   a = x[0, :13, :17]
   want = np.einsum("oh,hwc->owc", resize.interp_matrix(13, 30, "bilinear"), a)
   want = np.einsum("pw,owc->opc", resize.interp_matrix(17, 9, "bilinear"), want)
-  np.testing.assert_allclose(got[0, :30, :9], want, rtol=1e-5, atol=1e-6)
+  assert_close(got[0, :30, :9], want, 1e-5)
   np.testing.assert_array_equal(got[1, :20, :24], x[1])   # same size: exact
 
 
@@ -182,8 +184,8 @@ def test_evaluator_on_variable_sizes_matches_per_image_reference(tiny_model, mod
         jnp.argmax(scores, -1)[None], jnp.asarray(lab, jnp.int32)[None], 6, 255))
   want = metrics_lib.summarize(conf)
   assert out["images"] == 5
-  np.testing.assert_allclose(out["miou"], want["miou"], rtol=1e-6)
-  np.testing.assert_allclose(out["pixel_acc"], want["pixel_acc"], rtol=1e-6)
+  assert_close(out["miou"], want["miou"], 1e-6)
+  assert_close(out["pixel_acc"], want["pixel_acc"], 1e-6)
   # Five images, three bucket shapes, batches of 4 padded with invalid rows.
   assert out["compiled_shapes"] == 3, out["shapes"]
 

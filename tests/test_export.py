@@ -10,6 +10,8 @@ import jax
 import numpy as np
 import pytest
 
+from numerics import assert_close  # tests/numerics.py
+
 from configs import segvit
 from configs import step as step_cfg
 from step_jax import api
@@ -76,7 +78,7 @@ def test_jax_artifact_round_trip(step_model, tmp_path):
   # bucket) through the same artifact gives the same per-image results.
   got = jax.device_get(exp.call(restored, images[1:]))
   assert set(got) == set(live)
-  np.testing.assert_allclose(got["scores"], live["scores"][1:], atol=1e-4, rtol=1e-4)
+  assert_close(got["scores"], live["scores"][1:], 1e-5)
   for k in ("level", "halt_stage", "num_tokens", "active_tokens"):
     np.testing.assert_array_equal(got[k], live[k][1:], err_msg=k)
   assert (got["pred"] == live["pred"][1:]).mean() > 0.999
@@ -112,7 +114,7 @@ def test_tf_saved_model_round_trip(step_model, tmp_path):
   loaded = tf.saved_model.load(str(tmp_path / "saved_model"))
   got = loaded.serve(tf.constant(images))
   want = jax.jit(api.inference_fn(model))(variables, images)
-  np.testing.assert_allclose(got["scores"].numpy(), want["scores"], atol=1e-4, rtol=1e-4)
+  assert_close(got["scores"].numpy(), want["scores"], 1e-5)
   # STEP: runs, or (TF 2.21 with JAX 0.10: top_k of the exits) a clear error at export time.
   cfg, model, variables, images, live = step_model
   try:
@@ -122,7 +124,7 @@ def test_tf_saved_model_round_trip(step_model, tmp_path):
     assert "cannot run the StableHLO" in str(e)
     return
   got = tf.saved_model.load(str(tmp_path / "step" / "saved_model")).serve(tf.constant(images))
-  np.testing.assert_allclose(got["scores"].numpy(), live["scores"], atol=1e-4, rtol=1e-4)
+  assert_close(got["scores"].numpy(), live["scores"], 1e-5)
 
 
 def test_export_rejects_bad_input(step_model, tmp_path):
@@ -182,7 +184,7 @@ def test_cli_exports_a_workdir(tmp_path):
   want = jax.device_get(jax.jit(api.inference_fn(api.create_model(cfg)))(
       {"params": params}, images))
   pred, info = api.segment(ex_model, ex_vars, images)
-  np.testing.assert_allclose(info["scores"], want["scores"], atol=1e-4, rtol=1e-4)
+  assert_close(info["scores"], want["scores"], 1e-5)
   assert (pred == want["pred"]).mean() > 0.999
   # Smaller images are padded to the exported size and cropped back; larger ones refused.
   pred, info = api.segment(ex_model, ex_vars, images[0, :20, :30].astype(np.uint8))

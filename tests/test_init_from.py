@@ -5,6 +5,8 @@ import jax
 import numpy as np
 import pytest
 
+from numerics import assert_close  # tests/numerics.py
+
 from configs import step as step_config
 from step_jax.models import pretrained
 from step_jax.models import segmenter
@@ -56,8 +58,7 @@ def test_segvit_design_loads_segvit_as_is_and_is_segvit_at_tau_one(segvit_workdi
   out, _ = jax.jit(model.apply)({"params": params}, images)
   ref, _ = jax.jit(model.clone(exit_layers=()).apply)({"params": source}, images)
   for key in ("pred_masks", "pred_logits"):
-    err = np.abs(np.asarray(out[key]) - np.asarray(ref[key])).max()
-    assert err <= 1e-5 * np.abs(np.asarray(ref[key])).max(), (key, err)
+    assert_close(out[key], ref[key], 1e-5, what=key)
 
 
 def test_other_designs_get_each_stage_from_the_stage_trained_on_its_block(segvit_workdir):

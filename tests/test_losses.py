@@ -3,6 +3,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from numerics import assert_close  # tests/numerics.py
+
 from step_jax.training import losses
 from step_jax.models import resize
 
@@ -54,10 +56,10 @@ def test_matches_reference_segvit_head():
   out = dict(pred_logits=logits, pred_masks=masks)
   _, m = atm_loss(out, jnp.asarray(labels), num_classes=6)
   ce, focal, dice = reference_atm(logits, masks, labels, 6, 255)
-  np.testing.assert_allclose(m["loss_ce"], ce, rtol=1e-5)
-  np.testing.assert_allclose(m["loss_focal"], focal, rtol=1e-4)
-  np.testing.assert_allclose(m["loss_dice"], dice, rtol=1e-4)
-  np.testing.assert_allclose(m["loss"], ce + 20 * focal + dice, rtol=1e-4)
+  assert_close(m["loss_ce"], ce, 1e-5)
+  assert_close(m["loss_focal"], focal, 1e-4)
+  assert_close(m["loss_dice"], dice, 1e-4)
+  assert_close(m["loss"], ce + 20 * focal + dice, 1e-4)
 
 
 def test_matches_reference_binary_head():
@@ -66,8 +68,8 @@ def test_matches_reference_binary_head():
   _, m = atm_loss(dict(pred_logits=logits, pred_masks=masks), jnp.asarray(labels),
                          num_classes=6)
   ce, focal, dice = reference_atm(logits, masks, labels, 6, 255)
-  np.testing.assert_allclose(m["loss_ce"], ce, rtol=1e-5)
-  np.testing.assert_allclose(m["loss_focal"], focal, rtol=1e-4)
+  assert_close(m["loss_ce"], ce, 1e-5)
+  assert_close(m["loss_focal"], focal, 1e-4)
 
 
 def test_aux_outputs_each_get_the_same_terms():
@@ -77,7 +79,7 @@ def test_aux_outputs_each_get_the_same_terms():
   total, m = atm_loss(out, jnp.asarray(labels), num_classes=6)
   single, _ = atm_loss(dict(pred_logits=logits, pred_masks=masks), jnp.asarray(labels),
                               num_classes=6)
-  np.testing.assert_allclose(total, 3 * single, rtol=1e-5)
+  assert_close(total, 3 * single, 1e-5)
   assert {"loss_ce_0", "loss_focal_1", "loss_dice_1"} <= set(m)
 
 
@@ -89,7 +91,7 @@ def test_ignore_pixels_are_negatives_and_absent_classes_get_no_mask_loss():
   m2 = masks.copy(); m2[:, 4] += 7
   alt = atm_loss(dict(pred_logits=logits, pred_masks=m2), jnp.asarray(labels),
                         num_classes=6)[1]
-  np.testing.assert_allclose(alt["loss_focal"], base["loss_focal"], rtol=1e-6)
+  assert_close(alt["loss_focal"], base["loss_focal"], 1e-6)
   # ... but raising every logit where pixels are ignored raises the loss (they are negatives).
   m3 = masks.copy(); m3[1, :, :, 0] += 5
   worse = atm_loss(dict(pred_logits=logits, pred_masks=m3), jnp.asarray(labels),

@@ -1,6 +1,8 @@
 import jax.numpy as jnp
 import numpy as np
 
+from numerics import assert_close  # tests/numerics.py
+
 from step_jax.evaluation import metrics
 
 
@@ -25,8 +27,8 @@ def test_confusion_matrix_and_summary_match_numpy():
   assert int(conf.sum()) == int((label != 255).sum())
   out = metrics.summarize(conf)
   miou, acc = numpy_miou(pred, label, 5, 255)
-  np.testing.assert_allclose(out["miou"], miou, rtol=1e-6)
-  np.testing.assert_allclose(out["pixel_acc"], acc, rtol=1e-6)
+  assert_close(out["miou"], miou, 1e-6)
+  assert_close(out["pixel_acc"], acc, 1e-6)
   assert out["per_class_iou"]["4"] == 0.0   # predicted but never present: IoU 0, counted
 
 

@@ -11,6 +11,8 @@ import pytest
 
 import killed  # tests/killed.py
 
+from numerics import assert_close  # tests/numerics.py
+
 from configs import policy as policy_config
 from step_jax.training import train_policy
 from step_jax.models import policy as policy_lib
@@ -26,7 +28,7 @@ def test_loss_and_counts_match_numpy():
   z, y, valid = logits[2], (t == 1).astype(np.float64), t != 255
   p = 1 / (1 + np.exp(-z))
   want = -(y * np.log(p) + (1 - y) * np.log(1 - p))[valid].mean()
-  np.testing.assert_allclose(m["policy_loss_2"], want, rtol=1e-5)
+  assert_close(m["policy_loss_2"], want, 1e-5)
   counts = np.asarray(policy_lib.policy_counts({2: jnp.asarray(z)}, {2: jnp.asarray(t)},
                                                {2: 0.6})[2])
   pred, pos = p > 0.6, t == 1
@@ -60,7 +62,7 @@ def test_train_policy_end_to_end(tmp_path):
   assert t["total"]["min"] <= t["total"]["mean"] <= t["total"]["max"] <= saved["tokens_full"]
   # Every image's tokens add up over superpatch sizes (means add too).
   parts = sum(t[f"{k}x{k}"]["mean"] for k in (1, 2, 4, 8, 16))
-  np.testing.assert_allclose(parts, t["total"]["mean"], rtol=1e-9)
+  assert_close(parts, t["total"]["mean"], 1e-9)
   restored = train_policy.load_variables(str(tmp_path))
   jax.tree.map(np.testing.assert_array_equal, restored, jax.device_get(variables))
   with pytest.raises(FileNotFoundError, match="no policy checkpoint"):
@@ -84,8 +86,8 @@ def test_unseen_window_sizes_never_merge_on_larger_images():
   assert np.all(np.asarray(jax.nn.sigmoid(out[8])) < 1e-9)
   assert np.all(np.asarray(jax.nn.sigmoid(out[16])) < 1e-9)
   ref = variables_lib.random_variables(net, (256, 256), seed=1)   # heads 2/4 replaced below
-  np.testing.assert_allclose(out[2], apply(
-      dict(ref, params=dict(ref["params"], **variables["params"])), big)[2], atol=1e-5)
+  assert_close(out[2], apply(dict(ref, params=dict(ref["params"], **variables["params"])),
+                             big)[2], 1e-6)
   assert policy_lib.add_unseen_sizes(full["params"]) is full["params"]  # nothing to add
 
 

@@ -5,6 +5,8 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
+from numerics import assert_close  # tests/numerics.py
+
 from step_jax.models import segmenter
 from step_jax.models import supertokens
 from step_jax.models import vit
@@ -21,7 +23,7 @@ def test_scanned_blocks_equal_the_unrolled_blocks_with_a_key_mask():
   got = m.clone(scan_blocks=True).apply(v, x, mask, method=run)
   assert len(got) == len(want) == 3
   for a, b in zip(want, got):
-    np.testing.assert_allclose(a, b, atol=1e-5)
+    assert_close(b, a, 1e-5)
   # Training ignores the flag (dropout / stochastic depth need per-block rngs).
   train = m.clone(scan_blocks=True).apply(v, x, mask, method=lambda mod, x, k: mod.run_blocks(
       x, k, 1, 4, train=True))
@@ -42,8 +44,8 @@ def test_scanned_step_model_matches_the_unrolled_one():
   (out_a, info_a), (out_b, info_b) = run(model), run(
       model.clone(backbone=model.backbone.clone(scan_blocks=True)))
   np.testing.assert_array_equal(info_a["halt_stage"], info_b["halt_stage"])
-  np.testing.assert_allclose(out_a["pred_masks"], out_b["pred_masks"], atol=1e-4)
-  np.testing.assert_allclose(out_a["pred_logits"], out_b["pred_logits"], atol=1e-4)
+  assert_close(out_b["pred_masks"], out_a["pred_masks"], 1e-5)
+  assert_close(out_b["pred_logits"], out_a["pred_logits"], 1e-5)
 
 
 def test_geometric_buckets():

@@ -7,6 +7,8 @@ import numpy as np
 import pytest
 from jax.sharding import PartitionSpec as P
 
+from numerics import assert_close  # tests/numerics.py
+
 from configs import segvit
 from step_jax.training import optim
 from step_jax.runtime import sharding
@@ -43,11 +45,13 @@ def test_batch_must_divide_devices_and_processes():
 
 
 def _run(cfg, mesh, batches):
-  """Two steps from the same init on `mesh` → ((losses, grad norms), params, shardings)."""
+  """Two steps from the same init on `mesh` → ((losses, grad norms), params, shardings,
+  initial params)."""
   model, tx = variables_lib.create_model(cfg), optim.make_optimizer(cfg.optim)
   abstract, sh = train.abstract_train_state(cfg, model, mesh, tx)
   state = jax.jit(functools.partial(train.init_state, model=model, tx=tx, config=cfg),
                   out_shardings=sh)(jax.random.key(0))
+  init = jax.device_get(state["params"])
   step = jax.jit(functools.partial(train.train_step, model=model, tx=tx, config=cfg),
                  in_shardings=(sh, sharding.batch_sharding(mesh)),
                  out_shardings=(sh, sharding.replicated(mesh)), donate_argnums=(0,))
@@ -56,7 +60,7 @@ def _run(cfg, mesh, batches):
     state, m = step(state, sharding.put_batch(b, mesh))
     losses.append(float(m["loss"]))
     norms.append(float(m["grad_norm"]))
-  return (losses, norms), jax.device_get(state["params"]), sh
+  return (losses, norms), jax.device_get(state["params"]), sh, init
 
 
 @pytest.fixture(scope="module")
@@ -71,19 +75,21 @@ def single_device_result():
 
 
 def _assert_same(result, reference):
-  """Losses and grad norms agree to float rounding; parameters too, except that AdamW turns
-  rounding noise in ~zero gradients (e.g. attention key biases, whose true gradient is 0)
-  into lr-sized steps of random sign: those few elements get atol = 0.1·lr."""
-  (losses, norms), params, _ = result
-  (ref_losses, ref_norms), ref_params, _ = reference
-  np.testing.assert_allclose(losses, ref_losses, rtol=1e-6)
-  np.testing.assert_allclose(norms, ref_norms, rtol=1e-5)
+  """Losses and grad norms agree to float rounding. Parameters are compared by the steps
+  they took (params - init; a leaf's largest is ~2·lr, whatever the parameters' size): AdamW
+  normalises each gradient element, so rounding noise in a ~zero gradient (e.g. attention
+  key biases, whose exact gradient is 0) becomes a step of up to ~0.1·lr of random sign.
+  Every element within 5 % of its leaf's largest step (0.1·lr), all but 0.1 % of them
+  within 1e-3 of it (measured: 0.04 %; 2 % of a step at most)."""
+  (losses, norms), params, _, _ = result
+  (ref_losses, ref_norms), ref_params, _, init = reference
+  assert_close(losses, ref_losses, 1e-6, what="losses")
+  assert_close(norms, ref_norms, 1e-5, what="grad norms")
+  steps, ref_steps = [jax.tree.map(np.subtract, p, init) for p in (params, ref_params)]
+  assert_close(steps, ref_steps, 0.05, what="steps")
   loose = total = 0
-  for (path, a), b in zip(jax.tree_util.tree_flatten_with_path(ref_params)[0],
-                          jax.tree.leaves(params)):
-    np.testing.assert_allclose(b, a, rtol=1e-4, atol=1e-4,
-                               err_msg=jax.tree_util.keystr(path))
-    loose += int(np.sum(np.abs(a - b) > 1e-6 + 1e-5 * np.abs(a)))
+  for a, b in zip(jax.tree.leaves(ref_steps), jax.tree.leaves(steps)):
+    loose += int(np.sum(np.abs(b - a) > 1e-3 * np.abs(a).max()))
     total += a.size
   assert loose < 1e-3 * total, (loose, total)
 
@@ -120,10 +126,10 @@ def test_bf16_and_remat_step_close_to_fp32(single_device_result):
   batches, ref = single_device_result
   cfg = _tiny()
   cfg.model.update(dtype="bfloat16", remat=True)
-  (losses, norms), params, _ = _run(cfg, sharding.make_mesh(cfg), batches)
+  (losses, norms), params, _, _ = _run(cfg, sharding.make_mesh(cfg), batches)
   assert {str(x.dtype) for x in jax.tree.leaves(params)} == {"float32"}
-  np.testing.assert_allclose(losses, ref[0][0], rtol=2e-3)
-  np.testing.assert_allclose(norms, ref[0][1], rtol=2e-2)
+  assert_close(losses, ref[0][0], 2e-3, what="losses")
+  assert_close(norms, ref[0][1], 2e-2, what="grad norms")
 
 
 _HOST = """
@@ -175,6 +181,8 @@ def test_two_processes_match_one_process(tmp_path):
   state, _ = train.train_and_evaluate(cfg, str(tmp_path / "single"))
   single = np.concatenate([np.ravel(x) for x in jax.tree.leaves(jax.device_get(
       state["params"]))])
-  np.testing.assert_allclose(np.load(wd / "params.npy"), single, atol=2e-4)
+  # All parameters as one vector (largest 2.9): 5e-5 of it is 0.15·lr, what AdamW's rounding-
+  # driven steps reach (see _assert_same; 1.1e-5 measured).
+  assert_close(np.load(wd / "params.npy"), single, 5e-5)
   loss = lambda d: [l["loss"] for l in writers.read_jsonl(d / "metrics.jsonl") if "loss" in l]
-  np.testing.assert_allclose(loss(wd), loss(tmp_path / "single"), rtol=1e-6)
+  assert_close(loss(wd), loss(tmp_path / "single"), 1e-6)

@@ -1,6 +1,8 @@
 """dCTS/CTS invariants: partitions, exactness at τ = 1, padding, un-sharing, buckets, jit."""
 import functools
 
+from numerics import assert_close  # tests/numerics.py
+
 from configs import common
 import flax.linen as nn
 import jax
@@ -130,7 +132,7 @@ def test_superpatch_pixels(k):
   # token (level k, row 0, col 1) = area-mean of its (16k)² pixels, resized to 16x16
   sp = x[0, :16 * k, 16 * k:32 * k]
   want = sp.reshape(16, k, 16, k, 3).mean((1, 3)).reshape(-1)
-  np.testing.assert_allclose(table[0, offsets[k] + 1], want, atol=1e-6)
+  assert_close(table[0, offsets[k] + 1], want, 1e-6)
 
 
 @pytest.mark.parametrize("k", [2, 4, 8])
@@ -141,7 +143,7 @@ def test_bilinear_superpatch_matches_torch(k):
   ref = torch.nn.functional.interpolate(torch.from_numpy(x).permute(0, 3, 1, 2),
                                         scale_factor=1 / k, mode="bilinear",
                                         align_corners=False).permute(0, 2, 3, 1).numpy()
-  np.testing.assert_allclose(ours, ref, atol=1e-6)
+  assert_close(ours, ref, 1e-6)
 
 
 def test_bucket_capacities_and_index():
@@ -193,10 +195,9 @@ def test_threshold_one_gives_the_plain_vit_exactly():
   p2 = {"params": dict(params["params"], policy={"bias": jnp.zeros(())})}
   out, info = jax.jit(dcts.apply)(p2, images)
   assert np.all(np.asarray(info["num_tokens"]) == 48) and np.all(np.asarray(info["level"]) == 1)
-  np.testing.assert_allclose(out["pred_masks"], ref["pred_masks"], atol=1e-5)
-  np.testing.assert_allclose(out["pred_logits"], ref["pred_logits"], atol=1e-5)
-  np.testing.assert_allclose(out["aux"][0]["pred_masks"], ref["aux"][0]["pred_masks"],
-                             atol=1e-5)
+  assert_close(out["pred_masks"], ref["pred_masks"], 1e-5)
+  assert_close(out["pred_logits"], ref["pred_logits"], 1e-5)
+  assert_close(out["aux"][0]["pred_masks"], ref["aux"][0]["pred_masks"], 1e-5)
 
 
 def _oracle_labels(b=2, h=128, w=96):
@@ -215,8 +216,8 @@ def test_padding_tokens_never_change_valid_outputs():
   n = int(np.max(info["num_tokens"]))
   assert n < 48
   tight, _ = jax.jit(lambda p: model.apply(p, images, labels=labels, capacity=n))(params)
-  np.testing.assert_allclose(tight["pred_masks"], full["pred_masks"], atol=1e-5)
-  np.testing.assert_allclose(tight["pred_logits"], full["pred_logits"], atol=1e-5)
+  assert_close(tight["pred_masks"], full["pred_masks"], 1e-5)
+  assert_close(tight["pred_logits"], full["pred_logits"], 1e-5)
 
 
 def test_bucket_switch_jits_once_and_picks_the_smallest_bucket():
@@ -229,7 +230,7 @@ def test_bucket_switch_jits_once_and_picks_the_smallest_bucket():
   want = min(c for c in caps if c >= int(np.max(info["num_tokens"])))
   assert int(info["capacity"]) == want
   ref, _ = jax.jit(lambda p: model.apply(p, images, labels=labels, capacity=48))(params)
-  np.testing.assert_allclose(out["pred_masks"], ref["pred_masks"], atol=1e-5)
+  assert_close(out["pred_masks"], ref["pred_masks"], 1e-5)
   # Other token counts reuse the compiled program (no retrace per image).
   fwd(params, images, jnp.zeros_like(labels))
   fwd(params, images, labels.at[:, :, :16].set(3))

@@ -11,6 +11,8 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
+from numerics import assert_close, rel_diff  # tests/numerics.py
+
 from configs import camvid
 from configs import step as step_config
 from step_jax.analysis import benchmark
@@ -64,7 +66,8 @@ def test_a_seed_draws_the_recorded_initial_weights():
   v = jax.jit(lambda r: variables_lib.init_variables(model, cfg, r))(jax.random.key(0))
   sums = [float(np.sum(v["params"]["backbone"][f"blocks_{i}"]["mlp"]["fc1"]["kernel"]))
           for i in range(4)]
-  np.testing.assert_allclose(sums, [5.4848, 13.4846, 4.0909, -12.7573], atol=1e-3)
+  # (recorded to 4 decimals: <= 5e-5 off, 4e-6 of the largest)
+  assert_close(sums, [5.4848, 13.4846, 4.0909, -12.7573], 1e-5)
 
 
 def test_policy_is_required_and_checked(tmp_path):
@@ -93,8 +96,8 @@ def test_static_train_model_matches_bucketed_model():
   out_s, info_s = jax.jit(train.train_model(model, cfg).apply)(variables, images)
   assert int(np.asarray(info_s["capacity"])) == 16                    # full grid
   np.testing.assert_array_equal(info_b["halt_stage"], info_s["halt_stage"])
-  np.testing.assert_allclose(out_b["pred_masks"], out_s["pred_masks"], atol=2e-5)
-  np.testing.assert_allclose(out_b["pred_logits"], out_s["pred_logits"], atol=2e-5)
+  assert_close(out_s["pred_masks"], out_b["pred_masks"], 1e-5)
+  assert_close(out_s["pred_logits"], out_b["pred_logits"], 1e-5)
 
 
 def test_oracle_loss_reads_labels():
@@ -219,9 +222,9 @@ def test_phase_optimizer_switches_optimizer_and_schedule_at_the_phase_start():
     updates, lr = run(jnp.asarray(step))
     first, pcfg = phases[phase]
     want = txs[phase].update(grads, txs[phase].init(params), params)[0]
-    jax.tree.map(np.testing.assert_allclose, updates, want)
+    assert_close(updates, want, 1e-6)   # jitted switch vs eager ops: equal up to rounding
     other = txs[1 - phase].update(grads, txs[1 - phase].init(params), params)[0]
-    assert not np.allclose(updates["backbone"]["kernel"], other["backbone"]["kernel"])
+    assert rel_diff(updates["backbone"]["kernel"], other["backbone"]["kernel"]) > 0.5
     assert float(lr) == pytest.approx(float(optim.learning_rate_fn(pcfg)(step - first)))
   one = [(0, cfg.optim)]
   tx, lr_fn = train.phase_optimizer(txs[:1], one, jnp.asarray(5))
@@ -249,15 +252,14 @@ def test_one_program_trains_both_dtop_phases():
   tune_lr = lambda s: optim.learning_rate_fn(phases[1][1])(s - 1)
   prune = jax.jit(functools.partial(train.train_step, model=model, tx=txs[1], config=cfg,
                                     lr_fn=tune_lr))
-  close = lambda a, b: jax.tree.map(
-      lambda x, y: np.testing.assert_allclose(x, y, rtol=1e-5, atol=1e-6), a, b)
+  close = lambda a, b: assert_close(a, b, 1e-5)
   (got, m_got), (want, m_want) = one(state, batch), base(state, batch)
   close((got["params"], m_got), (want["params"], m_want))
   fresh = lambda st: dict(st, opt_state=txs[1].init(st["params"]))
   got, want = fresh(got), fresh(want)
   (got, m_got), (want, m_want), (_, m_off) = one(got, batch), prune(want, batch), base(want, batch)
   close((got["params"], m_got), (want["params"], m_want))
-  assert abs(float(m_got["loss"]) - float(m_off["loss"])) > 1e-3   # pruning is on now
+  assert rel_diff(m_got["loss"], m_off["loss"]) > 1e-4   # pruning is on now
   assert float(m_got["lr"]) == pytest.approx(float(tune_lr(1)))
 
 
@@ -270,7 +272,7 @@ def test_optimizer_phases_restart_the_schedule_for_pruning():
   assert (s0, base.total_steps, s1, tune.total_steps) == (0, 60, 60, 40)
   assert (base.warmup_steps, tune.warmup_steps, tune.poly_power) == (10, 5, 0.9)
   lr_base, lr_tune = optim.learning_rate_fn(base), optim.learning_rate_fn(tune)
-  assert float(lr_base(60)) == pytest.approx(0.0, abs=1e-9)      # BASE schedule ran out
+  assert float(lr_base(60)) == 0.0                              # BASE schedule ran out
   assert float(lr_tune(0)) == pytest.approx(1e-6, rel=1e-4)      # fresh warmup from init
   assert float(lr_tune(5)) == pytest.approx(1e-3, rel=1e-4)      # back at the peak
   cfg.optim.lr = 5e-4                       # prune_optim.lr follows optim.lr ...

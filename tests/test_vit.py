@@ -3,6 +3,8 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
+from numerics import assert_close, rel_diff  # tests/numerics.py
+
 from step_jax.models import vit
 
 
@@ -45,7 +47,7 @@ def test_patch_embedding_equals_strided_conv():
   conv = jax.lax.conv_general_dilated(x, k, (16, 16), "VALID",
                                       dimension_numbers=("NHWC", "HWIO", "NHWC"))
   conv = conv + params["params"]["embedding"]["bias"]
-  np.testing.assert_allclose(tokens, conv, atol=1e-4)
+  assert_close(tokens, conv, 1e-5)   # a matmul against XLA's convolution
 
 
 def test_posemb_resample_identity_and_smoothness():
@@ -58,8 +60,8 @@ def test_posemb_resample_identity_and_smoothness():
   # A constant embedding stays constant under (partition-of-unity) bicubic resampling.
   const = jax.tree_util.tree_map_with_path(
       lambda p, v: jnp.ones_like(v) if p[-1].key == "pos_embedding" else v, params)
-  np.testing.assert_allclose(m.apply(const, (7, 9), method=lambda mod, g: mod.posemb(g)),
-                             1.0, atol=1e-5)
+  assert_close(m.apply(const, (7, 9), method=lambda mod, g: mod.posemb(g)),
+               np.ones((7, 9, 32)), 1e-6)
 
 
 def test_key_mask_makes_padding_invisible():
@@ -73,7 +75,7 @@ def test_key_mask_makes_padding_invisible():
   pad = jax.random.normal(jax.random.key(2), (2, 6, 32)) * 100
   mask = jnp.concatenate([jnp.ones((2, 10), bool), jnp.zeros((2, 6), bool)], 1)
   out = run(jnp.concatenate([x, pad], 1), mask)[-1]
-  np.testing.assert_allclose(out[:, :10], ref, atol=1e-5)
+  assert_close(out[:, :10], ref, 1e-5)
 
 
 def test_drop_path_train_vs_eval():
@@ -85,7 +87,7 @@ def test_drop_path_train_vs_eval():
   e2, _ = apply(params, x)
   np.testing.assert_array_equal(e1, e2)
   t1, _ = apply(params, x, train=True, rngs={"dropout": jax.random.key(3)})
-  assert not np.allclose(t1, e1)
+  assert rel_diff(t1, e1) > 0.1
 
 
 def test_remat_same_values_and_grads():
@@ -94,9 +96,9 @@ def test_remat_same_values_and_grads():
   params = jax.jit(plain.init)(jax.random.key(1), x)   # jitted: eagerly every op compiles
   f = lambda m: lambda p: jnp.sum(m.apply(p, x)[0] ** 2)
   (v1, g1), (v2, g2) = [jax.jit(jax.value_and_grad(f(m)))(params) for m in (plain, remat)]
-  np.testing.assert_allclose(v1, v2, rtol=1e-6)
-  # (compiled, the two programs fuse differently: a few gradients ~1e-5 apart)
-  jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-4, atol=2e-5), g1, g2)
+  assert_close(v1, v2, 1e-6)
+  # Compiled, the two programs fuse differently: gradients up to ~1e2 differ in rounding.
+  assert_close(g2, g1, 1e-5, what="grads")
 
 
 def test_bf16_close_to_fp32():
@@ -105,5 +107,4 @@ def test_bf16_close_to_fp32():
   y32, _ = jax.jit(tiny().apply)(params, x)
   y16, _ = jax.jit(tiny(dtype=jnp.bfloat16).apply)(params, x)
   assert y16.dtype == jnp.bfloat16
-  err = np.abs(np.asarray(y16, np.float32) - np.asarray(y32))
-  assert err.max() < 0.1 * np.abs(np.asarray(y32)).max()
+  assert_close(y16, y32, 0.1)   # bf16 activations through 3 blocks (~1 % measured)
