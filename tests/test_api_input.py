@@ -140,7 +140,7 @@ def test_memory_check_follows_the_attention_path_dtype_and_classes(monkeypatch):
     api.check_memory(_built("B/16", 512), 1, 8000, 8000)
 
 
-@pytest.mark.parametrize("impl", ["einsum", "xla"])
+@pytest.mark.parametrize("impl", ["einsum", pytest.param("xla", marks=pytest.mark.slow)])
 def test_memory_estimate_is_within_2x_of_xla_at_three_sizes(impl):
   """Against XLA's own memory analysis of the compiled forward (nothing runs)."""
   import jax   # pylint: disable=g-import-not-at-top

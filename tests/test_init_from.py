@@ -7,20 +7,16 @@ import pytest
 
 from numerics import assert_close  # tests/numerics.py
 
-from configs import step as step_config
 from step_jax.models import pretrained
 from step_jax.models import segmenter
 from step_jax.models import variables as variables_lib
 from step_jax.training import train
+import test_train_step as train_step_tests  # pylint: disable=g-bad-import-order
 
 
 def _tiny(method, **model):
-  cfg = step_config.get_config(f"method={method},variant=Mu/16,dataset=synthetic,smoke")
-  cfg.data.update(image_size=(64, 64), num_train=8, num_eval=4)
-  cfg.model.update(posemb_grid=(4, 4), head_layers=1, **model)
-  cfg.batch_size = 4
-  cfg.optim.update(total_steps=2, warmup_steps=1)
-  cfg.update(log_every=1, eval_every=0, checkpoint_every=0, eval_batch_size=4)
+  cfg = train_step_tests._tiny(method, **model)   # Mu/16 at 64², one decoder layer
+  cfg.optim.total_steps = 2
   return cfg
 
 
