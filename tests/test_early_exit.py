@@ -153,9 +153,8 @@ def test_segvit_design_halted_tokens_carry_their_exit_features():
   assert_close(out["pred_logits"], ref["pred_logits"], 1e-5, what="class logits")
 
 
-@pytest.mark.parametrize("design", [pytest.param("dtop", marks=pytest.mark.slow),
-                                    pytest.param("atm_shallow_first",
-                                                 marks=pytest.mark.slow)])
+@pytest.mark.parametrize("design", ["dtop", pytest.param("atm_shallow_first",
+                                                      marks=pytest.mark.slow)])
 def test_threshold_one_is_exactly_the_no_exit_model(design):
   """The other designs at τ = 1 against what they compute: DToP's final head on the last
   block; SegViT's stages shallowest first (not SegViT's head)."""

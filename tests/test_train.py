@@ -87,18 +87,36 @@ def test_main_job_end_to_end(tmp_path):
   assert ev2["resumed_from"] == 8 and ev2["miou"] == ev["miou"]
 
 
-def test_kill_and_resume_matches_uninterrupted_run(tmp_path):
+def _tiny_pruning():
+  """_tiny with an exit after block 1 that halts every token, pruning on from step 2 (DToP's
+  second phase, a fresh optimizer): the step-4 checkpoint lies inside the pruning phase."""
   cfg = _tiny()
+  cfg.model.update(out_layers=(4,), exit_layers=(1,), exit_threshold=0.0, keep_top_k=0)
+  cfg.prune_from_step = 2
+  cfg.prune_optim.warmup_steps = 1
+  return cfg
+
+
+@pytest.mark.parametrize("pruning", [pytest.param(False, marks=pytest.mark.slow), True])
+def test_kill_and_resume_matches_uninterrupted_run(tmp_path, pruning):
+  """SIGKILLed after its step-4 checkpoint, the run resumes bit-identical to an
+  uninterrupted one; by default during the pruning fine-tuning of a model with an exit
+  (SegViT alone with -m slow)."""
+  cfg = _tiny_pruning() if pruning else _tiny()
   # Uninterrupted reference.
   ref_state, _ = train.train_and_evaluate(cfg, str(tmp_path / "ref"))
   ref = jax.device_get(ref_state["params"])
   # Same run in a subprocess, SIGKILLed right after its step-4 checkpoint.
   wd = tmp_path / "run"
   killed.run_killed_after("step_jax.training.train", str(wd), cfg, 4, timeout=240)
-  assert sorted(os.listdir(wd / "checkpoints")) == ["4"]
+  # (with pruning the BASE model's step-2 checkpoint is kept too)
+  assert sorted(os.listdir(wd / "checkpoints")) == (["2", "4"] if pruning else ["4"])
   # Resume: steps 5..8 from the checkpoint (state + grain iterator position).
   state, ev = train.train_and_evaluate(cfg, str(wd))
   assert ev["resumed_from"] == 4
+  if pruning:   # tokens really halted in the evaluation after the pruning steps
+    tokens = ev["tokens_per_stage"]
+    assert tokens[1] < tokens[0], tokens
   got = jax.device_get(state["params"])
   for (path, a), b in zip(jax.tree_util.tree_flatten_with_path(ref)[0], jax.tree.leaves(got)):
     np.testing.assert_array_equal(a, b, err_msg=jax.tree_util.keystr(path))  # bit-identical

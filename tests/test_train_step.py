@@ -232,8 +232,7 @@ def test_phase_optimizer_switches_optimizer_and_schedule_at_the_phase_start():
       float(optim.learning_rate_fn(cfg.optim)(5)))
 
 
-@pytest.mark.slow  # compiles three train steps
-def test_one_program_trains_both_dtop_phases():
+def test_one_program_trains_both_dtop_phases():   # compiles three small train steps
   """phased_train_step, one program for DToP's two phases, does what the two separate steps
   did: pruning off with the BASE optimizer, then pruning on with the fresh one."""
   cfg = _tiny("dtop", exit_threshold=0.0, keep_top_k=0)   # pruning halts every token
