@@ -254,8 +254,9 @@ def memory_estimate(model, batch, height, width):
   - the fp32 per-pixel tensors of the output: mask logits upsampled to [B, C, H, W] and the
     class scores [B, H, W, C];
   - the parameters (fp32).
-  Within 1.0-1.2x of XLA's compiled memory analysis (temp + arguments + output) on a CPU for
-  ViT-Ti/16 at 256-768² and ViT-B/16 at 512-1024² (tests/test_api_input.py checks 2x)."""
+  0.8-1.2x XLA's compiled memory analysis (temp + arguments + output) on a CPU for ViT-Ti/16
+  at 256-768² and ViT-B/16 at 512-1024², einsum and xla paths (tests/test_api_input.py
+  checks 2x)."""
   b = model.backbone
   n = (height // b.patch_size) * (width // b.patch_size)
   impl = attention.resolve_impl(b.attention_impl, b.dtype, b.width // b.num_heads)
