@@ -294,8 +294,9 @@ def check_memory(model, batch, height, width):
   raise MemoryError(
       f"a {batch}x{height}x{width} input needs about {need / 2**30:.1f} GiB ("
       f"{(height // model.backbone.patch_size) * (width // model.backbone.patch_size)} "
-      f"tokens, {model.backbone.attention_impl} attention) but this device has {have / 2**30:.1f} GiB; resize to about {side}x{side} "
-      "pixels or less, or segment fewer images per call")
+      f"tokens, {model.backbone.attention_impl} attention) but this device has "
+      f"{have / 2**30:.1f} GiB; resize to about {side}x{side} pixels or less, or segment "
+      "fewer images per call")
 
 
 def segment(model, variables, images, *, labels=None, dispatch="device"):

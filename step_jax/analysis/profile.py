@@ -133,22 +133,14 @@ def pieces(config, model, plan, image, batch):
             stage_fn, args, n, cap, head_macs(n), head_macs(cap))
     if atm_exits:
       continue   # its stages were profiled with their blocks
-    if s < len(model.exit_layers) and model.exit_head == "segvit":
+    if s < len(model.exit_layers):
       tau = taus[s]
 
-      def exit_fn(mod, x, mk, s=s, tau=tau):  # SegViT's stage 0 on this layer + the halting rule
-        _, cls, masks = mod.head_stage(s, None, x, mk, False)
+      def exit_fn(mod, x, mk, s=s, tau=tau):  # the exit's head (DToP's head s, or SegViT's
+        _, cls, masks = mod.head_stage(s, None, x, mk, False)   # stage 0) + halting rule
         return early_exit.halting(cls, masks, mk, tau, mod.keep_top_k)
-      add(f"exit {s + 1} (head stage 1)", str(bounds[s + 1]), exit_fn, args, n, cap,
-          head_macs(n), head_macs(cap))
-    elif s < len(model.exit_layers):
-      tau = taus[s]
-
-      def exit_fn(mod, x, mk, s=s, tau=tau):  # DToP's head s + its halting rule
-        _, cls, masks = mod.head_stage(s, None, x, mk, False)
-        return early_exit.halting(cls, masks, mk, tau, mod.keep_top_k)
-      add(f"exit {s + 1}", str(bounds[s + 1]), exit_fn, args, n, cap, head_macs(n),
-          head_macs(cap))
+      name = f"exit {s + 1}" + (" (head stage 1)" if model.exit_head == "segvit" else "")
+      add(name, str(bounds[s + 1]), exit_fn, args, n, cap, head_macs(n), head_macs(cap))
     elif model.exit_layers and model.exit_head != "segvit":
       final = lambda mod, x, mk, s=s: mod.head_stage(s, None, x, mk, False)
       add("final head", str(depth), final, args, n, cap, head_macs(n), head_macs(cap))

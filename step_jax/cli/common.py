@@ -128,8 +128,7 @@ def _message(exc):
     return f"missing key {exc.args[0]!r}"
   if isinstance(exc, OSError) and exc.filename and str(exc.filename) not in str(exc):
     return f"{exc.filename}: {exc.strerror or exc}"
-  text = " ".join(str(exc).split()) or type(exc).__name__
-  return text
+  return " ".join(str(exc).split()) or type(exc).__name__
 
 
 def _flag_message(text):

@@ -261,7 +261,7 @@ def token_macs(config, tokens: Number, stage_tokens: Optional[Sequence[Number]] 
                 for s in range(len(exits)))
     heads += atm_head_macs([tokens] * len(m.out_layers), c, m.head_dim, d, layers, c + 1)
   elif exit_head == "atm_shallow_first":  # SegViT's stages, each on its layer's active tokens
-    stages = sorted(set(m.out_layers) | set(exits))
+    stages = segmenter.head_out_layers(m.out_layers, exits, exit_head)
     segment = lambda layer: sum(layer > e for e in exits)
     heads = atm_head_macs([stage_tokens[segment(l)] for l in stages], c, m.head_dim, d,
                           layers, c + 1)
