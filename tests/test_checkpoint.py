@@ -4,6 +4,7 @@ import os
 import tempfile
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 import pytest
 from jax.sharding import PartitionSpec as P
@@ -122,9 +123,10 @@ def test_non_finite_params_are_never_saved(tmp_path):
 @pytest.mark.parametrize("bad", [np.nan, np.inf, -np.inf])
 def test_all_finite_finds_one_bad_value_in_any_leaf(bad):
   tree = dict(a=np.zeros((3, 2), np.float32), b=[np.ones(5, np.float16), np.arange(4)],
-              c=np.ones((), np.float32))
+              h=np.full(2, 65504, np.float16), s=np.full(2, 6e-8, np.float16),  # max, subnormal
+              g=np.ones(3, jnp.bfloat16), c=np.ones((), np.float32))
   assert bool(ckpt_lib.all_finite(tree)) and bool(ckpt_lib.all_finite({}))
-  for path in (("a",), ("b", 0), ("c",)):
+  for path in (("a",), ("b", 0), ("h",), ("g",), ("c",)):
     t = jax.tree.map(np.copy, tree)
     leaf = t[path[0]] if len(path) == 1 else t[path[0]][path[1]]
     leaf.reshape(-1)[-1] = bad

@@ -93,8 +93,19 @@ def all_finite(tree) -> jax.Array:
   for x in jax.tree.leaves(tree):
     if jnp.issubdtype(x.dtype, jnp.inexact):
       by_dtype.setdefault(jnp.dtype(x.dtype), []).append(jnp.ravel(x))
-  checks = [jnp.all(jnp.isfinite(jnp.concatenate(xs))) for xs in by_dtype.values()]
+  checks = [_all_finite_leaf(jnp.concatenate(xs)) for xs in by_dtype.values()]
   return jnp.all(jnp.stack(checks)) if checks else jnp.asarray(True)
+
+
+def _all_finite_leaf(x):
+  """isfinite of an IEEE float from its exponent bits (all ones: inf or NaN), without float
+  arithmetic: XLA:CPU on a CPU without F16C (x86 below AVX2) cannot convert float16 at all."""
+  if jnp.dtype(x.dtype) not in (jnp.float16, jnp.bfloat16, jnp.float32, jnp.float64):
+    return jnp.all(jnp.isfinite(x))   # complex, float8: their own rules
+  info = jnp.finfo(x.dtype)
+  bits = jax.lax.bitcast_convert_type(x, jnp.dtype(f"uint{info.bits}"))
+  exponent = ((1 << info.nexp) - 1) << info.nmant
+  return jnp.all((bits & exponent) != exponent)
 
 
 _all_finite = jax.jit(all_finite)
