@@ -19,14 +19,14 @@ import jax.numpy as jnp
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from configs import step as step_config  # noqa: E402
 from step_jax.models import attention  # noqa: E402
-from step_jax.models import segmenter  # noqa: E402
+from step_jax.models import builder
 
 
 def analyse(variant, res, impl, dtype="float32", batch=1):
   """Bytes XLA plans for one forward of SegViT at res² (temp = activations/workspace)."""
   cfg = step_config.get_config(f"method=segvit,variant={variant},dataset=cityscapes,res={res}")
   cfg.model.update(attention_impl=impl, dtype=dtype)
-  model = segmenter.build(cfg.model, cfg.num_classes, (res, res), cfg.ignore_index)
+  model = builder.build(cfg.model, cfg.num_classes, (res, res), cfg.ignore_index)
   x = jax.ShapeDtypeStruct((batch, res, res, 3), jnp.float32)
   variables = jax.eval_shape(model.init, jax.random.key(0), x)
   compiled = jax.jit(lambda v, im: model.apply(v, im)[0]).lower(variables, x).compile()

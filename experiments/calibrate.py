@@ -44,6 +44,7 @@ from step_jax.analysis import benchmark  # noqa: E402
 from step_jax.models import flops  # noqa: E402
 from step_jax.evaluation import metrics  # noqa: E402
 from step_jax.models import early_exit  # noqa: E402
+from step_jax.models import builder
 from step_jax.models import segmenter  # noqa: E402
 from step_jax.evaluation import tokens
 from step_jax.models import variables as variables_lib
@@ -176,7 +177,7 @@ def search(config, variables, images, *, labels=None, tau_values=(0.4, 0.6, 0.8,
 
 
 def build(config):
-  return segmenter.build(config.model, config.num_classes, tuple(config.data.image_size),
+  return builder.build(config.model, config.num_classes, tuple(config.data.image_size),
                          config.ignore_index)
 
 

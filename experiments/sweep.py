@@ -40,6 +40,7 @@ from configs import step as step_config  # noqa: E402
 from configs.step import parse_tau  # noqa: E402  (tests call sweep.parse_tau)
 from step_jax.analysis import benchmark  # noqa: E402
 from step_jax.analysis import profile as profile_lib  # noqa: E402
+from step_jax.models import builder
 from step_jax.models import segmenter  # noqa: E402
 from step_jax.models import vit as vit_lib  # noqa: E402
 from step_jax.evaluation import tokens
@@ -110,7 +111,7 @@ def pick_trained(config, trained):
   the first trained with config's method, else the first that fits (CTS and dCTS runs, or
   CTS&DToP and STEP runs, have the same shapes: a row prefers its own method's weights)."""
   hw = tuple(config.data.image_size)
-  model = segmenter.build(config.model, config.num_classes, hw, config.ignore_index)
+  model = builder.build(config.model, config.num_classes, hw, config.ignore_index)
   want = shapes(jax.eval_shape(model.init, jax.random.key(0), jnp.zeros((1, *hw, 3))))
   fits = [t for t in trained if shapes(t[1]) == want]
   fits.sort(key=lambda t: t[2] != config.get("method", ""))  # stable: own method first

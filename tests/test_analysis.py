@@ -14,7 +14,7 @@ from configs import step as step_configs
 from step_jax.analysis import benchmark
 from step_jax.models import flops
 from step_jax.analysis import profile as profile_lib
-from step_jax.models import segmenter
+from step_jax.models import builder
 from step_jax.evaluation import tokens
 from step_jax.models import variables as variables_lib
 
@@ -117,7 +117,7 @@ def test_profile_pieces_sum_to_model_flops(images, prepared, tmp_path):
 
 def test_profile_segvit_pieces_sum_to_model_macs():
   cfg = _cfg("segvit")
-  model = segmenter.build(cfg.model, cfg.num_classes, (64, 64), 255)
+  model = builder.build(cfg.model, cfg.num_classes, (64, 64), 255)
   plan = dict(tokens=16, active=[16], caps=[16], info={})
   pieces = profile_lib.pieces(cfg, model, plan, np.zeros((64, 64, 3), np.uint8), 1)
   assert [p["name"] for p in pieces] == ["embed", "block 1", "block 2", "block 3", "block 4",
@@ -130,7 +130,7 @@ def test_profile_segvit_exit_pieces_run_and_sum_to_model_macs():
   at the end on every token."""
   cfg = _cfg("dtop", exits="2")
   cfg.model.exit_head = "segvit"
-  model = segmenter.build(cfg.model, cfg.num_classes, (64, 64), 255)
+  model = builder.build(cfg.model, cfg.num_classes, (64, 64), 255)
   plan = dict(tokens=16, active=[16, 10], caps=[16, 12], info={})
   pieces = profile_lib.pieces(cfg, model, plan, np.zeros((64, 64, 3), np.uint8), 1)
   assert [p["name"] for p in pieces] == [
@@ -151,7 +151,7 @@ def test_profile_atm_exit_pieces_run_and_sum_to_model_macs():
   stage halts."""
   cfg = _cfg("dtop", exits="2")
   cfg.model.exit_head = "atm_shallow_first"
-  model = segmenter.build(cfg.model, cfg.num_classes, (64, 64), 255)
+  model = builder.build(cfg.model, cfg.num_classes, (64, 64), 255)
   plan = dict(tokens=16, active=[16, 10], caps=[16, 12], info={})
   pieces = profile_lib.pieces(cfg, model, plan, np.zeros((64, 64, 3), np.uint8), 1)
   assert [p["name"] for p in pieces] == [
@@ -248,7 +248,7 @@ def test_pick_trained_prefers_the_rows_own_method():
   method's run, else the first run that fits."""
   cfg = _cfg("dcts")
   abstract = lambda c: jax.eval_shape(
-      segmenter.build(c.model, c.num_classes, (64, 64), c.ignore_index).init,
+      builder.build(c.model, c.num_classes, (64, 64), c.ignore_index).init,
       jax.random.key(0), jnp.zeros((1, 64, 64, 3)))
   fake = abstract(cfg)
   trained = [("cts_run", fake, "cts"), ("dcts_run", fake, "dcts"),

@@ -117,10 +117,10 @@ def test_an_image_too_big_for_the_device_is_refused_before_compiling(flax_model,
 
 def _built(variant, res, impl="einsum", dtype="float32", dataset="cityscapes"):
   from configs import step as step_config   # pylint: disable=g-import-not-at-top
-  from step_jax.models import segmenter   # pylint: disable=g-import-not-at-top
+  from step_jax.models import builder   # pylint: disable=g-import-not-at-top
   cfg = step_config.get_config(f"method=segvit,variant={variant},dataset={dataset},res={res}")
   cfg.model.update(attention_impl=impl, dtype=dtype)
-  return segmenter.build(cfg.model, cfg.num_classes, (res, res), cfg.ignore_index)
+  return builder.build(cfg.model, cfg.num_classes, (res, res), cfg.ignore_index)
 
 
 def test_memory_check_follows_the_attention_path_dtype_and_classes(monkeypatch):

@@ -14,6 +14,7 @@ import pytest
 from numerics import assert_close  # tests/numerics.py
 
 from step_jax.models import flops
+from step_jax.models import builder
 from step_jax.models import segmenter
 from step_jax.models import variables as variables_lib
 from step_jax.models import vit as vit_lib
@@ -136,7 +137,7 @@ def _tiny_model():
   cfg = ml_collections.ConfigDict(dict(variant=TINY["variant"], out_layers=TINY["out_layers"],
                                        head_dim=TINY["head_dim"], head_heads=TINY["head_heads"],
                                        head_layers=3))
-  model = segmenter.build(cfg, TINY["classes"], TINY["hw"])
+  model = builder.build(cfg, TINY["classes"], TINY["hw"])
   images = jax.ShapeDtypeStruct((1, *TINY["hw"], 3), jnp.float32)
   return model, images
 
@@ -264,7 +265,7 @@ def test_token_macs_of_segvit_exits():
   from configs import step as step_configs
   segvit = step_configs.get_config("method=segvit,variant=B/16,dataset=ade20k,res=512")
   cfg = step_configs.get_config("method=dtop,variant=B/16,dataset=ade20k,res=512,exits=6-8")
-  assert segmenter.exit_head_of(cfg.model) == "segvit"
+  assert builder.exit_head_of(cfg.model) == "segvit"
   h = lambda n: flops.atm_head_macs([n], 150, 384, 768, 3, 151)   # one stage
   b = lambda n: flops.vit_block_macs(n, 768, 3072)
   full = flops.model_macs(segvit)["total"] * 1e9

@@ -8,7 +8,7 @@ import pytest
 from numerics import assert_close  # tests/numerics.py
 
 from step_jax.models import pretrained
-from step_jax.models import segmenter
+from step_jax.models import builder
 from step_jax.models import variables as variables_lib
 from step_jax.training import train
 import test_train_step as train_step_tests  # pylint: disable=g-bad-import-order
@@ -63,7 +63,7 @@ def test_other_designs_get_each_stage_from_the_stage_trained_on_its_block(segvit
   # Shallow first: its stage i reads out_layers[i] = 2, 3, 4 (exit 2 is among them).
   model, params, _ = _loaded(_tiny("dtop", exit_layers=(2,), exit_head="atm_shallow_first"),
                              segvit_workdir)
-  assert segmenter.head_stages(_tiny("dtop", exit_layers=(2,),
+  assert builder.head_stages(_tiny("dtop", exit_layers=(2,),
                                      exit_head="atm_shallow_first").model) == [
       ("head", 0, 2), ("head", 1, 3), ("head", 2, 4)]
   for i, j in ((0, 2), (1, 1), (2, 0)):

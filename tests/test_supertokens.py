@@ -11,6 +11,7 @@ import numpy as np
 import pytest
 
 from step_jax.models import atm
+from step_jax.models import builder
 from step_jax.models import segmenter
 from step_jax.models import supertokens as st
 from step_jax.models import vit
@@ -293,4 +294,4 @@ def test_cts_share_scales_k_with_the_grid():
   cfg.update(merge="cts", cts_shared=2.5,
              policy=common.ml_collections.ConfigDict(dict(source="pypi", hidden=8)))
   with pytest.raises(ValueError, match="cts_shared=2.5"):
-    segmenter.build(cfg, 4, (64, 64))
+    builder.build(cfg, 4, (64, 64))

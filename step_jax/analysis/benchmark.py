@@ -29,6 +29,7 @@ from step_jax.evaluation import dispatch as dispatch_lib
 from step_jax.evaluation import tokens
 from step_jax.models import attention
 from step_jax.models import flops
+from step_jax.models import builder
 from step_jax.models import segmenter
 from step_jax.models import variables as variables_lib
 from step_jax.models import vit as vit_lib
@@ -39,7 +40,7 @@ def prepare(config, dtype="fp32", variables=None, images=None, exit_share=-1.0):
   config = config.copy_and_resolve_references()
   config.model.dtype = "bfloat16" if dtype == "bf16" else "float32"
   hw = tuple(config.data.image_size)
-  model = segmenter.build(config.model, config.num_classes, hw, config.ignore_index)
+  model = builder.build(config.model, config.num_classes, hw, config.ignore_index)
   weights = "given"
   if variables is None:
     variables, weights = variables_lib.random_variables(model, hw), "random"

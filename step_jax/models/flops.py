@@ -35,7 +35,7 @@ import jax
 
 from step_jax.models import efficientnet
 from step_jax.models import vit as vit_lib
-from step_jax.models import segmenter
+from step_jax.models import builder
 from step_jax.models.segmenter import HEAD_LAYERS
 
 Number = Union[int, float]
@@ -181,7 +181,7 @@ def model_macs(config, include_semantic: bool = False) -> Dict[str, float]:
     config.model.out_layers      1-based blocks feeding the ATM head, e.g. (6, 8, 12)
     config.model.head_dim        ATM width d
     config.model.head_layers     decoder layers per stage (optional, default 3 as
-                                 segmenter.build)
+                                 builder.build)
   Raises KeyError naming the first missing key.
 
   Returns dict(backbone, heads, total) in GFLOPs (1e9 MACs).
@@ -254,14 +254,14 @@ def token_macs(config, tokens: Number, stage_tokens: Optional[Sequence[Number]] 
   bounds = (0,) + exits + (depth,)
   for s, n in enumerate(stage_tokens):
     backbone += (bounds[s + 1] - bounds[s]) * vit_block_macs(n, d, v["mlp_dim"])
-  exit_head = segmenter.exit_head_of(m) if exits else None
+  exit_head = builder.exit_head_of(m) if exits else None
   if exit_head == "segvit":  # SegViT's stage 0 at each exit on its active tokens; SegViT's
     # whole head at the end on every token (halted ones with their kept features)
     heads = sum(atm_head_macs([stage_tokens[s]], c, m.head_dim, d, layers, c + 1)
                 for s in range(len(exits)))
     heads += atm_head_macs([tokens] * len(m.out_layers), c, m.head_dim, d, layers, c + 1)
   elif exit_head == "atm_shallow_first":  # SegViT's stages, each on its layer's active tokens
-    stages = segmenter.head_out_layers(m.out_layers, exits, exit_head)
+    stages = builder.head_out_layers(m.out_layers, exits, exit_head)
     segment = lambda layer: sum(layer > e for e in exits)
     heads = atm_head_macs([stage_tokens[segment(l)] for l in stages], c, m.head_dim, d,
                           layers, c + 1)

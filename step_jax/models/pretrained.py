@@ -11,6 +11,7 @@ import jax
 import numpy as np
 
 from step_jax.models import convert
+from step_jax.models import builder
 from step_jax.models import segmenter
 from step_jax.runtime import checkpoint
 
@@ -110,7 +111,7 @@ def align_head_stages(loaded, source_stages, target_stages, *, source="init_from
   stage 0 reads its deepest out_layer; 'atm_shallow_first' runs stage 0 on the shallowest;
   DToP's final head reads the last block).
 
-  source_stages / target_stages: segmenter.head_stages of the two model configs. Stages of
+  source_stages / target_stages: builder.head_stages of the two model configs. Stages of
   the source whose layer the target does not read are dropped, target stages with no source
   layer keep their initial values (both logged). Raises if the source has head stages and
   none of them reads a block the target's stages read.
@@ -150,10 +151,10 @@ def source_head_stages(loaded, source_model_cfg, target_model_cfg):
   (a step_jax workdir), else (a converted SegViT or DToP checkpoint) SegViT's stages over the
   target's out_layers, or DToP's heads at its exits when the checkpoint has exit heads."""
   if source_model_cfg is not None:
-    return segmenter.head_stages(source_model_cfg)
+    return builder.head_stages(source_model_cfg)
   cfg = target_model_cfg.copy_and_resolve_references()
   with cfg.unlocked():
     cfg.exit_head = "dtop" if "exit_heads_0" in loaded else segmenter.DEFAULT_EXIT_HEAD
     if "exit_heads_0" not in loaded:
       cfg.exit_layers = ()
-  return segmenter.head_stages(cfg)
+  return builder.head_stages(cfg)

@@ -9,6 +9,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from step_jax.models import policy as policy_lib
+from step_jax.models import builder
 from step_jax.models import segmenter
 from step_jax.runtime import checkpoint
 from step_jax.runtime import sharding
@@ -16,7 +17,7 @@ from step_jax.runtime import sharding
 
 def create_model(config):
   """The Segmenter `config` describes (config.model, num_classes, crop, ignore_index)."""
-  return segmenter.build(config.model, config.num_classes, tuple(config.data.image_size),
+  return builder.build(config.model, config.num_classes, tuple(config.data.image_size),
                          ignore_index=config.ignore_index)
 
 

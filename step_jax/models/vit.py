@@ -98,7 +98,7 @@ class ViT(nn.Module):
     drop_path: maximal stochastic-depth rate, increased linearly over the blocks.
     final_norm: SegViT uses the raw block outputs (False); timm applies a last LayerNorm.
     attention_impl: self-attention path, see attention.SelfAttention ('einsum' is the
-      reference; segmenter.build defaults to 'auto').
+      reference; builder.build defaults to 'auto').
     scan_blocks: at inference, run consecutive blocks as one `lax.scan` over their stacked
       parameters: a program compiles one block instead of one per layer, so models with many
       capacity buckets (one copy of the encoder per bucket) compile in a fraction of the

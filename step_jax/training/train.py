@@ -36,6 +36,7 @@ from step_jax.data import pipeline
 from step_jax.evaluation import evaluator as eval_lib
 from step_jax.evaluation import tokens
 from step_jax.models import pretrained
+from step_jax.models import builder
 from step_jax.models import segmenter as segmenter_lib
 from step_jax.models import variables as variables_lib
 from step_jax.runtime import checkpoint as ckpt_lib
@@ -509,7 +510,7 @@ def _load_init_from(state, config):
   # Head stages land on the stage that reads the same block (designs order them differently).
   stages = pretrained.source_head_stages(loaded["params"], source_model, config.model)
   loaded["params"] = pretrained.align_head_stages(
-      loaded["params"], stages, segmenter_lib.head_stages(config.model), source=path)
+      loaded["params"], stages, builder.head_stages(config.model), source=path)
   params, _ = pretrained.merge_params(state["params"], loaded.pop("params"), source=path)
   model_state = state["model_state"]
   if loaded and model_state:
