@@ -10,7 +10,8 @@ import os
 import sys
 import tempfile
 
-MODULES = ("train", "evaluate", "export", "flops", "benchmark", "profile", "train_policy")
+MODULES = ("train", "evaluate", "export", "flops", "benchmark", "profile", "train_policy",
+           "segment")
 
 
 def run_forked(module, args, env):
@@ -24,7 +25,7 @@ def run_forked(module, args, env):
       importlib.import_module(f"step_jax.cli.{module}").run()
       code = 0
     except SystemExit as e:
-      code = e.code if isinstance(e.code, int) else 1
+      code = e.code if isinstance(e.code, int) else int(e.code is not None)   # None: success
     except BaseException:   # pylint: disable=broad-except
       import traceback   # pylint: disable=g-import-not-at-top
       traceback.print_exc()

@@ -7,23 +7,22 @@ Panels (the STEP paper's figures):
   superpatches(image, level, patch)     figure 3: superpatch borders, tinted by size
   halted(image, halt_stage, patch, s)   figures 7/8: tokens halted at or before exit s greyed
   colorize(pred)                        prediction colour map
+  overlay(image, pred, colours)         the image tinted with the class colours
 """
 import numpy as np
 from PIL import Image
 from PIL import ImageDraw
 
+from step_jax.data import datasets
 from step_jax.models import supertokens
 
 # Tint per superpatch side (in patches); single patches stay untinted.
 LEVEL_COLOURS = {2: (255, 215, 0), 4: (255, 128, 0), 8: (220, 40, 40), 16: (150, 0, 200)}
 EXIT_COLOURS = ((220, 40, 40), (40, 120, 255), (0, 200, 120), (255, 160, 0))
 
-# Cityscapes' colours first (familiar street-scene classes), then well-spread hues.
-_BASE = np.array([
-    (128, 64, 128), (244, 35, 232), (70, 70, 70), (102, 102, 156), (190, 153, 153),
-    (153, 153, 153), (250, 170, 30), (220, 220, 0), (107, 142, 35), (152, 251, 152),
-    (70, 130, 180), (220, 20, 60), (255, 0, 0), (0, 0, 142), (0, 0, 70), (0, 60, 100),
-    (0, 80, 100), (0, 0, 230), (119, 11, 32)], np.uint8)
+# Cityscapes' colours first (familiar street-scene classes; their home is the dataset
+# registry), then well-spread hues.
+_BASE = np.asarray(datasets.CITYSCAPES_COLOURS, np.uint8)
 
 
 def palette(num_classes):
@@ -41,6 +40,14 @@ def colorize(pred, num_classes=None, ignore_index=255):
   n = int(num_classes or (pred[pred != ignore_index].max(initial=0) + 1))
   colours = np.concatenate([palette(n), np.zeros((1, 3), np.uint8)])
   return colours[np.where((pred >= 0) & (pred < n), pred, n)]
+
+
+def overlay(image, pred, colours, *, alpha=0.5):
+  """The image blended with the class colours (uint8 [C, 3], e.g. data.datasets.palette)
+  of `pred` [H, W]; `alpha`: the colours' weight."""
+  tint = np.asarray(colours, np.float32)[np.asarray(pred)]
+  out = (1 - alpha) * _as_rgb(image).astype(np.float32) + alpha * tint
+  return np.clip(np.rint(out), 0, 255).astype(np.uint8)
 
 
 def _as_rgb(image):

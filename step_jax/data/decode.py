@@ -1,5 +1,7 @@
 """Decoding files into arrays, with a clear BadRecordError for what cannot be used; shared
 by the sources and the tfds builders."""
+import re
+
 import numpy as np
 from PIL import Image
 
@@ -15,6 +17,18 @@ class BadRecordError(ValueError):
 # PIL modes that hold more than 8 bits per channel: converting them to RGB would silently
 # clip (16-bit) or truncate (float) the pixel values.
 _WIDE_MODES = ("I", "F", "I;16", "I;16B", "I;16L", "I;16N")
+# Raw modes of 16 bits per channel that PIL decodes into an 8-bit mode, keeping the high byte
+# (48-bit RGB PNG or TIFF: 'RGB;16B'); 'BGR;16' (16 bits per pixel, 5-6-5) is not one.
+_WIDE_RAW = re.compile(r";16[BLN]")
+
+
+def _wide_raw(im):
+  """True when PIL would read 16-bit channels of `im` (not yet loaded) into 8 bits."""
+  for tile in getattr(im, "tile", None) or ():
+    args = tile[3] if isinstance(tile[3], tuple) else (tile[3],)
+    if any(isinstance(a, str) and _WIDE_RAW.search(a) for a in args):
+      return True
+  return False
 
 
 def read_image(path):
@@ -25,10 +39,14 @@ def read_image(path):
   """
   try:
     with Image.open(path) as im:
+      wide = _wide_raw(im)   # before load(), which drops the tile descriptors
       im.load()   # decode now: a truncated file fails here, not later in a worker
       if im.mode in _WIDE_MODES:
         raise BadRecordError(f"image file {path} has PIL mode {im.mode!r} (16-bit or float "
                              "pixels); expected 8-bit RGB or grey: convert it to 8 bits first")
+      if wide:
+        raise BadRecordError(f"image file {path} has 16-bit channels ({im.mode}, 48/64-bit "
+                             "colour); expected 8-bit RGB or grey: convert it to 8 bits first")
       if "A" in im.getbands() and np.asarray(im.getchannel("A")).min() < 255:
         raise BadRecordError(f"image file {path} ({im.mode}) has transparent pixels; "
                              "expected RGB: flatten it onto a background first")

@@ -87,6 +87,27 @@ def batches_of(model, variables, images, batch, group=False, forward=None):
   return [pad(np.asarray(g)) for g in groups]
 
 
+def image_tokens(config, model, info, j, image_size=None):
+  """Tokens and GFLOPs of image j of a batch's `info` (the model's, on images of
+  `image_size`, default the config's crop): dict(tokens, capacity: per encoder stage;
+  useful, executed: flops.token_macs of its valid tokens and of the bucket slots it ran in)."""
+  hw = tuple(image_size or config.data.image_size)
+  n_full = (hw[0] // model.backbone.patch_size) * (hw[1] // model.backbone.patch_size)
+  n_tok = float(np.asarray(info["num_tokens"])[j]) if "num_tokens" in info else float(n_full)
+  # One capacity per batch, or per image ([B]) when HostBuckets splits after the merge.
+  own = lambda c: float(np.asarray(c).reshape(-1)[j if np.size(c) > 1 else 0])
+  cap = own(info.get("capacity", n_full))
+  if model.exit_layers:
+    active = [float(a) for a in np.asarray(info["active_tokens"])[j]]
+    caps = [cap] * len(active) if model.exit_mode == "mask" else \
+        [cap] + [own(c) for c in np.asarray(info["stage_capacity"])[1:]]
+  else:
+    active = caps = None
+  return dict(tokens=active or [n_tok], capacity=caps or [cap],
+              useful=flops.token_macs(config, n_tok, active, image_size=hw),
+              executed=flops.token_macs(config, cap, caps, image_size=hw))
+
+
 def token_stats(config, model, variables, images, *, batch=1, group=False, forward=None):
   """Tokens per stage and GFLOPs (useful: valid tokens; executed: compiled slots), averaged
   over `images` run `batch` at a time: a batch runs in the capacity its largest count needs,
@@ -104,20 +125,11 @@ def token_stats(config, model, variables, images, *, batch=1, group=False, forwa
       if int(i) in seen:   # a tiled copy: counted once
         continue
       seen.add(int(i))
-      n_tok = float(np.asarray(info.get("num_tokens", [n_full] * len(idx)))[j])
-      # One capacity per batch, or per image ([B]) when HostBuckets splits after the merge.
-      own = lambda c: float(np.asarray(c).reshape(-1)[j if np.size(c) > 1 else 0])
-      cap = own(info.get("capacity", n_full))
-      if model.exit_layers:
-        active = [float(a) for a in np.asarray(info["active_tokens"])[j]]
-        caps = [cap] * len(active) if model.exit_mode == "mask" else \
-            [cap] + [own(c) for c in np.asarray(info["stage_capacity"])[1:]]
-      else:
-        active = caps = None
-      stage_tokens.append(active or [n_tok])
-      stage_caps.append(caps or [cap])
-      useful.append(flops.token_macs(config, n_tok, active))
-      executed.append(flops.token_macs(config, cap, caps))
+      row = image_tokens(config, model, info, j)
+      stage_tokens.append(row["tokens"])
+      stage_caps.append(row["capacity"])
+      useful.append(row["useful"])
+      executed.append(row["executed"])
   mean = lambda rows, k: float(np.mean([r[k] for r in rows]))
   tok, caps = np.mean(stage_tokens, 0), np.mean(stage_caps, 0)
   return dict(tokens_full=n_full,

@@ -1,0 +1,595 @@
+"""Bulk inference: a folder of images, a glob or a video segmented by a trained model, one
+label map written per image (`python -m step_jax.cli.segment`).
+
+  summary = inference.segment_files("workdirs/step", "frames/", "out/",
+                                    save=("labels", "overlay"))
+
+`model_dir` is a training workdir (its latest checkpoint) or an export folder: its
+`model.jaxexport` when there is one (it takes images up to its fixed input size; larger ones
+are refused by name), else its parameters in the model rebuilt from config.json.
+
+Outputs in `output`, each named after the input's path relative to the folder (or to the
+glob's fixed prefix) with .png; a video's frames as <video name>/<frame index>.png:
+  labels/   the predicted classes as an indexed (mode 'P') PNG at the image's own size, pixel
+            value = class id, with the dataset's colours (data.datasets.palette)
+  overlay/  the image blended with those colours
+  tokens/   the token maps (superpatches; tokens halted by each exit: analysis.visualize)
+            over the image as the model saw it (after the protocol's test-time resize)
+  summary.json  see `segment_files`
+
+Protocol: the config's evaluation protocol, through the evaluator's functions
+(evaluation/evaluator.py): optional test-time resize, the whole image padded to the patch
+grid or sliding windows, scores resized back to the image's size, argmax. Images are batched
+by padded shape (one program compiled per shape, as evaluation does).
+
+A rerun continues a killed one: every file is written to a temporary name in its folder and
+renamed, and an image whose requested outputs all exist is skipped (outputs are not checked
+against the model: use a new `output` for another model). Files that cannot be segmented
+(unreadable, corrupt, empty, 16-bit, larger than an exported model's input or than the
+device holds) are reported by name in the log and in summary.json and skipped, or raise
+decode.BadRecordError with on_error='fatal'.
+
+Devices: batches are split over this process's devices (data parallel). With several
+processes (jax.distributed) each segments files[process_index::process_count] (a video:
+those frames) into the same `output`, a folder they all see, and process 0 merges their
+summaries.
+"""
+import collections
+import dataclasses
+import functools
+import glob
+import json
+import os
+import sys
+import time
+
+# PyAV reads videos: FFmpeg's own decoders in-process, from wheels that bundle FFmpeg (no
+# system ffmpeg, no subprocess pipe as imageio-ffmpeg uses), frame by frame with exact frame
+# indices; maintained by the PyAV project and what imageio's own 'pyav' plugin wraps.
+import av
+import jax
+from jax.experimental import multihost_utils
+import jax.numpy as jnp
+import numpy as np
+from PIL import Image
+
+from step_jax import api
+from step_jax.analysis import visualize
+from step_jax.data import datasets
+from step_jax.data import decode
+from step_jax.evaluation import evaluator
+from step_jax.evaluation import tokens as tokens_lib
+from step_jax.runtime import checkpoint as ckpt_lib
+from step_jax.runtime import sharding as sharding_lib
+
+OUTPUTS = ("labels", "overlay", "tokens")
+ON_ERROR = ("skip", "fatal")
+SUMMARY = "summary.json"
+IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".bmp", ".gif", ".tif", ".tiff", ".webp", ".ppm",
+                    ".pgm", ".pnm")
+VIDEO_EXTENSIONS = (".mp4", ".avi", ".mov", ".mkv", ".webm", ".m4v", ".mpg", ".mpeg", ".wmv")
+# The model's token maps and counts (api.inference_fn's info entries) kept per batch, and
+# those of them that are per image (the capacities are the batch's).
+TOKEN_KEYS = ("level", "num_tokens", "capacity", "halt_stage", "active_tokens",
+              "stage_capacity")
+PER_IMAGE = ("level", "num_tokens", "halt_stage", "active_tokens")
+
+
+################################################################################
+# Inputs.                                                                      #
+################################################################################
+def _magic(path):
+  return any(c in path for c in "*?[")
+
+
+def _named(paths, base):
+  """[(name, path)]: each path relative to `base` without its extension, or with it where two
+  files would otherwise share a name (a.jpg and a.png)."""
+  rel = [os.path.relpath(p, base) for p in paths]
+  stems = [os.path.splitext(r)[0] for r in rel]
+  count = collections.Counter(stems)
+  return [(r if count[s] > 1 else s, p) for r, s, p in zip(rel, stems, paths)]
+
+
+def find_inputs(spec, exclude=""):
+  """(images [(name, path)], video path or ''): a folder's image files (recursively, by
+  extension), a glob's files (all of them: a non-image among them is reported, not passed
+  over), one image file, or one video file (by extension). Files under `exclude` (the output
+  folder) are left out."""
+  spec = os.fspath(spec)
+  if os.path.isfile(spec):
+    if spec.lower().endswith(VIDEO_EXTENSIONS):
+      return [], spec
+    return _named([spec], os.path.dirname(spec)), ""
+  if os.path.isdir(spec):
+    paths = [os.path.join(d, f) for d, _, files in os.walk(spec) for f in files
+             if f.lower().endswith(IMAGE_EXTENSIONS)]
+    base = spec
+  elif _magic(spec):
+    paths = [p for p in glob.glob(spec, recursive=True) if os.path.isfile(p)]
+    fixed = []
+    for part in spec.split(os.sep)[:-1]:
+      if _magic(part):
+        break
+      fixed.append(part)
+    base = os.sep.join(fixed) or "."
+  else:
+    raise FileNotFoundError(f"input {spec} does not exist: give a folder of images, a glob "
+                            "('frames/*.jpg'), an image or a video file")
+  if exclude:
+    out = os.path.abspath(exclude) + os.sep
+    paths = [p for p in paths if not os.path.abspath(p).startswith(out)]
+  if not paths:
+    raise FileNotFoundError(f"input {spec}: no image files found (a folder is searched for "
+                            f"{', '.join(IMAGE_EXTENSIONS)})")
+  return _named(sorted(paths), base), ""
+
+
+def process_share():
+  """(index, count): this process segments files[index::count] (frames of a video alike)."""
+  return jax.process_index(), jax.process_count()
+
+
+def read_image(path):
+  """uint8 [H, W, 3] of an image file; decode.BadRecordError names what is wrong with it."""
+  if os.path.getsize(path) == 0:
+    raise decode.BadRecordError(f"image file {path} is empty (0 bytes)")
+  return decode.read_image(path)
+
+
+def video_frames(path, keep):
+  """Yields (frame index, uint8 [H, W, 3] or the BadRecordError that ends the video) for the
+  frames i of video `path` where keep(i); the others are decoded (the stream is sequential)
+  but not converted. The index is -1 for a video that cannot be opened."""
+  i, opened = -1, False
+  try:
+    with av.open(path) as container:
+      opened = True
+      if not container.streams.video:
+        raise decode.BadRecordError(f"video {path} has no video stream")
+      stream = container.streams.video[0]
+      stream.thread_type = "AUTO"   # frame-parallel decoding
+      for i, frame in enumerate(container.decode(stream)):
+        if keep(i):
+          yield i, frame.to_ndarray(format="rgb24")
+  except decode.BadRecordError as e:
+    yield -1, e
+  except (av.FFmpegError, OSError, ValueError) as e:
+    if not opened:
+      yield -1, decode.BadRecordError(f"video {path} cannot be opened: {e}")
+    else:
+      yield i + 1, decode.BadRecordError(f"video {path}: frame {i + 1} and later cannot be "
+                                         f"decoded: {e}")
+
+
+def video_length(path):
+  """Frames the container states (0 when it does not say or cannot be read)."""
+  try:
+    with av.open(path) as container:
+      return int(container.streams.video[0].frames) if container.streams.video else 0
+  except (av.FFmpegError, OSError, ValueError):
+    return 0
+
+
+################################################################################
+# Outputs.                                                                     #
+################################################################################
+def label_image(pred, colours):
+  """Class ids [H, W] as an indexed (mode 'P') PIL image with `colours` [C, 3] as palette."""
+  pred = np.ascontiguousarray(pred, np.uint8)
+  image = Image.frombytes("P", (pred.shape[1], pred.shape[0]), pred.tobytes())
+  image.putpalette(np.asarray(colours, np.uint8).ravel().tolist())
+  return image
+
+
+def write_png(image, path):
+  """Writes a PIL image to `path` through a temporary file in the same folder: a kill leaves
+  either the whole file or none (the next write replaces the leftover temporary)."""
+  os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
+  tmp = path + ".tmp"
+  image.save(tmp, format="PNG")
+  os.replace(tmp, path)
+
+
+def output_paths(output, name, save):
+  return {kind: os.path.join(output, kind, name + ".png") for kind in save}
+
+
+def finished(output, name, save):
+  """True when every requested output of image `name` exists."""
+  return all(os.path.isfile(p) for p in output_paths(output, name, save).values())
+
+
+################################################################################
+# The model and its batched program.                                           #
+################################################################################
+def _load(model_dir):
+  """(config, Flax model (its attributes), variables, call, fixed input size or None, fixed
+  batch or None); call(variables, images) → api.inference_fn's dict."""
+  config = ckpt_lib.read_config(model_dir)
+  sharding_lib.initialize_distributed(config)   # before anything touches a device
+  exported = all(os.path.isfile(os.path.join(model_dir, f))
+                 for f in (api.ARTIFACT, api.EXPORT_JSON))
+  model, variables = api.load(model_dir, exported=exported)
+  if exported:
+    batch = model.meta.get("batch")
+    return (config, api.create_model(config), variables, model.exported.call,
+            model.image_size, batch if isinstance(batch, int) else None)
+  return config, model, variables, api.inference_fn(model), None, None
+
+
+def _scores(variables, images, sizes, *, call, s):
+  """Class scores [B, Hb, Wb, C] of padded images uint8 [B, Hb, Wb, 3] (true sizes
+  sizes[:, :2]) by the protocol's mode; in whole mode also the model's token maps and
+  counts. One program per padded input shape."""
+  calls = []
+
+  def apply_fn(params, x):
+    out = call(params, x)
+    calls.append(out)
+    return out["scores"]
+  scores = evaluator.infer(variables, images, sizes[:, :2], apply_fn=apply_fn, mode=s["mode"],
+                           crop=s["crop"], stride=s["stride"], pad_value=s["pad_value"])
+  result = dict(scores=scores)
+  if s["mode"] == "whole":   # one model call on these very images: its info is theirs
+    result.update({k: v for k, v in calls[0].items() if k in TOKEN_KEYS})
+  return result
+
+
+def _labels(scores, sizes, *, out_hw):
+  """uint8 classes [B, H, W]: argmax of the scores resized from the model input's size
+  (sizes[:, :2]) to the image's (sizes[:, 2:]) in arrays of size out_hw; None: no resize.
+  A program of its own: images of one model shape and several sizes share the model's."""
+  if out_hw is not None:
+    scores = evaluator.resize_scores(scores, sizes[:, :2], sizes[:, 2:], out_hw)
+  return jnp.argmax(scores, axis=-1).astype(jnp.uint8)
+
+
+@dataclasses.dataclass
+class _Entry:
+  """One readable image on its way through a batch."""
+  name: str
+  image: np.ndarray            # as read, uint8 [H, W, 3]
+  model_image: np.ndarray      # after the protocol's resize
+  key: tuple                   # (padded model input (Hb, Wb), padded output size or None)
+
+
+################################################################################
+# Progress and summary.                                                        #
+################################################################################
+class Progress:
+  """One updating stderr line: images done of those to do (`total` less those an earlier run
+  finished), images/s, ETA (a new line every 10 s when stderr is not a terminal); `note`
+  prints a message above it. total: None when unknown (a video that does not say)."""
+
+  def __init__(self, total, stream=None):
+    self.total, self.stream = total, stream or sys.stderr
+    self.tty = self.stream.isatty()
+    self.start, self.last, self.line = time.time(), 0.0, ""
+
+  def update(self, done, failed, skipped=0, compile_s=0.0, force=False):
+    now = time.time()
+    if not force and now - self.last < (0.5 if self.tty else 10.0):
+      return
+    self.last = now
+    rate = done / max(now - self.start - compile_s, 1e-9)
+    todo = self.total - skipped if self.total else None
+    eta = f"ETA {_clock(max(todo - done - failed, 0) / rate)}" if todo and rate > 0 else "ETA ?"
+    bad = f", {failed} failed" if failed else ""
+    self.line = (f"segment: {done}{f'/{todo}' if todo else ''} images{bad}, "
+                 f"{rate:.2f} images/s, {eta}")
+    self._show()
+
+  def _show(self):
+    end = "" if self.tty else "\n"
+    self.stream.write(("\r\033[K" if self.tty else "") + self.line + end)
+    self.stream.flush()
+
+  def note(self, message):
+    self.stream.write(("\r\033[K" if self.tty else "") + message + "\n")
+    if self.tty and self.line:
+      self._show()
+    self.stream.flush()
+
+  def close(self):
+    if self.tty and self.line:
+      self.stream.write("\n")
+      self.stream.flush()
+
+
+def _clock(seconds):
+  seconds = int(seconds)
+  return f"{seconds // 3600}h{seconds // 60 % 60:02d}m" if seconds >= 3600 else \
+      f"{seconds // 60}m{seconds % 60:02d}s"
+
+
+def _mean(values):
+  return float(np.mean(values)) if values else None
+
+
+def merge_summaries(parts):
+  """One summary from the processes' own: counts and failures added up, means weighted by
+  images, times the slowest process's, images/s the sum."""
+  out = dict(parts[0])
+  n = [p["images"] for p in parts]
+  out.update(images=sum(n), already_done=sum(p["already_done"] for p in parts),
+             failed=[f for p in parts for f in p["failed"]],
+             seconds=max(p["seconds"] for p in parts),
+             compile_s=max(p["compile_s"] for p in parts),
+             images_per_s=sum(p["images_per_s"] for p in parts),
+             compiled_shapes=max(p["compiled_shapes"] for p in parts))
+  out["failed_count"] = len(out["failed"])
+  for key in ("mean_tokens_full", "mean_tokens_kept", "mean_tokens_halted", "gflops_useful",
+              "gflops_executed"):
+    rows = [(p[key], k) for p, k in zip(parts, n) if p[key] is not None and k]
+    out[key] = (sum(v * k for v, k in rows) / sum(k for _, k in rows)) if rows else None
+  return out
+
+
+################################################################################
+# Segmenting files.                                                            #
+################################################################################
+def segment_files(model_dir, source, output, *, save=("labels",), batch_size=0,
+                  on_error="skip", stream=None):
+  """Segments `source` (a folder, a glob, an image or a video) with the model in `model_dir`
+  into `output` (module docstring); returns the summary written to output/summary.json:
+  images segmented by this run, already_done (skipped: finished by an earlier run), failed
+  [{file, error}], mean_tokens_full / kept (entering the encoder) / halted (by the exits)
+  per image, gflops_useful / executed (flops.token_macs of the valid tokens and of the
+  compiled slots; tokens and GFLOPs are None with sliding windows, whose windows' maps
+  overlap), images_per_s (compile time left out), seconds, compile_s, compiled_shapes.
+
+  batch_size: images per program call (0: the config's evaluation batch), rounded up to a
+  multiple of this process's devices. stream: where progress and failures go (stderr).
+  """
+  save = tuple(dict.fromkeys(save))
+  if not save or set(save) - set(OUTPUTS):
+    raise ValueError(f"save={','.join(save)}: choose one or more of {','.join(OUTPUTS)}")
+  if on_error not in ON_ERROR:
+    raise ValueError(f"on_error={on_error!r}: use 'skip' or 'fatal'")
+  if batch_size < 0:
+    raise ValueError(f"batch_size={batch_size} must be 0 (the config's) or positive")
+  model_dir, output = os.fspath(model_dir), os.fspath(output)
+  files, video = find_inputs(source, exclude=output)   # a bad input fails before the model loads
+  if not os.path.isdir(model_dir):
+    raise FileNotFoundError(f"{model_dir} is not a directory (expected a step_jax training "
+                            "workdir or export folder)")
+  run = _Run(model_dir, output, save, batch_size, on_error, stream or sys.stderr)
+  start = time.time()
+  run.segment(run.entries(files, video))
+  seconds = time.time() - start
+  st = run.stats
+  summary = dict(
+      input=os.fspath(source), output=output, model=model_dir, dataset=run.config.data.name,
+      num_classes=int(run.config.num_classes), mode=run.s["mode"], save=list(save),
+      images=run.done, already_done=run.skipped, failed_count=len(run.failed),
+      failed=run.failed, mean_tokens_full=_mean(st["full"]), mean_tokens_kept=_mean(st["kept"]),
+      mean_tokens_halted=_mean(st["halted"]), gflops_useful=_mean(st["useful"]),
+      gflops_executed=_mean(st["executed"]),
+      images_per_s=run.done / max(seconds - run.compile_s, 1e-9), seconds=seconds,
+      compile_s=run.compile_s, compiled_shapes=len(run.models), batch_size=run.batch,
+      devices=len(run.devices), processes=process_share()[1])
+  return _write_summary(summary, output)
+
+
+class _Run:
+  """One segment_files call: the model on this process's devices, its compiled programs and
+  what has been done so far."""
+
+  def __init__(self, model_dir, output, save, batch_size, on_error, stream):
+    self.config, self.model, variables, self.call, self.fixed_hw, fixed_batch = _load(model_dir)
+    self.s = evaluator.settings(self.config)
+    _check_protocol(self.model, self.s, save, self.fixed_hw, int(self.config.num_classes))
+    self.colours = datasets.palette(self.config.data.name, int(self.config.num_classes))
+    self.output, self.save, self.on_error, self.stream = output, save, on_error, stream
+    self.devices = jax.local_devices()
+    if fixed_batch:   # an artifact exported for one fixed batch runs as it was lowered
+      self.devices, self.batch = self.devices[:1], fixed_batch
+    else:
+      batch = batch_size or self.s["batch_size"]
+      self.batch = -(-batch // len(self.devices)) * len(self.devices)
+    mesh = sharding_lib.make_mesh(devices=self.devices)
+    self.rows = sharding_lib.batch_sharding(mesh)
+    self.variables = jax.device_put(variables, sharding_lib.replicated(mesh))
+    self.failed, self.stats, self.done, self.skipped = [], collections.defaultdict(list), 0, 0
+    self.models, self.labels, self.compile_s = {}, {}, 0.0
+    self.progress = None
+
+  def unfinished(self, name):
+    """False (and counted) when an earlier run finished image `name`."""
+    if finished(self.output, name, self.save):
+      self.skipped += 1
+      return False
+    return True
+
+  def fail(self, where, error):
+    if self.on_error == "fatal":
+      raise error
+    self.failed.append(dict(file=where, error=str(error)))
+    self.progress.note(f"segment: skipped {where}: {error}")
+
+  def entries(self, files, video):
+    """_Entry of each of this process's unfinished images, in input order."""
+    pi, pc = process_share()
+    # Images to go, for the ETA (None: a video that does not state its length).
+    total = len(files[pi::pc]) if not video else len(range(pi, video_length(video), pc))
+    self.progress = Progress(total or None, self.stream)
+    os.makedirs(self.output, exist_ok=True)
+    if video:
+      stem = os.path.splitext(os.path.basename(video))[0]
+      name = lambda i: f"{stem}/{i:06d}"
+      for i, image in video_frames(video, lambda i: i % pc == pi and self.unfinished(name(i))):
+        yield from self.entry(name(i), f"{video} frame {i}" if i >= 0 else video, image)
+      return
+    for name, path in files[pi::pc]:
+      if self.unfinished(name):
+        try:
+          image = read_image(path)
+        except decode.BadRecordError as e:
+          image = e
+        except OSError as e:   # vanished, unreadable
+          image = decode.BadRecordError(f"cannot read image file {path}: {e}")
+        yield from self.entry(name, path, image)
+
+  def entry(self, name, where, image):
+    if isinstance(image, Exception):
+      self.fail(where, image)
+      return
+    try:
+      yield _prepare(name, where, image, self.model, self.s, self.fixed_hw,
+                     self.batch // len(self.devices))
+    except decode.BadRecordError as e:
+      self.fail(where, e)
+    except MemoryError as e:   # too large for this device at this batch size
+      self.fail(where, decode.BadRecordError(f"{where}: {e}"))
+
+  def compiled(self, cache, key, fn, *args):
+    """cache[key], `fn` compiled for `args` on first use (its time added to compile_s)."""
+    if key not in cache:
+      t0 = time.time()
+      cache[key] = jax.jit(fn).lower(*args).compile()
+      self.compile_s += time.time() - t0
+    return cache[key]
+
+  def segment(self, entries):
+    """Runs the batches of `entries`; each batch's outputs are written while the next one
+    runs on the devices."""
+    in_flight = None
+    for group in _batches(entries, self.batch):
+      padded, out_hw = key = group[0].key
+      images, sizes = _stack(group, self.batch, padded)
+      args = (self.variables, jax.device_put(images, self.rows),
+              jax.device_put(sizes, self.rows))
+      result = self.compiled(self.models, padded,
+                             functools.partial(_scores, call=self.call, s=self.s), *args)(*args)
+      scores = result.pop("scores")
+      result["pred"] = self.compiled(self.labels, key, functools.partial(_labels, out_hw=out_hw),
+                                     scores, args[2])(scores, args[2])
+      if in_flight:
+        self.write(*in_flight)
+      in_flight = (group, result)
+      self.show()
+    if in_flight:
+      self.write(*in_flight)
+    self.show(force=True)
+    self.progress.close()
+
+  def show(self, force=False):
+    self.progress.update(self.done, len(self.failed), self.skipped, self.compile_s, force=force)
+
+  def write(self, group, result):
+    _write_batch(group, result, self.output, self.save, self.colours, self.config, self.model,
+                 self.s, self.stats)
+    self.done += len(group)
+
+
+def _check_protocol(model, s, save, fixed_hw, num_classes):
+  if model.merge == "oracle":
+    raise ValueError("the oracle merge reads ground-truth labels; segmenting images needs a "
+                     "model that merges without them")
+  if num_classes > 256:
+    raise ValueError(f"{num_classes} classes do not fit an indexed PNG (256 colours)")
+  if "tokens" in save:
+    if model.merge == "none" and not model.exit_layers:
+      raise ValueError("save=tokens: this model keeps every token (no supertokens, no exits): "
+                       "there are no token maps to draw")
+    if s["mode"] != "whole":
+      raise ValueError("save=tokens needs the whole-image protocol (config.eval.mode="
+                       "'whole'); the config slides windows, whose token maps overlap")
+  if fixed_hw is not None and s["mode"] == "slide" and tuple(s["crop"]) != tuple(fixed_hw):
+    raise ValueError(f"the exported model takes {fixed_hw[0]}x{fixed_hw[1]} images but the "
+                     f"config slides {s['crop'][0]}x{s['crop'][1]} windows; export at the "
+                     "window size (--image_size)")
+
+
+def _prepare(name, where, image, model, s, fixed_hw, rows_per_device):
+  """The _Entry of a readable image: resized by the protocol, keyed by its padded shapes.
+  Raises BadRecordError (MemoryError) for an image the model cannot take."""
+  h, w = image.shape[:2]
+  hr, wr = evaluator.target_size(h, w, s["resize_short"], s["max_long"])
+  model_image = evaluator.resize_image(image, (hr, wr))
+  if fixed_hw is not None and s["mode"] == "whole":
+    if hr > fixed_hw[0] or wr > fixed_hw[1]:
+      raise decode.BadRecordError(
+          f"image {where} ({hr}x{wr}) is larger than the exported model's input "
+          f"{fixed_hw[0]}x{fixed_hw[1]}; resize it, or export at that size (--image_size)")
+    padded = tuple(fixed_hw)
+  else:
+    padded = evaluator.bucket_shape((hr, wr), s)
+    if fixed_hw is None:
+      at = s["crop"] if s["mode"] == "slide" else padded
+      api.check_memory(model, rows_per_device, *at)
+  out = None
+  if s["resize_short"] or s["max_long"]:
+    out = tuple(evaluator.label_bucket(n, s["label_multiple"]) for n in (h, w))
+  return _Entry(name, image, model_image, (padded, out))
+
+
+def _batches(entries, batch):
+  """Lists of up to `batch` entries of one key, each as soon as it is full, the rest last."""
+  pending = collections.OrderedDict()
+  for e in entries:
+    pending.setdefault(e.key, []).append(e)
+    if len(pending[e.key]) == batch:
+      yield pending.pop(e.key)
+  yield from pending.values()
+
+
+def _stack(group, batch, padded):
+  """images uint8 [batch, Hb, Wb, 3] and sizes int32 [batch, 4]; rows past the group repeat
+  its first image (a representative capacity, not that of a blank image)."""
+  images = np.zeros((batch, *padded, 3), np.uint8)
+  sizes = np.zeros((batch, 4), np.int32)
+  for k in range(batch):
+    e = group[k] if k < len(group) else group[0]
+    hr, wr = e.model_image.shape[:2]
+    images[k, :hr, :wr] = e.model_image
+    sizes[k] = (hr, wr) + e.image.shape[:2]
+  return images, sizes
+
+
+def _write_batch(group, result, output, save, colours, config, model, s, stats):
+  """Writes each image's missing outputs and adds its token counts to `stats`."""
+  result = {k: np.asarray(v) for k, v in jax.device_get(result).items()}
+  patch = model.backbone.patch_size
+  for j, e in enumerate(group):
+    h, w = e.image.shape[:2]
+    pred = result["pred"][j, :h, :w]
+    paths = {k: p for k, p in output_paths(output, e.name, save).items()
+             if not os.path.isfile(p)}   # an earlier run's finished files are kept
+    if s["mode"] == "whole":
+      row = tokens_lib.image_tokens(config, model, result, j, image_size=e.key[0])
+      stats["full"].append((e.key[0][0] // patch) * (e.key[0][1] // patch))
+      stats["kept"].append(row["tokens"][0])
+      stats["halted"].append(row["tokens"][0] - row["tokens"][-1])
+      stats["useful"].append(row["useful"]["total"])
+      stats["executed"].append(row["executed"]["total"])
+    if "tokens" in paths:
+      info = {k: result[k][j] for k in PER_IMAGE if k in result}
+      info.update(patch_size=patch, exit_layers=tuple(model.exit_layers))
+      ims, titles = visualize.panels(e.model_image, pred, info, num_classes=len(colours))
+      write_png(visualize.side_by_side(ims[1:-1], titles[1:-1]), paths["tokens"])
+    if "overlay" in paths:
+      write_png(Image.fromarray(visualize.overlay(e.image, pred, colours)), paths["overlay"])
+    if "labels" in paths:
+      write_png(label_image(pred, colours), paths["labels"])
+
+
+def _write_summary(summary, output):
+  """summary.json (atomically); with several processes each writes its part and process 0
+  merges them once all have."""
+  index, count = process_share()
+  if count == 1:
+    ckpt_lib.write_json(os.path.join(output, SUMMARY), summary)
+    return summary
+  part = os.path.join(output, f"summary.process{index}.json")
+  ckpt_lib.write_json(part, summary)
+  multihost_utils.sync_global_devices("step_jax.inference summary")
+  parts = []
+  for i in range(count):
+    with open(os.path.join(output, f"summary.process{i}.json")) as f:
+      parts.append(json.load(f))
+  merged = merge_summaries(parts)
+  if index == 0:
+    ckpt_lib.write_json(os.path.join(output, SUMMARY), merged)
+  return merged
