@@ -98,7 +98,8 @@ def model_config(variant, res):
       head_layers=segmenter.HEAD_LAYERS, head_dropout=0.1, drop_path=drop_path,
       dtype="float32", remat=False,
       # ViT self-attention: 'auto' = jax.nn.dot_product_attention on a GPU (cuDNN's fused
-      # kernel in bf16), the written-out einsum on a CPU (models/attention.resolve_impl).
+      # kernel in bf16), on a CPU the written-out einsum below 512 tokens, 'chunked' (blocks,
+      # no N x N matrix) from 512 on (models/attention.resolve_impl).
       attention_impl="auto",
       # Inference: the blocks as one lax.scan (one compiled block per capacity bucket).
       scan_blocks=False,

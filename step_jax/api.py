@@ -248,19 +248,20 @@ def check_pixels(images):
 def memory_estimate(model, batch, height, width):
   """Bytes one forward of `model` needs on this device, following the program that runs (used
   to refuse impossible calls before compiling). On the full (padded) grid of N tokens:
-  - where the attention path materialises it (einsum, xla: not cuDNN's fused kernel), the
-    fp32 attention logits and probabilities [B, heads, N, N] of one layer;
+  - where the attention path materialises it (einsum, xla: not cuDNN's fused kernel nor the
+    chunked path, which hold small blocks), the fp32 attention logits and probabilities
+    [B, heads, N, N] of one layer;
   - ~4 live token activations of a block ([B, N, D + mlp] in the model's dtype);
   - the fp32 per-pixel tensors of the output: mask logits upsampled to [B, C, H, W] and the
     class scores [B, H, W, C];
   - the parameters (fp32).
   0.8-1.2x XLA's compiled memory analysis (temp + arguments + output) on a CPU for ViT-Ti/16
-  at 256-768² and ViT-B/16 at 512-1024², einsum and xla paths (tests/test_api_input.py
-  checks 2x)."""
+  at 256-768² and ViT-B/16 at 512-1024², einsum and xla paths (chunked: 0.91-1.06x, Ti/16
+  256-768², B/16 1024²; tests/test_api_input.py checks 2x)."""
   b = model.backbone
   n = (height // b.patch_size) * (width // b.patch_size)
-  impl = attention.resolve_impl(b.attention_impl, b.dtype, b.width // b.num_heads)
-  attn = 0 if impl == "cudnn" else 2 * b.num_heads * n * n * 4
+  impl = attention.resolve_impl(b.attention_impl, b.dtype, b.width // b.num_heads, n)
+  attn = 0 if impl in ("cudnn", "chunked") else 2 * b.num_heads * n * n * 4
   act = 4 * n * (b.width + b.mlp_dim) * jnp.dtype(b.dtype).itemsize
   pixels = 2 * model.head.num_classes * height * width * 4
   h = model.head

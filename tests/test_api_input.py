@@ -100,9 +100,12 @@ def test_labels_of_the_wrong_shape_or_type(flax_model):
 
 
 def test_an_image_too_big_for_the_device_is_refused_before_compiling(flax_model, monkeypatch):
-  model, variables = flax_model
+  cfg = _tiny_segvit()
+  cfg.model.attention_impl = "einsum"   # the [N, N] matrix ('auto' on a CPU: 'chunked' here)
+  model, variables = step_jax.build(cfg)
   need = api.memory_estimate(model, 1, 8000, 8000)
   assert need > 100 * 2**30                                  # hundreds of GiB of attention
+  assert api.memory_estimate(flax_model[0], 1, 8000, 8000) < need / 20   # chunked
   with pytest.raises(MemoryError, match=r"1x8000x8000 input needs about .* resize to "
                      r"about \d+x\d+") as err:
     api.check_memory(model, 1, 8000, 8000)
@@ -131,6 +134,7 @@ def test_memory_check_follows_the_attention_path_dtype_and_classes(monkeypatch):
   api.check_memory(fused, 1, 4096, 4096)
   einsum = _built("L/16", 4096, "einsum", "bfloat16")
   assert api.memory_estimate(einsum, 1, 4096, 4096) > 141 * 10**9   # 65536² per head
+  api.check_memory(_built("L/16", 4096, "chunked"), 1, 4096, 4096)   # no N x N either, fp32
   # The per-pixel fp32 scores grow with the classes: 150 (ADE20K) vs 19 (Cityscapes).
   ade = _built("L/16", 4096, "cudnn", "bfloat16", dataset="ade20k")
   grow = api.memory_estimate(ade, 1, 4096, 4096) - api.memory_estimate(fused, 1, 4096, 4096)
@@ -140,7 +144,8 @@ def test_memory_check_follows_the_attention_path_dtype_and_classes(monkeypatch):
     api.check_memory(_built("B/16", 512), 1, 8000, 8000)
 
 
-@pytest.mark.parametrize("impl", ["einsum", pytest.param("xla", marks=pytest.mark.slow)])
+@pytest.mark.parametrize("impl", ["einsum"] + [pytest.param(i, marks=pytest.mark.slow)
+                                                for i in ("chunked", "xla")])
 def test_memory_estimate_is_within_2x_of_xla_at_three_sizes(impl):
   """Against XLA's own memory analysis of the compiled forward (nothing runs)."""
   import jax   # pylint: disable=g-import-not-at-top

@@ -1,5 +1,6 @@
-"""ViT self-attention through jax.nn.dot_product_attention ('xla'; cuDNN on a GPU) gives the
-written-out einsum reference's outputs and gradients, with padding and halted tokens."""
+"""ViT self-attention through jax.nn.dot_product_attention ('xla'; cuDNN on a GPU) and through
+key/value blocks with an online softmax ('chunked') gives the written-out einsum reference's
+outputs and gradients, with padding and halted tokens."""
 import functools
 
 import jax
@@ -8,6 +9,7 @@ import numpy as np
 import pytest
 
 from numerics import assert_close  # tests/numerics.py
+from numerics import assert_close_norm
 
 from step_jax.models import atm
 from step_jax.models import attention
@@ -18,12 +20,17 @@ from step_jax.models import vit
 
 def test_resolve_impl():
   gpu = jax.default_backend() == "gpu"
-  assert attention.resolve_impl("auto", jnp.float32, 64) == ("xla" if gpu else "einsum")
-  assert attention.resolve_impl("auto", jnp.bfloat16, 64) == ("cudnn" if gpu else "einsum")
-  assert attention.resolve_impl("auto", jnp.bfloat16, 60) == ("xla" if gpu else "einsum")
-  assert attention.resolve_impl("xla", jnp.bfloat16, 64) == "xla"
+  assert attention.resolve_impl("auto", jnp.float32, 64, 16) == ("xla" if gpu else "einsum")
+  assert attention.resolve_impl("auto", jnp.bfloat16, 64, 16) == ("cudnn" if gpu else "einsum")
+  assert attention.resolve_impl("auto", jnp.bfloat16, 60, 16) == ("xla" if gpu else "einsum")
+  # Many tokens: 'chunked' instead of the paths that write the [B, H, N, N] matrix out.
+  n = attention.GPU_CHUNKED_FROM if gpu else attention.CPU_CHUNKED_FROM
+  assert attention.resolve_impl("auto", jnp.float32, 64, n - 1) == ("xla" if gpu else "einsum")
+  assert attention.resolve_impl("auto", jnp.float32, 64, n) == "chunked"
+  assert attention.resolve_impl("auto", jnp.bfloat16, 64, n) == ("cudnn" if gpu else "chunked")
+  assert attention.resolve_impl("xla", jnp.bfloat16, 64, n) == "xla"
   with pytest.raises(ValueError, match="attention_impl='flash'"):
-    attention.resolve_impl("flash", jnp.float32, 64)
+    attention.resolve_impl("flash", jnp.float32, 64, 16)
 
 
 @pytest.mark.parametrize("masked", [False, True])
@@ -49,13 +56,102 @@ def test_fused_equals_einsum_with_key_mask_and_gradients(masked):
     assert_close(np.asarray(y3)[keep], np.asarray(y2)[keep], 1e-5)
 
 
-def test_fused_path_refuses_attention_dropout_in_training():
+@pytest.mark.parametrize("impl", ["xla", "chunked"])
+def test_fused_path_refuses_attention_dropout_in_training(impl):
   x = jnp.ones((1, 4, 8))
-  layer = attention.SelfAttention(2, dropout=0.1, impl="xla")
+  layer = attention.SelfAttention(2, dropout=0.1, impl=impl)
   params = layer.init(jax.random.key(0), x)
   layer.apply(params, x)                                   # inference: fine
   with pytest.raises(ValueError, match="no dropout on the attention weights"):
     layer.apply(params, x, train=True, rngs={"dropout": jax.random.key(1)})
+
+
+def _key_mask(b, n, seed):
+  """Row 0 random halts, row 1 fully masked, row 2 a padded bucket (its last third) plus
+  random halts, later rows random."""
+  mask = np.array(jax.random.uniform(jax.random.key(seed), (b, n)) < 0.6)
+  mask[1] = False
+  mask[2, 2 * n // 3:] = False
+  return jnp.asarray(mask)
+
+
+def test_chunked_layer_equals_einsum_with_key_mask_and_gradients():
+  """601 tokens: 2 query blocks and 3 key blocks of the default sizes, each padded. (Without
+  a key mask: the model test below, whose first blocks have none.)"""
+  n = 601
+  assert n % attention.Q_BLOCK and n % attention.K_BLOCK and n > 2 * attention.K_BLOCK
+  x = jax.random.normal(jax.random.key(0), (3, n, 32))
+  key_mask = _key_mask(3, n, 1)
+  make = lambda impl: attention.SelfAttention(4, impl=impl)
+  params = make("einsum").init(jax.random.key(2), x, key_mask)
+
+  def loss(impl, p, x):
+    y = make(impl).apply(p, x, key_mask)
+    return jnp.sum(jnp.sin(y)), y
+  grad = lambda impl: jax.jit(jax.value_and_grad(functools.partial(loss, impl), (0, 1),
+                                                 has_aux=True))(params, x)
+  (_, y1), g1 = grad("einsum")
+  (_, y2), g2 = grad("chunked")
+  assert_close(y2, y1, 1e-5)
+  assert_close(g2, g1, 1e-5, what="grads")
+  assert np.all(np.isfinite(np.asarray(y2)))   # the fully masked row too
+  # Masked keys have no influence.
+  y3 = jax.jit(make("chunked").apply)(params, jnp.where(key_mask[..., None], x, 100.0), key_mask)
+  keep = np.asarray(key_mask)
+  assert_close(np.asarray(y3)[keep], np.asarray(y2)[keep], 1e-5)
+
+
+def test_chunked_attention_with_small_blocks_equals_einsum():
+  """Many blocks (50 tokens in 4 query blocks of 13 and 7 key blocks of 8, both padded), a
+  fully masked row."""
+  q, k, v = (jax.random.normal(jax.random.key(i), (3, 50, 2, 8)) for i in range(3))
+  key_mask = _key_mask(3, 50, 3)
+
+  def einsum(q, k, v):
+    attn = attention.masked_softmax(jnp.einsum("bqhd,bkhd->bhqk", q, k), key_mask)
+    return jnp.einsum("bhqk,bkhd->bqhd", attn, v)
+  chunked = functools.partial(attention.chunked_attention, key_mask=key_mask, q_block=16,
+                              k_block=8)
+  run = lambda f: jax.jit(jax.value_and_grad(lambda *a: jnp.sum(jnp.sin(f(*a))), (0, 1, 2)))
+  (_, g1), (_, g2) = run(einsum)(q, k, v), run(chunked)(q, k, v)
+  assert_close(jax.jit(chunked)(q, k, v), jax.jit(einsum)(q, k, v), 1e-5)
+  assert_close(g2, g1, 1e-5, what="grads")
+
+
+def test_chunked_bf16_agrees_with_fp32_einsum():
+  """bf16 compute (fp32 softmax statistics) within the project's bf16 tolerance (2 %)."""
+  x = jax.random.normal(jax.random.key(0), (3, 601, 32))
+  key_mask = _key_mask(3, 601, 1)
+  params = attention.SelfAttention(4).init(jax.random.key(2), x, key_mask)
+
+  def run(impl, dtype):
+    def loss(p, x):
+      y = attention.SelfAttention(4, impl=impl, dtype=dtype).apply(p, x, key_mask)
+      return jnp.sum(jnp.sin(y.astype(jnp.float32))), y
+    return jax.jit(jax.value_and_grad(loss, (0, 1), has_aux=True))(params, x)
+  (_, y32), g32 = run("einsum", jnp.float32)
+  (_, y16), g16 = run("chunked", jnp.bfloat16)
+  assert y16.dtype == jnp.bfloat16
+  assert_close(y16, y32, 0.02)
+  assert_close_norm(g16, g32, 0.02, what="grads")
+
+
+def test_chunked_never_holds_the_attention_matrix():
+  """XLA's memory analysis (compiled, not run) of one layer at 2048 tokens: the forward's
+  and the gradient's temporaries under 25 % of the einsum path's (which holds [1, 2, N, N])."""
+  x = jax.ShapeDtypeStruct((1, 2048, 64), jnp.float32)
+  key_mask = jax.ShapeDtypeStruct((1, 2048), jnp.bool_)
+
+  def temp_bytes(impl):
+    layer = attention.SelfAttention(2, impl=impl)
+    params = jax.eval_shape(layer.init, jax.random.key(0), x, key_mask)
+    grad = jax.grad(lambda p, x, m: jnp.sum(layer.apply(p, x, m) ** 2), (0, 1))
+    return [jax.jit(f).lower(params, x, key_mask).compile().memory_analysis().temp_size_in_bytes
+            for f in (layer.apply, grad)]
+  einsum, chunked = temp_bytes("einsum"), temp_bytes("chunked")
+  assert einsum[0] >= 2 * 2048 ** 2 * 4                        # at least one matrix
+  assert chunked[0] <= 0.25 * einsum[0], (chunked, einsum)     # forward
+  assert chunked[1] <= 0.25 * einsum[1], (chunked, einsum)     # gradient
 
 
 def _model(impl, merge="none", exits=(), mode="compact", tau=1.0, dtype=jnp.float32,
@@ -96,20 +192,27 @@ def _slow(*names):  # bucket switches compile for minutes on 2 cores; step_segvi
   return [pytest.param(n, marks=pytest.mark.slow) if n in names else n for n in sorted(CASES)]
 
 
-# The default run compares the models' outputs with halting masks (dtop_mask); the gradients
-# are checked at the layer level above (with a key mask), the models' with -m slow.
+# The default run compares the models' outputs with halting masks (dtop_mask; for 'chunked'
+# also with compaction, dtop_compact); the gradients are checked at the layer level above
+# (with a key mask), the models' with -m slow.
 @pytest.mark.parametrize("case", _slow("segvit", "supertokens", "dtop_compact", "step_segvit"))
 def test_fused_model_equals_einsum_model(case):
-  _compare(CASES[case], grads=False)
+  _compare(CASES[case], grads=False, impl="xla")
 
 
+@pytest.mark.parametrize("case", _slow("segvit", "supertokens", "step_segvit"))
+def test_chunked_model_equals_einsum_model(case):
+  _compare(CASES[case], grads=False, impl="chunked")
+
+
+@pytest.mark.parametrize("impl", ["xla", "chunked"])
 @pytest.mark.parametrize("case", _slow(*CASES))
-def test_fused_model_gradients_equal_einsum_model(case):
-  _compare(CASES[case], grads=True)
+def test_fused_model_gradients_equal_einsum_model(case, impl):
+  _compare(CASES[case], grads=True, impl=impl)
 
 
-def _compare(kw, grads):
-  """The fused and einsum models give the same outputs (and, with `grads`, the same
+def _compare(kw, grads, impl):
+  """The `impl` and einsum models give the same outputs (and, with `grads`, the same
   gradients: then outputs and gradients come from one program per model)."""
   images, labels = _images(), _labels()
   # Compiled (eagerly every op of the init compiles on its own), without bucket switches:
@@ -121,7 +224,7 @@ def _compare(kw, grads):
     conf, _ = early_exit.token_confidence(
         aux["pred_logits"], aux["pred_masks"].reshape(aux["pred_masks"].shape[:2] + (-1,)))
     kw = dict(kw, tau=float(np.median(np.asarray(conf))))
-  ref, fused = _model("einsum", **kw), _model("xla", **kw)
+  ref, fused = _model("einsum", **kw), _model(impl, **kw)
 
   def loss(model, p):
     out, info = model.apply(p, images, labels=labels)

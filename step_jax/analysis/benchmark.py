@@ -124,8 +124,10 @@ def measure(config, variables=None, images=None, *, batch=1, dtype="fp32", reps=
       if model.exit_layers else None,
       exit_mode=model.exit_mode if model.exit_layers else None,
       exit_head=model.exit_head if model.exit_layers else None,
-      attention_impl=attention.resolve_impl(model.backbone.attention_impl, model.backbone.dtype,
-                                            model.backbone.width // model.backbone.num_heads),
+      attention_impl=attention.resolve_impl(  # the path of the full token grid
+          model.backbone.attention_impl, model.backbone.dtype,
+          model.backbone.width // model.backbone.num_heads,
+          (hw[0] // model.backbone.patch_size) * (hw[1] // model.backbone.patch_size)),
       **stats)
 
 

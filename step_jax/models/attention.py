@@ -27,24 +27,171 @@ def masked_softmax(logits, key_mask):
 
 
 # Self-attention implementations (SelfAttention.impl, config `model.attention_impl`).
-IMPLS = ("auto", "xla", "cudnn", "einsum")
+IMPLS = ("auto", "xla", "cudnn", "einsum", "chunked")
+
+# 'auto' on a CPU: the written-out einsum below this many tokens, 'chunked' from it on.
+# ViT encoder forward, jitted, batch 1, fp32, ms, median of 3 after a warmup, the two paths
+# interleaved, on a 2-core Intel Xeon (XLA:CPU, jax 0.10.2) shared with two trainings, so
+# +-15 % noise (experiments/attention_memory.py --time_res; attention_time_cpu.json):
+#   tokens          64     256     576    1024    2304    4096   (4096: 1024² images)
+#   Ti/16 einsum    12      42     126     900    2105    6681
+#   Ti/16 chunked   11      37     102     392    1032    2905
+#   B/16 einsum            423    1168    2814   21868   39845
+#   B/16 chunked           409    1032    2017   10760   16718
+# The attention alone with its backward (12 heads of 64; ms, same machine): 64 tokens
+# 1.4 / 3.0, 256 tokens 20 / 27, 576 tokens 257 / 86, 1024 tokens 1127 / 623. So 'chunked'
+# wins from ~512 tokens on, 1.2-4x; below, its forward gains little and its backward (one
+# block, the custom VJP's loops) loses, and the einsum reference stays.
+CPU_CHUNKED_FROM = 512
+# On a GPU, where cuDNN's kernel does not apply (fp32, odd head sizes): 'xla' below this many
+# tokens, 'chunked' from it on. Unmeasured on a GPU: chosen for memory, as the 'xla' path
+# keeps ~3 fp32 [B, heads, N, N] matrices per layer (13 GB each for ViT-B/16 at 16384
+# tokens, 2048² images) and 'chunked' only blocks of them.
+GPU_CHUNKED_FROM = 16384
 
 
-def resolve_impl(impl, dtype, head_dim):
-  """'auto' → on a GPU, cuDNN's fused kernel where it applies (bf16/fp16, head dim a multiple
-  of 8 up to 128), else XLA's `jax.nn.dot_product_attention`; elsewhere 'einsum': XLA:CPU
-  has no fused attention, and there the written-out einsum was 9 % faster (ViT-B/16 512²)
-  and planned 31 % less temporary memory (1.77 vs 2.57 GB at 1024²) than the 'xla' path
-  (experiments/results/attention_memory_cpu_b16_1024.json). Other values pass through."""
+def resolve_impl(impl, dtype, head_dim, num_tokens):
+  """The path 'auto' takes for `num_tokens` keys (other values pass through). On a GPU:
+  cuDNN's fused kernel where it applies (bf16/fp16, head dim a multiple of 8 up to 128), else
+  XLA's `jax.nn.dot_product_attention`, or 'chunked' from GPU_CHUNKED_FROM tokens. Elsewhere
+  (XLA:CPU has no fused attention) the written-out einsum, or 'chunked' from
+  CPU_CHUNKED_FROM tokens; the einsum was 9 % faster than 'xla' (ViT-B/16 512²) and planned
+  31 % less temporary memory (1.77 vs 2.57 GB at 1024²;
+  experiments/results/attention_memory_cpu_b16_1024.json)."""
   if impl not in IMPLS:
     raise ValueError(f"attention_impl={impl!r}: use one of {IMPLS}")
   if impl != "auto":
     return impl
   if jax.default_backend() != "gpu":
-    return "einsum"
+    return "chunked" if num_tokens >= CPU_CHUNKED_FROM else "einsum"
   fused_ok = (jnp.dtype(dtype) in (jnp.bfloat16, jnp.float16) and head_dim % 8 == 0
               and head_dim <= 128)
-  return "cudnn" if fused_ok else "xla"
+  if fused_ok:
+    return "cudnn"
+  return "chunked" if num_tokens >= GPU_CHUNKED_FROM else "xla"
+
+
+# Blocks of the 'chunked' path, queries x keys per step. The attention alone at 4096 tokens,
+# batch 1, fp32, heads of 64, on the 2-core Xeon above (ms, medians of 3-7 interleaved runs
+# in 1-3 sessions, +-15 % noise): Ti/16 (3 heads) and B/16 (12 heads) forward, and
+# forward + backward:
+#   blocks        einsum     all x 256  all x 512  all x 1024  all x 2048
+#   Ti forward    596-876    278        336-341    364-379     482
+#   B forward     2835-3307  1079       1062-1648  1220-1674   1214
+#   blocks        256 x 256  512 x 128  512 x 256  512 x 512   1024 x 256  1024 x 512
+#   Ti forward    236        209        216-231    196-228     188-256     170-288
+#   B forward     876        776        844-1077   1201-1298   1249-1273   1011-1520
+#   Ti fwd+bwd    868        834        803-844    966         901         -
+#   B fwd+bwd     -          -          3436       4625        4778        -
+# (einsum fwd+bwd: Ti 2287-2402, B 13077; keys-only blocks of 512: Ti 1675, B 7082.) Query
+# blocks help (a block of logits stays in cache); 512 x 256 is within the noise of the best
+# everywhere and the best forward + backward. Unmeasured on a GPU, where larger blocks
+# (fewer, bigger matmuls) are likely better.
+Q_BLOCK, K_BLOCK = 512, 256
+
+
+def chunked_attention(q, k, v, key_mask=None, *, q_block=Q_BLOCK, k_block=K_BLOCK):
+  """softmax(q kᵀ) v without the [B, H, N, N] matrix (Rabe & Staats 2021; FlashAttention's
+  tiling): queries in blocks, and for each the keys/values in blocks with an online softmax
+  (fp32 running max and sum). The backward recomputes each block (FlashAttention's), so
+  neither pass stores more than a [B, H, q_block, k_block] block of the matrix.
+
+  q, k, v: [B, N, H, Dh], q already scaled; key_mask [B, N] (True = attend) or None. Equal to
+  the einsum path (masked_softmax), a fully masked row included: its masked keys get the same
+  logit -1e9, so it averages all N values uniformly.
+  """
+  b, n, _, _ = k.shape
+  nq = q.shape[1]
+  q_block, k_block = _even_block(nq, q_block), _even_block(n, k_block)
+  keep = jnp.ones((b, n), bool) if key_mask is None else key_mask
+  # Padding slots (N not a multiple of the block) sit below the masked keys' -1e9, so that
+  # they get no weight even in a fully masked row.
+  fill = jnp.full((b, n), _MASK_VALUE, jnp.float32)
+  pad = lambda x, to, value=0: jnp.pad(x, [(0, 0), (0, -x.shape[1] % to)]
+                                       + [(0, 0)] * (x.ndim - 2), constant_values=value)
+  out = _flash(_blocks(pad(q, q_block), q_block), _blocks(pad(k, k_block), k_block),
+               _blocks(pad(v, k_block), k_block), _blocks(pad(keep, k_block), k_block),
+               _blocks(pad(fill, k_block, 2 * _MASK_VALUE), k_block))
+  return jnp.moveaxis(out, 0, 1).reshape(b, -1, *q.shape[2:])[:, :nq]
+
+
+def _even_block(n, target):
+  """The block size near `target` that splits n into equal blocks (padding < their count)."""
+  return -(-n // -(-n // target))
+
+
+def _blocks(x, size):
+  """[B, N, ...] → [N / size, B, size, ...]: the leading axis for lax.scan / lax.map."""
+  return jnp.moveaxis(x.reshape(x.shape[0], -1, size, *x.shape[2:]), 1, 0)
+
+
+def _scores(q, k, keep, fill):
+  """fp32 logits [B, H, q_block, k_block]; masked keys and padding set to their fill."""
+  s = jnp.einsum("bqhd,bkhd->bhqk", q, k, preferred_element_type=jnp.float32)
+  return jnp.where(keep[:, None, None], s, fill[:, None, None])
+
+
+def _attend(q, k, v, keep, fill):
+  """One query block [B, Q, H, Dh] over all key blocks: (output, row max, 1 / row sum)."""
+  def step(carry, kv):
+    m, l, acc = carry
+    kj, vj, keep_j, fill_j = kv
+    s = _scores(q, kj, keep_j, fill_j)
+    m_new = jnp.maximum(m, s.max(-1))
+    p = jnp.exp(s - m_new[..., None])
+    rescale = jnp.exp(m - m_new)  # earlier blocks' weights, relative to the new max
+    l = l * rescale + p.sum(-1)
+    acc = acc * rescale[..., None] + jnp.einsum(
+        "bhqk,bkhd->bhqd", p.astype(vj.dtype), vj, preferred_element_type=jnp.float32)
+    return (m_new, l, acc), None
+  b, nq, h, dh = q.shape
+  f32 = jnp.float32
+  init = (jnp.full((b, h, nq), -jnp.inf, f32), jnp.zeros((b, h, nq), f32),
+          jnp.zeros((b, h, nq, dh), f32))
+  (m, l, acc), _ = jax.lax.scan(step, init, (k, v, keep, fill))
+  out = jnp.einsum("bhqd->bqhd", acc / l[..., None]).astype(q.dtype)
+  # Kept apart, not as m + log(l): at m = -1e9 (a fully masked row) fp32 would drop log(l).
+  return out, m, 1.0 / l
+
+
+@jax.custom_vjp
+def _flash(q, k, v, keep, fill):
+  """Blocked q [nq, B, Q, H, Dh], k/v [nk, B, K, H, Dh], keep/fill [nk, B, K]."""
+  return _flash_fwd(q, k, v, keep, fill)[0]
+
+
+def _flash_fwd(q, k, v, keep, fill):
+  out, m, inv_l = jax.lax.map(lambda qi: _attend(qi, k, v, keep, fill), q)
+  return out, (q, k, v, keep, fill, out, m, inv_l)
+
+
+def _flash_bwd(res, d_out):
+  """Recomputes each block's probabilities from the saved row max and sum."""
+  q, k, v, keep, fill, out, m, inv_l = res
+  f32 = jnp.float32
+
+  def query_block(dkv, xs):
+    qi, oi, mi, inv_li, doi = xs
+    d_sum = jnp.einsum("bqhd,bqhd->bhq", doi.astype(f32), oi.astype(f32))
+
+    def key_block(dqi, kv):
+      kj, vj, keep_j, fill_j = kv
+      p = jnp.exp(_scores(qi, kj, keep_j, fill_j) - mi[..., None]) * inv_li[..., None]
+      dv = jnp.einsum("bhqk,bqhd->bkhd", p.astype(doi.dtype), doi, preferred_element_type=f32)
+      dp = jnp.einsum("bqhd,bkhd->bhqk", doi, vj, preferred_element_type=f32)
+      # Masked keys' logits are constants (their fill): no gradient, as through jnp.where.
+      ds = jnp.where(keep_j[:, None, None], p * (dp - d_sum[..., None]), 0.0).astype(qi.dtype)
+      dqi = dqi + jnp.einsum("bhqk,bkhd->bqhd", ds, kj, preferred_element_type=f32)
+      dk = jnp.einsum("bhqk,bqhd->bkhd", ds, qi, preferred_element_type=f32)
+      return dqi, (dk, dv)
+    dqi, (dk, dv) = jax.lax.scan(key_block, jnp.zeros(qi.shape, f32), (k, v, keep, fill))
+    return (dkv[0] + dk, dkv[1] + dv), dqi
+  zeros = jnp.zeros(k.shape, f32)
+  (dk, dv), dq = jax.lax.scan(query_block, (zeros, zeros), (q, out, m, inv_l, d_out))
+  return dq.astype(q.dtype), dk.astype(k.dtype), dv.astype(v.dtype), None, None
+
+
+_flash.defvjp(_flash_fwd, _flash_bwd)
 
 
 class SelfAttention(nn.Module):
@@ -52,7 +199,9 @@ class SelfAttention(nn.Module):
 
   impl: 'einsum' writes the attention out (the reference, and the only path with dropout on
   the attention weights); 'xla' / 'cudnn' call `jax.nn.dot_product_attention` (cuDNN: the
-  fused flash-style kernel, no [B, H, N, N] matrix in memory); 'auto' picks (resolve_impl).
+  fused flash-style kernel, no [B, H, N, N] matrix in memory); 'chunked' is
+  chunked_attention (blocks in plain JAX, no [B, H, N, N] matrix either, on any device);
+  'auto' picks by device, dtype and token count (resolve_impl).
   The key mask (padding in capacity buckets, halted tokens) is a boolean mask on the keys in
   every path; softmax statistics are fp32 in every path.
   """
@@ -70,14 +219,17 @@ class SelfAttention(nn.Module):
                                      kernel_init=nn.initializers.xavier_uniform(), name=name)
     qkv = dense(3 * d, "qkv")(x).reshape(b, n, 3, h, d // h)
     q, k, v = qkv[:, :, 0], qkv[:, :, 1], qkv[:, :, 2]          # [B, N, H, Dh]
-    impl = resolve_impl(self.impl, self.dtype, d // h)
+    impl = resolve_impl(self.impl, self.dtype, d // h, n)
     if impl != "einsum":
       if self.dropout and train:
         raise ValueError(f"attention_impl={impl!r} has no dropout on the attention weights; "
                          "use 'einsum' for attention dropout")
-      mask = None if key_mask is None else key_mask[:, None, None, :]
-      out = jax.nn.dot_product_attention(q, k, v, mask=mask, scale=(d // h) ** -0.5,
-                                         implementation=impl)
+      if impl == "chunked":
+        out = chunked_attention(q * (d // h) ** -0.5, k, v, key_mask)
+      else:
+        mask = None if key_mask is None else key_mask[:, None, None, :]
+        out = jax.nn.dot_product_attention(q, k, v, mask=mask, scale=(d // h) ** -0.5,
+                                           implementation=impl)
       return dense(d, "proj")(out.reshape(b, n, d))
     logits = jnp.einsum("bqhd,bkhd->bhqk", q * (d // h) ** -0.5, k)
     attn = masked_softmax(logits, key_mask)
