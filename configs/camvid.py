@@ -22,9 +22,12 @@ $STEP_JAX_DATA/camvid_segnet, else ../shared/data/camvid_segnet next to the repo
 
 Arguments: method (segvit, cts, dcts, dtop, cts_dtop, step: see configs/step.py), size (cpu |
 gpu), variant (override the size's ViT, e.g. Ti/16), tau (dCTS thresholds, '6899' or
-'4999'), exits ('-'-separated layers; default per variant), exit_tau (halting confidence),
-exit_head (segvit, the default | atm_shallow_first | dtop | dtop_multiclass: see
-configs/step.py), init_from (a trained model to fine-tune with pruning: set_finetune_recipe).
+'4999'), exits ('-'-separated layers; default per variant), exit_tau (halting confidence;
+default: the dataset registry's, .8), exit_head (segvit, the default | atm_shallow_first | dtop
+| dtop_multiclass: see configs/step.py), init_from (a trained model to fine-tune with
+pruning: set_finetune_recipe), recipe (models with exits from scratch: dtop, BASE then
+pruning fine-tuning with a fresh optimizer; one_schedule, pruning on for the last quarter of
+one schedule).
 
 Evaluation: the val split, whole images. `size=cpu` trains at half resolution, so it also
 tests at half resolution (short side 180) and resizes the scores back to the 480x360
@@ -32,6 +35,7 @@ labels; `size=gpu` tests at full resolution (480x360, padded to 480x368 inside t
 """
 from configs import common
 from configs import step as step_config
+from step_jax.data import datasets
 from step_jax.models import segmenter
 
 _METHODS = tuple(m for m in step_config.METHODS if m != "oracle")  # the oracle needs labels
@@ -39,9 +43,12 @@ _METHODS = tuple(m for m in step_config.METHODS if m != "oracle")  # the oracle 
 
 def get_config(arg=None):
   arg = common.parse_arg(arg, method="segvit", size="cpu", variant="", tau="6899", exits="",
-                         exit_tau=0.9, exit_head=segmenter.DEFAULT_EXIT_HEAD, init_from="")
+                         exit_tau=-1.0, exit_head=segmenter.DEFAULT_EXIT_HEAD, init_from="",
+                         recipe="dtop")
   if arg.method not in _METHODS:
     raise ValueError(f"unknown method {arg.method!r}; choose from {_METHODS}")
+  if arg.exit_tau == -1.0:   # the dataset registry's (measured for the default exit head)
+    arg.exit_tau = datasets.get("camvid").exit_tau
   if not 0 <= arg.exit_tau <= 1:
     raise ValueError(f"config argument exit_tau={arg.exit_tau:g} must lie in [0, 1] (the "
                      "halting confidence, e.g. exit_tau=0.9)")
@@ -99,6 +106,11 @@ def get_config(arg=None):
   if cpu:  # From scratch, re-warming to the peak lr undid part of BASE (Ti/16 STEP, ATM exits:
     # 36.6 % val at the end of BASE, 34.7 % after fine-tuning at 1e-3, 37.0 % at 1e-4).
     config.prune_optim.lr = config.optim.get_ref("lr") * 0.1
+  if arg.recipe == "one_schedule":  # pruning on for the last quarter of the one schedule, the
+    # optimizer kept: the exits' BASE follows SegViT's schedule (issue 30's comparison)
+    config.prune_optim = None
+  elif arg.recipe != "dtop":
+    raise ValueError(f"config argument recipe={arg.recipe!r}: use dtop or one_schedule")
 
   # Logging, checkpoints, evaluation.
   config.log_every = 25 if cpu else 100

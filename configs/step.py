@@ -8,6 +8,7 @@
   dcts     dCTS, thresholds `tau`   –
   step     dCTS, thresholds `tau`   DToP heads at `exits`
   oracle   windows pure in labels   optional (`exits`), for analysis
+  algm     ALGM local+global merges –                        (ALGM_DEFAULTS; not in the paper)
 
 Examples:
   python -m step_jax.cli.train --config=configs/step.py:method=step,variant=L/16,dataset=cityscapes,res=1024,tau=6899,exits=16 --workdir=$WD
@@ -44,9 +45,18 @@ METHODS = {
     "dcts": ("dcts", False, "+dCTS"),
     "step": ("dcts", True, "+STEP"),
     "oracle": ("oracle", None, "oracle"),
+    "algm": ("algm", False, "+ALGM"),
 }
+# ALGM (Norouzi et al., CVPR 2024; the reference's training notes): variant → ((local, global)
+# merge blocks, 1-based; local merge threshold). Mu/16 (4 blocks, ours, not in the paper):
+# the local merge in block 1, the global one in block 2, so that two blocks run merged.
+ALGM_DEFAULTS = {"Mu/16": ((1, 2), 0.90), "Ti/16": ((1, 5), 0.90), "S/16": ((1, 5), 0.88),
+                 "B/16": ((1, 5), 0.94), "L/16": ((1, 7), 0.95)}
 # DToP/STEP exit placements: ViT-B @[6,8] (DToP) and @[8] (STEP); ViT-L @[8,16] and @[16]/@[18].
-DEFAULT_EXITS = {"Mu/16": "2", "Ti/16": "8", "S/16": "8", "B/16": "6-8", "L/16": "8-16"}
+# ViT-Ti/16 (12 blocks like B/16) @[6,8]: with SegViT's head as exits an exit at 8 alone halted
+# too few tokens to save beyond dCTS at 1024² (0.92x its GFLOPs at tau .9, 0.88x at .8), @[6,8]
+# at .8 halts 37.6 % (issue 30, CamVid; docs/results.md).
+DEFAULT_EXITS = {"Mu/16": "2", "Ti/16": "6-8", "S/16": "8", "B/16": "6-8", "L/16": "8-16"}
 # DToP's exit heads: 6 attention heads for ViT-B, 8 for ViT-L.
 DTOP_HEADS = {"Mu/16": 4, "Ti/16": 6, "S/16": 8, "B/16": 6, "L/16": 8}
 
@@ -80,6 +90,11 @@ def set_method(m, method, variant, *, tau="6899", exits="", exit_tau=0.9,
   m.cts_shared = 103.0  # CTS: 103 shared 2x2 windows at any size (a value < 1: a share)
   m.superpatch_resize = "area"
   m.buckets = segmenter.BUCKETS
+  # ALGM: per-image token counts (algm_batch_min=True: the reference's batch minimum);
+  # algm_global_min: a floor under the global merge's adaptive threshold (-1: none).
+  m.algm_layers, m.algm_threshold = ALGM_DEFAULTS[variant]
+  m.algm_global_min = -1.0
+  m.algm_batch_min = False
   # The policy net is trained first (python -m step_jax.cli.train_policy) and frozen here:
   # init_from = that workdir; or auto_train_steps > 0 trains one inside this run's workdir.
   m.policy = common.ml_collections.ConfigDict(dict(source="pypi", hidden=128, init_from="",

@@ -5,22 +5,27 @@
 # at [8] (STEP@[8] on ViT-B), τ-6899. Every training resumes where it stopped.
 #
 #   bash experiments/compare_camvid_ti.sh train   # the runs missing under $W (hours on 2 cores)
-#   bash experiments/compare_camvid_ti.sh exits   # issue 30's runs: exit_head=segvit from
-#       # scratch and STEP fine-tuned from each SegViT (2 seeds each; SegViT runs first)
+#   bash experiments/compare_camvid_ti.sh exits   # issue 30's runs: exit_head=segvit (the
+#       # defaults since 2026-12-03: exits 6 and 8, tau .8) fine-tuned from each SegViT and
+#       # from scratch (2 seeds each; SegViT runs first)
 #   bash experiments/compare_camvid_ti.sh table   # the table, one measuring run (~35 min)
 #
 # Rows: SegViT (2 seeds), DToP-BASE (the BASE checkpoint at step 1500, nothing halting),
 # +DToP@[8], +dCTS, +STEP@[8] with DToP's head, +STEP@[8] with SegViT's stages as exits run
 # shallowest first (exit_head=atm_shallow_first, called atm when recorded; its BASE; 2 seeds
-# at the trained τ .9 and at τ .85), +STEP@[8] with exit_head=segvit (the default since
-# 2026-12: 2 seeds from scratch, and fine-tuned from each SegViT, 500 steps). The fine-tunings at
-# lr 1e-3 (camvid_ti_step_*_s0) are recorded in experiments/results, not re-measured here. mIoU on the 101 val images at the training scale; tokens,
+# at the trained τ .9 and at τ .85), +STEP@[8] with exit_head=segvit at τ .9 (from scratch
+# and fine-tuned from SegViT s0), and the defaults since 2026-12-03, +STEP@[6,8] segvit at τ .8
+# (2 seeds fine-tuned from each SegViT, 500 steps; 2 from scratch, recipe=one_schedule) with
+# the dCTS row from the same weights (exits off). The fine-tunings at lr 1e-3
+# (camvid_ti_step_*_s0) are recorded in experiments/results, not re-measured here. mIoU on the
+# 101 val images at the training scale; tokens,
 # GFLOPs (policy included) and ms/image on val images resized to 1024².
 set -euo pipefail
 cd "$(dirname "$0")/.."
 W=${W:-workdirs}
 PY=${PY:-.venv/bin/python}
 CFG=configs/camvid.py:size=cpu,variant=Ti/16
+OLD=exits=8,exit_tau=0.9   # the recorded rows before 2026-12-03: one exit at 8, tau .9
 POLICY=$W/camvid_ti_step_atm_s0/policy      # trained by the first STEP run, then shared
 POLICY_SEGVIT=$W/camvid_ti_step_segvit_s0/policy   # the same for issue 30's runs
 
@@ -40,31 +45,36 @@ if [ "${1:-}" = train ]; then
   # runs (and the policy) were first trained re-warming to the peak, DToP's schedule taken
   # literally, and their BASE checkpoints are forked for the 0.1x fine-tuning (_ft1e-4).
   train camvid_ti_segvit_s0 method=segvit
-  train camvid_ti_step_atm_s0 method=step,exit_head=atm_shallow_first --config.prune_optim.lr=1e-3
+  train camvid_ti_step_atm_s0 method=step,$OLD,exit_head=atm_shallow_first --config.prune_optim.lr=1e-3
   train camvid_ti_segvit_s1 method=segvit --config.seed=1
   fork camvid_ti_step_atm_s0_ft1e-4 camvid_ti_step_atm_s0
-  train camvid_ti_step_atm_s0_ft1e-4 method=step,exit_head=atm_shallow_first \
+  train camvid_ti_step_atm_s0_ft1e-4 method=step,$OLD,exit_head=atm_shallow_first \
       --config.model.policy.init_from=$POLICY
-  train camvid_ti_step_atm_s1 method=step,exit_head=atm_shallow_first --config.seed=1 \
+  train camvid_ti_step_atm_s1 method=step,$OLD,exit_head=atm_shallow_first --config.seed=1 \
       --config.model.policy.init_from=$POLICY
-  train camvid_ti_dtop_s0 method=dtop,exit_head=dtop
-  train camvid_ti_step_dtop_s0 method=step,exit_head=dtop --config.prune_optim.lr=1e-3 \
+  train camvid_ti_dtop_s0 method=dtop,$OLD,exit_head=dtop
+  train camvid_ti_step_dtop_s0 method=step,$OLD,exit_head=dtop --config.prune_optim.lr=1e-3 \
       --config.model.policy.init_from=$POLICY
   fork camvid_ti_step_dtop_s0_ft1e-4 camvid_ti_step_dtop_s0
-  train camvid_ti_step_dtop_s0_ft1e-4 method=step,exit_head=dtop \
+  train camvid_ti_step_dtop_s0_ft1e-4 method=step,$OLD,exit_head=dtop \
       --config.model.policy.init_from=$POLICY
   train camvid_ti_dcts_s0 method=dcts --config.model.policy.init_from=$POLICY
 elif [ "${1:-}" = exits ]; then
   mkdir -p "$W"
   train camvid_ti_segvit_s0 method=segvit
-  train camvid_ti_step_segvit_s0 method=step,exit_head=segvit
-  train camvid_ti_step_from_segvit_s0 method=step,exit_head=segvit,init_from=$W/camvid_ti_segvit_s0 \
+  # The first runs (exit at 8, tau .9; recorded): from scratch (DToP's recipe) and fine-tuned.
+  train camvid_ti_step_segvit_s0 method=step,$OLD,exit_head=segvit
+  train camvid_ti_step_from_segvit_s0 method=step,$OLD,exit_head=segvit,init_from=$W/camvid_ti_segvit_s0 \
       --config.model.policy.init_from=$POLICY_SEGVIT
   train camvid_ti_segvit_s1 method=segvit --config.seed=1
-  train camvid_ti_step_segvit_s1 method=step,exit_head=segvit --config.seed=1 \
-      --config.model.policy.init_from=$POLICY_SEGVIT
-  train camvid_ti_step_from_segvit_s1 method=step,exit_head=segvit,init_from=$W/camvid_ti_segvit_s1 \
-      --config.seed=1 --config.model.policy.init_from=$POLICY_SEGVIT
+  # The defaults since 2026-12-03 (exits at 6 and 8, tau .8): fine-tuned from each SegViT,
+  # and from scratch with pruning on for the last quarter of one schedule.
+  for s in 0 1; do
+    train camvid_ti_step68_from_segvit_s$s method=step,init_from=$W/camvid_ti_segvit_s$s \
+        --config.seed=$s --config.model.policy.init_from=$POLICY_SEGVIT
+    train camvid_ti_step68_segvit_s$s method=step,recipe=one_schedule --config.seed=$s \
+        --config.model.policy.init_from=$POLICY_SEGVIT
+  done
 elif [ "${1:-}" = table ]; then
   rows=()
   add() { [ -d "$W/${2%%[@:]*}" ] && rows+=(--row="$1=$W/$2") || echo "missing: $W/$2" >&2; }
@@ -81,9 +91,12 @@ elif [ "${1:-}" = table ]; then
   add "+STEP@[8] ATM exits s1, τ .85" camvid_ti_step_atm_s1:tau=0.85
   add "STEP segvit exits BASE s0" camvid_ti_step_segvit_s0@1500:noexit
   add "+STEP@[8] segvit exits s0" camvid_ti_step_segvit_s0
-  add "+STEP@[8] segvit exits s1" camvid_ti_step_segvit_s1
   add "+STEP@[8] from SegViT s0" camvid_ti_step_from_segvit_s0
-  add "+STEP@[8] from SegViT s1" camvid_ti_step_from_segvit_s1
+  add "+STEP@[6,8] τ .8 (default) from SegViT s0" camvid_ti_step68_from_segvit_s0
+  add "+STEP@[6,8] τ .8 (default) from SegViT s1" camvid_ti_step68_from_segvit_s1
+  add "+STEP@[6,8] τ .8 (default) from scratch s0" camvid_ti_step68_segvit_s0
+  add "+STEP@[6,8] τ .8 (default) from scratch s1" camvid_ti_step68_segvit_s1
+  add "+dCTS (STEP@[6,8] s0 weights, exits off)" camvid_ti_step68_from_segvit_s0:noexit
   $PY experiments/compare.py "${rows[@]}" --res=1024 --num_images=4 --reps=3 \
       --out=experiments/results/compare_camvid_ti
 else

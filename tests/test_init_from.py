@@ -111,6 +111,6 @@ def test_finetune_recipe_is_the_pruning_phase_alone():
   assert first == 0 and opt.to_dict() == tune.to_dict()
   assert (opt.total_steps, opt.lr, opt.warmup_steps) == (500, 1e-4, 50)
   assert train.phase_model(variables_lib.create_model(cfg), 0, cfg.prune_from_step
-                           ).exit_thresholds() == (0.9,)          # pruning from step 0
+                           ).exit_thresholds() == (0.8, 0.8)   # pruning from step 0
   with pytest.raises(ValueError, match="init_from='/wd/segvit' fine-tunes a model with exits"):
     camvid.get_config("method=segvit,size=cpu,init_from=/wd/segvit")

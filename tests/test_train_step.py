@@ -297,21 +297,25 @@ def test_camvid_exit_head_designs():
   out_layers ∪ exits; DToP otherwise. The old name 'atm' is refused with the new names."""
   for design, out_layers, exit_heads in (("segvit", (6, 8, 12), 0),
                                          ("atm_shallow_first", (6, 8, 12), 0),
-                                         ("dtop", (12,), 1), ("dtop_multiclass", (12,), 1)):
+                                         ("dtop", (12,), 2), ("dtop_multiclass", (12,), 2)):
     cfg = camvid.get_config(f"method=step,size=cpu,variant=Ti/16,exit_head={design}")
     model = variables_lib.create_model(cfg)
     assert (model.exit_head, tuple(model.out_layers), len(model.exit_heads)) == (
         design, out_layers, exit_heads)
-    assert model.exit_layers == (8,) and model.head.binary_cls == (design == "dtop")
+    assert model.exit_layers == (6, 8) and model.head.binary_cls == (design == "dtop")
+    assert model.exit_thresholds() == (0.8, 0.8)   # the dataset registry's CamVid value
   assert variables_lib.create_model(camvid.get_config("method=step,size=cpu")).exit_head \
       == "segvit"
   with pytest.raises(ValueError, match="model.exit_head='x'"):
     variables_lib.create_model(camvid.get_config("method=step,size=cpu,exit_head=x"))
   with pytest.raises(ValueError, match="renamed 'atm_shallow_first'"):
     variables_lib.create_model(camvid.get_config("method=step,size=cpu,exit_head=atm"))
-  # Ti/16 with exits at layers 4 and 8: 'segvit' keeps SegViT's three stages.
+  # Ti/16 with exits at layers 4 and 8: 'segvit' keeps SegViT's three stages; 'atm_shallow_first'
+  # adds a stage at 4.
   cfg = camvid.get_config("method=step,size=cpu,variant=Ti/16,exits=4-8")
   assert variables_lib.create_model(cfg).head.num_stages == 3
+  cfg = camvid.get_config("method=step,size=cpu,variant=Ti/16,exits=4-8,exit_head=atm_shallow_first")
+  assert variables_lib.create_model(cfg).head.num_stages == 4
 
 
 def test_camvid_configs_build_every_method():
