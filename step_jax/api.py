@@ -196,7 +196,7 @@ def load(path, *, step=None, exported=False):
 # Segmenting images.                                                           #
 ################################################################################
 # Info entries that describe the whole batch (the bucket it ran in), not one image.
-_PER_BATCH = ("capacity", "stage_capacity")
+_PER_BATCH = ("capacity", "stage_capacity", "algm_capacity")
 _RUNNERS = {}  # (id(model), dispatch) → (model, runner): programs compile once per model
 
 

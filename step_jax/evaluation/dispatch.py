@@ -103,11 +103,13 @@ class HostBuckets:
     grid = m.grid(images)
     n = grid[0] * grid[1]
     level, cap = None, n
-    if m.merge != "none":
+    # ALGM merges inside the encoder: its buckets are chosen on device, in one program.
+    whole = m.merge in ("none", "algm")
+    if not whole:
       level, count = self._run("merge", self._count, {}, variables, images)
       cap = pick_capacity(int(np.max(np.asarray(count))), m.capacities(grid))
     if not m.exit_layers or m.exit_mode != "compact":
-      if m.merge == "none":
+      if whole:
         return self._run("model", lambda v, x: m.apply(v, x), {}, variables, images)
       return self._run("model", self._whole, dict(capacity=cap), variables, images, level)
     state = self._run("segment 1", self._begin, dict(capacity=cap), variables, images, level)
@@ -129,8 +131,9 @@ class HostBuckets:
     return self._run("finish", self._end, {}, variables, state, images, level)
 
   def token_counts(self, variables, images):
-    """Supertokens per image [B] (the full grid without a merge)."""
-    if self.model.merge == "none":
+    """Supertokens per image [B] (the full grid without a merge, and for ALGM, which merges
+    inside the encoder)."""
+    if self.model.merge in ("none", "algm"):
       grid = self.model.grid(images)
       return np.full(len(images), grid[0] * grid[1])
     return np.asarray(self._run("merge", self._count, {}, variables, images)[1])

@@ -77,7 +77,7 @@ def batches_of(model, variables, images, batch, group=False, forward=None):
   that every call has one shape); `group`: ordered by token count first
   (dispatch.group_by_tokens), so each batch's capacity is close to its images' counts."""
   n, counts = len(images), None
-  if group and model.merge != "none":
+  if group and model.merge not in ("none", "algm"):   # ALGM's counts come from its encoder
     counter = forward if isinstance(forward, dispatch.HostBuckets) else \
         dispatch.HostBuckets(model)
     counts = counter.token_counts(variables, images)
@@ -97,6 +97,12 @@ def image_tokens(config, model, info, j, image_size=None):
   # One capacity per batch, or per image ([B]) when HostBuckets splits after the merge.
   own = lambda c: float(np.asarray(c).reshape(-1)[j if np.size(c) > 1 else 0])
   cap = own(info.get("capacity", n_full))
+  if model.merge == "algm":   # segments: the full grid, after the local and the global merge
+    merged = [float(t) for t in np.asarray(info["algm_tokens"])[j]]
+    merged_caps = [float(c) for c in np.asarray(info["algm_capacity"])]
+    return dict(tokens=[n_tok] + merged, capacity=[cap] + merged_caps,
+                useful=flops.token_macs(config, n_tok, image_size=hw, merged_tokens=merged),
+                executed=flops.token_macs(config, cap, image_size=hw, merged_tokens=merged_caps))
   if model.exit_layers:
     active = [float(a) for a in np.asarray(info["active_tokens"])[j]]
     caps = [cap] * len(active) if model.exit_mode == "mask" else \

@@ -98,9 +98,11 @@ def local_merge_plan(x, grid, threshold, *, batch_min=False):
   return Plan(assign, jnp.sum(survives, axis=-1).astype(jnp.int32))
 
 
-def global_merge_plan(x, valid, layer, *, batch_min=False):
+def global_merge_plan(x, valid, layer, *, batch_min=False, min_similarity=None):
   """Global merge of x [B, C, D] with valid [B, C] (padding never matched): the adaptive
-  bipartite matching of the module docstring at 1-based block `layer`."""
+  bipartite matching of the module docstring at 1-based block `layer`. `min_similarity`
+  (not in the reference) also requires a pair's similarity to reach it: above 1, nothing
+  merges."""
   rank = jnp.cumsum(valid, axis=-1) - 1
   in_a = valid & (rank % 2 == 0)
   in_b = valid & (rank % 2 == 1)
@@ -120,6 +122,8 @@ def global_merge_plan(x, valid, layer, *, batch_min=False):
   else:
     threshold = mean + std / layer
   eligible = candidate & (best >= jnp.reshape(threshold, (-1, 1)))
+  if min_similarity is not None:
+    eligible = eligible & (best >= min_similarity)
   merged = _top_r_mask(jnp.where(candidate, best, -jnp.inf), eligible, batch_min)
   survives = valid & ~merged
   slots = _survivor_slots(survives)

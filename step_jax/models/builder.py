@@ -55,14 +55,42 @@ def head_out_layers(out_layers, exit_layers, design):
   return tuple(out_layers)
 
 
+MERGES = ("none", "cts", "dcts", "oracle", "algm")
+
+
+def algm_settings(model_cfg, depth):
+  """The Segmenter's ALGM fields from a model config, checked: algm_layers (local, global
+  1-based blocks), algm_threshold (local), algm_global_min, algm_batch_min."""
+  layers = tuple(model_cfg.get("algm_layers", segmenter.Segmenter.algm_layers))
+  if (len(layers) != 2 or any(not isinstance(l, (int, np.integer)) for l in layers)
+      or not 1 <= layers[0] < layers[1] <= depth):
+    raise ValueError(f"model.algm_layers={layers}: give two 1-based blocks, the local merge's "
+                     f"then the global merge's, 1 <= local < global <= depth {depth} "
+                     "(ALGM: (1, 5) for ViT-Ti/S/B)")
+  out = dict(algm_layers=layers)
+  for key, default in (("algm_threshold", segmenter.Segmenter.algm_threshold),
+                       ("algm_global_min", segmenter.Segmenter.algm_global_min)):
+    value = model_cfg.get(key, default)
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not -1 <= value < 2:
+      raise ValueError(f"model.{key}={value!r} must be a cosine similarity in [-1, 2), e.g. "
+                       "0.9 (above 1: nothing merges)")
+    out[key] = float(value)
+  batch_min = model_cfg.get("algm_batch_min", False)
+  if not isinstance(batch_min, (bool, np.bool_)):
+    raise ValueError(f"model.algm_batch_min={batch_min!r} must be True (every image merges as "
+                     "many tokens as the batch's fewest, the reference) or False (per image)")
+  out["algm_batch_min"] = bool(batch_min)
+  return out
+
+
 def build(model_cfg, num_classes: int, image_size: Sequence[int], ignore_index: int = 255):
   """Builds the model from a `config.model` ConfigDict (see configs/common.py).
 
   Keys: variant, out_layers, head_dim, head_heads, head_layers, head_dropout, drop_path, dtype,
   remat, attention_impl (auto | xla | cudnn | einsum | chunked), scan_blocks, posemb_grid, pixel_mean/std; token
-  sharing: merge ('none' | 'cts' | 'dcts' | 'oracle'), thresholds, cts_shared, superpatch_resize, buckets, policy (a ConfigDict with
-  source, hidden); early exit: exit_layers, exit_threshold, exit_mode, keep_top_k,
-  exit_buckets, exit_head_heads.
+  sharing: merge ('none' | 'cts' | 'dcts' | 'oracle' | 'algm'), thresholds, cts_shared, superpatch_resize, buckets, policy (a ConfigDict with
+  source, hidden); ALGM: algm_layers, algm_threshold, algm_global_min, algm_batch_min; early
+  exit: exit_layers, exit_threshold, exit_mode, keep_top_k, exit_buckets, exit_head_heads.
   """
   v = vit_lib.decode_variant(model_cfg.variant)
   try:
@@ -117,8 +145,12 @@ def build(model_cfg, num_classes: int, image_size: Sequence[int], ignore_index: 
                        num_stages=len(out_layers), **head_kw)
     exit_heads = ()
   merge = model_cfg.get("merge", "none")
-  if merge not in ("none", "cts", "dcts", "oracle"):
-    raise ValueError(f"model.merge={merge!r}: use 'none', 'cts', 'dcts' or 'oracle'")
+  if merge not in MERGES:
+    raise ValueError(f"model.merge={merge!r}: use one of {MERGES}")
+  algm = algm_settings(model_cfg, depth) if merge == "algm" else {}
+  if algm and exit_layers:
+    raise ValueError(f"model.merge='algm' with early exits (exit_layers={exit_layers}) is not "
+                     "built yet: use exit_layers=()")
   policy = None
   if merge in ("cts", "dcts"):
     pc = model_cfg.policy
@@ -155,4 +187,4 @@ def build(model_cfg, num_classes: int, image_size: Sequence[int], ignore_index: 
                    exit_threshold=exit_threshold,
                    exit_mode=exit_mode, exit_head=exit_head,
                    keep_top_k=model_cfg.get("keep_top_k", 5),
-                   exit_buckets=tuple(model_cfg.get("exit_buckets", BUCKETS)))
+                   exit_buckets=tuple(model_cfg.get("exit_buckets", BUCKETS)), **algm)

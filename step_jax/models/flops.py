@@ -18,6 +18,7 @@ under 1% of any model here) because they are real work.
 Every function is parameterised by token counts (floats are fine: averages over a validation
 set), so that supertokens (fewer tokens, variable per image) and early exit (fewer tokens from
 one stage to the next) reuse them: sum `vit_block_macs` over blocks with each block's count.
+ALGM merges between a block's attention and its MLP: `algm_encoder_macs` counts the halves.
 
 `xla_flops` gives XLA's count of a jitted function for cross-checks. XLA counts 2 FLOPs per
 multiply-add and also counts elementwise ops, so `xla_flops / 2` sits slightly above our
@@ -29,6 +30,7 @@ token count depends on the image (CTS/dCTS, early exit) it runs the model on `--
 real images (`--images=DIR` or the eval split) and prints the averages, the policy net
 counted, with the executed GFLOPs (padding and bucket capacity included) beside them.
 """
+import math
 from typing import Dict, Optional, Sequence, Union
 
 import jax
@@ -72,12 +74,35 @@ def vit_block_macs(n_tokens: Number, width: int, mlp_dim: int,
     n_keys: Nk, the tokens attended to; defaults to N. Pass the bucket capacity here (and as
       n_tokens) for *executed* FLOPs of a masked, padded bucket.
   """
+  return attention_half_macs(n_tokens, width, n_keys) + mlp_half_macs(n_tokens, width, mlp_dim)
+
+
+def attention_half_macs(n_tokens: Number, width: int, n_keys: Optional[Number] = None) -> float:
+  """A block's attention half: LayerNorm, qkv, QKᵀ, AV, proj (see vit_block_macs)."""
   n, d = n_tokens, width
   nk = n if n_keys is None else n_keys
-  linear = 3 * n * d * d + n * d * d + 2 * n * d * mlp_dim
-  attention = 2 * n * nk * d
-  norms = 2 * layer_norm_macs(n, d)
-  return float(linear + attention + norms)
+  return float(layer_norm_macs(n, d) + 3 * n * d * d + 2 * n * nk * d + n * d * d)
+
+
+def mlp_half_macs(n_tokens: Number, width: int, mlp_dim: int) -> float:
+  """A block's MLP half: LayerNorm, fc1, fc2 (see vit_block_macs)."""
+  return float(layer_norm_macs(n_tokens, width) + 2 * n_tokens * width * mlp_dim)
+
+
+def algm_encoder_macs(n_full: Number, merged_tokens: Sequence[Number], layers: Sequence[int],
+                      depth: int, width: int, mlp_dim: int) -> float:
+  """ViT blocks with ALGM's merges in blocks layers = (l1, l2) (1-based), between attention
+  and MLP: blocks before l1 and l1's attention on the full grid, l1's MLP up to l2's
+  attention on merged_tokens[0], l2's MLP and later blocks on merged_tokens[1]. Plus the
+  global merge's matching, ceil(n/2)·floor(n/2)·D for n = merged_tokens[0] (a matmul in the
+  reference, which fvcore counts; the local merge's window similarities are elementwise
+  products, which it does not)."""
+  (l1, l2), (n1, n2) = layers, merged_tokens
+  total = (l1 - 1) * vit_block_macs(n_full, width, mlp_dim) + attention_half_macs(n_full, width)
+  total += mlp_half_macs(n1, width, mlp_dim) + (l2 - l1 - 1) * vit_block_macs(n1, width, mlp_dim)
+  total += attention_half_macs(n1, width) + mlp_half_macs(n2, width, mlp_dim)
+  total += (depth - l2) * vit_block_macs(n2, width, mlp_dim)
+  return float(total + math.ceil(n1 / 2) * math.floor(n1 / 2) * width)
 
 
 def atm_decoder_layer_macs(num_queries: Number, n_tokens: Number, dim: int) -> float:
@@ -230,13 +255,17 @@ def policy_macs(height: int, width: int, hidden: int = 128, patch: int = 16,
 
 
 def token_macs(config, tokens: Number, stage_tokens: Optional[Sequence[Number]] = None,
-               image_size: Optional[Sequence[int]] = None) -> Dict[str, float]:
+               image_size: Optional[Sequence[int]] = None,
+               merged_tokens: Optional[Sequence[Number]] = None) -> Dict[str, float]:
   """GFLOPs of a STEP-family model (any `configs/step.py` method) for given token counts.
 
   tokens: tokens entering the encoder (supertokens, or H·W/p² without sharing);
   stage_tokens: tokens processed by each encoder stage (len(exit_layers) + 1 entries, the
     first equal to `tokens`); None = no halting. Pass valid counts for the useful FLOPs and
     bucket capacities for the executed ones.
+  merged_tokens: ALGM ('algm' merge): the tokens after the local and after the global merge
+    (algm_encoder_macs; None: nothing merged); `tokens` is the full grid, which the head
+    reads (the merged tokens are unmerged for it).
   Returns dict(policy, backbone, heads, total) in GFLOPs. The policy net is counted for
   'cts'/'dcts'; the oracle merge reads labels and costs nothing.
   """
@@ -251,6 +280,12 @@ def token_macs(config, tokens: Number, stage_tokens: Optional[Sequence[Number]] 
     raise ValueError(f"stage_tokens needs {len(exits) + 1} entries for exit_layers={exits}")
   layers = m.get("head_layers", HEAD_LAYERS)
   backbone = patch_embed_macs(tokens, d, p)
+  if m.get("merge", "none") == "algm":
+    if exits:
+      raise ValueError("token_macs: ALGM with exits is not counted (nor built) yet")
+    backbone += algm_encoder_macs(tokens, merged_tokens or (tokens, tokens), m.algm_layers,
+                                  depth, d, v["mlp_dim"])
+    stage_tokens = []
   bounds = (0,) + exits + (depth,)
   for s, n in enumerate(stage_tokens):
     backbone += (bounds[s + 1] - bounds[s]) * vit_block_macs(n, d, v["mlp_dim"])

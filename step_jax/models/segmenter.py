@@ -15,6 +15,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from step_jax.models import algm_encoder
 from step_jax.models import atm
 from step_jax.models import early_exit
 from step_jax.models import inputs
@@ -88,7 +89,8 @@ class Segmenter(nn.Module):
     out_layers: 1-based block indices feeding the head, shallowest first (ViT-B: 6, 8, 12).
     pixel_mean, pixel_std: input normalisation; the model takes raw pixels in [0, 255].
     merge: token sharing: 'none' (plain ViT), 'dcts' (policy scores vs per-size
-      thresholds), 'cts' (top-K 2x2 windows), 'oracle' (windows pure in the labels).
+      thresholds), 'cts' (top-K 2x2 windows), 'oracle' (windows pure in the labels),
+      'algm' (ALGM's local and global merges inside the encoder: models/algm_encoder.py).
     thresholds: τ for window sizes (2, 4, 8, 16) patches (dCTS, e.g. τ-6899 = .6 .8 .9 .9).
     cts_shared: K, the number of shared 2x2 windows in CTS mode (103 at 512²); a value in
       (0, 1) is a share of the grid's 2x2 windows instead (0.4 ≈ 103/256 at any size).
@@ -108,6 +110,12 @@ class Segmenter(nn.Module):
     exit_mode: 'mask' (halted tokens masked in place) or 'compact' (active tokens gathered
       into the smallest capacity bucket of `exit_buckets` at every exit).
     keep_top_k: DToP keeps the k most confident halting candidates per class as context.
+    algm_layers: ALGM: 1-based blocks of the local and the global merge (Ti/S/B: 1, 5).
+    algm_threshold: ALGM: the local merge's window similarity threshold (Ti .90).
+    algm_global_min: ALGM: a minimum similarity for the global merge on top of its adaptive
+      threshold (-1: none, as the reference; above 1 nothing merges).
+    algm_batch_min: ALGM: every image merges as many tokens as the image of the batch that
+      merges fewest (the reference) instead of its own count.
   """
   backbone: vit_lib.ViT
   head: atm.ATMHead
@@ -128,6 +136,10 @@ class Segmenter(nn.Module):
   exit_head: str = DEFAULT_EXIT_HEAD
   keep_top_k: int = 5
   exit_buckets: Sequence[float] = BUCKETS
+  algm_layers: Sequence[int] = (1, 5)
+  algm_threshold: float = 0.9
+  algm_global_min: float = -1.0
+  algm_batch_min: bool = False
 
   def normalize(self, images):
     inputs.check_images(images)
@@ -474,17 +486,20 @@ class Segmenter(nn.Module):
     outputs: pred_logits [B, Q, K]; pred_masks [B, Q, gh, gw] mask logits on the patch grid;
       aux: list of the same for earlier head stages (deep supervision).
     info: grid; with token sharing also the level map, tokens per image and the capacity used;
-      with exits the halt stage per cell, active tokens and capacity per stage.
-    capacity: force one token capacity instead of the on-device bucket choice.
+      with exits the halt stage per cell, active tokens and capacity per stage; with ALGM
+      the tokens after each merge, the capacities and source maps (algm_encoder).
+    capacity: force one token capacity instead of the on-device bucket choice (ALGM: for
+      both merged segments).
     level: the merge's level map when already computed (token_count), skipping the policy.
     """
     x = self.normalize(images)   # checks shape and dtype first: their errors say more
     grid = self.grid(images)
     b = images.shape[0]
     info = dict(grid=grid)
-    if self.merge == "none":
+    if self.merge in ("none", "algm"):
       tokens = self.backbone.embed(x).reshape(b, grid[0] * grid[1], -1)
-      out = self.encode_decode(tokens, None, train=train)
+      out = (algm_encoder.encode_decode(self, tokens, grid, capacity, train=train)
+             if self.merge == "algm" else self.encode_decode(tokens, None, train=train))
     else:
       level = self.merge_levels(images, labels) if level is None else level
       layout = supertokens.token_layout(level)

@@ -1,7 +1,8 @@
 """Plain ViT encoder (no CLS token) as SegViT/DToP/STEP use it.
 
 The module is split into methods so that the segmenter can drive it piece by piece:
-`patchify` → `embed_patches` (+ `posemb`) → `run_blocks(start, stop)` per stage. Supertokens
+`patchify` → `embed_patches` (+ `posemb`) → `run_blocks(start, stop)` per stage, or a
+block's two halves (`attend`, `feed_forward`: ALGM merges tokens between them). Supertokens
 (dCTS) reuse the same patch embedding on resized superpatches, and early exit runs the
 blocks stage by stage with a key mask or on a compacted token set.
 """
@@ -66,7 +67,11 @@ class MlpBlock(nn.Module):
 
 
 class Block(nn.Module):
-  """Pre-norm transformer block (LayerNorm eps 1e-6, as the JAX/AugReg ViT checkpoints)."""
+  """Pre-norm transformer block (LayerNorm eps 1e-6, as the JAX/AugReg ViT checkpoints).
+
+  `attend` and `feed_forward` run its two residual halves separately, for hooks between the
+  attention and the MLP (ALGM merges tokens there); `__call__` runs both.
+  """
   num_heads: int
   mlp_dim: int
   drop_path: float = 0.0
@@ -75,17 +80,35 @@ class Block(nn.Module):
   dtype: Dtype = jnp.float32
   param_dtype: Dtype = jnp.float32
 
-  @nn.compact
+  def setup(self):
+    norm = lambda: nn.LayerNorm(1e-6, dtype=self.dtype, param_dtype=self.param_dtype)
+    self.norm1 = norm()
+    self.attn = attention.SelfAttention(self.num_heads, impl=self.attention_impl,
+                                        dtype=self.dtype, param_dtype=self.param_dtype)
+    self.norm2 = norm()
+    self.mlp = MlpBlock(self.mlp_dim, self.dropout, dtype=self.dtype,
+                        param_dtype=self.param_dtype)
+    # The names the compact version gave them: stochastic depth keeps its random streams.
+    self.DropPath_0 = DropPath(self.drop_path)
+    self.DropPath_1 = DropPath(self.drop_path)
+
+  def _attend(self, x, key_mask, train):
+    return x + self.DropPath_0(self.attn(self.norm1(x), key_mask), train=train)
+
+  def _feed_forward(self, x, train):
+    return x + self.DropPath_1(self.mlp(self.norm2(x), train=train), train=train)
+
   def __call__(self, x, key_mask=None, train=False):  # positional `train` for nn.remat
-    norm = lambda name: nn.LayerNorm(1e-6, dtype=self.dtype, param_dtype=self.param_dtype,
-                                     name=name)
-    y = attention.SelfAttention(self.num_heads, impl=self.attention_impl, dtype=self.dtype,
-                                param_dtype=self.param_dtype, name="attn")(norm("norm1")(x),
-                                                                           key_mask)
-    x = x + DropPath(self.drop_path)(y, train=train)
-    y = MlpBlock(self.mlp_dim, self.dropout, dtype=self.dtype, param_dtype=self.param_dtype,
-                 name="mlp")(norm("norm2")(x), train=train)
-    return x + DropPath(self.drop_path)(y, train=train)
+    return self._feed_forward(self._attend(x, key_mask, train), train)
+
+  def attend(self, x, key_mask=None, train=False):
+    """The attention half: x + attn(norm1(x))."""
+    return self._attend(x, key_mask, train)
+
+  def feed_forward(self, x, key_mask=None, train=False):
+    """The MLP half: x + mlp(norm2(x)). key_mask is unused: both halves take (x, key_mask,
+    train), so that nn.remat's static_argnums fit them alike."""
+    return self._feed_forward(x, train)
 
 
 class ViT(nn.Module):
@@ -124,7 +147,9 @@ class ViT(nn.Module):
                               kernel_init=nn.initializers.lecun_normal())
     self.pos_embedding = self.param("pos_embedding", nn.initializers.normal(0.02),
                                     (*self.posemb_grid, self.width), self.param_dtype)
-    block = nn.remat(Block, static_argnums=(3,)) if self.remat else Block
+    # Each public method checkpointed on its own (the halves call unwrapped code: no nesting).
+    block = nn.remat(Block, static_argnums=(3,), methods=["__call__", "attend", "feed_forward"]
+                     ) if self.remat else Block
     rates = [self.drop_path * i / max(self.depth - 1, 1) for i in range(self.depth)]
     self.blocks = [block(self.num_heads, self.mlp_dim, rate, self.dropout,
                          attention_impl=self.attention_impl, dtype=self.dtype,
@@ -166,6 +191,14 @@ class ViT(nn.Module):
       x = blk(x, key_mask, train)
       outs.append(x)
     return outs
+
+  def attend(self, i, x, key_mask=None, *, train=False):
+    """Block i's (0-based) attention half on tokens [B, N, D]."""
+    return self.blocks[i].attend(x, key_mask, train)
+
+  def feed_forward(self, i, x, *, train=False):
+    """Block i's (0-based) MLP half on tokens [B, N, D]."""
+    return self.blocks[i].feed_forward(x, None, train)
 
   def _scan_blocks(self, blocks, x, key_mask):
     """`blocks` as one lax.scan: their parameters stacked on a leading axis, one unbound
