@@ -6,10 +6,12 @@ of which the policy net), ms/image and ratios to the first row.
       --row="DToP-BASE=workdirs/camvid_ti_dtop_s0@1500:noexit" \
       --row="+DToP@[8]=workdirs/camvid_ti_dtop_s0" ...
 
-A row is LABEL=WORKDIR[@STEP][:noexit|:tau=T]: the latest checkpoint of a training workdir
-(or the one at STEP, e.g. the DToP BASE model at `prune_from_step`), run with its own config;
-`:noexit` runs it with nothing halting (exit threshold 1), as DToP reports its BASE model;
-`:tau=T` runs it at halting confidence T instead of the trained run's.
+A row is LABEL=WORKDIR[@STEP][:noexit|:without_exits|:tau=T]: the latest checkpoint of a
+training workdir (or the one at STEP, e.g. the DToP BASE model at `prune_from_step`), run with
+its own config; `:noexit` runs it with nothing halting (exit threshold 1; the exit heads still
+run), as DToP reports its BASE model; `:without_exits` runs it with no exit layers at all
+(exit_head='segvit': the same weights as SegViT, or dCTS with token sharing); `:tau=T` runs it
+at halting confidence T instead of the trained run's.
 
 mIoU: the eval split with the run's own evaluation settings (CamVid cpu: the 101 val images,
 whole, at the training scale). Tokens, GFLOPs and time: `--num_images` eval images resized
@@ -35,14 +37,14 @@ from step_jax.runtime import checkpoint as ckpt_lib
 
 
 def parse_row(spec):
-  """'LABEL=WORKDIR[@STEP][:noexit|:tau=T]' → (label, workdir, step or None, exit threshold
-  or None for the run's own)."""
+  """'LABEL=WORKDIR[@STEP][:noexit|:without_exits|:tau=T]' → (label, workdir, step or None,
+  exit threshold or None for the run's own, whether the exits stay)."""
   label, eq, rest = spec.partition("=")
   if not eq or not label or not rest:
-    raise ValueError(f"--row={spec!r}: use LABEL=WORKDIR[@STEP][:noexit|:tau=T]")
+    raise ValueError(f"--row={spec!r}: use LABEL=WORKDIR[@STEP][:noexit|:without_exits|:tau=T]")
   rest, _, flag = rest.partition(":")
-  threshold = None
-  if flag == "noexit":
+  threshold, exits = None, flag != "without_exits"
+  if flag in ("noexit", "without_exits"):
     threshold = 1.0
   elif flag.startswith("tau="):
     try:
@@ -52,20 +54,26 @@ def parse_row(spec):
     if not 0.0 <= threshold <= 1.0:
       raise ValueError(f"--row={spec!r}: tau must be a number in [0, 1], got {flag[4:]!r}")
   elif flag:
-    raise ValueError(f"--row={spec!r}: the suffix is ':noexit' or ':tau=T', got {flag!r}")
+    raise ValueError(f"--row={spec!r}: the suffix is ':noexit', ':without_exits' or ':tau=T', "
+                     f"got {flag!r}")
   workdir, _, step = rest.partition("@")
   if step and not step.isdigit():
     raise ValueError(f"--row={spec!r}: @STEP must be a step number, got {step!r}")
-  return label, workdir, int(step) if step else None, threshold
+  return label, workdir, int(step) if step else None, threshold, exits
 
 
 def measure(spec, res, images, **kw):
   """One row: sweep.measure_row on the run's own config at res², its trained weights."""
-  label, workdir, step, threshold = parse_row(spec)
+  label, workdir, step, threshold, exits = parse_row(spec)
   config = ckpt_lib.read_config(workdir)
   variables, got_step = variables_lib.restore(config, workdir, step)
   if threshold is not None:
     config.model.exit_threshold = threshold
+  if not exits:
+    if config.model.get("exit_layers") and config.model.get("exit_head") != "segvit":
+      raise ValueError(f"--row={spec!r}: ':without_exits' needs exit_head='segvit' (its exits "
+                       "add no parameters); use ':noexit'")
+    config.model.exit_layers = ()
   config.data.image_size = (res, res)
   r = sweep.measure_row(config, images, trained=[(workdir, variables, config.method)],
                         exit_share=-1.0, quality=False, **kw)   # (agreement: not a column)

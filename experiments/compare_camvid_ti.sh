@@ -16,7 +16,7 @@
 # at the trained τ .9 and at τ .85), +STEP@[8] with exit_head=segvit at τ .9 (from scratch
 # and fine-tuned from SegViT s0), and the defaults since 2026-12-03, +STEP@[6,8] segvit at τ .8
 # (2 seeds fine-tuned from each SegViT, 500 steps; 2 from scratch, recipe=one_schedule) with
-# the dCTS row from the same weights (exits off). The fine-tunings at lr 1e-3
+# the dCTS row from the same weights (no exit layers). The fine-tunings at lr 1e-3
 # (camvid_ti_step_*_s0) are recorded in experiments/results, not re-measured here. mIoU on the
 # 101 val images at the training scale; tokens,
 # GFLOPs (policy included) and ms/image on val images resized to 1024².
@@ -96,7 +96,7 @@ elif [ "${1:-}" = table ]; then
   add "+STEP@[6,8] τ .8 (default) from SegViT s1" camvid_ti_step68_from_segvit_s1
   add "+STEP@[6,8] τ .8 (default) from scratch s0" camvid_ti_step68_segvit_s0
   add "+STEP@[6,8] τ .8 (default) from scratch s1" camvid_ti_step68_segvit_s1
-  add "+dCTS (STEP@[6,8] s0 weights, exits off)" camvid_ti_step68_from_segvit_s0:noexit
+  add "+dCTS (STEP@[6,8] s0 weights, no exits)" camvid_ti_step68_from_segvit_s0:without_exits
   $PY experiments/compare.py "${rows[@]}" --res=1024 --num_images=4 --reps=3 \
       --out=experiments/results/compare_camvid_ti
 else

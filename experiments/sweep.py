@@ -161,7 +161,8 @@ def measure_row(config, images, *, trained=(), exit_share=0.4, reps=3, warmup=1,
       config, "fp32", variables, images, exit_share if variables is None else -1.0)
   if model.exit_layers:  # measure the calibrated thresholds, not the config's
     with cfg.ignore_type():
-      cfg.model.exit_threshold = tuple(float(t) for t in np.atleast_1d(model.exit_threshold))
+      cfg.model.exit_threshold = tuple(float(t) for t in np.broadcast_to(
+          model.exit_threshold, (len(model.exit_layers),)))   # a scalar: one per exit
   r = benchmark.measure(cfg, variables, images, batch=batch, reps=reps, warmup=warmup,
                         weights=f"trained ({workdir})" if workdir else weights)
   stage = r["mean_tokens_per_stage"]

@@ -166,11 +166,13 @@ def test_profile_atm_exit_pieces_run_and_sum_to_model_macs():
 
 
 def test_compare_row_specs():
-  assert compare.parse_row("SegViT=wd/a") == ("SegViT", "wd/a", None, None)
-  assert compare.parse_row("DToP-BASE=wd/b@1500:noexit") == ("DToP-BASE", "wd/b", 1500, 1.0)
-  assert compare.parse_row("STEP=wd/c:tau=0.85") == ("STEP", "wd/c", None, 0.85)
+  assert compare.parse_row("SegViT=wd/a") == ("SegViT", "wd/a", None, None, True)
+  assert compare.parse_row("DToP-BASE=wd/b@1500:noexit") == ("DToP-BASE", "wd/b", 1500, 1.0,
+                                                              True)
+  assert compare.parse_row("STEP=wd/c:tau=0.85") == ("STEP", "wd/c", None, 0.85, True)
+  assert compare.parse_row("dCTS=wd/d:without_exits") == ("dCTS", "wd/d", None, 1.0, False)
   for bad, msg in (("wd/a", "use LABEL=WORKDIR"), ("x=wd@last", "@STEP must be a step"),
-                   ("x=wd:off", "the suffix is ':noexit' or ':tau=T'"),
+                   ("x=wd:off", "the suffix is ':noexit', ':without_exits'"),
                    ("x=wd:tau=high", "tau must be a number"), ("x=wd:tau=1.5", "tau must")):
     with pytest.raises(ValueError, match=msg):
       compare.parse_row(bad)
