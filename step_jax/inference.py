@@ -130,13 +130,6 @@ def process_share():
   return jax.process_index(), jax.process_count()
 
 
-def read_image(path):
-  """uint8 [H, W, 3] of an image file; decode.BadRecordError names what is wrong with it."""
-  if os.path.getsize(path) == 0:
-    raise decode.BadRecordError(f"image file {path} is empty (0 bytes)")
-  return decode.read_image(path)
-
-
 def video_frames(path, keep):
   """Yields (frame index, uint8 [H, W, 3] or the BadRecordError that ends the video) for the
   frames i of video `path` where keep(i); the others are decoded (the stream is sequential)
@@ -424,7 +417,7 @@ class _Run:
     for name, path in files[pi::pc]:
       if self.unfinished(name):
         try:
-          image = read_image(path)
+          image = decode.read_image(path)
         except decode.BadRecordError as e:
           image = e
         except OSError as e:   # vanished, unreadable

@@ -1,5 +1,6 @@
 """Decoding files into arrays, with a clear BadRecordError for what cannot be used; shared
 by the sources and the tfds builders."""
+import os
 import re
 
 import numpy as np
@@ -34,9 +35,11 @@ def _wide_raw(im):
 def read_image(path):
   """uint8 [H,W,3] RGB from an image file; grey and palette images become RGB.
 
-  Raises BadRecordError naming the file for what cannot be decoded (corrupt, truncated,
-  not an image), for 16-bit or float images and for images with transparent pixels.
+  Raises BadRecordError naming the file for what cannot be decoded (empty, corrupt,
+  truncated, not an image), for 16-bit or float images and for images with transparent pixels.
   """
+  if os.path.getsize(path) == 0:   # PIL's message for it says only "cannot identify"
+    raise BadRecordError(f"cannot decode image file {path}: it is empty (0 bytes)")
   try:
     with Image.open(path) as im:
       wide = _wide_raw(im)   # before load(), which drops the tile descriptors
