@@ -104,12 +104,11 @@ class HostBuckets:
     n = grid[0] * grid[1]
     level, cap = None, n
     # ALGM merges inside the encoder: its buckets are chosen on device, in one program.
-    whole = m.merge in ("none", "algm")
-    if not whole:
+    if m.shares_tokens:
       level, count = self._run("merge", self._count, {}, variables, images)
       cap = pick_capacity(int(np.max(np.asarray(count))), m.capacities(grid))
     if not m.exit_layers or m.exit_mode != "compact":
-      if whole:
+      if not m.shares_tokens:
         return self._run("model", lambda v, x: m.apply(v, x), {}, variables, images)
       return self._run("model", self._whole, dict(capacity=cap), variables, images, level)
     state = self._run("segment 1", self._begin, dict(capacity=cap), variables, images, level)
@@ -133,7 +132,7 @@ class HostBuckets:
   def token_counts(self, variables, images):
     """Supertokens per image [B] (the full grid without a merge, and for ALGM, which merges
     inside the encoder)."""
-    if self.model.merge in ("none", "algm"):
+    if not self.model.shares_tokens:
       grid = self.model.grid(images)
       return np.full(len(images), grid[0] * grid[1])
     return np.asarray(self._run("merge", self._count, {}, variables, images)[1])

@@ -77,7 +77,7 @@ def batches_of(model, variables, images, batch, group=False, forward=None):
   that every call has one shape); `group`: ordered by token count first
   (dispatch.group_by_tokens), so each batch's capacity is close to its images' counts."""
   n, counts = len(images), None
-  if group and model.merge not in ("none", "algm"):   # ALGM's counts come from its encoder
+  if group and model.shares_tokens:   # (ALGM's counts come from inside its encoder)
     counter = forward if isinstance(forward, dispatch.HostBuckets) else \
         dispatch.HostBuckets(model)
     counts = counter.token_counts(variables, images)

@@ -169,6 +169,13 @@ class Segmenter(nn.Module):
     return {k: jax.nn.sigmoid(jax.lax.stop_gradient(v.astype(jnp.float32)))
             for k, v in logits.items()}
 
+  @property
+  def shares_tokens(self):
+    """Whether tokens are shared before the encoder (CTS, dCTS, oracle: supertokens, their
+    count known from the merge alone). ALGM merges inside the encoder: its input is every
+    patch, as without a merge."""
+    return self.merge not in ("none", "algm")
+
   def merge_levels(self, images, labels=None):
     """Level map [B, gh, gw]: side (in patches) of the superpatch covering each cell."""
     grid = self.grid(images)
@@ -496,7 +503,7 @@ class Segmenter(nn.Module):
     grid = self.grid(images)
     b = images.shape[0]
     info = dict(grid=grid)
-    if self.merge in ("none", "algm"):
+    if not self.shares_tokens:
       tokens = self.backbone.embed(x).reshape(b, grid[0] * grid[1], -1)
       out = (algm_encoder.encode_decode(self, tokens, grid, capacity, train=train)
              if self.merge == "algm" else self.encode_decode(tokens, None, train=train))
