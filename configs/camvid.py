@@ -35,7 +35,6 @@ labels; `size=gpu` tests at full resolution (480x360, padded to 480x368 inside t
 """
 from configs import common
 from configs import step as step_config
-from step_jax.data import datasets
 from step_jax.models import segmenter
 
 _METHODS = tuple(m for m in step_config.METHODS if m != "oracle")  # the oracle needs labels
@@ -47,11 +46,7 @@ def get_config(arg=None):
                          recipe="dtop")
   if arg.method not in _METHODS:
     raise ValueError(f"unknown method {arg.method!r}; choose from {_METHODS}")
-  if arg.exit_tau == -1.0:   # the dataset registry's (measured for the default exit head)
-    arg.exit_tau = datasets.get("camvid").exit_tau
-  if not 0 <= arg.exit_tau <= 1:
-    raise ValueError(f"config argument exit_tau={arg.exit_tau:g} must lie in [0, 1] (the "
-                     "halting confidence, e.g. exit_tau=0.9)")
+  exit_tau = step_config.resolve_exit_tau(arg.exit_tau, "camvid")
   if arg.size not in ("cpu", "gpu"):
     raise ValueError(f"size={arg.size!r}: use cpu or gpu")
   cpu = arg.size == "cpu"
@@ -80,7 +75,7 @@ def get_config(arg=None):
   config.model.posemb_grid = (crop[0] // 16, crop[1] // 16)
   config.model.drop_path = 0.0 if cpu else 0.1
   use_exits = step_config.set_method(config.model, arg.method, variant, tau=arg.tau,
-                                     exits=arg.exits, exit_tau=arg.exit_tau,
+                                     exits=arg.exits, exit_tau=exit_tau,
                                      exit_head=arg.exit_head)
   # CTS shares 103 of the 256 2x2 windows of a 512² crop: the same share at any size here
   # (14 windows of a 176x240 crop, 17 of a 192x240 test image).

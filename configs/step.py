@@ -77,6 +77,18 @@ def parse_tau(tau: str):
   return values
 
 
+def resolve_exit_tau(exit_tau, dataset):
+  """The config argument exit_tau: -1 (its default) takes the dataset registry's halting
+  confidence (measured for the default exit head where it differs from the papers'), any
+  other value must lie in [0, 1]."""
+  if exit_tau == -1.0:
+    return datasets.get(dataset).exit_tau
+  if not 0 <= exit_tau <= 1:
+    raise ValueError(f"config argument exit_tau={exit_tau:g} must lie in [0, 1] (the "
+                     "halting confidence, e.g. exit_tau=0.9)")
+  return exit_tau
+
+
 def set_method(m, method, variant, *, tau="6899", exits="", exit_tau=0.9,
                exit_head=segmenter.DEFAULT_EXIT_HEAD):
   """Sets the token-sharing and early-exit fields of model config `m` for `method` (one of
@@ -157,15 +169,12 @@ def get_config(arg=None):
   config.data, config.num_classes, config.ignore_index = common.dataset_config(
       arg.dataset, arg.res)
   res = config.data.image_size[0]
-  steps, default_tau = datasets.get(arg.dataset).steps, datasets.get(arg.dataset).exit_tau
+  steps = datasets.get(arg.dataset).steps
   config.model = common.model_config(arg.variant, res)
   m = config.model
 
-  if arg.exit_tau != -1.0 and not 0 <= arg.exit_tau <= 1:
-    raise ValueError(f"config argument exit_tau={arg.exit_tau:g} must lie in [0, 1] (the "
-                     "halting confidence, e.g. exit_tau=0.9)")
   use_exits = set_method(m, arg.method, arg.variant, tau=arg.tau, exits=arg.exits,
-                         exit_tau=arg.exit_tau if arg.exit_tau >= 0 else default_tau,
+                         exit_tau=resolve_exit_tau(arg.exit_tau, arg.dataset),
                          exit_head=arg.exit_head)
 
   config.loss = common.loss_config()
