@@ -15,7 +15,8 @@
 # shallowest first (exit_head=atm_shallow_first, called atm when recorded; its BASE; 2 seeds
 # at the trained τ .9 and at τ .85), +STEP@[8] with exit_head=segvit at τ .9 (from scratch
 # and fine-tuned from SegViT s0), and the defaults since 2026-12-03, +STEP@[6,8] segvit at τ .8
-# (2 seeds fine-tuned from each SegViT, 500 steps; 2 from scratch, recipe=one_schedule) with
+# (2 seeds fine-tuned from each SegViT, 500 steps; 2 from scratch, the default config: one
+# schedule, exit losses off until pruning starts; the first try with them on, s0) with
 # the dCTS row from the same weights (no exit layers). The fine-tunings at lr 1e-3
 # (camvid_ti_step_*_s0) are recorded in experiments/results, not re-measured here. mIoU on the
 # 101 val images at the training scale; tokens,
@@ -25,7 +26,7 @@ cd "$(dirname "$0")/.."
 W=${W:-workdirs}
 PY=${PY:-.venv/bin/python}
 CFG=configs/camvid.py:size=cpu,variant=Ti/16
-OLD=exits=8,exit_tau=0.9   # the recorded rows before 2026-12-03: one exit at 8, tau .9
+OLD=exits=8,exit_tau=0.9,recipe=dtop   # the recorded rows before 2026-12-03: one exit at 8, tau .9
 POLICY=$W/camvid_ti_step_atm_s0/policy      # trained by the first STEP run, then shared
 POLICY_SEGVIT=$W/camvid_ti_step_segvit_s0/policy   # the same for issue 30's runs
 
@@ -72,7 +73,11 @@ elif [ "${1:-}" = exits ]; then
   for s in 0 1; do
     train camvid_ti_step68_from_segvit_s$s method=step,init_from=$W/camvid_ti_segvit_s$s \
         --config.seed=$s --config.model.policy.init_from=$POLICY_SEGVIT
-    train camvid_ti_step68_segvit_s$s method=step,recipe=one_schedule --config.seed=$s \
+  done
+  # From scratch, the default config (one schedule, the exits' losses off until pruning
+  # starts at step 1501); the first try trained them from step 1 (recorded, s0 only).
+  for s in 0 1; do
+    train camvid_ti_step68_s$s method=step --config.seed=$s \
         --config.model.policy.init_from=$POLICY_SEGVIT
   done
 elif [ "${1:-}" = table ]; then
@@ -94,8 +99,9 @@ elif [ "${1:-}" = table ]; then
   add "+STEP@[8] from SegViT s0" camvid_ti_step_from_segvit_s0
   add "+STEP@[6,8] τ .8 (default) from SegViT s0" camvid_ti_step68_from_segvit_s0
   add "+STEP@[6,8] τ .8 (default) from SegViT s1" camvid_ti_step68_from_segvit_s1
-  add "+STEP@[6,8] τ .8 (default) from scratch s0" camvid_ti_step68_segvit_s0
-  add "+STEP@[6,8] τ .8 (default) from scratch s1" camvid_ti_step68_segvit_s1
+  add "+STEP@[6,8] τ .8, exit losses from step 1, s0" camvid_ti_step68_segvit_s0
+  add "+STEP@[6,8] τ .8 (default) from scratch s0" camvid_ti_step68_s0
+  add "+STEP@[6,8] τ .8 (default) from scratch s1" camvid_ti_step68_s1
   add "+dCTS (STEP@[6,8] s0 weights, no exits)" camvid_ti_step68_from_segvit_s0:without_exits
   $PY experiments/compare.py "${rows[@]}" --res=1024 --num_images=4 --reps=3 \
       --out=experiments/results/compare_camvid_ti

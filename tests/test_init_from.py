@@ -103,7 +103,7 @@ def test_config_json_of_older_runs_reads_as_trained(tmp_path):
 
 def test_finetune_recipe_is_the_pruning_phase_alone():
   from configs import camvid   # pylint: disable=g-import-not-at-top
-  base = camvid.get_config("method=step,size=cpu,variant=Ti/16")
+  base = camvid.get_config("method=step,size=cpu,variant=Ti/16,recipe=dtop")
   cfg = camvid.get_config("method=step,size=cpu,variant=Ti/16,init_from=/wd/segvit")
   assert cfg.init_from == "/wd/segvit" and cfg.prune_from_step == 0
   ((first, opt),) = train.optimizer_phases(cfg)      # one phase: no BASE steps
@@ -114,3 +114,21 @@ def test_finetune_recipe_is_the_pruning_phase_alone():
                            ).exit_thresholds() == (0.8, 0.8)   # pruning from step 0
   with pytest.raises(ValueError, match="init_from='/wd/segvit' fine-tunes a model with exits"):
     camvid.get_config("method=segvit,size=cpu,init_from=/wd/segvit")
+  with pytest.raises(ValueError, match="init_from and recipe='dtop'"):
+    camvid.get_config("method=step,size=cpu,recipe=dtop,init_from=/wd/segvit")
+
+
+def test_camvid_recipes_from_scratch():
+  """cpu: one schedule, pruning on for its last quarter; gpu: DToP's fresh optimizer. The
+  'segvit' exits' losses weigh 0 until pruning starts, DToP's heads' 1."""
+  from configs import camvid   # pylint: disable=g-import-not-at-top
+  cpu = camvid.get_config("method=step,size=cpu,variant=Ti/16")
+  assert (cpu.prune_from_step, cpu.prune_optim, cpu.loss.base_exit_weight) == (1500, None, 0.0)
+  assert len(train.optimizer_phases(cpu)) == 1
+  gpu = camvid.get_config("method=step,size=gpu")
+  assert len(train.optimizer_phases(gpu)) == 2 and gpu.loss.base_exit_weight == 0.0
+  dtop = camvid.get_config("method=step,size=cpu,variant=Ti/16,exit_head=dtop,recipe=dtop")
+  assert dtop.loss.base_exit_weight == 1.0 and len(train.optimizer_phases(dtop)) == 2
+  assert camvid.get_config("method=segvit,size=cpu").loss.base_exit_weight == 1.0
+  with pytest.raises(ValueError, match="recipe='fast': use dtop or one_schedule"):
+    camvid.get_config("method=step,size=cpu,recipe=fast")

@@ -247,7 +247,8 @@ def test_one_program_trains_both_dtop_phases():   # compiles three small train s
   one = jax.jit(functools.partial(train.phased_train_step, model=model, txs=txs,
                                   phases=phases, prune_from=1, config=cfg))
   base = jax.jit(functools.partial(train.train_step, model=model.clone(exit_threshold=1.0),
-                                   tx=txs[0], config=cfg))
+                                   tx=txs[0], config=cfg,
+                                   exit_weight=cfg.loss.base_exit_weight))
   tune_lr = lambda s: optim.learning_rate_fn(phases[1][1])(s - 1)
   prune = jax.jit(functools.partial(train.train_step, model=model, tx=txs[1], config=cfg,
                                     lr_fn=tune_lr))
@@ -260,6 +261,36 @@ def test_one_program_trains_both_dtop_phases():   # compiles three small train s
   close((got["params"], m_got), (want["params"], m_want))
   assert rel_diff(m_got["loss"], m_off["loss"]) > 1e-4   # pruning is on now
   assert float(m_got["lr"]) == pytest.approx(float(tune_lr(1)))
+
+
+def test_segvit_exits_train_as_segvit_before_pruning():
+  """exit_head='segvit' before prune_from_step: nothing halts and the exits' losses weigh 0
+  (set_dtop_recipe), so the step is SegViT's own (the model without exit layers, same
+  variables): same loss and gradient. Weighing the exits 1 changes the gradient. (Head
+  dropout off: the exits' stage-0 calls draw dropout keys, so with dropout the final head's
+  masks are other draws from the same distribution.)"""
+  cfg = _tiny("dtop", head_dropout=0.0)
+  assert cfg.model.exit_head == "segvit" and cfg.loss.base_exit_weight == 0.0
+  cfg.prune_from_step, cfg.prune_optim = 2, None          # one schedule
+  model = train.train_model(variables_lib.create_model(cfg), cfg)
+  tx = optim.make_optimizer(cfg.optim)
+  state = jax.jit(functools.partial(train.init_state, model=model, tx=tx, config=cfg))(
+      jax.random.key(0))
+  batch = _batch(cfg)
+  step = lambda c: jax.jit(functools.partial(train.phased_train_step, model=model, txs=[tx],
+                                             phases=[(0, c.optim)], prune_from=2, config=c))
+  segvit = jax.jit(functools.partial(train.train_step, model=model.clone(exit_layers=()),
+                                     tx=tx, config=cfg))
+  plain = {k: v for k, v in state.items() if k != "guard"}   # its loss names are the exits'
+  (_, got), (_, want) = step(cfg)(state, batch), segvit(plain, batch)
+  assert_close((got["loss"], got["grad_norm"]), (want["loss"], want["grad_norm"]), 1e-5)
+  ones = cfg.copy_and_resolve_references()
+  ones.loss.base_exit_weight = 1.0
+  _, other = step(ones)(state, batch)
+  assert rel_diff(other["grad_norm"], want["grad_norm"]) > 1e-3
+  assert float(other["loss"]) > float(want["loss"])      # the exits' terms count now
+  assert train.prediction_weights(model, 0.0) == [1.0, 0.0] + [1.0] * (
+      model.num_predictions() - 2)                         # final, the exit, SegViT's aux
 
 
 def test_optimizer_phases_restart_the_schedule_for_pruning():

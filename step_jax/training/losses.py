@@ -8,7 +8,8 @@ ATM loss (SegViT `ATMLoss` / MaskFormer `SetCriterion` with fixed query=class ma
     present only; focal is a mean over pixels; both are summed over masks and divided by the
     number of present masks in the whole batch (≥ 1).
   * Ignore pixels are not masked out: they are negatives for every class, as in the reference.
-The same terms, equally weighted, apply to each auxiliary output.
+The same terms apply to each auxiliary output, equally weighted unless `weights` says
+otherwise (train.loss_fn: the exits' predictions before pruning starts).
 
 Static shapes: all C queries are computed and weighted by presence, never gathered.
 """
@@ -63,20 +64,25 @@ def atm_loss_names(num_predictions):
 
 
 def atm_loss(outputs, labels, *, num_classes, no_object_weight=0.1, ce_weight=1.0,
-             focal_weight=20.0, dice_weight=1.0):
+             focal_weight=20.0, dice_weight=1.0, weights=None):
   """Total ATM loss over the final output and every `outputs['aux']` entry.
 
-  Returns (loss, metrics dict) with each term reported per output (final: no suffix).
+  `weights`: one factor per prediction (final first, then aux; may be traced), 1 each by
+  default. Returns (loss, metrics dict) with each term reported per output (final: no
+  suffix), unweighted, so a term keeps its meaning while its weight changes.
   """
   present = class_presence(labels, num_classes)
   num_masks = jnp.maximum(jnp.sum(present), 1).astype(jnp.float32)
   predictions = [outputs] + list(outputs.get("aux", []))
-  parts = zip(_suffixes(len(predictions)), predictions)
+  weights = [1.0] * len(predictions) if weights is None else list(weights)
+  if len(weights) != len(predictions):
+    raise ValueError(f"{len(weights)} loss weights for {len(predictions)} predictions")
+  parts = zip(_suffixes(len(predictions)), predictions, weights)
   total, metrics = 0.0, {}
-  for suffix, out in parts:
+  for suffix, out, weight in parts:
     ce = atm_class_loss(out["pred_logits"], present, no_object_weight)
     focal, dice = atm_mask_losses(out["pred_masks"], labels, present, num_masks)
-    total = total + ce_weight * ce + focal_weight * focal + dice_weight * dice
+    total = total + weight * (ce_weight * ce + focal_weight * focal + dice_weight * dice)
     metrics.update({f"loss_ce{suffix}": ce, f"loss_focal{suffix}": focal,
                     f"loss_dice{suffix}": dice})
   metrics["loss"] = total

@@ -58,14 +58,22 @@ def model_inputs(model, batch):
   return dict(labels=batch["label"]) if model.merge == "oracle" else {}
 
 
-def loss_fn(params, model, batch, rng, config, model_state=None):
+def prediction_weights(model, exit_weight=1.0):
+  """Loss weight per prediction the model returns (final, then aux): `exit_weight` for the
+  predictions its exits halt on, 1 for the rest (the final head and its deep supervision)."""
+  exits = {1 + model.exit_output_index(s) for s in range(len(model.exit_layers))}
+  return [exit_weight if i in exits else 1.0 for i in range(model.num_predictions())]
+
+
+def loss_fn(params, model, batch, rng, config, model_state=None, exit_weight=1.0):
   variables = dict(model_state or {}, params=optim.without_gradient(params))
   outputs, _ = model.apply(variables, batch["image"], train=True, rngs={"dropout": rng},
                            **model_inputs(model, batch))
   lc = config.loss
   return losses.atm_loss(outputs, batch["label"], num_classes=config.num_classes,
                          no_object_weight=lc.no_object_weight, ce_weight=lc.ce_weight,
-                         focal_weight=lc.focal_weight, dice_weight=lc.dice_weight)
+                         focal_weight=lc.focal_weight, dice_weight=lc.dice_weight,
+                         weights=prediction_weights(model, exit_weight))
 
 
 def train_model(model, config):
@@ -102,12 +110,13 @@ def init_state(rng, policy_vars=None, *, model, tx, config):
               step=jnp.zeros((), jnp.int32), guard=guard)
 
 
-def train_step(state, batch, rng=None, *, model, tx, config, lr_fn=None):
+def train_step(state, batch, rng=None, *, model, tx, config, lr_fn=None, exit_weight=1.0):
   """One optimizer step; non-finite updates are dropped (see module docstring).
 
   Returns the new state and scalar metrics: loss terms, grad_norm, lr, nonfinite (0/1 for
   this step) and skipped_steps (total so far); `lr_fn(step)` gives the lr metric (default:
-  config.optim's schedule). `rng` defaults to a key from config.seed;
+  config.optim's schedule); `exit_weight` weighs the exits' own losses (may be traced:
+  phased_train_step). `rng` defaults to a key from config.seed;
   dropout is keyed by (rng, step), so a resumed run draws the same masks.
   """
   if rng is None:
@@ -115,7 +124,7 @@ def train_step(state, batch, rng=None, *, model, tx, config, lr_fn=None):
   step = state["step"]
   grad_fn = jax.value_and_grad(loss_fn, has_aux=True)
   (_, metrics), grads = grad_fn(state["params"], model, batch, jax.random.fold_in(rng, step),
-                                config, state.get("model_state"))
+                                config, state.get("model_state"), exit_weight)
   updates, opt_state = tx.update(grads, state["opt_state"], state["params"])
   params = optax.apply_updates(state["params"], updates)
 
@@ -177,11 +186,17 @@ def phase_optimizer(txs, phases, step):
 def phased_train_step(state, batch, rng=None, *, model, txs, phases, prune_from, config):
   """`train_step` for DToP's recipe in ONE program: pruning off for the first `prune_from`
   steps, then on (phase_model), each optimizer phase with its own optimizer and schedule
-  (phase_optimizer). The phase is read from state['step'] at run time, so one train program
-  compiles instead of one per phase."""
-  tx, lr_fn = phase_optimizer(txs, phases, state["step"])
-  return train_step(state, batch, rng, model=phase_model(model, state["step"], prune_from),
-                    tx=tx, config=config, lr_fn=lr_fn)
+  (phase_optimizer); the exits' own losses weigh `config.loss.base_exit_weight` before
+  pruning starts and 1 after. The phase is read from state['step'] at run time, so one
+  train program compiles instead of one per phase."""
+  step = state["step"]
+  tx, lr_fn = phase_optimizer(txs, phases, step)
+  exit_weight = 1.0
+  if prune_from:
+    base = float(config.loss.get("base_exit_weight", 1.0))
+    exit_weight = jnp.where(step >= prune_from, 1.0, base) if base != 1.0 else 1.0
+  return train_step(state, batch, rng, model=phase_model(model, step, prune_from),
+                    tx=tx, config=config, lr_fn=lr_fn, exit_weight=exit_weight)
 
 
 def optimizer_phases(config, has_exits=True):
