@@ -153,7 +153,7 @@ def test_step_end_to_end_policy_frozen_and_pruning_schedule(tmp_path, capsys, au
   wd = str(tmp_path / "run")
   state, ev = train.train_and_evaluate(cfg, wd)
   out = capsys.readouterr().out
-  assert "steps 1..2: exits trained without pruning" in out
+  assert "steps 1..2: nothing halts, the exits' losses weigh 0 (BASE)" in out
   assert "with a fresh optimizer and schedule" in out
   # DToP's fine-tuning restarted the optimizer at step 3: Adam has counted 2 steps, not 4.
   counts = {int(x) for p, x in jax.tree_util.tree_flatten_with_path(state["opt_state"])[0]

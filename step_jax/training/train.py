@@ -408,7 +408,9 @@ def train_and_evaluate(config, workdir):
   reset_opt = jax.jit(lambda st: dict(st, opt_state=txs[-1].init(st["params"])),
                       in_shardings=(state_sh,), out_shardings=state_sh, donate_argnums=(0,))
   if prune_from > start:
-    say(f"steps {start + 1}..{prune_from}: exits trained without pruning (DToP base); "
+    base_weight = float(config.loss.get("base_exit_weight", 1.0))
+    say(f"steps {start + 1}..{prune_from}: nothing halts, the exits' losses weigh "
+        f"{base_weight:g} (BASE); "
         f"pruning from step {prune_from + 1}"
         + (" with a fresh optimizer and schedule" if fresh_from is not None else ""))
   evaluator = None
