@@ -22,6 +22,7 @@ sys.path.insert(0, os.path.join(os.path.dirname(os.path.dirname(__file__)), "exp
 import calibrate  # noqa: E402
 import compare  # noqa: E402
 import exit_analysis  # noqa: E402
+import peer_bench  # noqa: E402
 import sweep  # noqa: E402
 
 
@@ -299,3 +300,21 @@ def test_bench_table_groups_and_ratios_against_segvit():
   dcts = next(l for l in lines if l.startswith("| method=dcts"))
   assert "| 4.00× | 4.00× / 4.00× | 4.00× | 2.5× / 2.6× / 3.4× |" in dcts  # vs its SegViT
   assert "| 1024 |" in dcts                                       # peak MiB
+
+
+def test_peer_bench_cells():
+  """experiments/peer_bench.py: cells parse or name what is wrong; a small cell times timm's
+  encoder, ours and our SegViT interleaved, and the memory rows see the N x N matrix go."""
+  assert peer_bench.parse_cells("Ti/16@512,B/16@1024") == [("Ti/16", 512), ("B/16", 1024)]
+  for bad in ("X/16@512", "Ti/16@500", "Ti/16"):
+    with pytest.raises(ValueError, match="VARIANT@SIZE"):
+      peer_bench.parse_cells(bad)
+  pytest.importorskip("step_jax.testing.tv_shim")
+  pytest.importorskip("timm")
+  row = peer_bench.time_cell("Mu/16", 32, reps=1)
+  for name in ("timm", "ours_encoder", "ours_segvit"):
+    assert 0 < row[name]["ms_min"] <= row[name]["ms_median"] <= row[name]["ms_max"]
+  assert row["timm_over_ours_encoder"]["median"] > 0
+  mem = {impl: peer_bench.memory_cell("Mu/16", 512, impl)["temp_bytes"]
+         for impl in ("einsum", "chunked")}
+  assert mem["chunked"] < mem["einsum"]

@@ -1,0 +1,181 @@
+"""Our ViT encoder and whole SegViT against timm's PyTorch ViT encoder, in one process.
+
+The baseline a user compares with is the PyTorch ViT they run today (timm, whose attention is
+`F.scaled_dot_product_attention`). Per cell (variant, square size): timm's
+`VisionTransformer` built at the size without class token (`forward_features`, inference
+mode), our `vit.ViT` encoder (jitted, attention_impl 'auto') and our whole SegViT (encoder +
+ATM head, `builder.build`), batch 1, fp32, random weights; the three run interleaved, one
+call each per round after a warm-up round (jit compile, torch's first call), so a busy CPU
+slows all of them alike. Each row has the median, min and max of --reps rounds and the
+median of the per-round ratios timm / ours (> 1: we are faster).
+
+Cells that do not fit (L/16 at 2048², or the N x N 'einsum' path at 2048²) are compiled only:
+`--memory` rows give XLA's planned temporary bytes of our encoder per attention path.
+
+  python experiments/peer_bench.py --cells=Ti/16@512,B/16@512,Ti/16@1024,B/16@1024 \
+      --out=experiments/results/peer_bench_cpu/rows.jsonl
+  python experiments/peer_bench.py --memory --cells=B/16@2048,L/16@2048 \
+      --impls=einsum,chunked --out=experiments/results/peer_bench_cpu/memory.jsonl
+
+Resumable: a cell already in --out (same kind, variant, size, threads) is skipped, so a run
+stopped half-way continues with the next cell.
+"""
+import json
+import os
+import platform
+import statistics
+import sys
+import time
+
+from absl import app
+from absl import flags
+import jax
+import jax.numpy as jnp
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+from configs import step as step_config  # noqa: E402
+from step_jax.models import attention  # noqa: E402
+from step_jax.models import builder  # noqa: E402
+from step_jax.models import vit  # noqa: E402
+
+FLAGS = flags.FLAGS
+DEFAULT_CELLS = ("Ti/16@512,B/16@512,Ti/16@1024,B/16@1024,Ti/16@2048,B/16@2048")
+
+
+def parse_cells(text):
+  """'Ti/16@512,B/16@1024' -> [('Ti/16', 512), ('B/16', 1024)], checked."""
+  cells = []
+  for cell in filter(None, text.split(",")):
+    variant, _, res = cell.partition("@")
+    if variant not in step_config.DTOP_HEADS or not res.isdigit() or int(res) % 16:
+      raise ValueError(f"cell {cell!r}: give VARIANT@SIZE with a variant of "
+                       f"{tuple(step_config.DTOP_HEADS)} and a size that is a multiple of 16")
+    cells.append((variant, int(res)))
+  return cells
+
+
+def cpu_name():
+  try:
+    with open("/proc/cpuinfo") as f:
+      for line in f:
+        if line.startswith("model name"):
+          return line.split(":", 1)[1].strip()
+  except OSError:
+    pass
+  return platform.processor() or platform.machine()
+
+
+def timm_encoder(variant, res):
+  """timm's ViT at res² without class token: a callable on an NCHW torch tensor."""
+  import torch  # pylint: disable=g-import-not-at-top
+  import step_jax.testing.tv_shim  # noqa: F401  pylint: disable=g-import-not-at-top,unused-import
+  from timm.models import vision_transformer  # pylint: disable=g-import-not-at-top
+  v = vit.decode_variant(variant)
+  model = vision_transformer.VisionTransformer(
+      img_size=res, patch_size=16, embed_dim=v["width"], depth=v["depth"],
+      num_heads=v["num_heads"], mlp_ratio=v["mlp_dim"] / v["width"], class_token=False,
+      global_pool="avg", num_classes=0).eval()
+  x = torch.rand(1, 3, res, res)
+
+  def call():
+    with torch.inference_mode():
+      return model.forward_features(x)
+  return call
+
+
+def our_encoder(variant, res, impl="auto"):
+  x = jax.random.uniform(jax.random.key(1), (1, res, res, 3))
+  model = vit.ViT(**vit.decode_variant(variant), posemb_grid=(res // 16, res // 16),
+                  attention_impl=attention.resolve_impl(impl, jnp.float32, 64,
+                                                        (res // 16) ** 2))
+  variables = jax.jit(model.init)(jax.random.key(0), x)
+  fn = jax.jit(lambda v, im: model.apply(v, im)[0])
+  return lambda: jax.block_until_ready(fn(variables, x))
+
+
+def our_segvit(variant, res):
+  cfg = step_config.get_config(f"method=segvit,variant={variant},dataset=cityscapes,res={res}")
+  model = builder.build(cfg.model, cfg.num_classes, (res, res), cfg.ignore_index)
+  x = jax.random.uniform(jax.random.key(1), (1, res, res, 3))
+  variables = jax.jit(model.init)(jax.random.key(0), x)
+  fn = jax.jit(lambda v, im: model.apply(v, im)[0]["pred_masks"])
+  return lambda: jax.block_until_ready(fn(variables, x))
+
+
+def time_cell(variant, res, reps):
+  """One row: the three callables interleaved, `reps` timed rounds after a warm-up round."""
+  calls = {"timm": timm_encoder(variant, res), "ours_encoder": our_encoder(variant, res),
+           "ours_segvit": our_segvit(variant, res)}
+  ms = {k: [] for k in calls}
+  for rnd in range(reps + 1):
+    for name, call in calls.items():
+      t = time.perf_counter()
+      call()
+      if rnd:
+        ms[name].append(1000 * (time.perf_counter() - t))
+  row = dict(kind="time", variant=variant, res=res, tokens=(res // 16) ** 2, batch=1,
+             dtype="float32", reps=reps,
+             ours_attention=attention.resolve_impl("auto", jnp.float32, 64, (res // 16) ** 2))
+  for name, t in ms.items():
+    row[name] = dict(ms_median=round(statistics.median(t), 1), ms_min=round(min(t), 1),
+                     ms_max=round(max(t), 1))
+  ratios = [a / b for a, b in zip(ms["timm"], ms["ours_encoder"])]
+  row["timm_over_ours_encoder"] = dict(median=round(statistics.median(ratios), 3),
+                                       min=round(min(ratios), 3), max=round(max(ratios), 3))
+  return row
+
+
+def memory_cell(variant, res, impl):
+  """XLA's planned bytes for our encoder's forward at res² with attention path `impl`."""
+  model = vit.ViT(**vit.decode_variant(variant), posemb_grid=(res // 16, res // 16),
+                  attention_impl=impl)
+  x = jax.ShapeDtypeStruct((1, res, res, 3), jnp.float32)
+  variables = jax.eval_shape(model.init, jax.random.key(0), x)
+  compiled = jax.jit(lambda v, im: model.apply(v, im)[0]).lower(variables, x).compile()
+  mem = compiled.memory_analysis()
+  n = (res // 16) ** 2
+  return dict(kind="memory", variant=variant, res=res, tokens=n, impl=impl, batch=1,
+              dtype="float32", temp_bytes=getattr(mem, "temp_size_in_bytes", None),
+              argument_bytes=getattr(mem, "argument_size_in_bytes", None),
+              one_attention_matrix_bytes=model.num_heads * n * n * 4)
+
+
+def main(argv):
+  del argv
+  import torch  # pylint: disable=g-import-not-at-top
+  threads = FLAGS.threads or os.cpu_count()
+  torch.set_num_threads(threads)
+  done = set()
+  if FLAGS.out and os.path.exists(FLAGS.out):
+    with open(FLAGS.out) as f:
+      for line in f:
+        r = json.loads(line)
+        done.add((r["kind"], r["variant"], r["res"], r.get("impl", ""), r["threads"]))
+  machine = dict(cpu=cpu_name(), cores=os.cpu_count(), threads=threads,
+                 device=jax.devices()[0].platform, jax=jax.__version__,
+                 torch=torch.__version__)
+  jobs = [(v, r, impl) for v, r in parse_cells(FLAGS.cells)
+          for impl in (FLAGS.impls.split(",") if FLAGS.memory else [""])]
+  for variant, res, impl in jobs:
+    key = ("memory" if FLAGS.memory else "time", variant, res, impl, threads)
+    if key in done:
+      print(f"skip {variant}@{res} {impl} (in {FLAGS.out})", flush=True)
+      continue
+    row = memory_cell(variant, res, impl) if FLAGS.memory else time_cell(variant, res,
+                                                                         FLAGS.reps)
+    row.update(machine, when=time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()))
+    print(json.dumps(row), flush=True)
+    if FLAGS.out:
+      os.makedirs(os.path.dirname(FLAGS.out) or ".", exist_ok=True)
+      with open(FLAGS.out, "a") as f:
+        f.write(json.dumps(row) + "\n")
+
+
+if __name__ == "__main__":
+  flags.DEFINE_string("cells", DEFAULT_CELLS, "Comma-separated VARIANT@SIZE cells.")
+  flags.DEFINE_integer("reps", 3, "Timed rounds per cell (after one warm-up round).")
+  flags.DEFINE_integer("threads", 0, "torch threads (0: every core, as XLA uses).")
+  flags.DEFINE_bool("memory", False, "Compile only: XLA's planned bytes per --impls path.")
+  flags.DEFINE_string("impls", "einsum,chunked", "Attention paths for --memory.")
+  flags.DEFINE_string("out", "", "JSON-lines file the rows are appended to (resumable).")
+  app.run(main)
