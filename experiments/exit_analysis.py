@@ -33,6 +33,7 @@ from PIL import Image, ImageDraw
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from step_jax.analysis import profile as profile_lib  # noqa: E402
 from step_jax.analysis import visualize  # noqa: E402
+from step_jax.data import datasets  # noqa: E402
 from step_jax.models import segmenter  # noqa: E402
 from step_jax.models import supertokens  # noqa: E402
 from step_jax.evaluation import tokens
@@ -105,7 +106,7 @@ def outline(im, level, patch, colour=(255, 255, 255)):
   return im
 
 
-def halted_maps(images, maps, num_exits, patch, num_classes, n=4):
+def halted_maps(images, maps, num_exits, patch, colours, n=4):
   """uint8 [rows·H, n·W, 3] panel (see the module doc)."""
   cols = []
   for b in range(min(n, len(images))):
@@ -121,7 +122,7 @@ def halted_maps(images, maps, num_exits, patch, num_classes, n=4):
       x[stage < s] = 110                  # halted earlier: grey
       x[stage == s] = 0                   # halted at this exit: black
       col.append(np.asarray(outline(Image.fromarray(x), level, patch)))
-    col.append(visualize.palette(num_classes)[maps["pred"][b]])
+    col.append(visualize.colorize(maps["pred"][b], colours=colours))
     cols.append(np.concatenate([np.pad(c, ((0, 2), (0, 2), (0, 0)), constant_values=255)
                                 for c in col]))
   return np.concatenate(cols, axis=1)
@@ -186,7 +187,8 @@ def main(argv):
   counts, maps = analyse(model, variables, images)
   rows = summary(counts, model.exit_layers)
   panel = shrink(halted_maps(images, maps, len(model.exit_layers), model.backbone.patch_size,
-                             config.num_classes, f.maps), images.shape[1:3], f.tile) \
+                             datasets.palette(config.data.name, config.num_classes), f.maps),
+                 images.shape[1:3], f.tile) \
       if f.maps else None
   header = dict(config=config_flags.get_config_filename(f["config"]), images=len(images),
                 weights=weights, merge=model.merge != "none",

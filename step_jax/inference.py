@@ -560,7 +560,7 @@ def _write_batch(group, result, output, save, colours, config, model, s, stats):
     if "tokens" in paths:
       info = {k: result[k][j] for k in PER_IMAGE if k in result}
       info.update(patch_size=patch, exit_layers=tuple(model.exit_layers))
-      ims, titles = visualize.panels(e.model_image, pred, info, num_classes=len(colours))
+      ims, titles = visualize.panels(e.model_image, pred, info, colours=colours)
       write_png(visualize.side_by_side(ims[1:-1], titles[1:-1]), paths["tokens"])
     if "overlay" in paths:
       write_png(Image.fromarray(visualize.overlay(e.image, pred, colours)), paths["overlay"])

@@ -12,6 +12,7 @@ import pytest
 
 from configs import step as step_configs
 from step_jax.analysis import benchmark
+from step_jax.data import datasets
 from step_jax.models import flops
 from step_jax.analysis import profile as profile_lib
 from step_jax.models import builder
@@ -77,7 +78,8 @@ def test_exit_analysis_counts_match_the_model(images, prepared, tmp_path):
   assert rows[0]["mean"] == counts["halted"][:, 0].mean()
   assert rows[1]["max"] == counts["halted"][:, 1].max()
   assert sum(r["share"] for r in rows) == pytest.approx(1.0)
-  panel = exit_analysis.halted_maps(images, maps, 2, 16, cfg.num_classes, n=2)
+  panel = exit_analysis.halted_maps(images, maps, 2, 16, datasets.palette("", cfg.num_classes),
+                                   n=2)
   md = exit_analysis.write(rows, counts, str(tmp_path), dict(config="tiny", images=3,
                                                              weights="random", merge=True,
                                                              exit_threshold=[0.5, 0.5]), panel)

@@ -10,6 +10,7 @@ import pytest
 import step_jax
 from step_jax import api
 from step_jax.analysis import visualize
+from step_jax.data import datasets
 from test_export import _tiny_segvit, make_workdir  # pylint: disable=g-bad-import-order
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -111,8 +112,10 @@ def test_colorize_palette_and_figure():
   rgb = visualize.colorize(pred, num_classes=3)
   assert rgb.dtype == np.uint8 and rgb.shape == (2, 2, 3)
   np.testing.assert_array_equal(rgb[1, 0], 0)                       # ignore → black
-  assert len({tuple(c) for c in visualize.palette(200)}) > 190      # distinct colours
-  np.testing.assert_array_equal(visualize.palette(30)[:19], visualize.palette(19))
+  np.testing.assert_array_equal(rgb[0], datasets.palette("", 3)[:2])  # the registry's colours
+  camvid = datasets.palette("camvid", 11)
+  np.testing.assert_array_equal(visualize.colorize(pred, colours=camvid)[0], camvid[:2])
+  assert len({tuple(c) for c in datasets.palette("", 200)}) == 200  # distinct colours
   image = np.zeros((32, 32, 3), np.uint8)
   info = dict(patch_size=16, level=np.array([[2, 2], [2, 2]]), num_tokens=np.array(1),
               halt_stage=np.array([[0, 1], [1, 1]]), active_tokens=np.array([1, 1]),

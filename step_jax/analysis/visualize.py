@@ -20,26 +20,18 @@ from step_jax.models import supertokens
 LEVEL_COLOURS = {2: (255, 215, 0), 4: (255, 128, 0), 8: (220, 40, 40), 16: (150, 0, 200)}
 EXIT_COLOURS = ((220, 40, 40), (40, 120, 255), (0, 200, 120), (255, 160, 0))
 
-# Cityscapes' colours first (familiar street-scene classes; their home is the dataset
-# registry), then well-spread hues.
-_BASE = np.asarray(datasets.CITYSCAPES_COLOURS, np.uint8)
-
-
-def palette(num_classes):
-  """uint8 [num_classes, 3] colours, the same for every call."""
-  if num_classes <= len(_BASE):
-    return _BASE[:num_classes].copy()
-  rng = np.random.default_rng(0)  # fixed seed: stable colours for big label sets
-  extra = rng.integers(0, 256, (num_classes - len(_BASE), 3), dtype=np.uint8)
-  return np.concatenate([_BASE, extra])
-
-
-def colorize(pred, num_classes=None, ignore_index=255):
-  """Class map [H, W] → RGB uint8 [H, W, 3]; `ignore_index` (and anything out of range) black."""
+def colorize(pred, num_classes=None, ignore_index=255, colours=None):
+  """Class map [H, W] → RGB uint8 [H, W, 3]; `ignore_index` (and anything out of range) black.
+  `colours` (uint8 [C, 3]): a dataset's, `datasets.palette(name, C)`; by default the
+  registry's generated ones for `num_classes` (or as many as `pred` shows)."""
   pred = np.asarray(pred)
-  n = int(num_classes or (pred[pred != ignore_index].max(initial=0) + 1))
-  colours = np.concatenate([palette(n), np.zeros((1, 3), np.uint8)])
-  return colours[np.where((pred >= 0) & (pred < n), pred, n)]
+  if colours is None:
+    n = int(num_classes or (pred[pred != ignore_index].max(initial=0) + 1))
+    colours = datasets.palette("", n)
+  colours = np.asarray(colours, np.uint8)
+  n = len(colours)
+  table = np.concatenate([colours, np.zeros((1, 3), np.uint8)])
+  return table[np.where((pred >= 0) & (pred < n), pred, n)]
 
 
 def overlay(image, pred, colours, *, alpha=0.5):
@@ -123,9 +115,9 @@ def side_by_side(images, titles=None, *, pad=4, background=255):
   return canvas
 
 
-def panels(image, pred, info, *, num_classes=None, ignore_index=255):
+def panels(image, pred, info, *, num_classes=None, ignore_index=255, colours=None):
   """(images, titles): input, superpatches (with supertokens), one halted map per exit
-  (with early exits) and the prediction."""
+  (with early exits) and the prediction (in `colours`, see colorize)."""
   image = _as_rgb(image)
   patch = int(info["patch_size"])
   ims, titles = [image], ["input"]
@@ -139,14 +131,17 @@ def panels(image, pred, info, *, num_classes=None, ignore_index=255):
       ims.append(halted(image, info["halt_stage"], patch, s))
       left = f", {int(active[s + 1])} left" if active.ndim == 1 and len(active) > s + 1 else ""
       titles.append(f"halted by layer {layer}{left}")
-  ims.append(colorize(pred, num_classes or np.asarray(info["scores"]).shape[-1], ignore_index))
+  if colours is None and num_classes is None:
+    num_classes = np.asarray(info["scores"]).shape[-1]
+  ims.append(colorize(pred, num_classes, ignore_index, colours))
   titles.append("prediction")
   return ims, titles
 
 
-def figure(image, pred, info, *, scale=1, num_classes=None, ignore_index=255):
+def figure(image, pred, info, *, scale=1, num_classes=None, ignore_index=255, colours=None):
   """All panels of one image side by side (PIL image); `scale` enlarges small inputs."""
-  ims, titles = panels(image, pred, info, num_classes=num_classes, ignore_index=ignore_index)
+  ims, titles = panels(image, pred, info, num_classes=num_classes, ignore_index=ignore_index,
+                       colours=colours)
   if scale > 1:
     ims = [upscale(im, scale) for im in ims]
   return side_by_side(ims, titles)
