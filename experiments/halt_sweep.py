@@ -37,9 +37,7 @@ def sweep(model, variables, images, taus, ks):
   total, cand, halt = 0, dict.fromkeys(taus, 0), dict.fromkeys([(t, k) for t in taus for k in ks], 0)
   for im in images:
     out, info = run(variables, jnp.asarray(im[None], jnp.float32))
-    aux = out["aux"][model.exit_output_index(0)]
-    cls = aux["pred_logits"]
-    masks = aux["pred_masks"].reshape(aux["pred_masks"].shape[:2] + (-1,))
+    cls, masks = tokens_lib.exit_prediction(model, out, 0)
     stage = np.asarray(info["halt_stage"])
     level = np.asarray(info["level"]) if "level" in info else np.ones_like(stage)
     active = jnp.asarray(supertokens.anchors(level).reshape(1, -1))

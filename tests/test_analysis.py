@@ -23,6 +23,7 @@ sys.path.insert(0, os.path.join(os.path.dirname(os.path.dirname(__file__)), "exp
 import calibrate  # noqa: E402
 import compare  # noqa: E402
 import exit_analysis  # noqa: E402
+import halt_sweep  # noqa: E402
 import peer_bench  # noqa: E402
 import sweep  # noqa: E402
 
@@ -320,3 +321,19 @@ def test_peer_bench_cells():
   mem = {impl: peer_bench.memory_cell("Mu/16", 512, impl)["temp_bytes"]
          for impl in ("einsum", "chunked")}
   assert mem["chunked"] < mem["einsum"]
+
+
+def test_halt_sweep_matches_the_model_at_each_threshold(images, prepared):
+  """experiments/halt_sweep.py reads every (τ, k) from one forward: its halted count at the
+  calibrated τ of exit 1 is what the model itself halts there; τ 0 / k 0 makes every
+  active token a candidate and a halter, nothing passes τ 1, and keeping more is halting
+  less."""
+  _, model, variables, _ = prepared
+  tau = float(model.exit_thresholds()[0])
+  total, cand, halt = halt_sweep.sweep(model, variables, images, (0.0, tau, 1.0), (0, 5))
+  _, maps = exit_analysis.analyse(model, variables, images)
+  active = maps["active_tokens"]
+  assert total == active[:, 0].sum()
+  assert halt[(tau, 0)] == (active[:, 0] - active[:, 1]).sum() > 0   # keep_top_k=0 model
+  assert cand[0.0] == halt[(0.0, 0)] == total and cand[1.0] == 0
+  assert halt[(tau, 5)] <= halt[(tau, 0)] == cand[tau]

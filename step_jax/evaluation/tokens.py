@@ -31,6 +31,14 @@ def load_images(config, folder, n, split=None):
   return np.stack([np.asarray(im.resize((w, h), Image.BILINEAR)) for im in ims])
 
 
+def exit_prediction(model, outputs, s):
+  """(class logits [B, Q, K], mask logits [B, Q, N]) that exit s of `model` rates its tokens
+  with (early_exit.token_confidence / halting), read from the model's `outputs`."""
+  aux = outputs["aux"][model.exit_output_index(s)]
+  masks = aux["pred_masks"]
+  return aux["pred_logits"], masks.reshape(masks.shape[:2] + (-1,))
+
+
 def calibrate_exits(model, variables, images, share, *, labels=None):
   """Per-exit thresholds such that `share` of the active tokens are halting candidates at
   each exit (the top-k-per-class rule then keeps a few of them: <= k·C tokens); `labels`
@@ -46,9 +54,7 @@ def calibrate_exits(model, variables, images, share, *, labels=None):
   for s in range(n):
     # Exits before s halt at their calibrated thresholds; s and later halt nothing (τ = 1).
     out, info = run(variables, images, jnp.asarray(taus + [1.0] * (n - s), jnp.float32))
-    aux = out["aux"][model.exit_output_index(s)]
-    conf, _ = early_exit.token_confidence(
-        aux["pred_logits"], aux["pred_masks"].reshape(aux["pred_masks"].shape[:2] + (-1,)))
+    conf, _ = early_exit.token_confidence(*exit_prediction(model, out, s))
     # Cells still active at exit s (with supertokens a token counts once per covered cell).
     alive = np.asarray(info["halt_stage"]).reshape(conf.shape) >= s
     taus.append(_threshold_for_share(np.asarray(conf)[alive], share))
