@@ -1,14 +1,17 @@
 """Every row of the STEP paper's tables: SegViT, +CTS, +DToP, +CTS&DToP, +dCTS, +STEP@[…].
 
-  method   token sharing            early exit
-  segvit   –                        –
-  cts      top-K 2x2 (K=103)        –
-  dtop     –                        DToP heads at `exits`
-  cts_dtop top-K 2x2                DToP heads at `exits`
-  dcts     dCTS, thresholds `tau`   –
-  step     dCTS, thresholds `tau`   DToP heads at `exits`
-  oracle   windows pure in labels   optional (`exits`), for analysis
-  algm     ALGM local+global merges –                        (ALGM_DEFAULTS; not in the paper)
+  method     token sharing              early exit
+  segvit     –                          –
+  cts        top-K 2x2 (K=103)          –
+  dtop       –                          DToP heads at `exits`
+  cts_dtop   top-K 2x2                  DToP heads at `exits`
+  dcts       dCTS, thresholds `tau`     –
+  step       dCTS, thresholds `tau`     DToP heads at `exits`
+  oracle     windows pure in labels     optional (`exits`), for analysis
+  algm       ALGM local+global merges   –                (ALGM_DEFAULTS; not in the paper)
+  dcts_algm  dCTS, then ALGM's global   –                (not in either paper)
+  algm_dtop  ALGM local+global merges   exits at `exits` (not in either paper; `exit_head`
+                                        'segvit' only, exits after the global merge)
 
 Examples:
   python -m step_jax.cli.train --config=configs/step.py:method=step,variant=L/16,dataset=cityscapes,res=1024,tau=6899,exits=16 --workdir=$WD
@@ -46,6 +49,10 @@ METHODS = {
     "step": ("dcts", True, "+STEP"),
     "oracle": ("oracle", None, "oracle"),
     "algm": ("algm", False, "+ALGM"),
+    # Compositions (models/algm_encoder.py): ALGM's global merge over dCTS supertokens, and
+    # early exits rating ALGM's merged tokens.
+    "dcts_algm": ("dcts_algm", False, "+dCTS&ALGM"),
+    "algm_dtop": ("algm", True, "+ALGM&DToP"),
 }
 # ALGM (Norouzi et al., CVPR 2024; the reference's training notes): variant → ((local, global)
 # merge blocks, 1-based; local merge threshold). Mu/16 (4 blocks, ours, not in the paper):

@@ -158,7 +158,7 @@ def _with(config, **model):
     ("algm_threshold", 90, "algm_threshold=90.*e.g. 0.9"),
     ("algm_global_min", "high", "algm_global_min='high'"),
     ("algm_batch_min", "yes", "algm_batch_min='yes'"),
-    ("exit_layers", (2,), "early exits"),
+    ("exit_layers", (1,), "at or after the global merge's block 2"),
 ])
 def test_bad_algm_config_is_a_clear_error(key, value, match):
   model = common.ml_collections.ConfigDict(_config().model.to_dict(), type_safe=False)

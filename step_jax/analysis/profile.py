@@ -56,8 +56,9 @@ def load(config, images, workdir=None, exit_share=0.4, dtype="fp32"):
 def stage_plan(model, variables, images):
   """Per image, as the model runs it: dict(tokens, active [per stage], caps [per stage],
   info) where caps are the capacity buckets (padding included) and active the valid tokens."""
-  if model.merge == "algm":
-    raise ValueError("profile does not split ALGM's merged blocks into pieces yet; "
+  if model.merges_in_encoder:
+    raise ValueError(f"profile does not split ALGM's merged blocks (merge={model.merge!r}) "
+                     "into pieces yet; "
                      "python -m step_jax.cli.benchmark times the whole forward and "
                      "step_jax.cli.flops counts it")
   single = jax.jit(lambda v, x: model.apply(v, x)[1])

@@ -103,11 +103,12 @@ class HostBuckets:
     grid = m.grid(images)
     n = grid[0] * grid[1]
     level, cap = None, n
-    # ALGM merges inside the encoder: its buckets are chosen on device, in one program.
+    # ALGM merges inside the encoder: its buckets (and with exits, theirs) are chosen on
+    # device, in one program (dcts_algm: the supertokens' here, the merged tokens' in it).
     if m.shares_tokens:
       level, count = self._run("merge", self._count, {}, variables, images)
       cap = pick_capacity(int(np.max(np.asarray(count))), m.capacities(grid))
-    if not m.exit_layers or m.exit_mode != "compact":
+    if not m.exit_layers or m.exit_mode != "compact" or m.merges_in_encoder:
       if not m.shares_tokens:
         return self._run("model", lambda v, x: m.apply(v, x), {}, variables, images)
       return self._run("model", self._whole, dict(capacity=cap), variables, images, level)

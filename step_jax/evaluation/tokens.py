@@ -103,12 +103,21 @@ def image_tokens(config, model, info, j, image_size=None):
   # One capacity per batch, or per image ([B]) when HostBuckets splits after the merge.
   own = lambda c: float(np.asarray(c).reshape(-1)[j if np.size(c) > 1 else 0])
   cap = own(info.get("capacity", n_full))
-  if model.merge == "algm":   # segments: the full grid, after the local and the global merge
+  if model.merges_in_encoder:
+    # Segments: the grid (algm) or the supertokens (dcts_algm), then after each merge; with
+    # exits (algm_dtop) the merged tokens still active after each exit.
     merged = [float(t) for t in np.asarray(info["algm_tokens"])[j]]
-    merged_caps = [float(c) for c in np.asarray(info["algm_capacity"])]
-    return dict(tokens=[n_tok] + merged, capacity=[cap] + merged_caps,
-                useful=flops.token_macs(config, n_tok, image_size=hw, merged_tokens=merged),
-                executed=flops.token_macs(config, cap, image_size=hw, merged_tokens=merged_caps))
+    merged_caps = [own(c) for c in np.asarray(info["algm_capacity"])]
+    active = caps = None
+    if model.exit_layers:
+      active = [float(a) for a in np.asarray(info["active_tokens"])[j]]
+      caps = [own(c) for c in np.asarray(info["stage_capacity"])]
+    return dict(tokens=[n_tok] + merged + (active or [])[1:],
+                capacity=[cap] + merged_caps + (caps or [])[1:],
+                useful=flops.token_macs(config, n_tok, active, image_size=hw,
+                                        merged_tokens=merged),
+                executed=flops.token_macs(config, cap, caps, image_size=hw,
+                                          merged_tokens=merged_caps))
   if model.exit_layers:
     active = [float(a) for a in np.asarray(info["active_tokens"])[j]]
     caps = [cap] * len(active) if model.exit_mode == "mask" else \

@@ -55,12 +55,13 @@ def head_out_layers(out_layers, exit_layers, design):
   return tuple(out_layers)
 
 
-MERGES = ("none", "cts", "dcts", "oracle", "algm")
+MERGES = ("none", "cts", "dcts", "oracle", "algm", "dcts_algm")
 
 
 def algm_settings(model_cfg, depth):
   """The Segmenter's ALGM fields from a model config, checked: algm_layers (local, global
-  1-based blocks), algm_threshold (local), algm_global_min, algm_batch_min."""
+  1-based blocks; 'dcts_algm' merges in the global one only), algm_threshold (local),
+  algm_global_min, algm_batch_min."""
   layers = tuple(model_cfg.get("algm_layers", segmenter.Segmenter.algm_layers))
   if (len(layers) != 2 or any(not isinstance(l, (int, np.integer)) for l in layers)
       or not 1 <= layers[0] < layers[1] <= depth):
@@ -88,7 +89,7 @@ def build(model_cfg, num_classes: int, image_size: Sequence[int], ignore_index: 
 
   Keys: variant, out_layers, head_dim, head_heads, head_layers, head_dropout, drop_path, dtype,
   remat, attention_impl (auto | xla | cudnn | einsum | chunked), scan_blocks, posemb_grid, pixel_mean/std; token
-  sharing: merge ('none' | 'cts' | 'dcts' | 'oracle' | 'algm'), thresholds, cts_shared, superpatch_resize, buckets, policy (a ConfigDict with
+  sharing: merge ('none' | 'cts' | 'dcts' | 'oracle' | 'algm' | 'dcts_algm'), thresholds, cts_shared, superpatch_resize, buckets, policy (a ConfigDict with
   source, hidden); ALGM: algm_layers, algm_threshold, algm_global_min, algm_batch_min; early
   exit: exit_layers, exit_threshold, exit_mode, keep_top_k, exit_buckets, exit_head_heads.
   """
@@ -147,12 +148,18 @@ def build(model_cfg, num_classes: int, image_size: Sequence[int], ignore_index: 
   merge = model_cfg.get("merge", "none")
   if merge not in MERGES:
     raise ValueError(f"model.merge={merge!r}: use one of {MERGES}")
-  algm = algm_settings(model_cfg, depth) if merge == "algm" else {}
-  if algm and exit_layers:
-    raise ValueError(f"model.merge='algm' with early exits (exit_layers={exit_layers}) is not "
-                     "built yet: use exit_layers=()")
+  algm = algm_settings(model_cfg, depth) if merge in segmenter.ENCODER_MERGES else {}
+  if merge == "dcts_algm" and exit_layers:
+    raise ValueError(f"model.merge='dcts_algm' with early exits (exit_layers={exit_layers}) is "
+                     "not built: use exit_layers=()")
+  if merge == "algm" and exit_layers and (exit_head != "segvit"
+                                          or exit_layers[0] < algm["algm_layers"][1]):
+    # The exits rate the globally merged tokens; SegViT's head reads them unmerged at the end.
+    raise ValueError(f"model.merge='algm' with early exits needs exit_head='segvit' and exit "
+                     f"layers at or after the global merge's block {algm['algm_layers'][1]}; "
+                     f"got exit_head={exit_head!r}, exit_layers={exit_layers}")
   policy = None
-  if merge in ("cts", "dcts"):
+  if merge in segmenter.POLICY_MERGES:
     pc = model_cfg.policy
     policy = policy_lib.PolicyNet(source=pc.get("source", "pypi"), hidden=pc.get("hidden", 128),
                                   patch_size=p)

@@ -18,7 +18,8 @@ under 1% of any model here) because they are real work.
 Every function is parameterised by token counts (floats are fine: averages over a validation
 set), so that supertokens (fewer tokens, variable per image) and early exit (fewer tokens from
 one stage to the next) reuse them: sum `vit_block_macs` over blocks with each block's count.
-ALGM merges between a block's attention and its MLP: `algm_encoder_macs` counts the halves.
+ALGM merges between a block's attention and its MLP: `encoder_macs` counts each block's halves
+at their own token counts (merges and exits).
 
 `xla_flops` gives XLA's count of a jitted function for cross-checks. XLA counts 2 FLOPs per
 multiply-add and also counts elementwise ops, so `xla_flops / 2` sits slightly above our
@@ -38,7 +39,7 @@ import jax
 from step_jax.models import efficientnet
 from step_jax.models import vit as vit_lib
 from step_jax.models import builder
-from step_jax.models.segmenter import HEAD_LAYERS
+from step_jax.models.segmenter import ENCODER_MERGES, HEAD_LAYERS, POLICY_MERGES
 
 Number = Union[int, float]
 
@@ -89,20 +90,28 @@ def mlp_half_macs(n_tokens: Number, width: int, mlp_dim: int) -> float:
   return float(layer_norm_macs(n_tokens, width) + 2 * n_tokens * width * mlp_dim)
 
 
-def algm_encoder_macs(n_full: Number, merged_tokens: Sequence[Number], layers: Sequence[int],
-                      depth: int, width: int, mlp_dim: int) -> float:
-  """ViT blocks with ALGM's merges in blocks layers = (l1, l2) (1-based), between attention
-  and MLP: blocks before l1 and l1's attention on the full grid, l1's MLP up to l2's
-  attention on merged_tokens[0], l2's MLP and later blocks on merged_tokens[1]. Plus the
-  global merge's matching, ceil(n/2)·floor(n/2)·D for n = merged_tokens[0] (a matmul in the
-  reference, which fvcore counts; the local merge's window similarities are elementwise
-  products, which it does not)."""
-  (l1, l2), (n1, n2) = layers, merged_tokens
-  total = (l1 - 1) * vit_block_macs(n_full, width, mlp_dim) + attention_half_macs(n_full, width)
-  total += mlp_half_macs(n1, width, mlp_dim) + (l2 - l1 - 1) * vit_block_macs(n1, width, mlp_dim)
-  total += attention_half_macs(n1, width) + mlp_half_macs(n2, width, mlp_dim)
-  total += (depth - l2) * vit_block_macs(n2, width, mlp_dim)
-  return float(total + math.ceil(n1 / 2) * math.floor(n1 / 2) * width)
+def encoder_macs(tokens: Number, depth: int, width: int, mlp_dim: int,
+                 merges: Sequence = (), exits: Sequence[int] = (),
+                 stage_tokens: Optional[Sequence[Number]] = None) -> float:
+  """The `depth` ViT blocks, each half on the tokens it really has: `tokens` at first; from a
+  merge (block, n) on (1-based; ALGM: between the block's attention and its MLP) n tokens;
+  after exit s (block exits[s]) stage_tokens[s + 1] (halting; stage_tokens[0], the first
+  segment's count, is `tokens` or the last merge's n and not read)."""
+  attn, mlp = [tokens] * depth, [tokens] * depth
+  for layer, n in merges:
+    mlp[layer - 1:] = [n] * (depth - layer + 1)
+    attn[layer:] = [n] * (depth - layer)
+  for s, e in enumerate(exits):
+    attn[e:] = mlp[e:] = [stage_tokens[s + 1]] * (depth - e)
+  return float(sum(attention_half_macs(a, width) + mlp_half_macs(m, width, mlp_dim)
+                   for a, m in zip(attn, mlp)))
+
+
+def global_match_macs(n_tokens: Number, width: int) -> float:
+  """ALGM's global merge matching n tokens: ceil(n/2)·floor(n/2)·D (the similarities of set A
+  to set B, a matmul in the reference, which fvcore counts; the local merge's window
+  similarities are elementwise products, which it does not)."""
+  return float(math.ceil(n_tokens / 2) * math.floor(n_tokens / 2) * width)
 
 
 def atm_decoder_layer_macs(num_queries: Number, n_tokens: Number, dim: int) -> float:
@@ -263,11 +272,13 @@ def token_macs(config, tokens: Number, stage_tokens: Optional[Sequence[Number]] 
   stage_tokens: tokens processed by each encoder stage (len(exit_layers) + 1 entries, the
     first equal to `tokens`); None = no halting. Pass valid counts for the useful FLOPs and
     bucket capacities for the executed ones.
-  merged_tokens: ALGM ('algm' merge): the tokens after the local and after the global merge
-    (algm_encoder_macs; None: nothing merged); `tokens` is the full grid, which the head
-    reads (the merged tokens are unmerged for it).
+  merged_tokens: ALGM's merges inside the encoder (None: nothing merged): 'algm', the tokens
+    after the local and after the global merge (`tokens` is the full grid, which the head
+    reads: the merged tokens are unmerged for it; with exits stage_tokens[s] counts the
+    merged tokens active in segment s); 'dcts_algm', the tokens after the global merge
+    (`tokens`: the supertokens, which the head reads).
   Returns dict(policy, backbone, heads, total) in GFLOPs. The policy net is counted for
-  'cts'/'dcts'; the oracle merge reads labels and costs nothing.
+  'cts'/'dcts'/'dcts_algm'; the oracle merge reads labels and costs nothing.
   """
   m = config.model
   h, w = tuple(image_size or config.data.image_size)
@@ -279,16 +290,20 @@ def token_macs(config, tokens: Number, stage_tokens: Optional[Sequence[Number]] 
   if len(stage_tokens) != len(exits) + 1:
     raise ValueError(f"stage_tokens needs {len(exits) + 1} entries for exit_layers={exits}")
   layers = m.get("head_layers", HEAD_LAYERS)
+  merge = m.get("merge", "none")
   backbone = patch_embed_macs(tokens, d, p)
-  if m.get("merge", "none") == "algm":
-    if exits:
-      raise ValueError("token_macs: ALGM with exits is not counted (nor built) yet")
-    backbone += algm_encoder_macs(tokens, merged_tokens or (tokens, tokens), m.algm_layers,
-                                  depth, d, v["mlp_dim"])
-    stage_tokens = []
-  bounds = (0,) + exits + (depth,)
-  for s, n in enumerate(stage_tokens):
-    backbone += (bounds[s + 1] - bounds[s]) * vit_block_macs(n, d, v["mlp_dim"])
+  merges = ()
+  if merge in ENCODER_MERGES:   # 'dcts_algm' merges in the global block only
+    merge_layers = tuple(m.algm_layers)[0 if merge == "algm" else 1:]
+    merged = tuple(merged_tokens) if merged_tokens is not None else (tokens,) * len(merge_layers)
+    if len(merged) != len(merge_layers):
+      raise ValueError(f"merged_tokens={merged} needs one count per merge of "
+                       f"merge={merge!r} (blocks {merge_layers})")
+    merges = tuple(zip(merge_layers, merged))
+    backbone += global_match_macs(((tokens,) + merged)[-2], d)   # tokens entering it
+  elif merged_tokens is not None:
+    raise ValueError(f"merged_tokens: merge={merge!r} merges nothing inside the encoder")
+  backbone += encoder_macs(tokens, depth, d, v["mlp_dim"], merges, exits, stage_tokens)
   exit_head = builder.exit_head_of(m) if exits else None
   if exit_head == "segvit":  # SegViT's stage 0 at each exit on its active tokens; SegViT's
     # whole head at the end on every token (halted ones with their kept features)
@@ -307,7 +322,7 @@ def token_macs(config, tokens: Number, stage_tokens: Optional[Sequence[Number]] 
     heads = atm_head_macs([tokens] * len(m.out_layers), c, m.head_dim, d, layers, c + 1)
   heads += BILINEAR_MACS_PER_OUTPUT * c * h * w      # final mask logits to pixels
   policy = 0.0
-  if m.get("merge", "none") in ("cts", "dcts"):
+  if merge in POLICY_MERGES:
     policy = policy_macs(h, w, m.policy.get("hidden", 128), p)
   return dict(policy=policy / 1e9, backbone=backbone / 1e9, heads=heads / 1e9,
               total=(policy + backbone + heads) / 1e9)

@@ -29,18 +29,10 @@ TAU_6899 = (0.6, 0.8, 0.9, 0.9)     # dCTS thresholds for windows of 2, 4, 8, 16
 TAU_PRESETS = {"6899": TAU_6899, "4999": (0.4, 0.9, 0.9, 0.9)}   # the paper's τ-6899, τ-4999
 # Token capacities as fractions of the full grid (supertokens and exits: 1/8 steps).
 BUCKETS = (0.25, 0.375, 0.5, 0.625, 0.75, 0.875, 1.0)
-
-
-def exit_capacities(caps, exit_buckets, limit=32):
-  """The exit buckets after supertokens in any of the capacities `caps`: every capacity the
-  exit ladder gives inside each of them (so no exit bucket is larger than with the ladder
-  relative to the image's own capacity), or, when that makes more than `limit` programs,
-  the ladder relative to the largest capacity."""
-  union = sorted({c for cap in caps
-                  for c in supertokens.bucket_capacities(cap, exit_buckets, multiple=8)})
-  if len(union) <= limit:
-    return tuple(union)
-  return supertokens.bucket_capacities(caps[-1], exit_buckets, multiple=8)
+# Token merges (Segmenter.merge) that a policy net drives, and those that merge inside the
+# encoder (ALGM; 'dcts_algm': ALGM's global merge over dCTS supertokens, algm_encoder.py).
+POLICY_MERGES = ("cts", "dcts", "dcts_algm")
+ENCODER_MERGES = ("algm", "dcts_algm")
 
 
 def geometric_buckets(ratio=1.1, smallest=0.1):
@@ -90,7 +82,8 @@ class Segmenter(nn.Module):
     pixel_mean, pixel_std: input normalisation; the model takes raw pixels in [0, 255].
     merge: token sharing: 'none' (plain ViT), 'dcts' (policy scores vs per-size
       thresholds), 'cts' (top-K 2x2 windows), 'oracle' (windows pure in the labels),
-      'algm' (ALGM's local and global merges inside the encoder: models/algm_encoder.py).
+      'algm' (ALGM's local and global merges inside the encoder: models/algm_encoder.py),
+      'dcts_algm' (dCTS supertokens, then ALGM's global merge over them inside the encoder).
     thresholds: τ for window sizes (2, 4, 8, 16) patches (dCTS, e.g. τ-6899 = .6 .8 .9 .9).
     cts_shared: K, the number of shared 2x2 windows in CTS mode (103 at 512²); a value in
       (0, 1) is a share of the grid's 2x2 windows instead (0.4 ≈ 103/256 at any size).
@@ -110,7 +103,8 @@ class Segmenter(nn.Module):
     exit_mode: 'mask' (halted tokens masked in place) or 'compact' (active tokens gathered
       into the smallest capacity bucket of `exit_buckets` at every exit).
     keep_top_k: DToP keeps the k most confident halting candidates per class as context.
-    algm_layers: ALGM: 1-based blocks of the local and the global merge (Ti/S/B: 1, 5).
+    algm_layers: ALGM: 1-based blocks of the local and the global merge (Ti/S/B: 1, 5);
+      'dcts_algm' uses the global one only.
     algm_threshold: ALGM: the local merge's window similarity threshold (Ti .90).
     algm_global_min: ALGM: a minimum similarity for the global merge on top of its adaptive
       threshold (-1: none, as the reference; above 1 nothing merges).
@@ -175,6 +169,11 @@ class Segmenter(nn.Module):
     count known from the merge alone). ALGM merges inside the encoder: its input is every
     patch, as without a merge."""
     return self.merge not in ("none", "algm")
+
+  @property
+  def merges_in_encoder(self):
+    """Whether ALGM's merges run inside the encoder (their token counts known only there)."""
+    return self.merge in ENCODER_MERGES
 
   def merge_levels(self, images, labels=None):
     """Level map [B, gh, gw]: side (in patches) of the superpatch covering each cell."""
@@ -241,22 +240,23 @@ class Segmenter(nn.Module):
     out = (list(self.exit_heads) + [self.head])[i]([y], key_mask, train=train)
     return q, out["pred_logits"], out["pred_masks"]
 
-  def kept_layers(self, start, stop):
+  def kept_layers(self, start, stop, first=False):
     """out_layers in blocks (start, stop] whose features the 'segvit' design keeps for the
-    final head."""
+    final head; [start, stop] for the `first` segment, whose input is block `start`'s output
+    (ALGM with exits starts the staged encoder after block `start`, see algm_encoder)."""
     if self.exit_head != "segvit":
       return ()
-    return tuple(l for l in self.out_layers if start < l <= stop)
+    return tuple(l for l in self.out_layers if start - first < l <= stop)
 
-  def run_segment(self, x, q, active, start, stop, stages, capacity, train):
-    """Blocks [start, stop) and the head stages `stages` ((index, layer) pairs) on the active
-    tokens.
+  def run_segment(self, x, q, active, start, stop, stages, capacity, train, first=False):
+    """Blocks [start, stop) (0-based; x is block `start`'s 1-based output) and the head stages
+    `stages` ((index, layer) pairs, start <= layer <= stop) on the active tokens.
 
     capacity None: every token in place, halted ones hidden by the key mask. Otherwise the
     active tokens are gathered into `capacity` slots, run, and scattered back. Halted tokens
     keep their features (x) as they were when they halted.
     Returns (x [B, N, D], queries, [(class logits [B, Q, K], mask logits [B, Q, N]), ...],
-    [features [B, N, D] at each of `kept_layers(start, stop)`]).
+    [features [B, N, D] at each of `kept_layers(start, stop, first)`]).
     """
     if capacity is None:
       xs, sub = x, active
@@ -265,17 +265,18 @@ class Segmenter(nn.Module):
       idx, sub = early_exit.compact_indices(active, capacity)
       xs = early_exit.gather(x, idx)
       back = lambda y: early_exit.scatter(x, y, idx, sub)
-    outs = self.backbone.run_blocks(xs, sub, start, stop, train=train)
+    # outs[k]: block start + k's output (outs[0] the input: a segment may have no blocks).
+    outs = [xs] + self.backbone.run_blocks(xs, sub, start, stop, train=train)
     results = []
     for i, layer in stages:
-      q, cls, masks = self.head_stage(i, q, outs[layer - start - 1], sub, train)
+      q, cls, masks = self.head_stage(i, q, outs[layer - start], sub, train)
       if capacity is not None:  # halted tokens get zeros; the canvas never reads them
         n = x.shape[1]
         masks = jnp.swapaxes(early_exit.scatter(
             jnp.zeros((x.shape[0], n, masks.shape[1]), jnp.float32),
             jnp.swapaxes(masks, 1, 2), idx, sub), 1, 2)
       results.append((cls, masks))
-    kept = [back(outs[layer - start - 1]) for layer in self.kept_layers(start, stop)]
+    kept = [back(outs[layer - start]) for layer in self.kept_layers(start, stop, first)]
     return back(outs[-1]), q, results, kept
 
   def staged(self, x, key_mask, *, train):
@@ -352,21 +353,25 @@ class Segmenter(nn.Module):
                 canvas=jnp.zeros((b, self.head.num_classes, n), jnp.float32),
                 results=[], features=[], counts=[], caps=[])
 
-  def stage_segment(self, state, s, caps, *, train):
+  def stage_segment(self, state, s, caps, *, train, first_block=0):
     """Runs segment s (the blocks up to exit s, or to the end) and its head stages; in compact
-    mode after the first exit, the active tokens in the smallest of `caps` that holds them."""
+    mode after the first exit, the active tokens in the smallest of `caps` that holds them.
+    first_block: the 1-based block whose output the staged encoder starts from (0: the
+    embedded tokens; ALGM with exits: the global merge's block, see algm_encoder)."""
     depth = self.backbone.depth
     layers = self.stage_layers()
-    bounds = (0,) + tuple(self.exit_layers) + (depth,)
+    bounds = (first_block,) + tuple(self.exit_layers) + (depth,)
     taus = self.exit_thresholds()
     state = dict(state, results=list(state["results"]), features=list(state["features"]),
                  counts=list(state["counts"]), caps=list(state["caps"]))
     x, q, active, canvas = state["x"], state["q"], state["active"], state["canvas"]
     n = x.shape[1]
     state["counts"].append(jnp.sum(active, axis=-1))
-    stages = tuple((i, l) for i, l in enumerate(layers) if bounds[s] < l <= bounds[s + 1])
+    first = s == 0   # the first segment's input is block bounds[0]'s output: its layer too
+    stages = tuple((i, l) for i, l in enumerate(layers)
+                   if bounds[s] - first < l <= bounds[s + 1])
     run = functools.partial(Segmenter.run_segment, start=bounds[s], stop=bounds[s + 1],
-                            stages=stages, train=train)
+                            stages=stages, train=train, first=first)
     if self.exit_mode == "compact" and s > 0 and len(caps) > 1:
       idx = supertokens.bucket_index(state["counts"][-1], caps)
       branches = [functools.partial(run, capacity=c) for c in caps]
@@ -436,9 +441,14 @@ class Segmenter(nn.Module):
     exit buckets, run outside this capacity's branch."""
     tokens, valid = self.embed_supertokens(x, layout, grid, capacity)
     state = self.stage_segment(self.stage_init(tokens, valid), 0, (), train=train)
-    pad = lambda a, value=0: jnp.pad(a, [(0, 0)] * (a.ndim - 1) + [(0, slots - capacity)],
+    return self.pad_state(state, slots)
+
+  def pad_state(self, state, slots):
+    """The staged state of tokens in a capacity, padded to `slots` token slots (invalid)."""
+    extra = slots - state["x"].shape[1]
+    pad = lambda a, value=0: jnp.pad(a, [(0, 0)] * (a.ndim - 1) + [(0, extra)],
                                      constant_values=value)
-    pad_tokens = lambda a: jnp.pad(a, ((0, 0), (0, slots - capacity), (0, 0)))
+    pad_tokens = lambda a: jnp.pad(a, ((0, 0), (0, extra), (0, 0)))
     return dict(state, x=pad_tokens(state["x"]), features=[pad_tokens(f) for f in state["features"]],
                 valid=pad(state["valid"], False),
                 active=pad(state["active"], False), canvas=pad(state["canvas"]),
@@ -454,6 +464,9 @@ class Segmenter(nn.Module):
   def begin_staged(self, images, level, capacity):
     """Host-dispatched early exit, first program: tokens (supertokens of `level` in `capacity`
     slots, or every patch) through the blocks up to the first exit; the staged state."""
+    if self.merges_in_encoder:   # (evaluation.dispatch runs these in one program)
+      raise ValueError(f"merge={self.merge!r} merges inside the encoder: no host-dispatched "
+                       "early exit; call the model")
     x = self.normalize(images)
     grid = self.grid(images)
     if self.merge == "none":
@@ -496,7 +509,7 @@ class Segmenter(nn.Module):
       with exits the halt stage per cell, active tokens and capacity per stage; with ALGM
       the tokens after each merge, the capacities and source maps (algm_encoder).
     capacity: force one token capacity instead of the on-device bucket choice (ALGM: for
-      both merged segments).
+      every merged segment; with exits, their ladder inside it).
     level: the merge's level map when already computed (token_count), skipping the policy.
     """
     x = self.normalize(images)   # checks shape and dtype first: their errors say more
@@ -513,7 +526,10 @@ class Segmenter(nn.Module):
       caps = (capacity,) if capacity else self.capacities(grid)
       idx = (jnp.zeros((), jnp.int32) if len(caps) == 1
              else supertokens.bucket_index(layout["count"], caps))
-      if len(caps) == 1:
+      if self.merge == "dcts_algm":
+        out = self.unshare_outputs(algm_encoder.supertoken_encode_decode(
+            self, x, layout, grid, caps, train=train), layout)
+      elif len(caps) == 1:
         out = self.run_supertokens(x, layout, grid, caps[0], train)
       elif self.exit_layers and self.exit_mode == "compact":
         # Two switches in sequence, not nested: the supertoken capacity covers the blocks up
@@ -523,7 +539,7 @@ class Segmenter(nn.Module):
         branches = [functools.partial(Segmenter.first_segment, grid=grid, capacity=c,
                                       slots=slots, train=train) for c in caps]
         state = nn.switch(idx, branches, self, x, layout)
-        exit_caps = exit_capacities(caps, self.exit_buckets)
+        exit_caps = supertokens.exit_capacities(caps, self.exit_buckets)
         for s in range(1, len(self.exit_layers) + 1):
           state = self.stage_segment(state, s, exit_caps, train=train)
         out = self.unshare_outputs(self.stage_finish(state, train=train), layout)

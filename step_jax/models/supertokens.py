@@ -196,3 +196,15 @@ def bucket_capacities(n_full: int, fractions: Sequence[float], multiple: int = 1
 def bucket_index(count, capacities):
   """Index of the smallest capacity holding the largest token count of the batch."""
   return jnp.searchsorted(jnp.asarray(capacities), jnp.max(count), side="left")
+
+
+def exit_capacities(caps, exit_buckets, limit=32):
+  """The exit buckets after a first segment run in any of the capacities `caps` (supertokens,
+  ALGM's merged tokens): every capacity the exit ladder gives inside each of them (so no exit
+  bucket is larger than with the ladder relative to the image's own capacity), or, when that
+  makes more than `limit` programs, the ladder relative to the largest capacity."""
+  union = sorted({c for cap in caps
+                  for c in bucket_capacities(cap, exit_buckets, multiple=8)})
+  if len(union) <= limit:
+    return tuple(union)
+  return bucket_capacities(caps[-1], exit_buckets, multiple=8)
