@@ -20,9 +20,9 @@ $STEP_JAX_DATA/camvid_segnet, else ../shared/data/camvid_segnet next to the repo
   python -m step_jax.cli.train --config=configs/camvid.py:method=step,size=cpu,init_from=$SEGVIT_WD \
       --workdir=$WD
 
-Arguments: method (segvit, cts, dcts, dtop, cts_dtop, step, algm: see configs/step.py), size
-(cpu | gpu), variant (override the size's ViT, e.g. Ti/16), tau (dCTS thresholds, '6899' or
-'4999'), exits ('-'-separated layers; default per variant), exit_tau (halting confidence;
+Arguments: method (segvit, cts, dcts, dtop, cts_dtop, step, algm, dcts_algm, algm_dtop: see
+configs/step.py), size (cpu | gpu), variant (override the size's ViT, e.g. Ti/16), tau (dCTS
+thresholds, '6899' or '4999'), exits ('-'-separated layers; default per variant), exit_tau (halting confidence;
 default: the dataset registry's, .8), exit_head (segvit, the default | atm_shallow_first | dtop
 | dtop_multiclass: see configs/step.py), init_from (a trained model to fine-tune with
 pruning: set_finetune_recipe), recipe (models with exits from scratch: dtop, BASE then

@@ -511,7 +511,7 @@ def _workdir_has_policy(path):
   """Whether `path` is a training workdir of a model with a (trained) policy net."""
   if not os.path.isfile(os.path.join(path or "", "config.json")):
     return False
-  return ckpt_lib.read_config(path).model.get("merge", "none") in ("cts", "dcts")
+  return ckpt_lib.read_config(path).model.get("merge", "none") in segmenter_lib.POLICY_MERGES
 
 
 def _load_init_from(state, config):
