@@ -106,7 +106,8 @@ def model_config(variant, res):
       # Inference: capacity buckets chosen on device in the one program ('device'), or on
       # the host between programs compiled on first use ('host', evaluation/dispatch.py;
       # affordable with a fine ladder, e.g. buckets = segmenter.geometric_buckets(1.05)), or
-      # 'host_split': the same, each image in its own capacity after the first exit.
+      # 'host_split': the same, each image in its own capacity after the first exit. For the
+      # benchmark; evaluation and step-segment read config.eval.dispatch.
       bucket_dispatch="device",
       posemb_grid=(res // patch, res // patch), pixel_mean=(127.5,) * 3, pixel_std=(127.5,) * 3))
 
@@ -149,7 +150,15 @@ def add_runtime_defaults(config):
       resize_short=0,                 # test-time resize: short side to this (0: off) ...
       max_long=0,                     # ... long side at most this (0: no cap)
       label_multiple=32,              # label padding multiple (fewer compiled shapes)
-      batch_size=0))                  # images per eval batch (0: config.eval_batch_size)
+      batch_size=0,                   # images per eval batch (0: config.eval_batch_size)
+      # Where the capacity buckets are chosen (evaluation/evaluator.py, step-segment):
+      # 'device' in the one jitted program (lax.switch over the ladder, every bucket
+      # compiled), 'host' / 'host_split' between programs compiled on first use
+      # (evaluation/dispatch.py). 'device' until measured: analysis/benchmark.py
+      # measure_evaluation.
+      dispatch="device",
+      bucket_ratio=0.0,               # ladder: 0 the model's buckets; r > 1 geometric_buckets(r)
+      group_batches=16))              # host: sort by tokens in pools of N batches (held decoded)
   protocol = datasets.get(config.data.name).eval
   if protocol:  # the dataset's protocol, the same for every method
     res = int(config.data.image_size[0])

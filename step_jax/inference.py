@@ -22,6 +22,14 @@ Protocol: the config's evaluation protocol, through the evaluator's functions
 grid or sliding windows, scores resized back to the image's size, argmax. Images are batched
 by padded shape (one program compiled per shape, as evaluation does).
 
+Bucket dispatch (`dispatch`, default the config's eval.dispatch; `bucket_ratio`, its
+eval.bucket_ratio): 'device' runs the one program per shape; 'host' / 'host_split' choose
+the capacities on the host as evaluation does (evaluation/evaluator.py host_scores), and
+sort the images of one padded shape by token count in pools of eval.group_batches batches
+before batching them; every entry keeps its file name, so each image's outputs still go to
+its own files. With several processes each segments its own files on its own devices, so
+no capacity needs agreeing between processes.
+
 A rerun continues a killed one: every file is written to a temporary name in its folder and
 renamed, and an image whose requested outputs all exist is skipped (outputs are not checked
 against the model: use a new `output` for another model). Files that cannot be segmented
@@ -57,6 +65,7 @@ from step_jax import api
 from step_jax.analysis import visualize
 from step_jax.data import datasets
 from step_jax.data import decode
+from step_jax.evaluation import dispatch as dispatch_lib
 from step_jax.evaluation import evaluator
 from step_jax.evaluation import tokens as tokens_lib
 from step_jax.runtime import checkpoint as ckpt_lib
@@ -323,17 +332,21 @@ def merge_summaries(parts):
 # Segmenting files.                                                            #
 ################################################################################
 def segment_files(model_dir, source, output, *, save=("labels",), batch_size=0,
-                  on_error="skip", stream=None):
+                  on_error="skip", dispatch=None, bucket_ratio=None, stream=None):
   """Segments `source` (a folder, a glob, an image or a video) with the model in `model_dir`
   into `output` (module docstring); returns the summary written to output/summary.json:
   images segmented by this run, already_done (skipped: finished by an earlier run), failed
   [{file, error}], mean_tokens_full / kept (entering the encoder) / halted (by the exits)
   per image, gflops_useful / executed (flops.token_macs of the valid tokens and of the
   compiled slots; tokens and GFLOPs are None with sliding windows, whose windows' maps
-  overlap), images_per_s (compile time left out), seconds, compile_s, compiled_shapes.
+  overlap), images_per_s (compile time left out), seconds, compile_s, compiled_shapes,
+  dispatch and bucket_ratio.
 
   batch_size: images per program call (0: the config's evaluation batch), rounded up to a
-  multiple of this process's devices. stream: where progress and failures go (stderr).
+  multiple of this process's devices. dispatch ('device', 'host', 'host_split') and
+  bucket_ratio (0: the model's buckets, r > 1: segmenter.geometric_buckets(r)): where the
+  capacity buckets are chosen and their ladder (None: the config's eval.dispatch and
+  eval.bucket_ratio; module doc). stream: where progress and failures go (stderr).
   """
   save = tuple(dict.fromkeys(save))
   if not save or set(save) - set(OUTPUTS):
@@ -342,12 +355,18 @@ def segment_files(model_dir, source, output, *, save=("labels",), batch_size=0,
     raise ValueError(f"on_error={on_error!r}: use 'skip' or 'fatal'")
   if batch_size < 0:
     raise ValueError(f"batch_size={batch_size} must be 0 (the config's) or positive")
+  if dispatch is not None and dispatch not in dispatch_lib.DISPATCHES:
+    raise ValueError(f"dispatch={dispatch!r}: use one of {', '.join(dispatch_lib.DISPATCHES)}")
+  if bucket_ratio is not None and bucket_ratio and bucket_ratio <= 1:
+    raise ValueError(f"bucket_ratio={bucket_ratio}: use 0 (the model's buckets) or a ratio "
+                     "> 1, e.g. 1.05")
   model_dir, output = os.fspath(model_dir), os.fspath(output)
   files, video = find_inputs(source, exclude=output)   # a bad input fails before the model loads
   if not os.path.isdir(model_dir):
     raise FileNotFoundError(f"{model_dir} is not a directory (expected a step_jax training "
                             "workdir or export folder)")
-  run = _Run(model_dir, output, save, batch_size, on_error, stream or sys.stderr)
+  run = _Run(model_dir, output, save, batch_size, on_error, stream or sys.stderr, dispatch,
+             bucket_ratio)
   start = time.time()
   run.segment(run.entries(files, video))
   seconds = time.time() - start
@@ -360,7 +379,8 @@ def segment_files(model_dir, source, output, *, save=("labels",), batch_size=0,
       mean_tokens_halted=_mean(st["halted"]), gflops_useful=_mean(st["useful"]),
       gflops_executed=_mean(st["executed"]),
       images_per_s=run.done / max(seconds - run.compile_s, 1e-9), seconds=seconds,
-      compile_s=run.compile_s, compiled_shapes=len(run.models), batch_size=run.batch,
+      compile_s=run.compile_s, compiled_shapes=len(run.shapes), batch_size=run.batch,
+      dispatch=run.dispatch, bucket_ratio=run.bucket_ratio,
       devices=len(run.devices), processes=process_share()[1])
   return _write_summary(summary, output)
 
@@ -369,10 +389,22 @@ class _Run:
   """One segment_files call: the model on this process's devices, its compiled programs and
   what has been done so far."""
 
-  def __init__(self, model_dir, output, save, batch_size, on_error, stream):
+  def __init__(self, model_dir, output, save, batch_size, on_error, stream, dispatch=None,
+               bucket_ratio=None):
     self.config, self.model, variables, self.call, self.fixed_hw, fixed_batch = _load(model_dir)
     self.s = evaluator.settings(self.config)
     _check_protocol(self.model, self.s, save, self.fixed_hw, int(self.config.num_classes))
+    self.dispatch = dispatch or self.s["dispatch"]
+    self.bucket_ratio = self.s["bucket_ratio"] if bucket_ratio is None else float(bucket_ratio)
+    if self.fixed_hw is not None and (self.dispatch != "device" or self.bucket_ratio):
+      raise ValueError(f"{model_dir} holds an exported model, one program with its own "
+                       f"buckets: dispatch={self.dispatch!r}, bucket_ratio={self.bucket_ratio} "
+                       "need the Flax model (a training workdir or an export folder of "
+                       "parameters); use dispatch='device', bucket_ratio=0")
+    if self.fixed_hw is None:   # the model with its evaluation ladder, run as dispatched
+      self.model = dispatch_lib.with_ladder(self.model, self.bucket_ratio)
+      self.call = api.inference_fn(self.model)
+    self.host = dispatch_lib.host_buckets(self.model, self.dispatch)
     self.colours = datasets.palette(self.config.data.name, int(self.config.num_classes))
     self.output, self.save, self.on_error, self.stream = output, save, on_error, stream
     self.devices = jax.local_devices()
@@ -385,7 +417,7 @@ class _Run:
     self.rows = sharding_lib.batch_sharding(mesh)
     self.variables = jax.device_put(variables, sharding_lib.replicated(mesh))
     self.failed, self.stats, self.done, self.skipped = [], collections.defaultdict(list), 0, 0
-    self.models, self.labels, self.compile_s = {}, {}, 0.0
+    self.models, self.labels, self.compile_s, self.shapes = {}, {}, 0.0, set()
     self.progress = None
 
   def unfinished(self, name):
@@ -448,13 +480,23 @@ class _Run:
     """Runs the batches of `entries`; each batch's outputs are written while the next one
     runs on the devices."""
     in_flight = None
-    for group in _batches(entries, self.batch):
+    if self.host is None:
+      batches = _batches(entries, self.batch)
+    else:   # pools of one shape sorted by token count (module doc)
+      batches = _batches(entries, self.batch, self.batch * self.s["group_batches"],
+                         self.token_counts)
+    for group in batches:
       padded, out_hw = key = group[0].key
+      self.shapes.add(padded)
       images, sizes = _stack(group, self.batch, padded)
       args = (self.variables, jax.device_put(images, self.rows),
               jax.device_put(sizes, self.rows))
-      result = self.compiled(self.models, padded,
-                             functools.partial(_scores, call=self.call, s=self.s), *args)(*args)
+      if self.host is None:
+        result = self.compiled(self.models, padded,
+                               functools.partial(_scores, call=self.call, s=self.s),
+                               *args)(*args)
+      else:
+        result = self.host_scores(*args)
       scores = result.pop("scores")
       result["pred"] = self.compiled(self.labels, key, functools.partial(_labels, out_hw=out_hw),
                                      scores, args[2])(scores, args[2])
@@ -466,6 +508,29 @@ class _Run:
       self.write(*in_flight)
     self.show(force=True)
     self.progress.close()
+
+  def host_scores(self, variables, images, sizes):
+    """_scores' dict with the model's capacities chosen on the host."""
+    before = sum(self.host.compile_s.values())
+    scores, info = evaluator.host_scores(self.host, variables, images, sizes, self.s)
+    self.compile_s += sum(self.host.compile_s.values()) - before
+    result = dict(scores=scores)
+    if info is not None:
+      result.update({k: v for k, v in info.items() if k in TOKEN_KEYS})
+    return result
+
+  def token_counts(self, entries):
+    """Tokens of each entry (the merge alone), for sorting a pool; batches as segment's."""
+    counts = []
+    for i in range(0, len(entries), self.batch):
+      group = entries[i:i + self.batch]
+      images, sizes = _stack(group, self.batch, group[0].key[0])
+      before = sum(self.host.compile_s.values())
+      counts.append(evaluator.host_token_counts(
+          self.host, self.variables, jax.device_put(images, self.rows),
+          jax.device_put(sizes, self.rows), self.s)[:len(group)])
+      self.compile_s += sum(self.host.compile_s.values()) - before
+    return np.concatenate(counts)
 
   def show(self, force=False):
     self.progress.update(self.done, len(self.failed), self.skipped, self.compile_s, force=force)
@@ -518,14 +583,23 @@ def _prepare(name, where, image, model, s, fixed_hw, rows_per_device):
   return _Entry(name, image, model_image, (padded, out))
 
 
-def _batches(entries, batch):
-  """Lists of up to `batch` entries of one key, each as soon as it is full, the rest last."""
+def _batches(entries, batch, pool=0, counts=None):
+  """Lists of up to `batch` entries of one key, each as soon as it is full, the rest last.
+  With `pool` and `counts` (entries → token counts): pools of up to `pool` entries of one
+  key, each sorted by token count and cut into batches."""
+  pool = pool or batch
+
+  def cut(group):
+    if counts is not None and len(group) > batch:
+      group = [group[i] for i in np.argsort(counts(group), kind="stable")]
+    return [group[i:i + batch] for i in range(0, len(group), batch)]
   pending = collections.OrderedDict()
   for e in entries:
     pending.setdefault(e.key, []).append(e)
-    if len(pending[e.key]) == batch:
-      yield pending.pop(e.key)
-  yield from pending.values()
+    if len(pending[e.key]) == pool:
+      yield from cut(pending.pop(e.key))
+  for group in pending.values():
+    yield from cut(group)
 
 
 def _stack(group, batch, padded):

@@ -34,6 +34,7 @@ HEAVY_FIRST = ("test_train_step.py",   # 130
                "test_train.py",        # 86
                "test_dispatch.py",     # 82
                "test_bad_input.py",    # 75
+               "test_eval_dispatch.py",  # 60 (measured with two trainings on the 2 cores)
                "test_supertokens.py",  # 59
                "test_export.py",       # 58
                "test_policy.py",       # 55

@@ -16,6 +16,12 @@ policy from `config.model.policy.init_from` when set. Halting needs trained exit
 random heads `--exit_share` calibrates each exit threshold on the benchmark images so that
 this share of the still-active tokens halts (the paper reports ~40 %), which fixes the token
 counts that the wall-clock is compared against. The JSON says which weights were used.
+
+`measure_evaluation` times the evaluator itself (evaluation/evaluator.py) under each bucket
+dispatch, per image and compile seconds, for choosing config.eval.dispatch:
+
+  python experiments/eval_dispatch.py --config=configs/step.py:method=step,variant=B/16,dataset=camvid,res=1024 \
+      --config.model.policy.init_from=POLICY --exit_share=0.4 --square --batch=1 --batch=8
 """
 
 import platform
@@ -24,8 +30,11 @@ import time
 
 import jax
 import numpy as np
+from PIL import Image
 
+from step_jax.data import get_source
 from step_jax.evaluation import dispatch as dispatch_lib
+from step_jax.evaluation import evaluator
 from step_jax.evaluation import tokens
 from step_jax.models import attention
 from step_jax.models import flops
@@ -34,6 +43,7 @@ from step_jax.models import segmenter
 from step_jax.models import variables as variables_lib
 from step_jax.models import vit as vit_lib
 from step_jax.runtime import checkpoint
+from step_jax.runtime import sharding
 
 def prepare(config, dtype="fp32", variables=None, images=None, exit_share=-1.0):
   """(config, model, variables, weights description) ready to run; see the module doc."""
@@ -168,3 +178,73 @@ def flops_report(config, workdir=None, *, images="", num_images=16, exit_share=-
       heads=round(st["gflops_heads"], 4), tokens=st["mean_tokens_per_stage"][0],
       tokens_per_stage=st["mean_tokens_per_stage"], tokens_full=st["tokens_full"],
       images=st["images"], image_size=[h, w], weights=weights or prepared)
+
+
+class _Subset:
+  """The first `n` examples of `source` (0: all), resized to `hw` when given: images
+  bilinear, labels nearest (the fixed size the benchmarks quote GFLOPs at)."""
+
+  def __init__(self, source, n=0, hw=None):
+    self.source, self.n, self.hw = source, min(n or len(source), len(source)), hw
+
+  def __len__(self):
+    return self.n
+
+  def __getitem__(self, i):
+    ex = self.source[i]
+    if self.hw is None:
+      return ex
+    h, w = self.hw
+    label = Image.fromarray(np.asarray(ex["label"])).resize((w, h), Image.NEAREST)
+    return dict(image=evaluator.resize_image(np.asarray(ex["image"]), (h, w)),
+                label=np.asarray(label))
+
+
+def measure_evaluation(config, variables=None, *, dispatches=("device", "host"),
+                       bucket_ratio=1.05, batch=0, num_images=0, square=False, dtype="fp32",
+                       exit_share=-1.0, weights="given"):
+  """Evaluation seconds per image and compile seconds of each bucket dispatch; a list of
+  JSON-able dicts, one per dispatch.
+
+  The config's evaluation (split, protocol, config.eval.batch_size or `batch`) of its first
+  `num_images` images (0: all), resized to config.data.image_size with `square`, the same
+  weights for every dispatch (`prepare`: random ViT and heads with the config's policy, exits
+  calibrated to `exit_share`, unless `variables`). 'device' runs the model's own ladder
+  (config.model.buckets), the host dispatches `bucket_ratio`'s. Each dispatch gets a fresh
+  Evaluator, nothing compiled yet (run without a persistent compilation cache, or the compile
+  seconds are its reads), and evaluates twice: compile_s = first pass - second pass (the
+  second compiles nothing; reading and resizing the images cancel), s_per_image = second pass
+  / images. miou_delta: against the first dispatch's mIoU.
+  """
+  calib = tokens.load_images(config, "", 8) if exit_share > 0 else None
+  config, model, variables, prepared = prepare(config, dtype, variables, calib, exit_share)
+  weights = weights if prepared == "given" else prepared
+  split = config.data.get("split", "") or config.data.eval_split
+  source = _Subset(get_source(config.data, split, config.num_classes, config.ignore_index),
+                   num_images, tuple(config.data.image_size) if square else None)
+  mesh = sharding.make_mesh(config)
+  params = jax.device_put(variables, sharding.replicated(mesh))
+  rows = []
+  for d in dispatches:
+    cfg = config.copy_and_resolve_references()
+    cfg.eval.update(dispatch=d, bucket_ratio=0.0 if d == "device" else bucket_ratio)
+    if batch:
+      cfg.eval.batch_size = batch
+    ev = evaluator.Evaluator(cfg, model, mesh, split=split, source=source)
+    t = time.perf_counter()
+    ev(params)
+    first = time.perf_counter() - t
+    t = time.perf_counter()
+    out = ev(params)
+    second = time.perf_counter() - t
+    rows.append(dict(
+        dispatch=d, bucket_ratio=cfg.eval.bucket_ratio, batch=ev.batch_size,
+        images=len(source), image_size=list(config.data.image_size) if square else "native",
+        mode=out["mode"], s_per_image=second / len(source), compile_s=max(first - second, 0.0),
+        first_pass_s=first, second_pass_s=second, compiled_shapes=out["compiled_shapes"],
+        model_programs=out.get("model_programs"), model_compile_s=out.get("model_compile_s"),
+        miou=out["miou"], miou_delta=out["miou"] - (rows[0]["miou"] if rows else out["miou"]),
+        method=config.get("method", "segvit"), variant=config.model.variant, dtype=dtype,
+        weights=weights, device=f"{jax.devices()[0].platform}:{jax.devices()[0].device_kind}",
+        compilation_cache=jax.config.jax_compilation_cache_dir or None))
+  return rows

@@ -2,7 +2,8 @@
 trained model and writes a label map per image plus summary.json (step_jax.inference).
 
   python -m step_jax.cli.segment --workdir=DIR --input=FRAMES_DIR --output=OUT \
-      [--save=labels,overlay,tokens] [--batch_size=8] [--on_error=skip|fatal]
+      [--save=labels,overlay,tokens] [--batch_size=8] [--on_error=skip|fatal] \
+      [--dispatch=device|host|host_split] [--bucket_ratio=1.05]
 
 --workdir is a training workdir or an export folder; a rerun into the same --output skips
 the images already finished.
@@ -12,6 +13,7 @@ from absl import flags
 
 from step_jax import inference
 from step_jax.cli import common
+from step_jax.evaluation import dispatch
 
 
 def main(argv):
@@ -20,7 +22,8 @@ def main(argv):
   f = flags.FLAGS
   summary = inference.segment_files(
       f.workdir, f.input, f.output, save=tuple(x for x in f.save.split(",") if x),
-      batch_size=f.batch_size, on_error=f.on_error)
+      batch_size=f.batch_size, on_error=f.on_error, dispatch=f.dispatch,
+      bucket_ratio=f.bucket_ratio)
   failed = f", {summary['failed_count']} failed (listed in summary.json)" \
       if summary["failed_count"] else ""
   print(f"segmented {summary['images']} images into {f.output} "
@@ -42,6 +45,13 @@ def run():
   flags.DEFINE_enum("on_error", "skip", inference.ON_ERROR, "A file that cannot be segmented "
                     "(unreadable, corrupt, 16-bit, empty, too large): skip it and list it in "
                     "summary.json, or stop with an error.")
+  flags.DEFINE_enum("dispatch", None, list(dispatch.DISPATCHES), "Where the token-capacity "
+                    "buckets are chosen: in the one program, on the host, or on the host with "
+                    "each image alone after the first exit (default: the config's "
+                    "eval.dispatch).")
+  flags.DEFINE_float("bucket_ratio", None, "Bucket ladder: 0 the model's own, r > 1 geometric "
+                     "with ratio r, e.g. 1.05 with --dispatch=host (default: the config's "
+                     "eval.bucket_ratio).")
   flags.mark_flags_as_required(["workdir", "input", "output"])
   common.list_flags_in_help(__name__)
   common.quiet_by_default()

@@ -14,10 +14,15 @@ ViT forward at the resolutions STEP is for; outputs equal the one-program model'
 
 `group_by_tokens` orders images so that a batch holds images of similar token counts, which
 keeps the batch's capacity (set by its largest count) close to every image's own.
+
+Several processes (jax.distributed, a batch split over them): every count is read as the
+whole batch's, gathered from all processes (`host_value`), so each process picks the same
+capacity and compiles and runs the same programs, as SPMD requires.
 """
 import time
 
 import jax
+from jax.experimental import multihost_utils
 import jax.numpy as jnp
 import numpy as np
 
@@ -36,6 +41,32 @@ def host_buckets(model, dispatch):
   if dispatch not in DISPATCHES:
     raise ValueError(f"bucket dispatch {dispatch!r}: use one of {', '.join(DISPATCHES)}")
   return None if dispatch == "device" else HostBuckets(model, dispatch == "host_split")
+
+
+def with_ladder(model, ratio):
+  """The model with the geometric ladder `segmenter.geometric_buckets(ratio)` for its
+  supertokens and its exits (ratio 0: the model's own buckets). The buckets change no output,
+  only the padding and the programs compiled: with the host dispatch only the capacities the
+  data needs compile, so a fine ladder (1.05) costs little; on device every one of them does.
+  """
+  if not ratio:
+    return model
+  if ratio <= 1:
+    raise ValueError(f"bucket ratio {ratio}: use 0 (the model's own buckets) or a ratio > 1, "
+                     "e.g. 1.05")
+  if model.merges_in_encoder:   # its buckets are chosen inside the encoder, on device
+    raise ValueError(f"merge={model.merge!r} chooses its buckets inside the encoder, in the "
+                     "one program: a fine ladder would compile every capacity; use ratio 0")
+  ladder = segmenter_lib.geometric_buckets(ratio)
+  return model.clone(buckets=ladder, exit_buckets=ladder)
+
+
+def host_value(x):
+  """`x` as a numpy array: with several processes, the whole (global) array, gathered from
+  all of them, so that every process reads the same counts."""
+  if isinstance(x, jax.Array) and not x.is_fully_addressable:
+    return np.asarray(multihost_utils.process_allgather(x, tiled=True))
+  return np.asarray(x)
 
 
 def pick_capacity(count, capacities):
@@ -107,7 +138,7 @@ class HostBuckets:
     # device, in one program (dcts_algm: the supertokens' here, the merged tokens' in it).
     if m.shares_tokens:
       level, count = self._run("merge", self._count, {}, variables, images)
-      cap = pick_capacity(int(np.max(np.asarray(count))), m.capacities(grid))
+      cap = pick_capacity(int(np.max(host_value(count))), m.capacities(grid))
     if not m.exit_layers or m.exit_mode != "compact" or m.merges_in_encoder:
       if not m.shares_tokens:
         return self._run("model", lambda v, x: m.apply(v, x), {}, variables, images)
@@ -120,7 +151,7 @@ class HostBuckets:
                for i in range(len(images))]
     for s in range(1, len(m.exit_layers) + 1):
       for i, part in enumerate(parts):
-        active = int(np.max(np.asarray(part["active"]).sum(-1)))
+        active = int(np.max(host_value(part["active"]).sum(-1)))
         parts[i] = self._run(f"segment {s + 1}", self._segment,
                              dict(s=s, capacity=pick_capacity(active, caps)), variables, part)
     if len(parts) > 1:   # per-image capacities become [B] per stage
@@ -136,4 +167,4 @@ class HostBuckets:
     if not self.model.shares_tokens:
       grid = self.model.grid(images)
       return np.full(len(images), grid[0] * grid[1])
-    return np.asarray(self._run("merge", self._count, {}, variables, images)[1])
+    return host_value(self._run("merge", self._count, {}, variables, images)[1])

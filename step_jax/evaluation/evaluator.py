@@ -27,8 +27,27 @@ per-image sizes travel as data, so a dataset of varying image sizes compiles onl
 programs (their number is reported). Window positions, crops and resizes that depend on the
 true size are computed inside the program from those sizes.
 
+Bucket dispatch (`config.eval.dispatch`, dispatch.DISPATCHES): 'device' runs each batch in
+one jitted program (padding, model with its capacity buckets chosen by `lax.switch`, scores,
+confusion matrix; sliding windows as a `lax.scan`); 'host' / 'host_split' run the model
+through `dispatch.HostBuckets` (the merge first, its token count read back, the batch in
+the smallest capacity of the ladder that holds it, each capacity compiled on first use)
+between small jitted programs for the padding and the scores. `config.eval.bucket_ratio`
+sets the ladder (1.05: `segmenter.geometric_buckets(1.05)`, at most 5 % padding; 0: the
+model's). On the host the images of one bucket shape are sorted by token count in pools of
+`config.eval.group_batches` batches (the confusion matrix does not depend on the order), so
+that a batch's capacity, set by its largest count, is close to each image's own. Sliding
+windows: every image of a bucket shape has the same windows (n, at the same places up to
+the border clip), so a batch runs window by window, window k of each of its images as one
+model batch, added to the image's scores on the device that holds the image; windows of
+different images are not mixed across batches, which would group counts more tightly but
+move every window's scores to its image's device (and process). The default stays
+'device' until measured (analysis/benchmark.py `measure_evaluation`).
+
 Multi-host: every process reads the whole split (so all agree on the batch plan) and feeds
-its rows of each global batch; the confusion matrix is a global sum.
+its rows of each global batch; the confusion matrix is a global sum. With the host dispatch
+the token counts are gathered from every process (dispatch.host_value): all order a pool the
+same way and agree on each batch's capacity, so all run the same programs.
 """
 import collections
 import functools
@@ -41,6 +60,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from step_jax.data import get_source
+from step_jax.evaluation import dispatch as dispatch_lib
 from step_jax.evaluation import metrics as metrics_lib
 from step_jax.evaluation import tokens
 from step_jax.models import resize as resize_lib
@@ -69,7 +89,20 @@ def settings(config) -> dict:
   if any(s > c for s, c in zip(stride, crop)):
     raise ValueError(f"config.eval.stride={stride} larger than the window {crop} leaves gaps")
   patch = vit_lib.decode_variant(config.model.variant)["patch_size"]
-  return dict(mode=mode, crop=crop, stride=stride, patch=patch,
+  dispatch = ev.get("dispatch", "device") or "device"
+  if dispatch not in dispatch_lib.DISPATCHES:
+    raise ValueError(f"config.eval.dispatch={dispatch!r}: use one of "
+                     f"{', '.join(dispatch_lib.DISPATCHES)}")
+  bucket_ratio = float(ev.get("bucket_ratio", 0) or 0)
+  if bucket_ratio and bucket_ratio <= 1:
+    raise ValueError(f"config.eval.bucket_ratio={bucket_ratio}: use 0 (the model's buckets) "
+                     "or a ratio > 1, e.g. 1.05")
+  group_batches = int(ev.get("group_batches", 16))
+  if group_batches < 1:
+    raise ValueError(f"config.eval.group_batches={group_batches}: use 1 (batches in reading "
+                     "order) or more")
+  return dict(mode=mode, crop=crop, stride=stride, patch=patch, dispatch=dispatch,
+              bucket_ratio=bucket_ratio, group_batches=group_batches,
               resize_short=int(ev.get("resize_short", 0) or 0),
               max_long=int(ev.get("max_long", 0) or 0),
               label_multiple=int(ev.get("label_multiple", 32) or 1),
@@ -123,30 +156,10 @@ def bucket_shape(hw, s) -> tuple:
   return tuple(c + _round_up(max(n - c, 0), st) for n, c, st in zip(hw, s["crop"], s["stride"]))
 
 
-def eval_batches(source, s, batch_size, *, process_index=0, process_count=1):
-  """Yields (bucket key, host batch) with image uint8 [b, Hb, Wb, 3], label int32
-  [b, Hl, Wl] (ignore-padded), sizes int32 [b, 4] = (h, w, h_label, w_label), valid [b].
-
-  Every process walks the whole split in order; a global batch holds images of one bucket,
-  is padded with valid=False rows to `batch_size`, and each process keeps its slice of rows.
-  """
+def eval_groups(source, s, size):
+  """Yields (bucket key, up to `size` examples (image, label, sizes) of that key): each as
+  soon as it is full, in reading order, then the rest, key by key."""
   pending = collections.OrderedDict()
-  per_host = batch_size // process_count
-
-  def emit(key, exs):
-    (hb, wb), (hl, wl) = key
-    b = len(exs)
-    image = np.zeros((batch_size, hb, wb, 3), np.uint8)
-    label = np.full((batch_size, hl, wl), s["ignore_index"], np.int32)
-    sizes = np.tile(np.array(exs[0][2], np.int32), (batch_size, 1))
-    for k, (img, lab, sz) in enumerate(exs):
-      image[k, :img.shape[0], :img.shape[1]] = img
-      label[k, :lab.shape[0], :lab.shape[1]] = lab
-      sizes[k] = sz
-    valid = np.arange(batch_size) < b
-    rows = slice(process_index * per_host, (process_index + 1) * per_host)
-    return key, dict(image=image[rows], label=label[rows], sizes=sizes[rows], valid=valid[rows])
-
   for i in range(len(source)):
     ex = source[i]
     img, lab = np.asarray(ex["image"]), np.asarray(ex["label"])
@@ -155,10 +168,42 @@ def eval_batches(source, s, batch_size, *, process_index=0, process_count=1):
     key = (bucket_shape((hr, wr), s),
            tuple(label_bucket(n, s["label_multiple"]) for n in lab.shape[:2]))
     pending.setdefault(key, []).append((img, lab, (hr, wr) + tuple(lab.shape[:2])))
-    if len(pending[key]) == batch_size:
-      yield emit(key, pending.pop(key))
-  for key, exs in pending.items():
-    yield emit(key, exs)
+    if len(pending[key]) == size:
+      yield key, pending.pop(key)
+  yield from pending.items()
+
+
+def make_batch(key, exs, s, batch_size, *, process_index=0, process_count=1, repeat=False):
+  """This process's rows of the global batch of examples `exs` of bucket `key` (see
+  eval_batches), padded with valid=False rows to `batch_size`: blank, or with `repeat` the
+  first image again (its token count, not a blank image's, for the host dispatch)."""
+  (hb, wb), (hl, wl) = key
+  b = len(exs)
+  image = np.zeros((batch_size, hb, wb, 3), np.uint8)
+  label = np.full((batch_size, hl, wl), s["ignore_index"], np.int32)
+  sizes = np.tile(np.array(exs[0][2], np.int32), (batch_size, 1))
+  for k in range(batch_size if repeat else b):
+    img, lab, sz = exs[k] if k < b else exs[0]
+    image[k, :img.shape[0], :img.shape[1]] = img
+    if k < b:
+      label[k, :lab.shape[0], :lab.shape[1]] = lab
+    sizes[k] = sz
+  valid = np.arange(batch_size) < b
+  per_host = batch_size // process_count
+  rows = slice(process_index * per_host, (process_index + 1) * per_host)
+  return dict(image=image[rows], label=label[rows], sizes=sizes[rows], valid=valid[rows])
+
+
+def eval_batches(source, s, batch_size, *, process_index=0, process_count=1):
+  """Yields (bucket key, host batch) with image uint8 [b, Hb, Wb, 3], label int32
+  [b, Hl, Wl] (ignore-padded), sizes int32 [b, 4] = (h, w, h_label, w_label), valid [b].
+
+  Every process walks the whole split in order; a global batch holds images of one bucket,
+  is padded with valid=False rows to `batch_size`, and each process keeps its slice of rows.
+  """
+  for key, exs in eval_groups(source, s, batch_size):
+    yield key, make_batch(key, exs, s, batch_size, process_index=process_index,
+                          process_count=process_count)
 
 
 ################################################################################
@@ -208,27 +253,38 @@ def infer(params, images, hw, *, apply_fn, mode, crop, stride, pad_value):
   b, hb, wb, _ = x.shape
   ch, cw = crop
   ys, xs, valid = slide_windows(hw, (hb, wb), crop, stride)     # [B, n]
-  crop_at = jax.vmap(lambda img, y, x0: jax.lax.dynamic_slice(img, (y, x0, 0), (ch, cw, 3)))
 
   def body(carry, win):
-    canvas, count = carry
     y, x0, ok = win                                            # [B] each
-    scores = apply_fn(params, crop_at(x, y, x0))                # [B, ch, cw, C]
-    scores = scores * ok[:, None, None, None].astype(scores.dtype)
-
-    def add(c, n, s, yi, xi, oki):
-      c = jax.lax.dynamic_update_slice(
-          c, jax.lax.dynamic_slice(c, (yi, xi, 0), s.shape) + s, (yi, xi, 0))
-      n = jax.lax.dynamic_update_slice(
-          n, jax.lax.dynamic_slice(n, (yi, xi, 0), (ch, cw, 1)) + oki.astype(n.dtype),
-          (yi, xi, 0))
-      return c, n
-    return jax.vmap(add)(canvas, count, scores, y, x0, ok), None
+    scores = apply_fn(params, _crop_windows(x, y, x0, crop))    # [B, ch, cw, C]
+    return _add_windows(*carry, scores, y, x0, ok), None
 
   num_classes = jax.eval_shape(apply_fn, params, x[:, :ch, :cw]).shape[-1]
   init = (jnp.zeros((b, hb, wb, num_classes), jnp.float32), jnp.zeros((b, hb, wb, 1), jnp.float32))
   (canvas, count), _ = jax.lax.scan(body, init, (ys.T, xs.T, valid.T))
   return canvas / jnp.maximum(count, 1.0)
+
+
+def _crop_windows(x, y, x0, crop):
+  """One window per image: x [B, H, W, 3] at origins y, x0 [B] → [B, ch, cw, 3]."""
+  return jax.vmap(lambda img, yi, xi: jax.lax.dynamic_slice(img, (yi, xi, 0), crop + (3,)))(
+      x, y, x0)
+
+
+def _add_windows(canvas, count, scores, y, x0, ok):
+  """Adds one window's scores [B, ch, cw, C] per image (where ok [B]) into canvas
+  [B, H, W, C] at y, x0 [B], and 1 into the window count [B, H, W, 1]."""
+  scores = scores * ok[:, None, None, None].astype(scores.dtype)
+  ch, cw = scores.shape[1:3]
+
+  def add(c, n, s, yi, xi, oki):
+    c = jax.lax.dynamic_update_slice(
+        c, jax.lax.dynamic_slice(c, (yi, xi, 0), s.shape) + s, (yi, xi, 0))
+    n = jax.lax.dynamic_update_slice(
+        n, jax.lax.dynamic_slice(n, (yi, xi, 0), (ch, cw, 1)) + oki.astype(n.dtype),
+        (yi, xi, 0))
+    return c, n
+  return jax.vmap(add)(canvas, count, scores, y, x0, ok)
 
 
 def _bilinear_taps(n_in, n_out, n_out_static):
@@ -264,6 +320,13 @@ def eval_step(params, batch, *, apply_fn, s, num_classes, ignore_index):
     apply_fn = functools.partial(apply_fn, labels=lab)
   scores = infer(params, batch["image"], sizes[:, :2], apply_fn=apply_fn, mode=s["mode"],
                  crop=s["crop"], stride=s["stride"], pad_value=s["pad_value"])
+  return confusion(scores, batch, num_classes=num_classes, ignore_index=ignore_index)
+
+
+def confusion(scores, batch, *, num_classes, ignore_index):
+  """Confusion matrix [C, C] of a batch's class scores [B, Hb, Wb, C] at the model input's
+  size: resized to each label's size, argmax, padded pixels and rows left out."""
+  sizes = batch["sizes"]
   label = batch["label"]
   scores = resize_scores(scores, sizes[:, :2], sizes[:, 2:], label.shape[1:3])
   pred = jnp.argmax(scores, axis=-1)
@@ -274,6 +337,79 @@ def eval_step(params, batch, *, apply_fn, s, num_classes, ignore_index):
   return metrics_lib.confusion_matrix(pred, label, num_classes, ignore_index, batch["valid"])
 
 
+################################################################################
+# Host-chosen buckets (config.eval.dispatch 'host', 'host_split').             #
+################################################################################
+# The model runs through dispatch.HostBuckets (its programs compiled per capacity on first
+# use); these small programs pad its input and take its outputs to class scores.
+@functools.partial(jax.jit, static_argnums=2)
+def _pixels(images, sizes, pad_value):
+  return _fill_outside(images, sizes[:, :2], pad_value)
+
+
+_predict = jax.jit(segmenter.predict_scores, static_argnums=1)
+
+
+@functools.partial(jax.jit, static_argnames=("crop", "stride"))
+def _window(x, sizes, k, *, crop, stride):
+  """Window k (of slide_windows') of each image of x [B, Hb, Wb, 3]: [B, ch, cw, 3]."""
+  ys, xs, _ = slide_windows(sizes[:, :2], x.shape[1:3], crop, stride)
+  return _crop_windows(x, ys[:, k], xs[:, k], crop)
+
+
+@functools.partial(jax.jit, static_argnames=("size", "crop", "stride"))
+def _add_window(canvas, count, outputs, sizes, k, *, size, crop, stride):
+  """(canvas, count) after adding the scores of window k (the model's outputs on it);
+  canvas None: the first window, on zeros [B, *size, C]."""
+  scores = segmenter.predict_scores(outputs, crop)
+  if canvas is None:
+    b, c = scores.shape[0], scores.shape[-1]
+    canvas = jnp.zeros((b, *size, c), jnp.float32)
+    count = jnp.zeros((b, *size, 1), jnp.float32)
+  ys, xs, valid = slide_windows(sizes[:, :2], size, crop, stride)
+  return _add_windows(canvas, count, scores, ys[:, k], xs[:, k], valid[:, k])
+
+
+_average = jax.jit(lambda canvas, count: canvas / jnp.maximum(count, 1.0))
+
+
+def num_windows(size, s):
+  """Windows of the sliding protocol `s` over a bucket of `size` (every image of it)."""
+  return math.prod((n - c) // st + 1 for n, c, st in zip(size, s["crop"], s["stride"]))
+
+
+def host_scores(host, variables, images, sizes, s):
+  """(class scores [B, Hb, Wb, C], info) of padded images uint8 [B, Hb, Wb, 3] with true
+  sizes sizes[:, :2], as `infer` computes them, the model run by `host` (a
+  dispatch.HostBuckets). info: the model's token maps and counts in whole mode; None for
+  sliding windows, which run window k of every image as one model batch (module doc)."""
+  x = _pixels(images, sizes, s["pad_value"])
+  if s["mode"] == "whole":
+    outputs, info = host(variables, x)
+    return _predict(outputs, x.shape[1:3]), info
+  size = tuple(x.shape[1:3])
+  canvas = count = None
+  for k in range(num_windows(size, s)):
+    outputs, _ = host(variables, _window(x, sizes, k, crop=s["crop"], stride=s["stride"]))
+    canvas, count = _add_window(canvas, count, outputs, sizes, k, size=size, crop=s["crop"],
+                                stride=s["stride"])
+  return _average(canvas, count), None
+
+
+def host_token_counts(host, variables, images, sizes, s):
+  """Tokens per image [B] as numpy (every process the whole batch's): the merge's count of
+  the whole image, or summed over its windows."""
+  x = _pixels(images, sizes, s["pad_value"])
+  if s["mode"] == "whole":
+    return host.token_counts(variables, x)
+  return sum(host.token_counts(variables, _window(x, sizes, k, crop=s["crop"],
+                                                  stride=s["stride"]))
+             for k in range(num_windows(x.shape[1:3], s)))
+
+
+################################################################################
+# The evaluator.                                                               #
+################################################################################
 def as_variables(tree):
   """Flax variables from either variables ({'params': ..., 'batch_stats': ...}) or params."""
   return tree if "params" in tree else {"params": tree}
@@ -293,7 +429,9 @@ class Evaluator:
   """Evaluates params on one split; holds the jitted step so programs compile once.
 
   Usage: `ev = Evaluator(config, model, mesh); metrics = ev(variables)` (variables: flax
-  variables, or just the params for models without a policy net).
+  variables, or just the params for models without a policy net). The bucket dispatch and
+  ladder are config.eval's (module doc); `host` is the HostBuckets on the host dispatch
+  (its compile_s, calls), else None.
   """
 
   def __init__(self, config, model, mesh, split=None, source=None):
@@ -309,29 +447,72 @@ class Evaluator:
       raise ValueError("the oracle merge is evaluated in whole mode without test-time resize "
                        "(it reads labels at the image's resolution); set config.eval.mode="
                        "'whole' and config.eval.resize_short=0")
+    self.model = model = dispatch_lib.with_ladder(model, self.s["bucket_ratio"])
+    self.host = dispatch_lib.host_buckets(model, self.s["dispatch"])
+    if self.host is not None and self.s["oracle"]:
+      raise ValueError("the oracle merge reads labels inside the one program: evaluate it with "
+                       "config.eval.dispatch='device'")
     self.batch_size = _round_up(max(self.s["batch_size"], 1),
                                 math.lcm(mesh.size, jax.process_count()))
     self._step = jax.jit(functools.partial(
         eval_step, apply_fn=make_apply_fn(model), s=self.s,
         num_classes=int(config.num_classes), ignore_index=int(config.ignore_index)))
+    self._confusion = jax.jit(functools.partial(
+        confusion, num_classes=int(config.num_classes), ignore_index=int(config.ignore_index)))
     self.shapes = set()  # bucket shapes seen = programs compiled
+    self.confusion = None   # the last call's confusion matrix
 
   def __call__(self, params):
     conf = np.zeros((self.config.num_classes,) * 2, np.int64)
     t0 = time.time()
-    for key, host_batch in eval_batches(self.source, self.s, self.batch_size,
-                                        process_index=jax.process_index(),
-                                        process_count=jax.process_count()):
+    if self.host is None:
+      batches = eval_batches(self.source, self.s, self.batch_size,
+                             process_index=jax.process_index(),
+                             process_count=jax.process_count())
+    else:
+      batches = self._grouped_batches(as_variables(params))
+    for key, host_batch in batches:
       self.shapes.add(key)
       batch = sharding_lib.put_batch(host_batch, self.mesh)
-      conf += np.asarray(jax.device_get(self._step(params, batch)), np.int64)
+      if self.host is None:
+        c = self._step(params, batch)
+      else:
+        scores, _ = host_scores(self.host, as_variables(params), batch["image"],
+                                batch["sizes"], self.s)
+        c = self._confusion(scores, batch)
+      conf += np.asarray(jax.device_get(c), np.int64)
+    self.confusion = conf
     names = getattr(self.source, "class_names", None)
     out = metrics_lib.summarize(conf, list(names) if names is not None else None)
     out.update(split=self.split, images=len(self.source), mode=self.s["mode"],
-               compiled_shapes=len(self.shapes),
+               dispatch=self.s["dispatch"], compiled_shapes=len(self.shapes),
                shapes=[dict(image=list(k[0]), label=list(k[1])) for k in sorted(self.shapes)],
                eval_time_s=time.time() - t0)
+    if self.host is not None:
+      out.update(bucket_ratio=self.s["bucket_ratio"],
+                 model_programs=len(self.host.compile_s),
+                 model_compile_s=sum(self.host.compile_s.values()))
     return out
+
+  def _grouped_batches(self, variables):
+    """(key, host batch) for the host dispatch: the images of one bucket shape in pools of
+    `group_batches` batches, each pool sorted by token count (counts gathered from every
+    process, so all sort alike) and cut into batches. Models without a merge before the
+    encoder (SegViT, DToP, ALGM) have no count to sort by: reading order."""
+    b, pi, pc = self.batch_size, jax.process_index(), jax.process_count()
+    batch = lambda key, exs: make_batch(key, exs, self.s, b, process_index=pi,
+                                        process_count=pc, repeat=True)
+    for key, exs in eval_groups(self.source, self.s, b * self.s["group_batches"]):
+      if len(exs) > b and self.model.shares_tokens:
+        counts = []
+        for i in range(0, len(exs), b):
+          x = batch(key, exs[i:i + b])
+          x = sharding_lib.put_batch(dict(image=x["image"], sizes=x["sizes"]), self.mesh)
+          counts.append(host_token_counts(self.host, variables, x["image"], x["sizes"],
+                                          self.s)[:len(exs[i:i + b])])
+        exs = [exs[i] for i in np.argsort(np.concatenate(counts), kind="stable")]
+      for i in range(0, len(exs), b):
+        yield key, batch(key, exs[i:i + b])
 
 
 def evaluate(config, params, *, model=None, mesh=None, split=None, source=None):
@@ -357,12 +538,16 @@ def evaluate_checkpoint(config, workdir, *, step=None):
   mesh = sharding_lib.make_mesh(config)
   model = variables_lib.create_model(config)
   variables, step = variables_lib.restore(config, workdir, step, model=model, mesh=mesh)
-  out = evaluate(config, variables, model=model, mesh=mesh, split=split, source=source)
+  ev = Evaluator(config, model, mesh, split=split, source=source)
+  out = ev(variables)
+  # Executed GFLOPs in the capacities the evaluation's dispatch and ladder choose.
   out.update(step=int(step), gflops_image_size=list(config.data.image_size),
-             **tokens.eval_gflops(config, model, variables, split=out["split"]))
+             **tokens.eval_gflops(config, ev.model, variables, split=out["split"],
+                                  forward=ev.host))
   if jax.process_index() == 0:
     ckpt_lib.write_json(os.path.join(workdir, f"eval_{out['split']}.json"), out)
   print(f"step {step}: {out['split']} mIoU {100 * out['miou']:.2f} pixel acc "
         f"{100 * out['pixel_acc']:.2f} ({out['images']} images, {out['mode']} mode, "
-        f"{out['compiled_shapes']} compiled shapes)", flush=True)
+        f"{out['compiled_shapes']} compiled shapes, buckets chosen on the "
+        f"{'device' if out['dispatch'] == 'device' else 'host'})", flush=True)
   return out

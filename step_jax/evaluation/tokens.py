@@ -165,11 +165,12 @@ def token_stats(config, model, variables, images, *, batch=1, group=False, forwa
               grouped_by_tokens=bool(group))
 
 
-def eval_gflops(config, model, variables, num_images=16, split=None):
+def eval_gflops(config, model, variables, num_images=16, split=None, forward=None):
   """GFLOPs for the eval json: the formula for static models; for supertoken/early-exit
   models the mean over the first `num_images` images of `split` (default: the evaluated
   split, see load_images; at the crop size) of the useful and the executed (bucket capacity)
-  GFLOPs, with the tokens per stage."""
+  GFLOPs, with the tokens per stage. forward: the evaluation's dispatch.HostBuckets, whose
+  capacities are then the executed ones (default: the one-program model's)."""
   if model.merge == "none" and not model.exit_layers:
     return dict(gflops=flops.model_macs(config)["total"])
   h, w = config.data.image_size
@@ -178,7 +179,8 @@ def eval_gflops(config, model, variables, num_images=16, split=None):
   if model.merge == "oracle":  # needs labels; token_stats runs images only
     return dict(gflops_full=full)
   split = split or config.data.get("split", "") or config.data.eval_split
-  st = token_stats(config, model, variables, load_images(config, "", num_images, split))
+  st = token_stats(config, model, variables, load_images(config, "", num_images, split),
+                   forward=forward)
   return dict(gflops=st["gflops_useful"], gflops_executed=st["gflops_executed"],
               gflops_full=full, tokens_per_stage=st["mean_tokens_per_stage"],
               tokens_full=st["tokens_full"], gflops_images=st["images"], gflops_split=split)
