@@ -413,14 +413,16 @@ def train_and_evaluate(config, workdir):
         f"{base_weight:g} (BASE); "
         f"pruning from step {prune_from + 1}"
         + (" with a fresh optimizer and schedule" if fresh_from is not None else ""))
-  evaluator = None
+  evaluators = {}
 
   def run_eval(state, step):
-    nonlocal evaluator
-    # Always the validation split here (data.split only redirects evaluate.py).
-    evaluator = evaluator or eval_lib.Evaluator(config, model, mesh,
-                                                split=config.data.eval_split)
-    ev = evaluator(dict(state["model_state"], params=state["params"]))
+    # The model as its last step trained it: in BASE nothing halts (the 'segvit' exits are
+    # not trained yet there, and halting with them would measure an untrained exit).
+    base = step <= prune_from
+    if base not in evaluators:   # always the val split (data.split redirects evaluate.py)
+      halting = model.clone(exit_threshold=(1.0,) * len(model.exit_layers)) if base else model
+      evaluators[base] = eval_lib.Evaluator(config, halting, mesh, split=config.data.eval_split)
+    ev = evaluators[base](dict(state["model_state"], params=state["params"]))
     writer.write_scalars(step, {f"{ev['split']}/miou": ev["miou"],
                                 f"{ev['split']}/pixel_acc": ev["pixel_acc"],
                                 f"{ev['split']}/mean_acc": ev["mean_acc"]})
