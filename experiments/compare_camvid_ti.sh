@@ -8,6 +8,8 @@
 #   bash experiments/compare_camvid_ti.sh exits   # issue 30's runs: exit_head=segvit (the
 #       # defaults since 2026-12-03: exits 6 and 8, tau .8) fine-tuned from each SegViT and
 #       # from scratch (2 seeds each; SegViT runs first)
+#   bash experiments/compare_camvid_ti.sh algm    # issue 28's runs: ALGM x2 seeds, dcts_algm,
+#       # algm_dtop (ALGM's defaults for Ti/16: local merge in block 1 at .90, global in 5)
 #   bash experiments/compare_camvid_ti.sh table   # the table, one measuring run (~35 min)
 #
 # Rows: SegViT (2 seeds), DToP-BASE (the BASE checkpoint at step 1500, nothing halting),
@@ -80,6 +82,14 @@ elif [ "${1:-}" = exits ]; then
     train camvid_ti_step68_s$s method=step --config.seed=$s \
         --config.model.policy.init_from=$POLICY_SEGVIT
   done
+elif [ "${1:-}" = algm ]; then
+  # Issue 28: the peer method ALGM (2 seeds) and its compositions with dCTS and the exits
+  # (1 seed each), the same recipe (2000 steps, one schedule); the policy of the exit runs.
+  mkdir -p "$W"
+  train camvid_ti_algm_s0 method=algm
+  train camvid_ti_dcts_algm_s0 method=dcts_algm --config.model.policy.init_from=$POLICY_SEGVIT
+  train camvid_ti_algm_s1 method=algm --config.seed=1
+  train camvid_ti_algm_dtop_s0 method=algm_dtop
 elif [ "${1:-}" = table ]; then
   rows=()
   add() { [ -d "$W/${2%%[@:]*}" ] && rows+=(--row="$1=$W/$2") || echo "missing: $W/$2" >&2; }
@@ -103,8 +113,12 @@ elif [ "${1:-}" = table ]; then
   add "+STEP@[6,8] τ .8 (default) from scratch s0" camvid_ti_step68_s0
   add "+STEP@[6,8] τ .8 (default) from scratch s1" camvid_ti_step68_s1
   add "+dCTS (STEP@[6,8] s0 weights, no exits)" camvid_ti_step68_from_segvit_s0:without_exits
+  add "+ALGM s0" camvid_ti_algm_s0
+  add "+ALGM s1" camvid_ti_algm_s1
+  add "+dCTS&ALGM s0" camvid_ti_dcts_algm_s0
+  add "+ALGM&exits@[6,8] s0" camvid_ti_algm_dtop_s0
   $PY experiments/compare.py "${rows[@]}" --res=1024 --num_images=4 --reps=3 \
       --out=experiments/results/compare_camvid_ti
 else
-  echo "usage: bash experiments/compare_camvid_ti.sh train|exits|table" >&2; exit 2
+  echo "usage: bash experiments/compare_camvid_ti.sh train|exits|algm|table" >&2; exit 2
 fi
