@@ -121,11 +121,12 @@ def optim_config(total_steps, lr=6e-5):
 
 
 def loss_config():
-  # base_exit_weight: the exits' own losses before pruning starts (configs/step.py
-  # set_dtop_recipe sets it per exit head); 1 = every prediction weighs the same.
+  # The exits' own losses before pruning starts (base_exit_weight; configs/step.py
+  # set_dtop_recipe sets it per exit head) and while it runs (exit_weight); 1 = every
+  # prediction weighs the same.
   return ml_collections.ConfigDict(dict(
       ce_weight=1.0, focal_weight=20.0, dice_weight=1.0, no_object_weight=0.1,
-      base_exit_weight=1.0))
+      base_exit_weight=1.0, exit_weight=1.0))
 
 
 def add_runtime_defaults(config):

@@ -266,7 +266,8 @@ def test_one_program_trains_both_dtop_phases():   # compiles three small train s
 def test_segvit_exits_train_as_segvit_before_pruning():
   """exit_head='segvit' before prune_from_step: nothing halts and the exits' losses weigh 0
   (set_dtop_recipe), so the step is SegViT's own (the model without exit layers, same
-  variables): same loss and gradient. Weighing the exits 1 changes the gradient. (Head
+  variables): same loss and gradient. Weighing the exits 1 changes the gradient; after
+  pruning starts they weigh loss.exit_weight. (Head
   dropout off: the exits' stage-0 calls draw dropout keys, so with dropout the final head's
   masks are other draws from the same distribution.)"""
   cfg = _tiny("dtop", head_dropout=0.0)
@@ -289,6 +290,18 @@ def test_segvit_exits_train_as_segvit_before_pruning():
   _, other = step(ones)(state, batch)
   assert rel_diff(other["grad_norm"], want["grad_norm"]) > 1e-3
   assert float(other["loss"]) > float(want["loss"])      # the exits' terms count now
+  # After prune_from_step the exits weigh loss.exit_weight: 0 (and nothing halting) is
+  # SegViT's step again.
+  never = model.clone(exit_threshold=(1.0,) * len(model.exit_layers))
+  late = dict(state, step=jnp.asarray(2, jnp.int32))
+  zero = cfg.copy_and_resolve_references()
+  zero.loss.exit_weight = 0.0
+  after = lambda c: jax.jit(functools.partial(train.phased_train_step, model=never, txs=[tx],
+                                              phases=[(0, c.optim)], prune_from=2, config=c))
+  (_, got), (_, on) = after(zero)(late, batch), after(cfg)(late, batch)
+  want = segvit(dict(plain, step=jnp.asarray(2, jnp.int32)), batch)[1]
+  assert_close((got["loss"], got["grad_norm"]), (want["loss"], want["grad_norm"]), 1e-5)
+  assert rel_diff(on["grad_norm"], want["grad_norm"]) > 1e-3
   assert train.prediction_weights(model, 0.0) == [1.0, 0.0] + [1.0] * (
       model.num_predictions() - 2)                         # final, the exit, SegViT's aux
 

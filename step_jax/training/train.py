@@ -187,14 +187,15 @@ def phased_train_step(state, batch, rng=None, *, model, txs, phases, prune_from,
   """`train_step` for DToP's recipe in ONE program: pruning off for the first `prune_from`
   steps, then on (phase_model), each optimizer phase with its own optimizer and schedule
   (phase_optimizer); the exits' own losses weigh `config.loss.base_exit_weight` before
-  pruning starts and 1 after. The phase is read from state['step'] at run time, so one
+  pruning starts and `config.loss.exit_weight` (default 1) after. The phase is read from state['step'] at run time, so one
   train program compiles instead of one per phase."""
   step = state["step"]
   tx, lr_fn = phase_optimizer(txs, phases, step)
-  exit_weight = 1.0
+  tuned = float(config.loss.get("exit_weight", 1.0))
+  exit_weight = tuned
   if prune_from:
     base = float(config.loss.get("base_exit_weight", 1.0))
-    exit_weight = jnp.where(step >= prune_from, 1.0, base) if base != 1.0 else 1.0
+    exit_weight = jnp.where(step >= prune_from, tuned, base) if base != tuned else tuned
   return train_step(state, batch, rng, model=phase_model(model, step, prune_from),
                     tx=tx, config=config, lr_fn=lr_fn, exit_weight=exit_weight)
 
