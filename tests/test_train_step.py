@@ -371,3 +371,41 @@ def test_camvid_configs_build_every_method():
     assert cfg.prune_from_step == (1500 if model.exit_layers else 0)
     if model.merge == "cts":  # 40 % of the 11x15 grid's 5x7 complete 2x2 windows
       assert model.num_shared((11, 15)) == 14
+
+
+@pytest.mark.slow   # two small trainings
+def test_fork_base_continues_a_segvit_run_into_pruning(tmp_path):
+  """experiments/fork_base.py: the segvit-design run's checkpoint at prune_from_step holds the
+  SegViT run's arrays there (parameters, optimizer moments, step), and training resumes from
+  it into the pruning steps; a config whose BASE is not SegViT's training is refused."""
+  import sys   # pylint: disable=g-import-not-at-top
+  sys.path.insert(0, os.path.join(os.path.dirname(os.path.dirname(__file__)), "experiments"))
+  import fork_base   # pylint: disable=g-import-not-at-top
+  seg = _tiny("segvit")
+  seg.update(checkpoint_every=2, keep_checkpoints=5)
+  seg_wd = str(tmp_path / "segvit")
+  train.train_and_evaluate(seg, seg_wd)
+  cfg = _tiny("dtop")                     # SegViT's head with exits: the same arrays
+  cfg.prune_from_step, cfg.prune_optim = 2, None
+  wd = str(tmp_path / "fork")
+  taken, own = fork_base.fork(cfg, seg_wd, wd)
+  assert taken > 0 and all(k.startswith("['guard']") for k in own)
+  model = variables_lib.create_model(cfg)
+  want, _ = ckpt_lib.restore_subtree(seg_wd, _abstract_params(seg), 2)
+  got, step = ckpt_lib.restore_subtree(wd, _abstract_params(cfg), None)
+  assert step == 2 and int(got["step"]) == 2
+  jax.tree.map(np.testing.assert_array_equal, got, want)
+  state, _ = train.train_and_evaluate(cfg, wd)          # resumes: steps 3 and 4 prune
+  assert int(state["step"]) == 4 and model.exit_layers
+  bad = cfg.copy_and_resolve_references()
+  bad.loss.base_exit_weight = 1.0
+  with pytest.raises(ValueError, match="base_exit_weight=0"):
+    fork_base.fork(bad, seg_wd, str(tmp_path / "bad"))
+
+
+def _abstract_params(cfg):
+  model = variables_lib.create_model(cfg)
+  tx = optim.make_optimizer(cfg.optim)
+  abstract = jax.eval_shape(functools.partial(train.init_state, model=model, tx=tx, config=cfg),
+                            jax.random.key(0))
+  return {"params": abstract["params"], "step": abstract["step"]}
