@@ -30,9 +30,13 @@ from step_jax.training import optim  # noqa: E402
 from step_jax.training import train  # noqa: E402
 
 
-def fork(config, segvit_workdir, workdir):
-  """Writes `workdir`'s checkpoint at config.prune_from_step from the SegViT run's."""
-  step = int(config.prune_from_step)
+def fork(config, segvit_workdir, workdir, step=None):
+  """Writes `workdir`'s checkpoint at `step` (default and at most config.prune_from_step: a
+  step of its BASE) from the SegViT run's."""
+  step = int(config.prune_from_step) if step is None else int(step)
+  if not 0 < step <= int(config.prune_from_step):
+    raise ValueError(f"step {step}: a BASE step, in (0, prune_from_step="
+                     f"{config.prune_from_step}]")
   if config.model.get("exit_head") != "segvit" or float(config.loss.base_exit_weight) != 0:
     raise ValueError("only a segvit-design exit model with loss.base_exit_weight=0 trains "
                      "as SegViT before pruning")
@@ -78,14 +82,16 @@ def fork(config, segvit_workdir, workdir):
 
 def main(argv):
   del argv
-  taken, own = fork(flags.FLAGS.config, flags.FLAGS.segvit, flags.FLAGS.workdir)
+  taken, own = fork(flags.FLAGS.config, flags.FLAGS.segvit, flags.FLAGS.workdir,
+                    flags.FLAGS.step)
   print(f"{taken} arrays from {flags.FLAGS.segvit}; {len(own)} of the exit model's own "
         f"(policy net, guard): {sorted({k.split(']')[0] + ']' for k in own})}")
 
 
 if __name__ == "__main__":
   config_flags.DEFINE_config_file("config", None, "The exit model's config.")
-  flags.DEFINE_string("segvit", None, "SegViT workdir with a checkpoint at prune_from_step.")
+  flags.DEFINE_string("segvit", None, "SegViT workdir with a checkpoint at --step.")
   flags.DEFINE_string("workdir", None, "The new run's workdir.")
+  flags.DEFINE_integer("step", None, "The SegViT checkpoint's step (default: prune_from_step).")
   flags.mark_flags_as_required(["config", "segvit", "workdir"])
   app.run(main)
