@@ -77,9 +77,13 @@ elif [ "${1:-}" = exits ]; then
         --config.seed=$s --config.model.policy.init_from=$POLICY_SEGVIT
   done
   # From scratch, the default config (one schedule, the exits' losses off until pruning
-  # starts at step 1501); the first try trained them from step 1 (recorded, s0 only).
+  # starts at step 1751; recorded as forks of the SegViT runs at step 1500, their BASE);
+  # before: pruning from 1501 (camvid_ti_step68_s*), and the first try trained the exits'
+  # losses from step 1 (camvid_ti_step68_segvit_s0).
   for s in 0 1; do
-    train camvid_ti_step68_s$s method=step --config.seed=$s \
+    train camvid_ti_step68_p1750_s$s method=step --config.seed=$s \
+        --config.model.policy.init_from=$POLICY_SEGVIT
+    train camvid_ti_step68_s$s method=step --config.seed=$s --config.prune_from_step=1500 \
         --config.model.policy.init_from=$POLICY_SEGVIT
   done
 elif [ "${1:-}" = algm ]; then
@@ -110,8 +114,10 @@ elif [ "${1:-}" = table ]; then
   add "+STEP@[6,8] τ .8 (default) from SegViT s0" camvid_ti_step68_from_segvit_s0
   add "+STEP@[6,8] τ .8 (default) from SegViT s1" camvid_ti_step68_from_segvit_s1
   add "+STEP@[6,8] τ .8, exit losses from step 1, s0" camvid_ti_step68_segvit_s0
-  add "+STEP@[6,8] τ .8 (default) from scratch s0" camvid_ti_step68_s0
-  add "+STEP@[6,8] τ .8 (default) from scratch s1" camvid_ti_step68_s1
+  add "+STEP@[6,8] τ .8, pruning from 1501, s0" camvid_ti_step68_s0
+  add "+STEP@[6,8] τ .8, pruning from 1501, s1" camvid_ti_step68_s1
+  add "+STEP@[6,8] τ .8 (default) from scratch s0" camvid_ti_step68_p1750_s0
+  add "+STEP@[6,8] τ .8 (default) from scratch s1" camvid_ti_step68_p1750_s1
   add "+dCTS (STEP@[6,8] s0 weights, no exits)" camvid_ti_step68_from_segvit_s0:without_exits
   add "+ALGM s0" camvid_ti_algm_s0
   add "+ALGM s1" camvid_ti_algm_s1

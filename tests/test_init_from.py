@@ -119,11 +119,11 @@ def test_finetune_recipe_is_the_pruning_phase_alone():
 
 
 def test_camvid_recipes_from_scratch():
-  """cpu: one schedule, pruning on for its last quarter; gpu: DToP's fresh optimizer. The
+  """cpu: one schedule, pruning on for its last eighth; gpu: DToP's fresh optimizer. The
   'segvit' exits' losses weigh 0 until pruning starts, DToP's heads' 1."""
   from configs import camvid   # pylint: disable=g-import-not-at-top
   cpu = camvid.get_config("method=step,size=cpu,variant=Ti/16")
-  assert (cpu.prune_from_step, cpu.prune_optim, cpu.loss.base_exit_weight) == (1500, None, 0.0)
+  assert (cpu.prune_from_step, cpu.prune_optim, cpu.loss.base_exit_weight) == (1750, None, 0.0)
   assert len(train.optimizer_phases(cpu)) == 1
   gpu = camvid.get_config("method=step,size=gpu")
   assert len(train.optimizer_phases(gpu)) == 2 and gpu.loss.base_exit_weight == 0.0
