@@ -40,6 +40,7 @@ from step_jax.evaluation import tokens  # noqa: E402
 from step_jax.models import segmenter  # noqa: E402
 from step_jax.models import variables as variables_lib  # noqa: E402
 from step_jax.runtime import checkpoint  # noqa: E402
+from step_jax.runtime import writers  # noqa: E402
 
 DESIGNS = {
     "eighths, device": dict(ladder=segmenter.BUCKETS, dispatch="device", scan=False,
@@ -117,10 +118,7 @@ def main(argv):
                  method=r["method"], variant=r["variant"], image_size=r["image_size"],
                  images=len(images),
                  weights=r["weights"], device=r["device"])
-      print(json.dumps(row), flush=True)
-      if f.out:
-        with open(f.out, "a") as fh:
-          fh.write(json.dumps(row) + "\n")
+      writers.print_row(row, f.out)
 
 
 if __name__ == "__main__":

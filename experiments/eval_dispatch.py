@@ -10,7 +10,6 @@ and compile seconds, one JSON line per dispatch and batch size
 Each dispatch compiles from nothing in a fresh Evaluator: run it without a persistent
 compilation cache (no JAX_COMPILATION_CACHE_DIR), on a machine doing nothing else.
 """
-import json
 import os
 import sys
 
@@ -23,6 +22,7 @@ from step_jax.analysis import benchmark  # noqa: E402
 from step_jax.evaluation import dispatch  # noqa: E402
 from step_jax.models import variables as variables_lib  # noqa: E402
 from step_jax.runtime import checkpoint  # noqa: E402
+from step_jax.runtime import writers  # noqa: E402
 
 
 def main(argv):
@@ -42,10 +42,7 @@ def main(argv):
         config, variables, dispatches=f.dispatches, bucket_ratio=f.bucket_ratio, batch=batch,
         num_images=f.num_images, square=f.square, dtype=f.dtype,
         exit_share=f.exit_share if variables is None else -1.0, weights=weights):
-      print(json.dumps(row), flush=True)
-      if f.out:
-        with open(f.out, "a") as fh:
-          fh.write(json.dumps(row) + "\n")
+      writers.print_row(row, f.out)
 
 
 if __name__ == "__main__":

@@ -20,7 +20,6 @@ Cells that do not fit (L/16 at 2048², or the N x N 'einsum' path at 2048²) are
 Resumable: a cell already in --out (same kind, variant, size, threads) is skipped, so a run
 stopped half-way continues with the next cell.
 """
-import json
 import os
 import platform
 import statistics
@@ -37,6 +36,7 @@ from configs import step as step_config  # noqa: E402
 from step_jax.models import attention  # noqa: E402
 from step_jax.models import builder  # noqa: E402
 from step_jax.models import vit  # noqa: E402
+from step_jax.runtime import writers  # noqa: E402
 
 FLAGS = flags.FLAGS
 DEFAULT_CELLS = ("Ti/16@512,B/16@512,Ti/16@1024,B/16@1024,Ti/16@2048,B/16@2048")
@@ -145,12 +145,8 @@ def main(argv):
   import torch  # pylint: disable=g-import-not-at-top
   threads = FLAGS.threads or os.cpu_count()
   torch.set_num_threads(threads)
-  done = set()
-  if FLAGS.out and os.path.exists(FLAGS.out):
-    with open(FLAGS.out) as f:
-      for line in f:
-        r = json.loads(line)
-        done.add((r["kind"], r["variant"], r["res"], r.get("impl", ""), r["threads"]))
+  rows = writers.read_jsonl(FLAGS.out) if FLAGS.out and os.path.exists(FLAGS.out) else []
+  done = {(r["kind"], r["variant"], r["res"], r.get("impl", ""), r["threads"]) for r in rows}
   machine = dict(cpu=cpu_name(), cores=os.cpu_count(), threads=threads,
                  device=jax.devices()[0].platform, jax=jax.__version__,
                  torch=torch.__version__)
@@ -164,11 +160,7 @@ def main(argv):
     row = memory_cell(variant, res, impl) if FLAGS.memory else time_cell(variant, res,
                                                                          FLAGS.reps)
     row.update(machine, when=time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()))
-    print(json.dumps(row), flush=True)
-    if FLAGS.out:
-      os.makedirs(os.path.dirname(FLAGS.out) or ".", exist_ok=True)
-      with open(FLAGS.out, "a") as f:
-        f.write(json.dumps(row) + "\n")
+    writers.print_row(row, FLAGS.out)
 
 
 if __name__ == "__main__":

@@ -337,3 +337,15 @@ def test_halt_sweep_matches_the_model_at_each_threshold(images, prepared):
   assert halt[(tau, 0)] == (active[:, 0] - active[:, 1]).sum() > 0   # keep_top_k=0 model
   assert cand[0.0] == halt[(0.0, 0)] == total and cand[1.0] == 0
   assert halt[(tau, 5)] <= halt[(tau, 0)] == cand[tau]
+
+
+def test_print_row_prints_and_appends(tmp_path, capsys):
+  """runtime.writers.print_row, the experiments' result lines: printed, and appended to a file
+  in a folder it creates; read_jsonl reads them back in order."""
+  from step_jax.runtime import writers   # pylint: disable=g-import-not-at-top
+  path = str(tmp_path / "new" / "rows.jsonl")
+  writers.print_row({"a": 1}, path)
+  writers.print_row({"b": [2, 3]}, path)
+  writers.print_row({"c": 4})              # no file
+  assert capsys.readouterr().out.splitlines() == ['{"a": 1}', '{"b": [2, 3]}', '{"c": 4}']
+  assert writers.read_jsonl(path) == [{"a": 1}, {"b": [2, 3]}]

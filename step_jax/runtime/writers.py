@@ -94,6 +94,17 @@ def create_writer(workdir, *, process_index=0, tensorboard=True):
   return metric_writers.MultiWriter(writers)
 
 
+def print_row(row, path=""):
+  """Prints `row` as one JSON line and, with `path`, appends it there (its folder created):
+  the result files of the experiments/ scripts, a row as each lands."""
+  line = json.dumps(row)
+  print(line, flush=True)
+  if path:
+    os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
+    with open(path, "a") as f:
+      f.write(line + "\n")
+
+
 def read_jsonl(path):
   """All records of a metrics.jsonl file (for tests and analysis scripts)."""
   with open(path) as f:
