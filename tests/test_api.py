@@ -107,6 +107,30 @@ def test_halted_greys_exactly_the_halted_cells():
   np.testing.assert_array_equal(cells(changed(second)), halt <= 1)
 
 
+def test_merged_draws_algm_tokens_of_any_shape():
+  """ALGM's tokens need not be squares: a global merge joins any cells. Borders separate
+  tokens, cells of merged tokens are tinted by size, single cells stay untouched."""
+  image = np.full((48, 64, 3), 100, np.uint8)
+  source = np.array([[0, 0, 1, 2],       # token 0: an L of 3 cells; 1, 2, 3: single cells;
+                     [0, 3, 4, 6],       # token 4: two cells apart (a global merge)
+                     [5, 5, 5, 4]])      # token 5: a row of 3
+  out = visualize.merged(image, source, 16, tint=0.5)
+  white = (out == 255).all(-1)
+  assert not white[2:14, 2:30].any() and not white[2:30, 2:14].any()  # inside the L
+  assert white[2:14, 32].all() and white[16, 18:30].all()   # its borders to tokens 1 and 3
+  assert not white[34:46, 2:46].any()                       # inside the row of 3
+  cell = lambda r, c: out[16 * r + 8, 16 * c + 8]
+  assert (cell(0, 0) != 100).any() and (cell(2, 1) != 100).any()   # merged: tinted
+  assert (cell(2, 3) != 100).any() and (cell(2, 3) == cell(1, 2)).all()   # one token, apart
+  for r, c in ((0, 2), (0, 3), (1, 1), (1, 3)):   # single cells: untouched
+    assert (cell(r, c) == 100).all()
+  info = dict(patch_size=16, algm_source_local=np.arange(12).reshape(3, 4),
+              algm_source=source, scores=np.zeros((48, 64, 3)))
+  _, titles = visualize.panels(image, np.zeros((48, 64), np.int32), info)
+  assert titles == ["input", "ALGM local merge: 12 tokens", "ALGM merged: 7 tokens",
+                    "prediction"]
+
+
 def test_colorize_palette_and_figure():
   pred = np.array([[0, 1], [255, 2]])
   rgb = visualize.colorize(pred, num_classes=3)

@@ -10,7 +10,7 @@ import pytest
 ROOT = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "step_jax")
 LAYERS = ("runtime", "models", "data", "evaluation", "training", "analysis", "api", "interop",
           "cli")
-# Modules at the package root that belong to a layer of that name: step_jax/inference.py (bulk
+# Packages at the package root that belong to a layer of that name: step_jax/inference/ (bulk
 # inference over the Python API) is of the api layer.
 SAME_LAYER = {"inference": "api"}
 # The package root is the top layer: it re-exports the Python API.

@@ -18,6 +18,8 @@ from numerics import assert_close  # tests/numerics.py
 from configs import step as step_cfg
 from step_jax import api
 from step_jax import inference
+from step_jax.inference import files
+from step_jax.inference import progress
 from step_jax.data import datasets
 from step_jax.data import decode
 from step_jax.evaluation import evaluator
@@ -75,7 +77,7 @@ def first_run(setup, tmp_path_factory):
 def _files(folder):
   """{relative path: mtime_ns} of every file under `folder`."""
   return {os.path.relpath(os.path.join(d, f), folder): os.stat(os.path.join(d, f)).st_mtime_ns
-          for d, _, files in os.walk(folder) for f in files}
+          for d, _, names in os.walk(folder) for f in names}
 
 
 def test_mixed_sizes_give_label_maps_of_each_images_own_size(setup, first_run):
@@ -175,7 +177,7 @@ def test_rerun_after_a_kill_mid_write_writes_only_what_is_missing(setup, first_r
   stale = [f for f in before if f.endswith(".tmp")]
   assert len(stale) == 1 and not os.path.exists(os.path.join(out, stale[0][:-4]))
   kept = {f: t for f, t in before.items() if not f.endswith(".tmp")}
-  complete = {n for n in SIZES if inference.finished(out, n, ("labels", "overlay"))}
+  complete = {n for n in SIZES if files.finished(out, n, ("labels", "overlay"))}
   partial = {f.split(os.sep, 1)[1][:-4] for f in kept} - complete
   assert len(complete) == 1 and len(partial) == 1   # one image done, one half done
 
@@ -206,7 +208,7 @@ def test_palette_png_round_trip(name, tmp_path):
   assert len({tuple(c) for c in colours}) >= n - 1   # ADE20K's table repeats one grey
   pred = np.random.default_rng(0).integers(0, n, (37, 53)).astype(np.uint8)
   path = str(tmp_path / "label.png")
-  inference.write_png(inference.label_image(pred, colours), path)
+  files.write_png(files.label_image(pred, colours), path)
   back = Image.open(path)
   assert back.mode == "P" and back.size == (53, 37)
   np.testing.assert_array_equal(np.asarray(back), pred)
@@ -236,12 +238,12 @@ def test_video_frame_by_frame_and_each_process_its_share(setup, tmp_path, monkey
   rng = np.random.default_rng(1)
   clip = str(tmp_path / "clip.mp4")
   _video(clip, [rng.integers(0, 256, (40, 48, 3), dtype=np.uint8) for _ in range(3)])
-  decoded = [im for _, im in inference.video_frames(clip, lambda i: True)]
+  decoded = [im for _, im in files.video_frames(clip, lambda i: True)]
   assert len(decoded) == 3 and decoded[0].shape == (40, 48, 3)
   out = str(tmp_path / "out")
   # Process 1 of 2 segments frames 1, 3, ...; the summary merge is left out here.
-  monkeypatch.setattr(inference, "process_share", lambda: (1, 2))
-  monkeypatch.setattr(inference, "_write_summary", lambda summary, output: summary)
+  monkeypatch.setattr(files, "process_share", lambda: (1, 2))
+  monkeypatch.setattr(progress, "write_summary", lambda summary, output: summary)
   part = inference.segment_files(workdir, clip, out, batch_size=1, stream=io.StringIO())
   assert part["images"] == 1 and sorted(os.listdir(os.path.join(out, "labels", "clip"))) == [
       "000001.png"]
@@ -264,9 +266,10 @@ def test_merge_summaries_of_processes():
   part = lambda n, toks, fails: dict(
       images=n, already_done=1, failed=[dict(file=f, error="x") for f in fails],
       failed_count=len(fails), seconds=float(n), compile_s=1.0, images_per_s=2.0,
-      compiled_shapes=2, mean_tokens_full=10.0, mean_tokens_kept=toks, mean_tokens_halted=0.0,
+      compiled_shapes=2, mean_tokens_full=10.0, mean_tokens_kept=toks, mean_tokens_merged=0.0,
+      mean_tokens_halted=0.0,
       gflops_useful=toks, gflops_executed=toks)
-  merged = inference.merge_summaries([part(1, 4.0, ["a"]), part(3, 8.0, []), part(0, None, [])])
+  merged = progress.merge_summaries([part(1, 4.0, ["a"]), part(3, 8.0, []), part(0, None, [])])
   assert merged["images"] == 4 and merged["already_done"] == 3 and merged["failed_count"] == 1
   assert_close(merged["mean_tokens_kept"], 7.0, 1e-9)   # weighted by images
   assert merged["images_per_s"] == 6.0 and merged["seconds"] == 3.0
@@ -348,6 +351,26 @@ def test_token_maps_of_a_step_model(tmp_path):
   assert summary["mean_tokens_full"] == 16
   assert 0 < summary["mean_tokens_kept"] <= 16
   assert 0 < summary["mean_tokens_halted"] <= summary["mean_tokens_kept"]
+  assert summary["gflops_executed"] >= summary["gflops_useful"] > 0
+
+
+def test_token_maps_of_an_algm_model(tmp_path):
+  """ALGM's merged tokens drawn per image (its local and global merges), token counts in the
+  summary: flat images merge."""
+  cfg = step_cfg.get_config("method=algm,variant=Mu/16,dataset=synthetic,smoke")
+  cfg.model.update(buckets=(1.0,))
+  model, variables = api.build(cfg)
+  folder = str(tmp_path / "export")
+  export.export_model(cfg, variables, folder, formats=("msgpack",))
+  images = tmp_path / "images"
+  images.mkdir()
+  Image.fromarray(np.full((64, 64, 3), 120, np.uint8)).save(images / "flat.png")
+  summary = inference.segment_files(folder, str(images), str(tmp_path / "out"),
+                                    save=("tokens",), stream=io.StringIO())
+  tokens = np.asarray(Image.open(os.path.join(tmp_path, "out", "tokens", "flat.png")))
+  assert tokens.shape[1] > 2 * 64    # local merge | merged
+  assert summary["mean_tokens_full"] == 16 and summary["mean_tokens_kept"] == 16
+  assert summary["mean_tokens_merged"] > 0 and summary["mean_tokens_halted"] == 0
   assert summary["gflops_executed"] >= summary["gflops_useful"] > 0
 
 

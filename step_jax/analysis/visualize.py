@@ -6,6 +6,8 @@
 Panels (the STEP paper's figures):
   superpatches(image, level, patch)     figure 3: superpatch borders, tinted by size
   halted(image, halt_stage, patch, s)   figures 7/8: tokens halted at or before exit s greyed
+  merged(image, source, patch)          ALGM's merged tokens: borders between tokens, tinted
+                                        by their size in cells
   colorize(pred)                        prediction colour map
   overlay(image, pred, colours)         the image tinted with the class colours
 """
@@ -77,6 +79,29 @@ def superpatches(image, level, patch_size, *, tint=0.35, line=(255, 255, 255)):
   return out.astype(np.uint8)
 
 
+def merged(image, source, patch_size, *, tint=0.35, line=(255, 255, 255)):
+  """ALGM's tokens (its info's algm_source_local / algm_source: cell → merged token): borders
+  between tokens, and tokens covering several cells tinted as superpatches of about their
+  size (2 to 3 cells as a 2x2 superpatch, 4 to 15 as 4x4, 16 to 63 as 8x8, 64 to 255 as
+  16x16)."""
+  image = _as_rgb(image)
+  hw = image.shape[:2]
+  source = np.asarray(source)
+  _, inverse, counts = np.unique(source, return_inverse=True, return_counts=True)
+  cells = counts[inverse].reshape(source.shape)
+  ids = _cells_to_pixels(source, patch_size, hw)
+  size = _cells_to_pixels(cells, patch_size, hw)
+  out = image.astype(np.float32)
+  for k, colour in LEVEL_COLOURS.items():
+    m = (size >= max(k * k // 4, 2)) & (size < k * k)
+    out[m] = (1 - tint) * out[m] + tint * np.asarray(colour, np.float32)
+  edge = np.zeros(hw, bool)
+  edge[:, 1:] |= ids[:, 1:] != ids[:, :-1]
+  edge[1:, :] |= ids[1:, :] != ids[:-1, :]
+  out[edge] = line
+  return out.astype(np.uint8)
+
+
 def halted(image, halt_stage, patch_size, stage, *, tint=0.4):
   """Figures 7/8: tokens halted at exit `stage` or earlier greyed, darkened and tinted with
   their exit's colour; the tokens still active after that exit keep the image."""
@@ -116,8 +141,9 @@ def side_by_side(images, titles=None, *, pad=4, background=255):
 
 
 def panels(image, pred, info, *, num_classes=None, ignore_index=255, colours=None):
-  """(images, titles): input, superpatches (with supertokens), one halted map per exit
-  (with early exits) and the prediction (in `colours`, see colorize)."""
+  """(images, titles): input, superpatches (with supertokens), ALGM's tokens after each of its
+  merges (with ALGM), one halted map per exit (with early exits) and the prediction (in
+  `colours`, see colorize)."""
   image = _as_rgb(image)
   patch = int(info["patch_size"])
   ims, titles = [image], ["input"]
@@ -125,6 +151,10 @@ def panels(image, pred, info, *, num_classes=None, ignore_index=255, colours=Non
     n = int(np.asarray(info["num_tokens"]))
     ims.append(superpatches(image, info["level"], patch))
     titles.append(f"superpatches: {n} tokens")
+  for key, what in (("algm_source_local", "ALGM local merge"), ("algm_source", "ALGM merged")):
+    if key in info:
+      ims.append(merged(image, info[key], patch))
+      titles.append(f"{what}: {len(np.unique(np.asarray(info[key])))} tokens")
   if "halt_stage" in info:
     active = np.asarray(info["active_tokens"])
     for s, layer in enumerate(info["exit_layers"]):

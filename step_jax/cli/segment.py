@@ -11,7 +11,7 @@ the images already finished.
 from absl import app
 from absl import flags
 
-from step_jax import inference
+from step_jax.inference import segment as inference
 from step_jax.cli import common
 from step_jax.evaluation import dispatch
 

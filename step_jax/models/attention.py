@@ -87,7 +87,16 @@ def resolve_impl(impl, dtype, head_dim, num_tokens):
 # blocks help (a block of logits stays in cache); 512 x 256 is within the noise of the best
 # everywhere and the best forward + backward. Unmeasured on a GPU, where larger blocks
 # (fewer, bigger matmuls) are likely better.
-Q_BLOCK, K_BLOCK = 512, 256
+# Since blocks are laid out head-major once (_head_blocks), quiet, 2026-12-03 (ms; one
+# attention, 4096 tokens; experiments/peer_bench.py's machine):
+#   blocks        512 x 256  1024 x 256  1024 x 512  2048 x 256  4096 x 256   torch SDPA
+#   Ti forward    117        90          89          79          83           42-60
+#   B forward     374        347         336         325         356          171-222
+#   Ti fwd+bwd    380        345         319         329         307
+#   B fwd+bwd     1288       1152        1362        1253        1331
+# (1024 tokens, forward: Ti 8.5 / 7.5 at 512 / 1024 x 256, B 31.6 / 30.2.) 1024 x 256 is
+# within 10 % of the best everywhere. PyTorch's fused CPU kernel stays ~2x faster.
+Q_BLOCK, K_BLOCK = 1024, 256
 
 
 def chunked_attention(q, k, v, key_mask=None, *, q_block=Q_BLOCK, k_block=K_BLOCK):
@@ -100,19 +109,24 @@ def chunked_attention(q, k, v, key_mask=None, *, q_block=Q_BLOCK, k_block=K_BLOC
   the einsum path (masked_softmax), a fully masked row included: its masked keys get the same
   logit -1e9, so it averages all N values uniformly.
   """
-  b, n, _, _ = k.shape
+  b, n, h, dh = k.shape
   nq = q.shape[1]
   q_block, k_block = _even_block(nq, q_block), _even_block(n, k_block)
-  keep = jnp.ones((b, n), bool) if key_mask is None else key_mask
-  # Padding slots (N not a multiple of the block) sit below the masked keys' -1e9, so that
-  # they get no weight even in a fully masked row.
-  fill = jnp.full((b, n), _MASK_VALUE, jnp.float32)
   pad = lambda x, to, value=0: jnp.pad(x, [(0, 0), (0, -x.shape[1] % to)]
                                        + [(0, 0)] * (x.ndim - 2), constant_values=value)
-  out = _flash(_blocks(pad(q, q_block), q_block), _blocks(pad(k, k_block), k_block),
-               _blocks(pad(v, k_block), k_block), _blocks(pad(keep, k_block), k_block),
-               _blocks(pad(fill, k_block, 2 * _MASK_VALUE), k_block))
-  return jnp.moveaxis(out, 0, 1).reshape(b, -1, *q.shape[2:])[:, :nq]
+  if key_mask is None and n % k_block == 0:
+    keep = fill = None   # every key attended: no masking pass over the logits
+  else:
+    keep = jnp.ones((b, n), bool) if key_mask is None else key_mask
+    # Padding slots (N not a multiple of the block) sit below the masked keys' -1e9, so
+    # that they get no weight even in a fully masked row.
+    fill = jnp.full((b, n), _MASK_VALUE, jnp.float32)
+    keep = _blocks(pad(keep, k_block), k_block)
+    fill = _blocks(pad(fill, k_block, 2 * _MASK_VALUE), k_block)
+  out = _flash(_head_blocks(pad(q, q_block), q_block), _head_blocks(pad(k, k_block), k_block),
+               _head_blocks(pad(v, k_block), k_block), keep, fill)
+  # [nq, B, H, Q, Dh] -> [B, N, H, Dh]
+  return out.transpose(1, 0, 3, 2, 4).reshape(b, -1, h, dh)[:, :nq]
 
 
 def _even_block(n, target):
@@ -121,18 +135,25 @@ def _even_block(n, target):
 
 
 def _blocks(x, size):
-  """[B, N, ...] → [N / size, B, size, ...]: the leading axis for lax.scan / lax.map."""
-  return jnp.moveaxis(x.reshape(x.shape[0], -1, size, *x.shape[2:]), 1, 0)
+  """[B, N] → [N / size, B, size]: the leading axis for lax.scan / lax.map."""
+  return jnp.moveaxis(x.reshape(x.shape[0], -1, size), 1, 0)
+
+
+def _head_blocks(x, size):
+  """[B, N, H, Dh] → [N / size, B, H, size, Dh]: blocks with the heads as a batch axis, laid
+  out once here so that no block's matmul transposes its operands (~10 % of the time)."""
+  b, n, h, dh = x.shape
+  return x.reshape(b, n // size, size, h, dh).transpose(1, 0, 3, 2, 4)
 
 
 def _scores(q, k, keep, fill):
   """fp32 logits [B, H, q_block, k_block]; masked keys and padding set to their fill."""
-  s = jnp.einsum("bqhd,bkhd->bhqk", q, k, preferred_element_type=jnp.float32)
-  return jnp.where(keep[:, None, None], s, fill[:, None, None])
+  s = jnp.einsum("bhqd,bhkd->bhqk", q, k, preferred_element_type=jnp.float32)
+  return s if keep is None else jnp.where(keep[:, None, None], s, fill[:, None, None])
 
 
 def _attend(q, k, v, keep, fill):
-  """One query block [B, Q, H, Dh] over all key blocks: (output, row max, 1 / row sum)."""
+  """One query block [B, H, Q, Dh] over all key blocks: (output, row max, 1 / row sum)."""
   def step(carry, kv):
     m, l, acc = carry
     kj, vj, keep_j, fill_j = kv
@@ -142,21 +163,19 @@ def _attend(q, k, v, keep, fill):
     rescale = jnp.exp(m - m_new)  # earlier blocks' weights, relative to the new max
     l = l * rescale + p.sum(-1)
     acc = acc * rescale[..., None] + jnp.einsum(
-        "bhqk,bkhd->bhqd", p.astype(vj.dtype), vj, preferred_element_type=jnp.float32)
+        "bhqk,bhkd->bhqd", p.astype(vj.dtype), vj, preferred_element_type=jnp.float32)
     return (m_new, l, acc), None
-  b, nq, h, dh = q.shape
   f32 = jnp.float32
-  init = (jnp.full((b, h, nq), -jnp.inf, f32), jnp.zeros((b, h, nq), f32),
-          jnp.zeros((b, h, nq, dh), f32))
+  init = (jnp.full(q.shape[:-1], -jnp.inf, f32), jnp.zeros(q.shape[:-1], f32),
+          jnp.zeros(q.shape, f32))
   (m, l, acc), _ = jax.lax.scan(step, init, (k, v, keep, fill))
-  out = jnp.einsum("bhqd->bqhd", acc / l[..., None]).astype(q.dtype)
   # Kept apart, not as m + log(l): at m = -1e9 (a fully masked row) fp32 would drop log(l).
-  return out, m, 1.0 / l
+  return (acc / l[..., None]).astype(q.dtype), m, 1.0 / l
 
 
 @jax.custom_vjp
 def _flash(q, k, v, keep, fill):
-  """Blocked q [nq, B, Q, H, Dh], k/v [nk, B, K, H, Dh], keep/fill [nk, B, K]."""
+  """Blocked q [nq, B, H, Q, Dh], k/v [nk, B, H, K, Dh], keep/fill [nk, B, K] or None."""
   return _flash_fwd(q, k, v, keep, fill)[0]
 
 
@@ -172,17 +191,20 @@ def _flash_bwd(res, d_out):
 
   def query_block(dkv, xs):
     qi, oi, mi, inv_li, doi = xs
-    d_sum = jnp.einsum("bqhd,bqhd->bhq", doi.astype(f32), oi.astype(f32))
+    d_sum = jnp.einsum("bhqd,bhqd->bhq", doi.astype(f32), oi.astype(f32))
 
     def key_block(dqi, kv):
       kj, vj, keep_j, fill_j = kv
       p = jnp.exp(_scores(qi, kj, keep_j, fill_j) - mi[..., None]) * inv_li[..., None]
-      dv = jnp.einsum("bhqk,bqhd->bkhd", p.astype(doi.dtype), doi, preferred_element_type=f32)
-      dp = jnp.einsum("bqhd,bkhd->bhqk", doi, vj, preferred_element_type=f32)
-      # Masked keys' logits are constants (their fill): no gradient, as through jnp.where.
-      ds = jnp.where(keep_j[:, None, None], p * (dp - d_sum[..., None]), 0.0).astype(qi.dtype)
-      dqi = dqi + jnp.einsum("bhqk,bkhd->bqhd", ds, kj, preferred_element_type=f32)
-      dk = jnp.einsum("bhqk,bqhd->bkhd", ds, qi, preferred_element_type=f32)
+      dv = jnp.einsum("bhqk,bhqd->bhkd", p.astype(doi.dtype), doi, preferred_element_type=f32)
+      dp = jnp.einsum("bhqd,bhkd->bhqk", doi, vj, preferred_element_type=f32)
+      ds = p * (dp - d_sum[..., None])
+      if keep_j is not None:
+        # Masked keys' logits are constants (their fill): no gradient, as through jnp.where.
+        ds = jnp.where(keep_j[:, None, None], ds, 0.0)
+      ds = ds.astype(qi.dtype)
+      dqi = dqi + jnp.einsum("bhqk,bhkd->bhqd", ds, kj, preferred_element_type=f32)
+      dk = jnp.einsum("bhqk,bhqd->bhkd", ds, qi, preferred_element_type=f32)
       return dqi, (dk, dv)
     dqi, (dk, dv) = jax.lax.scan(key_block, jnp.zeros(qi.shape, f32), (k, v, keep, fill))
     return (dkv[0] + dk, dkv[1] + dv), dqi

@@ -1,62 +1,14 @@
-"""Bulk inference: a folder of images, a glob or a video segmented by a trained model, one
-label map written per image (`python -m step_jax.cli.segment`).
-
-  summary = inference.segment_files("workdirs/step", "frames/", "out/",
-                                    save=("labels", "overlay"))
-
-`model_dir` is a training workdir (its latest checkpoint) or an export folder: its
-`model.jaxexport` when there is one (it takes images up to its fixed input size; larger ones
-are refused by name), else its parameters in the model rebuilt from config.json.
-
-Outputs in `output`, each named after the input's path relative to the folder (or to the
-glob's fixed prefix) with .png; a video's frames as <video name>/<frame index>.png:
-  labels/   the predicted classes as an indexed (mode 'P') PNG at the image's own size, pixel
-            value = class id, with the dataset's colours (data.datasets.palette)
-  overlay/  the image blended with those colours
-  tokens/   the token maps (superpatches; tokens halted by each exit: analysis.visualize)
-            over the image as the model saw it (after the protocol's test-time resize)
-  summary.json  see `segment_files`
-
-Protocol: the config's evaluation protocol, through the evaluator's functions
-(evaluation/evaluator.py): optional test-time resize, the whole image padded to the patch
-grid or sliding windows, scores resized back to the image's size, argmax. Images are batched
-by padded shape (one program compiled per shape, as evaluation does).
-
-Bucket dispatch (`dispatch`, default the config's eval.dispatch; `bucket_ratio`, its
-eval.bucket_ratio): 'device' runs the one program per shape; 'host' / 'host_split' choose
-the capacities on the host as evaluation does (evaluation/evaluator.py host_scores), and
-sort the images of one padded shape by token count in pools of eval.group_batches batches
-before batching them; every entry keeps its file name, so each image's outputs still go to
-its own files. With several processes each segments its own files on its own devices, so
-no capacity needs agreeing between processes.
-
-A rerun continues a killed one: every file is written to a temporary name in its folder and
-renamed, and an image whose requested outputs all exist is skipped (outputs are not checked
-against the model: use a new `output` for another model). Files that cannot be segmented
-(unreadable, corrupt, empty, 16-bit, larger than an exported model's input or than the
-device holds) are reported by name in the log and in summary.json and skipped, or raise
-decode.BadRecordError with on_error='fatal'.
-
-Devices: batches are split over this process's devices (data parallel). With several
-processes (jax.distributed) each segments files[process_index::process_count] (a video:
-those frames) into the same `output`, a folder they all see, and process 0 merges their
-summaries.
-"""
+"""Segmenting files (the package doc): the model on this process's devices, batches of images
+by padded shape (host-chosen buckets where dispatched so), each batch's outputs written while
+the next one runs."""
 import collections
 import dataclasses
 import functools
-import glob
-import json
 import os
 import sys
 import time
 
-# PyAV reads videos: FFmpeg's own decoders in-process, from wheels that bundle FFmpeg (no
-# system ffmpeg, no subprocess pipe as imageio-ffmpeg uses), frame by frame with exact frame
-# indices; maintained by the PyAV project and what imageio's own 'pyav' plugin wraps.
-import av
 import jax
-from jax.experimental import multihost_utils
 import jax.numpy as jnp
 import numpy as np
 from PIL import Image
@@ -68,138 +20,20 @@ from step_jax.data import decode
 from step_jax.evaluation import dispatch as dispatch_lib
 from step_jax.evaluation import evaluator
 from step_jax.evaluation import tokens as tokens_lib
+from step_jax.inference import files as files_lib
+from step_jax.inference import progress as progress_lib
 from step_jax.runtime import checkpoint as ckpt_lib
 from step_jax.runtime import sharding as sharding_lib
 
 OUTPUTS = ("labels", "overlay", "tokens")
 ON_ERROR = ("skip", "fatal")
-SUMMARY = "summary.json"
-IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".bmp", ".gif", ".tif", ".tiff", ".webp", ".ppm",
-                    ".pgm", ".pnm")
-VIDEO_EXTENSIONS = (".mp4", ".avi", ".mov", ".mkv", ".webm", ".m4v", ".mpg", ".mpeg", ".wmv")
 # The model's token maps and counts (api.inference_fn's info entries) kept per batch, and
 # those of them that are per image (the capacities are the batch's).
 TOKEN_KEYS = ("level", "num_tokens", "capacity", "halt_stage", "active_tokens",
-              "stage_capacity")
-PER_IMAGE = ("level", "num_tokens", "halt_stage", "active_tokens")
-
-
-################################################################################
-# Inputs.                                                                      #
-################################################################################
-def _magic(path):
-  return any(c in path for c in "*?[")
-
-
-def _named(paths, base):
-  """[(name, path)]: each path relative to `base` without its extension, or with it where two
-  files would otherwise share a name (a.jpg and a.png)."""
-  rel = [os.path.relpath(p, base) for p in paths]
-  stems = [os.path.splitext(r)[0] for r in rel]
-  count = collections.Counter(stems)
-  return [(r if count[s] > 1 else s, p) for r, s, p in zip(rel, stems, paths)]
-
-
-def find_inputs(spec, exclude=""):
-  """(images [(name, path)], video path or ''): a folder's image files (recursively, by
-  extension), a glob's files (all of them: a non-image among them is reported, not passed
-  over), one image file, or one video file (by extension). Files under `exclude` (the output
-  folder) are left out."""
-  spec = os.fspath(spec)
-  if os.path.isfile(spec):
-    if spec.lower().endswith(VIDEO_EXTENSIONS):
-      return [], spec
-    return _named([spec], os.path.dirname(spec)), ""
-  if os.path.isdir(spec):
-    paths = [os.path.join(d, f) for d, _, files in os.walk(spec) for f in files
-             if f.lower().endswith(IMAGE_EXTENSIONS)]
-    base = spec
-  elif _magic(spec):
-    paths = [p for p in glob.glob(spec, recursive=True) if os.path.isfile(p)]
-    fixed = []
-    for part in spec.split(os.sep)[:-1]:
-      if _magic(part):
-        break
-      fixed.append(part)
-    base = os.sep.join(fixed) or "."
-  else:
-    raise FileNotFoundError(f"input {spec} does not exist: give a folder of images, a glob "
-                            "('frames/*.jpg'), an image or a video file")
-  if exclude:
-    out = os.path.abspath(exclude) + os.sep
-    paths = [p for p in paths if not os.path.abspath(p).startswith(out)]
-  if not paths:
-    raise FileNotFoundError(f"input {spec}: no image files found (a folder is searched for "
-                            f"{', '.join(IMAGE_EXTENSIONS)})")
-  return _named(sorted(paths), base), ""
-
-
-def process_share():
-  """(index, count): this process segments files[index::count] (frames of a video alike)."""
-  return jax.process_index(), jax.process_count()
-
-
-def video_frames(path, keep):
-  """Yields (frame index, uint8 [H, W, 3] or the BadRecordError that ends the video) for the
-  frames i of video `path` where keep(i); the others are decoded (the stream is sequential)
-  but not converted. The index is -1 for a video that cannot be opened."""
-  i, opened = -1, False
-  try:
-    with av.open(path) as container:
-      opened = True
-      if not container.streams.video:
-        raise decode.BadRecordError(f"video {path} has no video stream")
-      stream = container.streams.video[0]
-      stream.thread_type = "AUTO"   # frame-parallel decoding
-      for i, frame in enumerate(container.decode(stream)):
-        if keep(i):
-          yield i, frame.to_ndarray(format="rgb24")
-  except decode.BadRecordError as e:
-    yield -1, e
-  except (av.FFmpegError, OSError, ValueError) as e:
-    if not opened:
-      yield -1, decode.BadRecordError(f"video {path} cannot be opened: {e}")
-    else:
-      yield i + 1, decode.BadRecordError(f"video {path}: frame {i + 1} and later cannot be "
-                                         f"decoded: {e}")
-
-
-def video_length(path):
-  """Frames the container states (0 when it does not say or cannot be read)."""
-  try:
-    with av.open(path) as container:
-      return int(container.streams.video[0].frames) if container.streams.video else 0
-  except (av.FFmpegError, OSError, ValueError):
-    return 0
-
-
-################################################################################
-# Outputs.                                                                     #
-################################################################################
-def label_image(pred, colours):
-  """Class ids [H, W] as an indexed (mode 'P') PIL image with `colours` [C, 3] as palette."""
-  pred = np.ascontiguousarray(pred, np.uint8)
-  image = Image.frombytes("P", (pred.shape[1], pred.shape[0]), pred.tobytes())
-  image.putpalette(np.asarray(colours, np.uint8).ravel().tolist())
-  return image
-
-
-def write_png(image, path):
-  """Writes a PIL image to `path` through a temporary file in the same folder: a kill leaves
-  either the whole file or none (the next write replaces the leftover temporary)."""
-  os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
-  tmp = path + ".tmp"
-  image.save(tmp, format="PNG")
-  os.replace(tmp, path)
-
-
-def output_paths(output, name, save):
-  return {kind: os.path.join(output, kind, name + ".png") for kind in save}
-
-
-def finished(output, name, save):
-  """True when every requested output of image `name` exists."""
-  return all(os.path.isfile(p) for p in output_paths(output, name, save).values())
+              "stage_capacity", "algm_source_local", "algm_source", "algm_tokens",
+              "algm_capacity")
+PER_IMAGE = ("level", "num_tokens", "halt_stage", "active_tokens", "algm_source_local",
+             "algm_source")
 
 
 ################################################################################
@@ -256,76 +90,8 @@ class _Entry:
   key: tuple                   # (padded model input (Hb, Wb), padded output size or None)
 
 
-################################################################################
-# Progress and summary.                                                        #
-################################################################################
-class Progress:
-  """One updating stderr line: images done of those to do (`total` less those an earlier run
-  finished), images/s, ETA (a new line every 10 s when stderr is not a terminal); `note`
-  prints a message above it. total: None when unknown (a video that does not say)."""
-
-  def __init__(self, total, stream=None):
-    self.total, self.stream = total, stream or sys.stderr
-    self.tty = self.stream.isatty()
-    self.start, self.last, self.line = time.time(), 0.0, ""
-
-  def update(self, done, failed, skipped=0, compile_s=0.0, force=False):
-    now = time.time()
-    if not force and now - self.last < (0.5 if self.tty else 10.0):
-      return
-    self.last = now
-    rate = done / max(now - self.start - compile_s, 1e-9)
-    todo = self.total - skipped if self.total else None
-    eta = f"ETA {_clock(max(todo - done - failed, 0) / rate)}" if todo and rate > 0 else "ETA ?"
-    bad = f", {failed} failed" if failed else ""
-    self.line = (f"segment: {done}{f'/{todo}' if todo else ''} images{bad}, "
-                 f"{rate:.2f} images/s, {eta}")
-    self._show()
-
-  def _show(self):
-    end = "" if self.tty else "\n"
-    self.stream.write(("\r\033[K" if self.tty else "") + self.line + end)
-    self.stream.flush()
-
-  def note(self, message):
-    self.stream.write(("\r\033[K" if self.tty else "") + message + "\n")
-    if self.tty and self.line:
-      self._show()
-    self.stream.flush()
-
-  def close(self):
-    if self.tty and self.line:
-      self.stream.write("\n")
-      self.stream.flush()
-
-
-def _clock(seconds):
-  seconds = int(seconds)
-  return f"{seconds // 3600}h{seconds // 60 % 60:02d}m" if seconds >= 3600 else \
-      f"{seconds // 60}m{seconds % 60:02d}s"
-
-
 def _mean(values):
   return float(np.mean(values)) if values else None
-
-
-def merge_summaries(parts):
-  """One summary from the processes' own: counts and failures added up, means weighted by
-  images, times the slowest process's, images/s the sum."""
-  out = dict(parts[0])
-  n = [p["images"] for p in parts]
-  out.update(images=sum(n), already_done=sum(p["already_done"] for p in parts),
-             failed=[f for p in parts for f in p["failed"]],
-             seconds=max(p["seconds"] for p in parts),
-             compile_s=max(p["compile_s"] for p in parts),
-             images_per_s=sum(p["images_per_s"] for p in parts),
-             compiled_shapes=max(p["compiled_shapes"] for p in parts))
-  out["failed_count"] = len(out["failed"])
-  for key in ("mean_tokens_full", "mean_tokens_kept", "mean_tokens_halted", "gflops_useful",
-              "gflops_executed"):
-    rows = [(p[key], k) for p, k in zip(parts, n) if p[key] is not None and k]
-    out[key] = (sum(v * k for v, k in rows) / sum(k for _, k in rows)) if rows else None
-  return out
 
 
 ################################################################################
@@ -336,8 +102,8 @@ def segment_files(model_dir, source, output, *, save=("labels",), batch_size=0,
   """Segments `source` (a folder, a glob, an image or a video) with the model in `model_dir`
   into `output` (module docstring); returns the summary written to output/summary.json:
   images segmented by this run, already_done (skipped: finished by an earlier run), failed
-  [{file, error}], mean_tokens_full / kept (entering the encoder) / halted (by the exits)
-  per image, gflops_useful / executed (flops.token_macs of the valid tokens and of the
+  [{file, error}], mean_tokens_full / kept (entering the encoder) / merged (away by ALGM's
+  merges inside the encoder) / halted (by the exits) per image, gflops_useful / executed (flops.token_macs of the valid tokens and of the
   compiled slots; tokens and GFLOPs are None with sliding windows, whose windows' maps
   overlap), images_per_s (compile time left out), seconds, compile_s, compiled_shapes,
   dispatch and bucket_ratio.
@@ -361,7 +127,8 @@ def segment_files(model_dir, source, output, *, save=("labels",), batch_size=0,
     raise ValueError(f"bucket_ratio={bucket_ratio}: use 0 (the model's buckets) or a ratio "
                      "> 1, e.g. 1.05")
   model_dir, output = os.fspath(model_dir), os.fspath(output)
-  files, video = find_inputs(source, exclude=output)   # a bad input fails before the model loads
+  # A bad input fails before the model loads.
+  files, video = files_lib.find_inputs(source, exclude=output)
   if not os.path.isdir(model_dir):
     raise FileNotFoundError(f"{model_dir} is not a directory (expected a step_jax training "
                             "workdir or export folder)")
@@ -376,13 +143,14 @@ def segment_files(model_dir, source, output, *, save=("labels",), batch_size=0,
       num_classes=int(run.config.num_classes), mode=run.s["mode"], save=list(save),
       images=run.done, already_done=run.skipped, failed_count=len(run.failed),
       failed=run.failed, mean_tokens_full=_mean(st["full"]), mean_tokens_kept=_mean(st["kept"]),
-      mean_tokens_halted=_mean(st["halted"]), gflops_useful=_mean(st["useful"]),
+      mean_tokens_merged=_mean(st["merged"]), mean_tokens_halted=_mean(st["halted"]),
+      gflops_useful=_mean(st["useful"]),
       gflops_executed=_mean(st["executed"]),
       images_per_s=run.done / max(seconds - run.compile_s, 1e-9), seconds=seconds,
       compile_s=run.compile_s, compiled_shapes=len(run.shapes), batch_size=run.batch,
       dispatch=run.dispatch, bucket_ratio=run.bucket_ratio,
-      devices=len(run.devices), processes=process_share()[1])
-  return _write_summary(summary, output)
+      devices=len(run.devices), processes=files_lib.process_share()[1])
+  return progress_lib.write_summary(summary, output)
 
 
 class _Run:
@@ -422,7 +190,7 @@ class _Run:
 
   def unfinished(self, name):
     """False (and counted) when an earlier run finished image `name`."""
-    if finished(self.output, name, self.save):
+    if files_lib.finished(self.output, name, self.save):
       self.skipped += 1
       return False
     return True
@@ -435,15 +203,17 @@ class _Run:
 
   def entries(self, files, video):
     """_Entry of each of this process's unfinished images, in input order."""
-    pi, pc = process_share()
+    pi, pc = files_lib.process_share()
     # Images to go, for the ETA (None: a video that does not state its length).
-    total = len(files[pi::pc]) if not video else len(range(pi, video_length(video), pc))
-    self.progress = Progress(total or None, self.stream)
+    total = (len(files[pi::pc]) if not video else
+             len(range(pi, files_lib.video_length(video), pc)))
+    self.progress = progress_lib.Progress(total or None, self.stream)
     os.makedirs(self.output, exist_ok=True)
     if video:
       stem = os.path.splitext(os.path.basename(video))[0]
       name = lambda i: f"{stem}/{i:06d}"
-      for i, image in video_frames(video, lambda i: i % pc == pi and self.unfinished(name(i))):
+      keep = lambda i: i % pc == pi and self.unfinished(name(i))
+      for i, image in files_lib.video_frames(video, keep):
         yield from self.entry(name(i), f"{video} frame {i}" if i >= 0 else video, image)
       return
     for name, path in files[pi::pc]:
@@ -622,41 +392,25 @@ def _write_batch(group, result, output, save, colours, config, model, s, stats):
   for j, e in enumerate(group):
     h, w = e.image.shape[:2]
     pred = result["pred"][j, :h, :w]
-    paths = {k: p for k, p in output_paths(output, e.name, save).items()
+    paths = {k: p for k, p in files_lib.output_paths(output, e.name, save).items()
              if not os.path.isfile(p)}   # an earlier run's finished files are kept
     if s["mode"] == "whole":
       row = tokens_lib.image_tokens(config, model, result, j, image_size=e.key[0])
       stats["full"].append((e.key[0][0] // patch) * (e.key[0][1] // patch))
-      stats["kept"].append(row["tokens"][0])
-      stats["halted"].append(row["tokens"][0] - row["tokens"][-1])
+      tokens = row["tokens"]   # entering the encoder, [after each ALGM merge], [each exit]
+      merges = len(np.asarray(result["algm_tokens"])[j]) if "algm_tokens" in result else 0
+      stats["kept"].append(tokens[0])
+      stats["merged"].append(tokens[0] - tokens[merges])
+      stats["halted"].append(tokens[merges] - tokens[-1])
       stats["useful"].append(row["useful"]["total"])
       stats["executed"].append(row["executed"]["total"])
     if "tokens" in paths:
       info = {k: result[k][j] for k in PER_IMAGE if k in result}
       info.update(patch_size=patch, exit_layers=tuple(model.exit_layers))
       ims, titles = visualize.panels(e.model_image, pred, info, colours=colours)
-      write_png(visualize.side_by_side(ims[1:-1], titles[1:-1]), paths["tokens"])
+      files_lib.write_png(visualize.side_by_side(ims[1:-1], titles[1:-1]), paths["tokens"])
     if "overlay" in paths:
-      write_png(Image.fromarray(visualize.overlay(e.image, pred, colours)), paths["overlay"])
+      files_lib.write_png(Image.fromarray(visualize.overlay(e.image, pred, colours)),
+                          paths["overlay"])
     if "labels" in paths:
-      write_png(label_image(pred, colours), paths["labels"])
-
-
-def _write_summary(summary, output):
-  """summary.json (atomically); with several processes each writes its part and process 0
-  merges them once all have."""
-  index, count = process_share()
-  if count == 1:
-    ckpt_lib.write_json(os.path.join(output, SUMMARY), summary)
-    return summary
-  part = os.path.join(output, f"summary.process{index}.json")
-  ckpt_lib.write_json(part, summary)
-  multihost_utils.sync_global_devices("step_jax.inference summary")
-  parts = []
-  for i in range(count):
-    with open(os.path.join(output, f"summary.process{i}.json")) as f:
-      parts.append(json.load(f))
-  merged = merge_summaries(parts)
-  if index == 0:
-    ckpt_lib.write_json(os.path.join(output, SUMMARY), merged)
-  return merged
+      files_lib.write_png(files_lib.label_image(pred, colours), paths["labels"])
