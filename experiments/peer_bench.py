@@ -4,7 +4,8 @@ The baseline a user compares with is the PyTorch ViT they run today (timm, whose
 `F.scaled_dot_product_attention`). Per cell (variant, square size): timm's
 `VisionTransformer` built at the size without class token (`forward_features`, inference
 mode), our `vit.ViT` encoder (jitted, attention_impl 'auto') and our whole SegViT (encoder +
-ATM head, `builder.build`), batch 1, fp32, random weights; the three run interleaved, one
+ATM head, `builder.build`), batch 1, fp32 (--dtype=bf16: all three in bf16), random weights,
+on the GPU where torch and jax have one; the three run interleaved, one
 call each per round after a warm-up round (jit compile, torch's first call), so a busy CPU
 slows all of them alike. Each row has the median, min and max of --reps rounds and the
 median of the per-round ratios timm / ours (> 1: we are faster).
@@ -65,8 +66,9 @@ def cpu_name():
   return platform.processor() or platform.machine()
 
 
-def timm_encoder(variant, res):
-  """timm's ViT at res² without class token: a callable on an NCHW torch tensor."""
+def timm_encoder(variant, res, dtype="fp32"):
+  """timm's ViT at res² without class token (on the GPU when torch has one, in `dtype`): a
+  callable that runs it on a fixed input and waits for the result."""
   import torch  # pylint: disable=g-import-not-at-top
   import step_jax.testing.tv_shim  # noqa: F401  pylint: disable=g-import-not-at-top,unused-import
   from timm.models import vision_transformer  # pylint: disable=g-import-not-at-top
@@ -75,26 +77,37 @@ def timm_encoder(variant, res):
       img_size=res, patch_size=16, embed_dim=v["width"], depth=v["depth"],
       num_heads=v["num_heads"], mlp_ratio=v["mlp_dim"] / v["width"], class_token=False,
       global_pool="avg", num_classes=0).eval()
-  x = torch.rand(1, 3, res, res)
+  device = "cuda" if torch.cuda.is_available() else "cpu"
+  tdtype = torch.bfloat16 if dtype == "bf16" else torch.float32
+  model = model.to(device=device, dtype=tdtype)
+  x = torch.rand(1, 3, res, res, device=device, dtype=tdtype)
 
   def call():
     with torch.inference_mode():
-      return model.forward_features(x)
+      out = model.forward_features(x)
+    if device == "cuda":
+      torch.cuda.synchronize()
+    return out
   return call
 
 
-def our_encoder(variant, res, impl="auto"):
+DTYPES = {"fp32": jnp.float32, "bf16": jnp.bfloat16}
+
+
+def our_encoder(variant, res, impl="auto", dtype="fp32"):
   x = jax.random.uniform(jax.random.key(1), (1, res, res, 3))
   model = vit.ViT(**vit.decode_variant(variant), posemb_grid=(res // 16, res // 16),
-                  attention_impl=attention.resolve_impl(impl, jnp.float32, 64,
-                                                        (res // 16) ** 2))
+                  attention_impl=attention.resolve_impl(impl, DTYPES[dtype], 64,
+                                                        (res // 16) ** 2),
+                  dtype=DTYPES[dtype])
   variables = jax.jit(model.init)(jax.random.key(0), x)
   fn = jax.jit(lambda v, im: model.apply(v, im)[0])
   return lambda: jax.block_until_ready(fn(variables, x))
 
 
-def our_segvit(variant, res):
+def our_segvit(variant, res, dtype="fp32"):
   cfg = step_config.get_config(f"method=segvit,variant={variant},dataset=cityscapes,res={res}")
+  cfg.model.dtype = jnp.dtype(DTYPES[dtype]).name
   model = builder.build(cfg.model, cfg.num_classes, (res, res), cfg.ignore_index)
   x = jax.random.uniform(jax.random.key(1), (1, res, res, 3))
   variables = jax.jit(model.init)(jax.random.key(0), x)
@@ -102,10 +115,11 @@ def our_segvit(variant, res):
   return lambda: jax.block_until_ready(fn(variables, x))
 
 
-def time_cell(variant, res, reps):
+def time_cell(variant, res, reps, dtype="fp32"):
   """One row: the three callables interleaved, `reps` timed rounds after a warm-up round."""
-  calls = {"timm": timm_encoder(variant, res), "ours_encoder": our_encoder(variant, res),
-           "ours_segvit": our_segvit(variant, res)}
+  calls = {"timm": timm_encoder(variant, res, dtype),
+           "ours_encoder": our_encoder(variant, res, dtype=dtype),
+           "ours_segvit": our_segvit(variant, res, dtype)}
   ms = {k: [] for k in calls}
   for rnd in range(reps + 1):
     for name, call in calls.items():
@@ -114,8 +128,9 @@ def time_cell(variant, res, reps):
       if rnd:
         ms[name].append(1000 * (time.perf_counter() - t))
   row = dict(kind="time", variant=variant, res=res, tokens=(res // 16) ** 2, batch=1,
-             dtype="float32", reps=reps,
-             ours_attention=attention.resolve_impl("auto", jnp.float32, 64, (res // 16) ** 2))
+             dtype=jnp.dtype(DTYPES[dtype]).name, reps=reps,
+             ours_attention=attention.resolve_impl("auto", DTYPES[dtype], 64,
+                                                   (res // 16) ** 2))
   for name, t in ms.items():
     row[name] = dict(ms_median=round(statistics.median(t), 1), ms_min=round(min(t), 1),
                      ms_max=round(max(t), 1))
@@ -146,19 +161,22 @@ def main(argv):
   threads = FLAGS.threads or os.cpu_count()
   torch.set_num_threads(threads)
   rows = writers.read_jsonl(FLAGS.out) if FLAGS.out and os.path.exists(FLAGS.out) else []
-  done = {(r["kind"], r["variant"], r["res"], r.get("impl", ""), r["threads"]) for r in rows}
+  done = {(r["kind"], r["variant"], r["res"], r.get("impl", ""), r["threads"], r["dtype"])
+          for r in rows}
   machine = dict(cpu=cpu_name(), cores=os.cpu_count(), threads=threads,
                  device=jax.devices()[0].platform, jax=jax.__version__,
-                 torch=torch.__version__)
+                 torch=torch.__version__,
+                 torch_device="cuda" if torch.cuda.is_available() else "cpu")
   jobs = [(v, r, impl) for v, r in parse_cells(FLAGS.cells)
           for impl in (FLAGS.impls.split(",") if FLAGS.memory else [""])]
   for variant, res, impl in jobs:
-    key = ("memory" if FLAGS.memory else "time", variant, res, impl, threads)
+    key = ("memory" if FLAGS.memory else "time", variant, res, impl, threads,
+           "float32" if FLAGS.memory else jnp.dtype(DTYPES[FLAGS.dtype]).name)
     if key in done:
       print(f"skip {variant}@{res} {impl} (in {FLAGS.out})", flush=True)
       continue
-    row = memory_cell(variant, res, impl) if FLAGS.memory else time_cell(variant, res,
-                                                                         FLAGS.reps)
+    row = memory_cell(variant, res, impl) if FLAGS.memory else time_cell(
+        variant, res, FLAGS.reps, FLAGS.dtype)
     row.update(machine, when=time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()))
     writers.print_row(row, FLAGS.out)
 
@@ -167,6 +185,7 @@ if __name__ == "__main__":
   flags.DEFINE_string("cells", DEFAULT_CELLS, "Comma-separated VARIANT@SIZE cells.")
   flags.DEFINE_integer("reps", 3, "Timed rounds per cell (after one warm-up round).")
   flags.DEFINE_integer("threads", 0, "torch threads (0: every core, as XLA uses).")
+  flags.DEFINE_enum("dtype", "fp32", list(DTYPES), "Compute dtype of both (--memory: fp32).")
   flags.DEFINE_bool("memory", False, "Compile only: XLA's planned bytes per --impls path.")
   flags.DEFINE_string("impls", "einsum,chunked", "Attention paths for --memory.")
   flags.DEFINE_string("out", "", "JSON-lines file the rows are appended to (resumable).")

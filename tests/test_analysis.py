@@ -1,7 +1,9 @@
 """Analysis tools: exit analysis (table 7, figures 7-8), per-layer profile (figures 9-10),
 table sweeps (tables 1, 3-6, figures 5-6) and the budget calibration, on tiny models."""
 import csv
+import json
 import os
+import subprocess
 import sys
 
 import jax
@@ -349,3 +351,28 @@ def test_print_row_prints_and_appends(tmp_path, capsys):
   writers.print_row({"c": 4})              # no file
   assert capsys.readouterr().out.splitlines() == ['{"a": 1}', '{"b": [2, 3]}', '{"c": 4}']
   assert writers.read_jsonl(path) == [{"a": 1}, {"b": [2, 3]}]
+
+
+@pytest.mark.slow
+def test_bench_gpu_dry_run_on_cpu(tmp_path):
+  """experiments/bench_gpu.sh, the one-call GPU script, end to end on the CPU with tiny cells:
+  a policy trained when none is given, synthetic frames, a benchmark row per cell, the peer
+  row, the table; a cell that cannot fit the budget is skipped by name."""
+  root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+  env = dict(os.environ, PY=sys.executable, OUT=str(tmp_path), REPS="2",
+             CELLS="Mu/16@64:fp32:1:segvit Mu/16@64:fp32:1:step peer:Mu/16@64:fp32",
+             POLICY=str(tmp_path / "policy"),
+             POLICY_CONFIG="configs/policy.py:dataset=synthetic,size=smoke")
+  subprocess.run(["bash", "experiments/bench_gpu.sh"], cwd=root, env=env, check=True,
+                 capture_output=True, timeout=900)
+  rows = [json.loads(l) for l in open(tmp_path / "bench_gpu.jsonl")]
+  assert [r["method"] for r in rows] == ["segvit", "step"]
+  assert rows[1]["gflops_useful"] > 0 and rows[1]["exit_threshold"]
+  peer = [json.loads(l) for l in open(tmp_path / "peer_bench_gpu.jsonl")]
+  assert peer[0]["variant"] == "Mu/16" and peer[0]["timm"]["ms_median"] > 0
+  assert "method=step" in open(tmp_path / "bench_gpu_table.md").read()
+  env.update(BUDGET_S="10", MIN_CELL_S="60", OUT=str(tmp_path / "late"))
+  subprocess.run(["bash", "experiments/bench_gpu.sh"], cwd=root, env=env, check=True,
+                 capture_output=True, timeout=300)
+  assert "Mu/16@64:fp32:1:segvit and later cells skipped" in open(
+      tmp_path / "late" / "bench_gpu.log").read()
