@@ -183,6 +183,13 @@ def phase_optimizer(txs, phases, step):
           lambda s: jax.lax.switch(phase, lr_fns, s))
 
 
+def exit_weights(config):
+  """(before pruning, while pruning): the weights of the exits' own losses, one home for
+  their defaults (config.loss.base_exit_weight, config.loss.exit_weight; 1 each)."""
+  return (float(config.loss.get("base_exit_weight", 1.0)),
+          float(config.loss.get("exit_weight", 1.0)))
+
+
 def phased_train_step(state, batch, rng=None, *, model, txs, phases, prune_from, config):
   """`train_step` for DToP's recipe in ONE program: pruning off for the first `prune_from`
   steps, then on (phase_model), each optimizer phase with its own optimizer and schedule
@@ -191,11 +198,10 @@ def phased_train_step(state, batch, rng=None, *, model, txs, phases, prune_from,
   train program compiles instead of one per phase."""
   step = state["step"]
   tx, lr_fn = phase_optimizer(txs, phases, step)
-  tuned = float(config.loss.get("exit_weight", 1.0))
+  base, tuned = exit_weights(config)
   exit_weight = tuned
-  if prune_from:
-    base = float(config.loss.get("base_exit_weight", 1.0))
-    exit_weight = jnp.where(step >= prune_from, tuned, base) if base != tuned else tuned
+  if prune_from and base != tuned:
+    exit_weight = jnp.where(step >= prune_from, tuned, base)
   return train_step(state, batch, rng, model=phase_model(model, step, prune_from),
                     tx=tx, config=config, lr_fn=lr_fn, exit_weight=exit_weight)
 
@@ -409,7 +415,7 @@ def train_and_evaluate(config, workdir):
   reset_opt = jax.jit(lambda st: dict(st, opt_state=txs[-1].init(st["params"])),
                       in_shardings=(state_sh,), out_shardings=state_sh, donate_argnums=(0,))
   if prune_from > start:
-    base_weight = float(config.loss.get("base_exit_weight", 1.0))
+    base_weight = exit_weights(config)[0]
     say(f"steps {start + 1}..{prune_from}: nothing halts, the exits' losses weigh "
         f"{base_weight:g} (BASE); "
         f"pruning from step {prune_from + 1}"
