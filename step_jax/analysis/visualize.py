@@ -68,11 +68,17 @@ def superpatches(image, level, patch_size, *, tint=0.35, line=(255, 255, 255)):
   hw = image.shape[:2]
   lev = _cells_to_pixels(level, patch_size, hw)
   ids = _cells_to_pixels(token_ids(level), patch_size, hw)
+  return _tint_and_outline(image, ids, lambda k: lev == k, tint, line)
+
+
+def _tint_and_outline(image, ids, tinted, tint, line):
+  """The image with the pixels tinted(k) blended with LEVEL_COLOURS[k] and `line` drawn
+  where the token id `ids` [H, W] changes between neighbouring pixels."""
   out = image.astype(np.float32)
   for k, colour in LEVEL_COLOURS.items():
-    m = lev == k
+    m = tinted(k)
     out[m] = (1 - tint) * out[m] + tint * np.asarray(colour, np.float32)
-  edge = np.zeros(hw, bool)
+  edge = np.zeros(ids.shape, bool)
   edge[:, 1:] |= ids[:, 1:] != ids[:, :-1]
   edge[1:, :] |= ids[1:, :] != ids[:-1, :]
   out[edge] = line
@@ -91,15 +97,8 @@ def merged(image, source, patch_size, *, tint=0.35, line=(255, 255, 255)):
   cells = counts[inverse].reshape(source.shape)
   ids = _cells_to_pixels(source, patch_size, hw)
   size = _cells_to_pixels(cells, patch_size, hw)
-  out = image.astype(np.float32)
-  for k, colour in LEVEL_COLOURS.items():
-    m = (size >= max(k * k // 4, 2)) & (size < k * k)
-    out[m] = (1 - tint) * out[m] + tint * np.asarray(colour, np.float32)
-  edge = np.zeros(hw, bool)
-  edge[:, 1:] |= ids[:, 1:] != ids[:, :-1]
-  edge[1:, :] |= ids[1:, :] != ids[:-1, :]
-  out[edge] = line
-  return out.astype(np.uint8)
+  return _tint_and_outline(image, ids, lambda k: (size >= max(k * k // 4, 2)) & (size < k * k),
+                           tint, line)
 
 
 def halted(image, halt_stage, patch_size, stage, *, tint=0.4):
