@@ -101,11 +101,13 @@ def test_chunked_layer_equals_einsum_with_key_mask_and_gradients():
   assert_close(np.asarray(y3)[keep], np.asarray(y2)[keep], 1e-5)
 
 
-def test_chunked_attention_with_small_blocks_equals_einsum():
+@pytest.mark.parametrize("masked", [True, False])
+def test_chunked_attention_with_small_blocks_equals_einsum(masked):
   """Many blocks (50 tokens in 4 query blocks of 13 and 7 key blocks of 8, both padded), a
-  fully masked row."""
-  q, k, v = (jax.random.normal(jax.random.key(i), (3, 50, 2, 8)) for i in range(3))
-  key_mask = _key_mask(3, 50, 3)
+  fully masked row; unmasked, 48 tokens in whole blocks (the path without a masking pass)."""
+  n = 50 if masked else 48
+  q, k, v = (jax.random.normal(jax.random.key(i), (3, n, 2, 8)) for i in range(3))
+  key_mask = _key_mask(3, n, 3) if masked else None
 
   def einsum(q, k, v):
     attn = attention.masked_softmax(jnp.einsum("bqhd,bkhd->bhqk", q, k), key_mask)
