@@ -129,7 +129,10 @@ class HostBuckets:
     self.calls[key] = self.calls.get(key, 0) + 1
     return self._compiled[key](*args)
 
-  def __call__(self, variables, images):
+  def __call__(self, variables, images, merge=None):
+    """(outputs, info) as model.apply's. merge: these images' (level map, count), from
+    `merge` on them earlier (e.g. by a pass that sorted images by count), so the policy net
+    and the merge do not run twice; default: they run here."""
     m = self.model
     grid = m.grid(images)
     n = grid[0] * grid[1]
@@ -137,7 +140,7 @@ class HostBuckets:
     # ALGM merges inside the encoder: its buckets (and with exits, theirs) are chosen on
     # device, in one program (dcts_algm: the supertokens' here, the merged tokens' in it).
     if m.shares_tokens:
-      level, count = self._run("merge", self._count, {}, variables, images)
+      level, count = merge if merge is not None else self.merge(variables, images)
       cap = pick_capacity(int(np.max(host_value(count))), m.capacities(grid))
     if not m.exit_layers or m.exit_mode != "compact" or m.merges_in_encoder:
       if not m.shares_tokens:
@@ -161,10 +164,15 @@ class HostBuckets:
       state = parts[0]
     return self._run("finish", self._end, {}, variables, state, images, level)
 
+  def merge(self, variables, images):
+    """(level map [B, gh, gw], supertokens per image [B]) as device arrays: the policy net
+    and the merge alone (models that share tokens before the encoder)."""
+    return self._run("merge", self._count, {}, variables, images)
+
   def token_counts(self, variables, images):
     """Supertokens per image [B] (the full grid without a merge, and for ALGM, which merges
     inside the encoder)."""
     if not self.model.shares_tokens:
       grid = self.model.grid(images)
       return np.full(len(images), grid[0] * grid[1])
-    return host_value(self._run("merge", self._count, {}, variables, images)[1])
+    return host_value(self.merge(variables, images)[1])

@@ -36,13 +36,15 @@ between small jitted programs for the padding and the scores. `config.eval.bucke
 sets the ladder (1.05: `segmenter.geometric_buckets(1.05)`, at most 5 % padding; 0: the
 model's). On the host the images of one bucket shape are sorted by token count in pools of
 `config.eval.group_batches` batches (the confusion matrix does not depend on the order), so
-that a batch's capacity, set by its largest count, is close to each image's own. Sliding
+that a batch's capacity, set by its largest count, is close to each image's own; the sorting
+pass's level maps are kept (a grid of int32 per image and window) and handed to the batch
+that runs the image, so the policy net and the merge run once per image. Sliding
 windows: every image of a bucket shape has the same windows (n, at the same places up to
 the border clip), so a batch runs window by window, window k of each of its images as one
 model batch, added to the image's scores on the device that holds the image; windows of
 different images are not mixed across batches, which would group counts more tightly but
-move every window's scores to its image's device (and process). The default stays
-'device' until measured (analysis/benchmark.py `measure_evaluation`).
+move every window's scores to its image's device (and process). The default and the
+measurements behind it: configs/common.py (analysis/benchmark.py `measure_evaluation`).
 
 Multi-host: every process reads the whole split (so all agree on the batch plan) and feeds
 its rows of each global batch; the confusion matrix is a global sum. With the host dispatch
@@ -378,33 +380,66 @@ def num_windows(size, s):
   return math.prod((n - c) // st + 1 for n, c, st in zip(size, s["crop"], s["stride"]))
 
 
-def host_scores(host, variables, images, sizes, s):
+def _model_inputs(x, sizes, s):
+  """The model's input of each call host_scores makes on padded pixels x: x itself (whole),
+  or window k of every image (slide), one at a time."""
+  if s["mode"] == "whole":
+    yield x
+    return
+  for k in range(num_windows(x.shape[1:3], s)):
+    yield _window(x, sizes, k, crop=s["crop"], stride=s["stride"])
+
+
+def host_scores(host, variables, images, sizes, s, merges=None):
   """(class scores [B, Hb, Wb, C], info) of padded images uint8 [B, Hb, Wb, 3] with true
   sizes sizes[:, :2], as `infer` computes them, the model run by `host` (a
   dispatch.HostBuckets). info: the model's token maps and counts in whole mode; None for
-  sliding windows, which run window k of every image as one model batch (module doc)."""
+  sliding windows, which run window k of every image as one model batch (module doc).
+  merges: host_merges of these images (rows in this order), reused: the policy net and the
+  merge then run once per image, not again here."""
   x = _pixels(images, sizes, s["pad_value"])
+  merge = lambda k: merges[k] if merges else None
   if s["mode"] == "whole":
-    outputs, info = host(variables, x)
+    outputs, info = host(variables, x, merge=merge(0))
     return _predict(outputs, x.shape[1:3]), info
   size = tuple(x.shape[1:3])
   canvas = count = None
   for k in range(num_windows(size, s)):
-    outputs, _ = host(variables, _window(x, sizes, k, crop=s["crop"], stride=s["stride"]))
+    outputs, _ = host(variables, _window(x, sizes, k, crop=s["crop"], stride=s["stride"]),
+                      merge=merge(k))
     canvas, count = _add_window(canvas, count, outputs, sizes, k, size=size, crop=s["crop"],
                                 stride=s["stride"])
   return _average(canvas, count), None
+
+
+def host_merges(host, variables, images, sizes, s):
+  """The merge of each model call host_scores makes (whole: one; slide: one per window):
+  a list of (level map [B, gh, gw], tokens [B]) as numpy, every process the whole batch's.
+  Only for models that share tokens before the encoder (host.model.shares_tokens)."""
+  x = _pixels(images, sizes, s["pad_value"])
+  return [tuple(dispatch_lib.host_value(a) for a in host.merge(variables, window))
+          for window in _model_inputs(x, sizes, s)]
 
 
 def host_token_counts(host, variables, images, sizes, s):
   """Tokens per image [B] as numpy (every process the whole batch's): the merge's count of
   the whole image, or summed over its windows."""
   x = _pixels(images, sizes, s["pad_value"])
-  if s["mode"] == "whole":
-    return host.token_counts(variables, x)
-  return sum(host.token_counts(variables, _window(x, sizes, k, crop=s["crop"],
-                                                  stride=s["stride"]))
-             for k in range(num_windows(x.shape[1:3], s)))
+  return sum(host.token_counts(variables, window) for window in _model_inputs(x, sizes, s))
+
+
+def merges_of(rows, merges, place):
+  """host_scores' `merges` for a batch of images given by their `rows` in per-image merges
+  (`merges[i]`: image i's [(level, count)] per call, from host_merges), the arrays placed
+  by `place` (numpy [B, ...] → the device arrays the model takes)."""
+  return [tuple(place(np.stack([merges[i][k][j] for i in rows])) for j in range(2))
+          for k in range(len(merges[rows[0]]))]
+
+
+def per_image(merges, n):
+  """host_merges' batch-level list → one [(level, count)] per call for each of its first n
+  images."""
+  return [[(level[i], count[i]) for level, count in merges] for i in range(n)]
 
 
 ################################################################################
@@ -466,19 +501,19 @@ class Evaluator:
     conf = np.zeros((self.config.num_classes,) * 2, np.int64)
     t0 = time.time()
     if self.host is None:
-      batches = eval_batches(self.source, self.s, self.batch_size,
-                             process_index=jax.process_index(),
-                             process_count=jax.process_count())
+      batches = ((key, batch, None) for key, batch in eval_batches(
+          self.source, self.s, self.batch_size, process_index=jax.process_index(),
+          process_count=jax.process_count()))
     else:
       batches = self._grouped_batches(as_variables(params))
-    for key, host_batch in batches:
+    for key, host_batch, merges in batches:
       self.shapes.add(key)
       batch = sharding_lib.put_batch(host_batch, self.mesh)
       if self.host is None:
         c = self._step(params, batch)
       else:
         scores, _ = host_scores(self.host, as_variables(params), batch["image"],
-                                batch["sizes"], self.s)
+                                batch["sizes"], self.s, merges=merges)
         c = self._confusion(scores, batch)
       conf += np.asarray(jax.device_get(c), np.int64)
     self.confusion = conf
@@ -495,24 +530,33 @@ class Evaluator:
     return out
 
   def _grouped_batches(self, variables):
-    """(key, host batch) for the host dispatch: the images of one bucket shape in pools of
-    `group_batches` batches, each pool sorted by token count (counts gathered from every
-    process, so all sort alike) and cut into batches. Models without a merge before the
-    encoder (SegViT, DToP, ALGM) have no count to sort by: reading order."""
+    """(key, host batch, merges) for the host dispatch: the images of one bucket shape in
+    pools of `group_batches` batches, each pool sorted by token count (counts gathered from
+    every process, so all sort alike) and cut into batches; merges: the sorting pass's level
+    maps of the batch's images (host_scores reuses them), None where no pass ran. Models
+    without a merge before the encoder (SegViT, DToP, ALGM) have no count to sort by:
+    reading order."""
     b, pi, pc = self.batch_size, jax.process_index(), jax.process_count()
     batch = lambda key, exs: make_batch(key, exs, self.s, b, process_index=pi,
                                         process_count=pc, repeat=True)
+    # This process's rows of a global [b, ...] array, placed as put_batch places a batch.
+    place = lambda a: sharding_lib.put_batch(a[pi * (b // pc):(pi + 1) * (b // pc)], self.mesh)
     for key, exs in eval_groups(self.source, self.s, b * self.s["group_batches"]):
+      merges = None
       if len(exs) > b and self.model.shares_tokens:
-        counts = []
+        merges = []
         for i in range(0, len(exs), b):
           x = batch(key, exs[i:i + b])
           x = sharding_lib.put_batch(dict(image=x["image"], sizes=x["sizes"]), self.mesh)
-          counts.append(host_token_counts(self.host, variables, x["image"], x["sizes"],
-                                          self.s)[:len(exs[i:i + b])])
-        exs = [exs[i] for i in np.argsort(np.concatenate(counts), kind="stable")]
+          merges += per_image(host_merges(self.host, variables, x["image"], x["sizes"],
+                                          self.s), len(exs[i:i + b]))
+        order = np.argsort([sum(int(c) for _, c in m) for m in merges], kind="stable")
+        exs, merges = [exs[i] for i in order], [merges[i] for i in order]
       for i in range(0, len(exs), b):
-        yield key, batch(key, exs[i:i + b])
+        rows = list(range(i, min(i + b, len(exs))))
+        rows += rows[:1] * (b - len(rows))   # make_batch's repeat of the first image
+        yield key, batch(key, exs[i:i + b]), \
+            merges and merges_of(rows, merges, place)
 
 
 def evaluate(config, params, *, model=None, mesh=None, split=None, source=None):

@@ -88,6 +88,7 @@ class _Entry:
   image: np.ndarray            # as read, uint8 [H, W, 3]
   model_image: np.ndarray      # after the protocol's resize
   key: tuple                   # (padded model input (Hb, Wb), padded output size or None)
+  merge: list = None           # the sorting pass's [(level, count)] per model call, reused
 
 
 def _mean(values):
@@ -266,7 +267,7 @@ class _Run:
                                functools.partial(_scores, call=self.call, s=self.s),
                                *args)(*args)
       else:
-        result = self.host_scores(*args)
+        result = self.host_scores(*args, merges=self.merges(group))
       scores = result.pop("scores")
       result["pred"] = self.compiled(self.labels, key, functools.partial(_labels, out_hw=out_hw),
                                      scores, args[2])(scores, args[2])
@@ -279,10 +280,12 @@ class _Run:
     self.show(force=True)
     self.progress.close()
 
-  def host_scores(self, variables, images, sizes):
-    """_scores' dict with the model's capacities chosen on the host."""
+  def host_scores(self, variables, images, sizes, merges=None):
+    """_scores' dict with the model's capacities chosen on the host (`merges`: see
+    evaluator.host_scores)."""
     before = sum(self.host.compile_s.values())
-    scores, info = evaluator.host_scores(self.host, variables, images, sizes, self.s)
+    scores, info = evaluator.host_scores(self.host, variables, images, sizes, self.s,
+                                         merges=merges)
     self.compile_s += sum(self.host.compile_s.values()) - before
     result = dict(scores=scores)
     if info is not None:
@@ -290,17 +293,28 @@ class _Run:
     return result
 
   def token_counts(self, entries):
-    """Tokens of each entry (the merge alone), for sorting a pool; batches as segment's."""
-    counts = []
+    """Tokens of each entry (the merge alone), for sorting a pool; batches as segment's.
+    Each entry keeps its merge (entry.merge), which the batch that runs it reuses."""
     for i in range(0, len(entries), self.batch):
       group = entries[i:i + self.batch]
       images, sizes = _stack(group, self.batch, group[0].key[0])
       before = sum(self.host.compile_s.values())
-      counts.append(evaluator.host_token_counts(
-          self.host, self.variables, jax.device_put(images, self.rows),
-          jax.device_put(sizes, self.rows), self.s)[:len(group)])
+      merges = evaluator.host_merges(self.host, self.variables,
+                                     jax.device_put(images, self.rows),
+                                     jax.device_put(sizes, self.rows), self.s)
+      for e, merge in zip(group, evaluator.per_image(merges, len(group))):
+        e.merge = merge
       self.compile_s += sum(self.host.compile_s.values()) - before
-    return np.concatenate(counts)
+    return np.array([sum(int(c) for _, c in e.merge) for e in entries])
+
+  def merges(self, group):
+    """host_scores' merges of a batch of `group` (rows past it repeat its first, as
+    _stack's), or None unless every entry kept its merge."""
+    if any(e.merge is None for e in group):
+      return None
+    rows = list(range(len(group))) + [0] * (self.batch - len(group))
+    return evaluator.merges_of(rows, [e.merge for e in group],
+                               lambda a: jax.device_put(a, self.rows))
 
   def show(self, force=False):
     self.progress.update(self.done, len(self.failed), self.skipped, self.compile_s, force=force)
