@@ -206,3 +206,22 @@ def test_two_processes_agree_on_each_batchs_capacity():
   pick = lambda n: dispatch.pick_capacity(n, r["ladder"])
   assert r["capacities"] == sorted({pick(counts[3]), pick(counts[4])})
   assert pick(counts[1]) < pick(counts[3]), counts
+
+
+def test_measure_evaluation_rows():
+  """experiments/eval_dispatch.py's rows: every dispatch evaluates the same weights to the
+  same mIoU; the executed GFLOPs are those of the capacities each dispatch runs (the fine
+  ladder on the host wastes less than the one program's single bucket), never below the
+  useful ones, which do not depend on the dispatch."""
+  cfg, _, variables, _, _ = _model("dcts")
+  rows = benchmark.measure_evaluation(cfg, variables, dispatches=("device", "host"), batch=4,
+                                      num_images=5, square=True)
+  device, host = rows
+  assert [r["dispatch"] for r in rows] == ["device", "host"]
+  assert device["miou_delta"] == host["miou_delta"] == 0.0 and 0 < device["miou"] <= 1
+  assert device["images"] == host["images"] == 5 and device["batch"] == host["batch"] == 4
+  assert host["model_programs"] >= 2 and device["model_programs"] is None   # merge + model
+  assert_close(host["gflops_useful"], device["gflops_useful"], 1e-6)
+  assert device["gflops_executed"] > host["gflops_executed"] >= host["gflops_useful"] > 0
+  assert device["executed_over_useful"] > host["executed_over_useful"] >= 1.0
+  assert all(r["compile_s"] >= 0 and r["s_per_image"] > 0 for r in rows)

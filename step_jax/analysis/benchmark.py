@@ -199,6 +199,10 @@ class _Subset:
     return dict(image=evaluator.resize_image(np.asarray(ex["image"]), (h, w)),
                 label=np.asarray(label))
 
+  def images(self):
+    """The images as one uint8 array [n, H, W, 3] (all of one size: `hw` given)."""
+    return np.stack([self[i]["image"] for i in range(self.n)])
+
 
 def measure_evaluation(config, variables=None, *, dispatches=("device", "host"),
                        bucket_ratio=1.05, batch=0, num_images=0, square=False, dtype="fp32",
@@ -214,7 +218,10 @@ def measure_evaluation(config, variables=None, *, dispatches=("device", "host"),
   Evaluator, nothing compiled yet (run without a persistent compilation cache, or the compile
   seconds are its reads), and evaluates twice: compile_s = first pass - second pass (the
   second compiles nothing; reading and resizing the images cancel), s_per_image = second pass
-  / images. miou_delta: against the first dispatch's mIoU.
+  / images. miou_delta: against the first dispatch's mIoU. With `square`, also the useful and
+  executed GFLOPs of the capacities each dispatch runs at this batch size (tokens.token_stats:
+  the host dispatches' batches sorted by token count as the evaluator's pools are), from one
+  more, untimed pass.
   """
   calib = tokens.load_images(config, "", 8) if exit_share > 0 else None
   config, model, variables, prepared = prepare(config, dtype, variables, calib, exit_share)
@@ -237,6 +244,12 @@ def measure_evaluation(config, variables=None, *, dispatches=("device", "host"),
     t = time.perf_counter()
     out = ev(params)
     second = time.perf_counter() - t
+    gflops = {}
+    if square and (model.shares_tokens or model.exit_layers):
+      st = tokens.token_stats(config, ev.model, variables, source.images(), batch=ev.batch_size,
+                              group=d != "device", forward=ev.host)
+      gflops = {k: st[k] for k in ("gflops_useful", "gflops_executed", "executed_over_useful",
+                                   "mean_tokens_per_stage", "mean_capacity_per_stage")}
     rows.append(dict(
         dispatch=d, bucket_ratio=cfg.eval.bucket_ratio, batch=ev.batch_size,
         images=len(source), image_size=list(config.data.image_size) if square else "native",
@@ -246,5 +259,5 @@ def measure_evaluation(config, variables=None, *, dispatches=("device", "host"),
         miou=out["miou"], miou_delta=out["miou"] - (rows[0]["miou"] if rows else out["miou"]),
         method=config.get("method", "segvit"), variant=config.model.variant, dtype=dtype,
         weights=weights, device=f"{jax.devices()[0].platform}:{jax.devices()[0].device_kind}",
-        compilation_cache=jax.config.jax_compilation_cache_dir or None))
+        compilation_cache=jax.config.jax_compilation_cache_dir or None, **gflops))
   return rows
