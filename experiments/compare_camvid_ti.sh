@@ -11,6 +11,7 @@
 #   bash experiments/compare_camvid_ti.sh algm    # issue 28's runs: ALGM x2 seeds, dcts_algm,
 #       # algm_dtop (ALGM's defaults for Ti/16: local merge in block 1 at .90, global in 5)
 #   bash experiments/compare_camvid_ti.sh table   # the table, one measuring run (~35 min)
+#   bash experiments/compare_camvid_ti.sh table_algm   # issue 28's rows alone (~16 min)
 #
 # Rows: SegViT (2 seeds), DToP-BASE (the BASE checkpoint at step 1500, nothing halting),
 # +DToP@[8], +dCTS, +STEP@[8] with DToP's head, +STEP@[8] with SegViT's stages as exits run
@@ -94,6 +95,24 @@ elif [ "${1:-}" = algm ]; then
   train camvid_ti_dcts_algm_s0 method=dcts_algm --config.model.policy.init_from=$POLICY_SEGVIT
   train camvid_ti_algm_s1 method=algm --config.seed=1
   train camvid_ti_algm_dtop_s0 method=algm_dtop
+elif [ "${1:-}" = table_algm ]; then
+  # Issue 28's side-by-side alone (~16 min): SegViT, dCTS and the default STEP rows beside
+  # ALGM and its compositions, measured in one run.
+  rows=()
+  add() { [ -d "$W/${2%%[@:]*}" ] && rows+=(--row="$1=$W/$2") || echo "missing: $W/$2" >&2; }
+  add "SegViT s0" camvid_ti_segvit_s0
+  add "SegViT s1" camvid_ti_segvit_s1
+  add "+dCTS (STEP@[6,8] s0 weights, no exits)" camvid_ti_step68_from_segvit_s0:without_exits
+  add "+STEP@[6,8] τ .8 (default) from SegViT s0" camvid_ti_step68_from_segvit_s0
+  add "+STEP@[6,8] τ .8 (default) from SegViT s1" camvid_ti_step68_from_segvit_s1
+  add "+STEP@[6,8] τ .8 (default) from scratch s0" fork68_p1750_s0
+  add "+STEP@[6,8] τ .8 (default) from scratch s1" fork68_p1750_s1
+  add "+ALGM s0" camvid_ti_algm_s0
+  add "+ALGM s1" camvid_ti_algm_s1
+  add "+dCTS&ALGM s0" camvid_ti_dcts_algm_s0
+  add "+ALGM&exits@[6,8] s0" camvid_ti_algm_dtop_s0
+  $PY experiments/compare.py "${rows[@]}" --res=1024 --num_images=4 --reps=3 \
+      --out=experiments/results/compare_camvid_ti_algm
 elif [ "${1:-}" = table ]; then
   rows=()
   add() { [ -d "$W/${2%%[@:]*}" ] && rows+=(--row="$1=$W/$2") || echo "missing: $W/$2" >&2; }
@@ -116,8 +135,8 @@ elif [ "${1:-}" = table ]; then
   add "+STEP@[6,8] τ .8, exit losses from step 1, s0" camvid_ti_step68_segvit_s0
   add "+STEP@[6,8] τ .8, pruning from 1501, s0" camvid_ti_step68_s0
   add "+STEP@[6,8] τ .8, pruning from 1501, s1" camvid_ti_step68_s1
-  add "+STEP@[6,8] τ .8 (default) from scratch s0" camvid_ti_step68_p1750_s0
-  add "+STEP@[6,8] τ .8 (default) from scratch s1" camvid_ti_step68_p1750_s1
+  add "+STEP@[6,8] τ .8 (default) from scratch s0" fork68_p1750_s0
+  add "+STEP@[6,8] τ .8 (default) from scratch s1" fork68_p1750_s1
   add "+dCTS (STEP@[6,8] s0 weights, no exits)" camvid_ti_step68_from_segvit_s0:without_exits
   add "+ALGM s0" camvid_ti_algm_s0
   add "+ALGM s1" camvid_ti_algm_s1
@@ -126,5 +145,6 @@ elif [ "${1:-}" = table ]; then
   $PY experiments/compare.py "${rows[@]}" --res=1024 --num_images=4 --reps=3 \
       --out=experiments/results/compare_camvid_ti
 else
-  echo "usage: bash experiments/compare_camvid_ti.sh train|exits|algm|table" >&2; exit 2
+  echo "usage: bash experiments/compare_camvid_ti.sh train|exits|algm|table|table_algm" >&2
+  exit 2
 fi

@@ -171,6 +171,42 @@ def test_profile_atm_exit_pieces_run_and_sum_to_model_macs():
     assert all(np.all(np.isfinite(np.asarray(x))) for x in jax.tree.leaves(out))
 
 
+@pytest.mark.parametrize("method", ["algm", pytest.param("dcts_algm", marks=pytest.mark.slow),
+                                    pytest.param("algm_dtop", marks=pytest.mark.slow)])
+def test_profile_algm_pieces_run_and_sum_to_model_macs(images, method):
+  """ALGM: a merge's block is profiled as its attention, the merge, its MLP on the merged
+  tokens (algm_dtop: then the exit on them); the pieces' useful and executed MACs are
+  flops.token_macs of the model's own counts and capacities, and every piece runs."""
+  cfg = _cfg(method, exits="3" if method == "algm_dtop" else "", exit_head="segvit")
+  cfg.model.algm_threshold = -1.0   # every 2x2 window merges: counts below the grid's
+  model = builder.build(cfg.model, cfg.num_classes, (64, 64), 255)
+  variables = variables_lib.random_variables(model, (64, 64))
+  plan = profile_lib.stage_plan(model, variables, images[:1])[0]
+  pieces = profile_lib.pieces(cfg, model, plan, images[0], 1)
+  names = [p["name"] for p in pieces]
+  algm_blocks = ["embed", "block 1 attention", "local merge", "block 1 MLP",
+                 "block 2 attention", "global merge", "block 2 MLP", "block 3"]
+  if method == "algm":
+    assert names == algm_blocks + ["block 4", "final head", "upsample"]
+    assert plan["tokens"] == 16 and plan["merged"][0] == 4   # 2x2 windows of a 4x4 grid
+  elif method == "algm_dtop":
+    assert names == algm_blocks + ["exit 1 (head stage 1)", "block 4", "final head",
+                                   "upsample"]
+  else:
+    assert names == ["policy+merge", "embed", "block 1", "block 2 attention", "global merge",
+                     "block 2 MLP", "block 3", "block 4", "final head", "upsample"]
+  stages = (plan["active"], plan["caps"]) if method == "algm_dtop" else (None, None)
+  useful = flops.token_macs(cfg, plan["tokens"], stages[0],
+                            merged_tokens=plan["merged"])["total"]
+  executed = flops.token_macs(cfg, plan["slots"], stages[1],
+                              merged_tokens=plan["merged_caps"])["total"]
+  assert sum(p["useful"] for p in pieces) / 1e9 == pytest.approx(useful)
+  assert sum(p["executed"] for p in pieces) / 1e9 == pytest.approx(executed)
+  for p in pieces:
+    out = jax.jit(lambda v, *a, fn=p["fn"]: model.apply(v, *a, method=fn))(variables, *p["args"])
+    assert all(np.all(np.isfinite(np.asarray(x))) for x in jax.tree.leaves(out)), p["name"]
+
+
 def test_compare_row_specs():
   assert compare.parse_row("SegViT=wd/a") == ("SegViT", "wd/a", None, None, True)
   assert compare.parse_row("DToP-BASE=wd/b@1500:noexit") == ("DToP-BASE", "wd/b", 1500, 1.0,

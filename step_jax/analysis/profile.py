@@ -22,6 +22,7 @@ calibrated to halt `--exit_share` of the active tokens per exit (as analysis.ben
 Writes <out>/profile.{md,csv,json,png}.
 """
 import csv
+import functools
 import json
 import os
 import platform
@@ -34,6 +35,8 @@ import numpy as np
 
 from step_jax.analysis import benchmark
 from step_jax.evaluation import tokens as tokens_lib
+from step_jax.models import algm
+from step_jax.models import algm_encoder
 from step_jax.models import early_exit
 from step_jax.models import flops
 from step_jax.models import segmenter
@@ -56,11 +59,6 @@ def load(config, images, workdir=None, exit_share=0.4, dtype="fp32"):
 def stage_plan(model, variables, images):
   """Per image, as the model runs it: dict(tokens, active [per stage], caps [per stage],
   info) where caps are the capacity buckets (padding included) and active the valid tokens."""
-  if model.merges_in_encoder:
-    raise ValueError(f"profile does not split ALGM's merged blocks (merge={model.merge!r}) "
-                     "into pieces yet; "
-                     "python -m step_jax.cli.benchmark times the whole forward and "
-                     "step_jax.cli.flops counts it")
   single = jax.jit(lambda v, x: model.apply(v, x)[1])
   p = model.backbone.patch_size
   plans = []
@@ -74,7 +72,16 @@ def stage_plan(model, variables, images):
       caps = [cap0] + [int(c) for c in info["stage_capacity"][1:]]
     else:
       active, caps = [tokens], [cap0]
-    plans.append(dict(tokens=tokens, active=active, caps=caps, info=info))
+    plan = dict(tokens=tokens, active=active, caps=caps, info=info)
+    if model.merges_in_encoder:   # ALGM: the tokens after each merge and their capacities;
+      # slots: the tokens entering the encoder (algm: the grid) in their capacity, which the
+      # head reads; with exits (algm_dtop) stage s's active merged tokens in stage s's capacity.
+      plan.update(merged=[int(t) for t in info["algm_tokens"][0]],
+                  merged_caps=[int(c) for c in info["algm_capacity"]],
+                  slots=n_full if model.merge == "algm" else cap0)
+      if model.exit_layers:
+        plan["caps"] = [int(c) for c in info["stage_capacity"]]
+    plans.append(plan)
   return plans
 
 
@@ -88,21 +95,23 @@ def pieces(config, model, plan, image, batch):
   useful and executed MACs."""
   m = config.model
   v = vit_lib.decode_variant(m.variant)
-  p, d, depth, mlp = v["patch_size"], v["width"], v["depth"], v["mlp_dim"]
+  p, d = v["patch_size"], v["width"]
   h, w = image.shape[:2]
-  c, layers = int(config.num_classes), m.get("head_layers", segmenter.HEAD_LAYERS)
+  c = int(config.num_classes)
   x = jnp.asarray(np.broadcast_to(image, (batch,) + image.shape), jnp.float32)
   out = []
   add = lambda name, layer, fn, args, tokens, cap, useful, executed: out.append(dict(
       name=name, layer=layer, fn=fn, args=args, tokens=tokens, cap=cap, useful=useful,
       executed=executed))
-  tokens, cap0 = plan["tokens"], plan["caps"][0]
+  # The embedding runs on the capacity entering the encoder (ALGM with exits: caps are the
+  # stages after the merges; slots the grid or supertoken capacity).
+  tokens, cap0 = plan["tokens"], plan.get("slots", plan["caps"][0])
   # Plain SegViT runs without a key mask; every other model masks padding/halted tokens.
   masked = model.merge != "none" or bool(model.exit_layers)
-  if model.merge in ("cts", "dcts"):
+  if model.merge in segmenter.POLICY_MERGES:
     pm = flops.policy_macs(h, w, m.policy.get("hidden", 128), p)
     add("policy+merge", "", lambda mod, x: mod.merge_levels(x), (x,), None, 0, pm, pm)
-  if model.merge == "none":
+  if not model.shares_tokens:   # every patch (also ALGM's input)
     embed = lambda mod, x: mod.backbone.embed(mod.normalize(x))
     add("embed", "", embed, (x,), tokens, 0, flops.patch_embed_macs(tokens, d, p),
         flops.patch_embed_macs(cap0, d, p))
@@ -114,8 +123,28 @@ def pieces(config, model, plan, image, batch):
       return mod.embed_supertokens(mod.normalize(x), layout, (h // p, w // p), cap)[0]
     add("embed", "", embed, (x, level), tokens, cap0, flops.patch_embed_macs(tokens, d, p),
         flops.patch_embed_macs(cap0, d, p))
-  bounds = (0,) + tuple(model.exit_layers) + (depth,)
   n_cls = 2 if model.exit_layers and model.exit_head == "dtop" else c + 1
+  if model.merges_in_encoder:
+    _merged_blocks(config, model, plan, (h // p, w // p), batch, add)
+  else:
+    _blocks(config, model, plan, batch, add, masked, n_cls)
+  # Mask logits on the patch grid → pixel class scores (the count is fvcore's 4 per output).
+  logits = jnp.zeros((batch, c, n_cls))
+  masks = jnp.zeros((batch, c, h // p, w // p))
+  up = flops.BILINEAR_MACS_PER_OUTPUT * c * h * w
+  add("upsample", "", lambda mod, lg, mk: segmenter.predict_scores(
+      dict(pred_logits=lg, pred_masks=mk), (h, w)), (logits, masks), None, 0, up, up)
+  return out
+
+
+def _blocks(config, model, plan, batch, add, masked, n_cls):
+  """pieces' blocks, exits and heads of a model without merges inside the encoder."""
+  m = config.model
+  v = vit_lib.decode_variant(m.variant)
+  d, depth, mlp = v["width"], v["depth"], v["mlp_dim"]
+  c, layers = int(config.num_classes), m.get("head_layers", segmenter.HEAD_LAYERS)
+  tokens, cap0 = plan["tokens"], plan["caps"][0]
+  bounds = (0,) + tuple(model.exit_layers) + (depth,)
   head_macs = lambda n: flops.atm_head_macs([n], c, m.head_dim, d, layers, n_cls)
   taus = model.exit_thresholds()
   atm_exits = bool(model.exit_layers) and model.exit_head == "atm_shallow_first"
@@ -139,13 +168,7 @@ def pieces(config, model, plan, image, batch):
     if atm_exits:
       continue   # its stages were profiled with their blocks
     if s < len(model.exit_layers):
-      tau = taus[s]
-
-      def exit_fn(mod, x, mk, s=s, tau=tau):  # the exit's head (DToP's head s, or SegViT's
-        _, cls, masks = mod.head_stage(s, None, x, mk, False)   # stage 0) + halting rule
-        return early_exit.halting(cls, masks, mk, tau, mod.keep_top_k)
-      name = f"exit {s + 1}" + (" (head stage 1)" if model.exit_head == "segvit" else "")
-      add(name, str(bounds[s + 1]), exit_fn, args, n, cap, head_macs(n), head_macs(cap))
+      _exit(model, add, s, args, n, cap, head_macs)
     elif model.exit_layers and model.exit_head != "segvit":
       final = lambda mod, x, mk, s=s: mod.head_stage(s, None, x, mk, False)
       add("final head", str(depth), final, args, n, cap, head_macs(n), head_macs(cap))
@@ -157,13 +180,75 @@ def pieces(config, model, plan, image, batch):
         args = (jnp.ones((batch, cap, d), model.backbone.dtype), _mask(cap, n, batch))
       add("final head", ",".join(map(str, model.out_layers)),
           lambda mod, x, mk: mod.head([x] * nst, mk), args, n, cap, hm(n), hm(cap))
-  # Mask logits on the patch grid → pixel class scores (the count is fvcore's 4 per output).
-  logits = jnp.zeros((batch, c, n_cls))
-  masks = jnp.zeros((batch, c, h // p, w // p))
-  up = flops.BILINEAR_MACS_PER_OUTPUT * c * h * w
-  add("upsample", "", lambda mod, lg, mk: segmenter.predict_scores(
-      dict(pred_logits=lg, pred_masks=mk), (h, w)), (logits, masks), None, 0, up, up)
-  return out
+
+
+def _exit(model, add, s, args, n, cap, head_macs):
+  """Exit s's piece: its head (DToP's head s, or SegViT's stage 0) and the halting rule."""
+  def exit_fn(mod, x, mk, s=s, tau=model.exit_thresholds()[s]):
+    _, cls, masks = mod.head_stage(s, None, x, mk, False)
+    return early_exit.halting(cls, masks, mk, tau, mod.keep_top_k)
+  name = f"exit {s + 1}" + (" (head stage 1)" if model.exit_head == "segvit" else "")
+  add(name, str(model.exit_layers[s]), exit_fn, args, n, cap, head_macs(n), head_macs(cap))
+
+
+def _merged_blocks(config, model, plan, grid, batch, add):
+  """pieces' blocks and head with ALGM's merges inside the encoder (merge 'algm': local then
+  global; 'dcts_algm': global over the supertokens). A merge's block is two pieces around
+  the merge piece (its plan and the size-weighted means into the next capacity): the
+  attention on the tokens before it, the MLP on the merged tokens (models/algm_encoder.py).
+  The head reads the tokens unmerged (algm: the full grid, unmasked; dcts_algm: the
+  supertoken slots); the unmerging gathers are left to 'other'."""
+  m = config.model
+  v = vit_lib.decode_variant(m.variant)
+  d, depth, mlp = v["width"], v["depth"], v["mlp_dim"]
+  c, layers = int(config.num_classes), m.get("head_layers", segmenter.HEAD_LAYERS)
+  local = model.merge == "algm"
+  merges = zip(model.algm_layers[0 if local else 1:], plan["merged"], plan["merged_caps"])
+  n, cap, masked = plan["tokens"], plan["slots"], not local   # the grid: no key mask
+  inputs = lambda n, cap: (jnp.ones((batch, cap, d), model.backbone.dtype),
+                           _mask(cap, n, batch) if masked else None)
+  block = lambda mod, x, mk, k: mod.backbone.run_blocks(x, mk, k, k + 1)[-1]
+  first = 0
+  for layer, n_next, cap_next in merges:
+    for k in range(first, layer - 1):
+      add(f"block {k + 1}", str(k + 1), functools.partial(block, k=k), inputs(n, cap), n, cap,
+          flops.vit_block_macs(n, d, mlp), flops.vit_block_macs(cap, d, mlp))
+    add(f"block {layer} attention", str(layer),
+        lambda mod, x, mk, i=layer - 1: mod.backbone.attend(i, x, mk), inputs(n, cap), n, cap,
+        flops.attention_half_macs(n, d), flops.attention_half_macs(cap, d))
+    kind = "local" if local and layer == model.algm_layers[0] else "global"
+
+    def merge(mod, x, mk, layer=layer, kind=kind, cap_next=cap_next):
+      size = jnp.ones(x.shape[:2]) if mk is None else mk.astype(jnp.float32)
+      if kind == "local":
+        p = algm.local_merge_plan(x, grid, mod.algm_threshold, batch_min=mod.algm_batch_min)
+      else:
+        p = algm_encoder.global_plan(mod, x, size > 0, layer)
+      return algm.merge(x, size, p, cap_next)
+    match = (lambda n: 0.0) if kind == "local" else (lambda n: flops.global_match_macs(n, d))
+    add(f"{kind} merge", str(layer), merge, inputs(n, cap), n, cap, match(n), match(cap))
+    n, cap, masked = n_next, cap_next, True
+    add(f"block {layer} MLP", str(layer),
+        lambda mod, x, mk, i=layer - 1: mod.backbone.feed_forward(i, x), inputs(n, cap), n, cap,
+        flops.mlp_half_macs(n, d, mlp), flops.mlp_half_macs(cap, d, mlp))
+    first = layer
+  # After the last merge: to the end, or (algm_dtop) the exits on the merged tokens, each
+  # later stage on the tokens still active, in its exit capacity.
+  exits = tuple(model.exit_layers)
+  stages = [(n, cap)] + list(zip(plan["active"][1:], plan["caps"][1:]))[:len(exits)]
+  bounds = (first,) + exits + (depth,)
+  exit_macs = lambda n: flops.atm_head_macs([n], c, m.head_dim, d, layers, c + 1)
+  for s, (n, cap) in enumerate(stages):
+    for k in range(bounds[s], bounds[s + 1]):
+      add(f"block {k + 1}", str(k + 1), functools.partial(block, k=k), inputs(n, cap), n, cap,
+          flops.vit_block_macs(n, d, mlp), flops.vit_block_macs(cap, d, mlp))
+    if s < len(exits):
+      _exit(model, add, s, inputs(n, cap), n, cap, exit_macs)
+  n, cap, masked = plan["tokens"], plan["slots"], not local
+  nst = len(model.out_layers)
+  hm = lambda n: flops.atm_head_macs([n] * nst, c, m.head_dim, d, layers, c + 1)
+  add("final head", ",".join(map(str, model.out_layers)),
+      lambda mod, x, mk: mod.head([x] * nst, mk), inputs(n, cap), n, cap, hm(n), hm(cap))
 
 
 def time_programs(programs, reps, warmup):

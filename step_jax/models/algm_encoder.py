@@ -65,7 +65,7 @@ def _in_bucket(mdl, fn, count, caps, *args):
   return out, jnp.asarray(caps, jnp.int32)[idx]
 
 
-def _global_plan(mdl, x, valid, layer):
+def global_plan(mdl, x, valid, layer):
   """ALGM's global merge plan on x [B, C, D] after block `layer`'s attention (no gradient)."""
   return algm.global_merge_plan(jax.lax.stop_gradient(x), valid, layer,
                                 batch_min=mdl.algm_batch_min,
@@ -113,7 +113,7 @@ def merged_segment(mdl, x, size, plan, source, *, start, stop, capacity, train):
   x, next_plan = outs[-1], None
   if stop:
     x = vit.attend(stop - 1, x, valid, train=train)
-    p = _global_plan(mdl, x, valid, stop)
+    p = global_plan(mdl, x, valid, stop)
     next_plan = algm.Plan(_pad(p.assign, n, -1), p.count)
   return _pad(x, n), _pad(size, n), next_plan, kept
 
@@ -197,7 +197,7 @@ def supertoken_segment(mdl, x, layout, grid, *, slots, capacity, train):
   tokens, valid = mdl.embed_supertokens(x, layout, grid, capacity)
   outs = vit.run_blocks(tokens, valid, 0, l2 - 1, train=train)
   y = vit.attend(l2 - 1, outs[-1] if outs else tokens, valid, train=train)
-  plan = _global_plan(mdl, y, valid, l2)
+  plan = global_plan(mdl, y, valid, l2)
   # Token i covers the cells whose leaf is i (padding none): its size for the merge's means.
   leaf = layout["leaf"]
   size = jax.vmap(lambda l: jax.ops.segment_sum(jnp.ones(l.shape, jnp.float32), l,
