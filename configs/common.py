@@ -154,15 +154,12 @@ def add_runtime_defaults(config):
       batch_size=0,                   # images per eval batch (0: config.eval_batch_size)
       # Where the capacity buckets are chosen (evaluation/evaluator.py, step-segment):
       # 'device' in the one jitted program (lax.switch over the ladder, every bucket
-      # compiled), 'host' / 'host_split' between programs compiled on first use
-      # (evaluation/dispatch.py). 'device': on a quiet 2-core CPU, dCTS ViT-B/16 on 8 CamVid
-      # val images at 1024² (experiments/results/eval_dispatch_cpu/dcts_b16_1024_quiet.jsonl),
-      # s/image device 5.68 vs host 6.14 at batch 1, 7.13 vs 7.22 at batch 8 (host counts
-      # tokens in a pass of its own: the policy and merge run twice); compile s 16.2 vs 6.2
-      # and 21.9 vs 3.8. Host wins below ~20 images, device on whole splits (101 CamVid val
-      # images at batch 1: ~590 vs ~626 s). Unmeasured on a GPU and with exits.
-      dispatch="device",
-      bucket_ratio=0.0,               # ladder: 0 the model's buckets; r > 1 geometric_buckets(r)
+      # compiled), 'host' / 'host_split' between programs compiled on first use; 'auto'
+      # picks per model: host_split with exits, host for token sharing, else device. Why,
+      # with the measurements: evaluation/dispatch.py (AUTO_RATIO, resolve).
+      dispatch="auto",
+      bucket_ratio=0.0,               # host ladder: 0 the model's buckets (under auto: 1.05);
+                                      # r > 1 segmenter.geometric_buckets(r)
       group_batches=16))              # host: sort by tokens in pools of N batches (held decoded)
   protocol = datasets.get(config.data.name).eval
   if protocol:  # the dataset's protocol, the same for every method

@@ -89,7 +89,7 @@ def _evaluate(cfg, model, variables, source, **eval_settings):
 def test_host_dispatch_evaluates_like_the_one_program(method, mode, host):
   cfg, model, variables, images, labels = _model(method, mode)
   source = [dict(image=im, label=lab) for im, lab in zip(images, labels)]
-  want, ref = _evaluate(cfg, model, variables, source)
+  want, ref = _evaluate(cfg, model, variables, source, dispatch="device")
   got, ev = _evaluate(cfg, model, variables, source, dispatch=host, bucket_ratio=1.05)
   np.testing.assert_array_equal(ev.confusion, ref.confusion)
   assert_close(got["miou"], want["miou"], 1e-9)
@@ -133,14 +133,15 @@ def test_segment_with_host_dispatch_writes_the_one_programs_labels(tmp_path):
 def test_bad_dispatch_settings_are_refused(tmp_path):
   cfg = step_configs.get_config("method=dcts,variant=Mu/16,dataset=synthetic,smoke")
   for key, value, message in (
-      ("dispatch", "gpu", "config.eval.dispatch='gpu': use one of device, host, host_split"),
+      ("dispatch", "gpu", "config.eval.dispatch='gpu': use one of auto, device, host, "
+                   "host_split"),
       ("bucket_ratio", 0.9, "config.eval.bucket_ratio=0.9: use 0"),
       ("group_batches", 0, "config.eval.group_batches=0: use 1")):
     bad = cfg.copy_and_resolve_references()
     bad.eval[key] = value
     with pytest.raises(ValueError, match=message.replace("(", r"\(")):
       evaluator.settings(bad)
-  with pytest.raises(ValueError, match="dispatch='gpu': use one of device, host, host_split"):
+  with pytest.raises(ValueError, match="dispatch='gpu': use one of auto, device"):
     inference.segment_files(str(tmp_path), str(tmp_path), str(tmp_path / "out"),
                             dispatch="gpu")
   with pytest.raises(ValueError, match="bucket_ratio=1.0: use 0"):
@@ -154,6 +155,26 @@ def test_bad_dispatch_settings_are_refused(tmp_path):
   with pytest.raises(ValueError, match="oracle merge .*dispatch='device'"):
     evaluator.Evaluator(oracle, variables_lib.create_model(oracle),
                         sharding.make_mesh(oracle), source=[])
+
+
+
+@pytest.mark.parametrize("method, want", [
+    ("segvit", ("device", 0.0)), ("algm", ("device", 0.0)), ("oracle", ("device", 0.0)),
+    ("dcts", ("host", dispatch.AUTO_RATIO)), ("dtop", ("host_split", dispatch.AUTO_RATIO)),
+    ("step", ("host_split", dispatch.AUTO_RATIO))])
+def test_auto_dispatch_per_model(method, want):
+  """'auto' (the default) runs on the host whatever has token counts to choose buckets for,
+  with exits split per image; an explicit choice stays, and 'device' never takes a ladder."""
+  cfg = step_configs.get_config(f"method={method},variant=Mu/16,dataset=synthetic,smoke")
+  assert evaluator.settings(cfg)["dispatch"] == "auto"
+  model = variables_lib.create_model(cfg)
+  assert dispatch.resolve(model, "auto", 0.0) == want
+  assert dispatch.resolve(model, "device", 1.05) == ("device", 0.0)
+  assert dispatch.resolve(model, "host", 0.0) == ("host", 0.0)
+  if want[0] != "device":
+    assert dispatch.resolve(model, "auto", 1.2) == (want[0], 1.2)
+  with pytest.raises(ValueError, match="'gpu': use one of auto, device"):
+    dispatch.resolve(model, "gpu", 0.0)
 
 
 _PROCESS = """
@@ -190,7 +211,7 @@ def test_two_processes_agree_on_each_batchs_capacity():
            for i in range(2)]
   # Meanwhile, here: the one program in one process, and the merge's token counts.
   source = [dict(image=im, label=lab) for im, lab in zip(images, labels)]
-  want, ref = _evaluate(cfg, model, variables, source)
+  want, ref = _evaluate(cfg, model, variables, source, dispatch="device")
   counts = np.sort(dispatch.HostBuckets(model).token_counts(variables, images))
   outs = [p.communicate(timeout=300)[0] for p in procs]
   assert all(p.returncode == 0 for p in procs), outs[0][-3000:] + outs[1][-3000:]

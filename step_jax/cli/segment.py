@@ -3,7 +3,7 @@ trained model and writes a label map per image plus summary.json (step_jax.infer
 
   python -m step_jax.cli.segment --workdir=DIR --input=FRAMES_DIR --output=OUT \
       [--save=labels,overlay,tokens] [--batch_size=8] [--on_error=skip|fatal] \
-      [--dispatch=device|host|host_split] [--bucket_ratio=1.05]
+      [--dispatch=auto|device|host|host_split] [--bucket_ratio=1.05]
 
 --workdir is a training workdir or an export folder; a rerun into the same --output skips
 the images already finished.
@@ -45,12 +45,12 @@ def run():
   flags.DEFINE_enum("on_error", "skip", inference.ON_ERROR, "A file that cannot be segmented "
                     "(unreadable, corrupt, 16-bit, empty, too large): skip it and list it in "
                     "summary.json, or stop with an error.")
-  flags.DEFINE_enum("dispatch", None, list(dispatch.DISPATCHES), "Where the token-capacity "
-                    "buckets are chosen: in the one program, on the host, or on the host with "
-                    "each image alone after the first exit (default: the config's "
-                    "eval.dispatch).")
-  flags.DEFINE_float("bucket_ratio", None, "Bucket ladder: 0 the model's own, r > 1 geometric "
-                     "with ratio r, e.g. 1.05 with --dispatch=host (default: the config's "
+  flags.DEFINE_enum("dispatch", None, ["auto"] + list(dispatch.DISPATCHES), "Where the "
+                    "token-capacity buckets are chosen: per model (auto), in the one program, "
+                    "on the host, or on the host with each image alone after the first exit "
+                    "(default: the config's eval.dispatch).")
+  flags.DEFINE_float("bucket_ratio", None, "The host's bucket ladder: 0 the model's own (auto: "
+                     "1.05), r > 1 geometric with ratio r (default: the config's "
                      "eval.bucket_ratio).")
   flags.mark_flags_as_required(["workdir", "input", "output"])
   common.list_flags_in_help(__name__)

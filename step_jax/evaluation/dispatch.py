@@ -35,6 +35,39 @@ from step_jax.models import supertokens
 # capacity after the first exit (HostBuckets(split_exits=True)).
 DISPATCHES = ("device", "host", "host_split")
 
+# config.eval.dispatch='auto' (the evaluation and step-segment default) picks the host for
+# every model whose token counts vary, measured on a quiet 2-core CPU (Intel Xeon), ViT-B/16,
+# 8 CamVid val images at 1024², trained CamVid policy, random ViT/heads (exits calibrated to
+# halt 40 %), seconds per image (compile seconds), experiments/results/eval_dispatch_cpu/
+# {dcts,step}_b16_1024_reuse.jsonl:
+#   dCTS  batch 1: device 5.79 (37.0)  host       5.82 (7.9);  batch 8: 9.48 (19.5) vs 7.69 (9.8)
+#   STEP  batch 1: device 4.83 (39.2)  host_split 5.29 (19.4); batch 8: 8.70 (39.3) vs 6.82 (13.0)
+# At the default evaluation batch (8) the host is 19-22 % faster per image and compiles 2-3×
+# faster (only the capacities the data needs); at batch 1 it is level (dCTS) or 9 % slower
+# (STEP: each segment's read-back), which its shorter compile repays on splits up to ~40
+# images. Executed/useful GFLOPs: 1.03-1.08 on the host, 1.04-1.30 on the device (the 1/8
+# exit ladder at batch 8). Unmeasured on a GPU, where each read-back costs a host sync.
+AUTO_RATIO = 1.05   # the host's ladder under 'auto' (padding ≤ 5 %)
+
+
+def resolve(model, dispatch, bucket_ratio):
+  """(dispatch, bucket ratio) to run `model` with. 'auto': 'host_split' for models with
+  exits (halting varies per image far more than the merge), 'host' for token sharing without
+  exits, 'device' where there is nothing to choose on the host (SegViT; ALGM and the oracle,
+  whose counts are decided inside the one program); bucket_ratio 0 then means AUTO_RATIO on
+  the host. The ratio is the host dispatches' ladder: 'device' runs the model's own buckets
+  (a fine ladder there compiles every capacity), so it resolves to 0."""
+  if dispatch not in DISPATCHES + ("auto",):
+    raise ValueError(f"bucket dispatch {dispatch!r}: use one of auto, {', '.join(DISPATCHES)}")
+  if dispatch == "auto":
+    varies = model.shares_tokens or bool(model.exit_layers)
+    if not varies or model.merges_in_encoder or model.merge == "oracle":
+      dispatch = "device"
+    else:
+      dispatch = "host_split" if model.exit_layers else "host"
+      bucket_ratio = bucket_ratio or AUTO_RATIO
+  return dispatch, 0.0 if dispatch == "device" else float(bucket_ratio)
+
 
 def host_buckets(model, dispatch):
   """HostBuckets for 'host' / 'host_split'; None for 'device' (the one jitted program)."""

@@ -91,9 +91,9 @@ def settings(config) -> dict:
   if any(s > c for s, c in zip(stride, crop)):
     raise ValueError(f"config.eval.stride={stride} larger than the window {crop} leaves gaps")
   patch = vit_lib.decode_variant(config.model.variant)["patch_size"]
-  dispatch = ev.get("dispatch", "device") or "device"
-  if dispatch not in dispatch_lib.DISPATCHES:
-    raise ValueError(f"config.eval.dispatch={dispatch!r}: use one of "
+  dispatch = ev.get("dispatch", "auto") or "auto"
+  if dispatch not in ("auto",) + dispatch_lib.DISPATCHES:
+    raise ValueError(f"config.eval.dispatch={dispatch!r}: use one of auto, "
                      f"{', '.join(dispatch_lib.DISPATCHES)}")
   bucket_ratio = float(ev.get("bucket_ratio", 0) or 0)
   if bucket_ratio and bucket_ratio <= 1:
@@ -482,6 +482,8 @@ class Evaluator:
       raise ValueError("the oracle merge is evaluated in whole mode without test-time resize "
                        "(it reads labels at the image's resolution); set config.eval.mode="
                        "'whole' and config.eval.resize_short=0")
+    self.s["dispatch"], self.s["bucket_ratio"] = dispatch_lib.resolve(
+        model, self.s["dispatch"], self.s["bucket_ratio"])
     self.model = model = dispatch_lib.with_ladder(model, self.s["bucket_ratio"])
     self.host = dispatch_lib.host_buckets(model, self.s["dispatch"])
     if self.host is not None and self.s["oracle"]:

@@ -23,7 +23,8 @@ grid or sliding windows, scores resized back to the image's size, argmax. Images
 by padded shape (one program compiled per shape, as evaluation does).
 
 Bucket dispatch (`dispatch`, default the config's eval.dispatch; `bucket_ratio`, its
-eval.bucket_ratio): 'device' runs the one program per shape; 'host' / 'host_split' choose
+eval.bucket_ratio; 'auto' picks per model, evaluation/dispatch.py resolve): 'device' runs
+the one program per shape; 'host' / 'host_split' choose
 the capacities on the host as evaluation does (evaluation/evaluator.py host_scores), and
 sort the images of one padded shape by token count in pools of eval.group_batches batches
 before batching them; every entry keeps its file name, so each image's outputs still go to

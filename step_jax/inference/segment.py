@@ -110,10 +110,10 @@ def segment_files(model_dir, source, output, *, save=("labels",), batch_size=0,
   dispatch and bucket_ratio.
 
   batch_size: images per program call (0: the config's evaluation batch), rounded up to a
-  multiple of this process's devices. dispatch ('device', 'host', 'host_split') and
-  bucket_ratio (0: the model's buckets, r > 1: segmenter.geometric_buckets(r)): where the
-  capacity buckets are chosen and their ladder (None: the config's eval.dispatch and
-  eval.bucket_ratio; module doc). stream: where progress and failures go (stderr).
+  multiple of this process's devices. dispatch ('auto', 'device', 'host', 'host_split';
+  dispatch.resolve) and bucket_ratio (0: the model's buckets, or under 'auto' the host's
+  1.05; r > 1: segmenter.geometric_buckets(r)): where the capacity buckets are chosen and
+  their ladder (None: the config's eval.dispatch and eval.bucket_ratio; module doc). stream: where progress and failures go (stderr).
   """
   save = tuple(dict.fromkeys(save))
   if not save or set(save) - set(OUTPUTS):
@@ -122,8 +122,9 @@ def segment_files(model_dir, source, output, *, save=("labels",), batch_size=0,
     raise ValueError(f"on_error={on_error!r}: use 'skip' or 'fatal'")
   if batch_size < 0:
     raise ValueError(f"batch_size={batch_size} must be 0 (the config's) or positive")
-  if dispatch is not None and dispatch not in dispatch_lib.DISPATCHES:
-    raise ValueError(f"dispatch={dispatch!r}: use one of {', '.join(dispatch_lib.DISPATCHES)}")
+  if dispatch is not None and dispatch not in ("auto",) + dispatch_lib.DISPATCHES:
+    raise ValueError(f"dispatch={dispatch!r}: use one of auto, "
+                     f"{', '.join(dispatch_lib.DISPATCHES)}")
   if bucket_ratio is not None and bucket_ratio and bucket_ratio <= 1:
     raise ValueError(f"bucket_ratio={bucket_ratio}: use 0 (the model's buckets) or a ratio "
                      "> 1, e.g. 1.05")
@@ -165,6 +166,11 @@ class _Run:
     _check_protocol(self.model, self.s, save, self.fixed_hw, int(self.config.num_classes))
     self.dispatch = dispatch or self.s["dispatch"]
     self.bucket_ratio = self.s["bucket_ratio"] if bucket_ratio is None else float(bucket_ratio)
+    if self.fixed_hw is not None and self.dispatch == "auto":
+      self.dispatch, self.bucket_ratio = "device", 0.0   # an artifact is its one program
+    elif self.fixed_hw is None:
+      self.dispatch, self.bucket_ratio = dispatch_lib.resolve(self.model, self.dispatch,
+                                                              self.bucket_ratio)
     if self.fixed_hw is not None and (self.dispatch != "device" or self.bucket_ratio):
       raise ValueError(f"{model_dir} holds an exported model, one program with its own "
                        f"buckets: dispatch={self.dispatch!r}, bucket_ratio={self.bucket_ratio} "
