@@ -6,12 +6,15 @@ of which the policy net), ms/image and ratios to the first row.
       --row="DToP-BASE=workdirs/camvid_ti_dtop_s0@1500:noexit" \
       --row="+DToP@[8]=workdirs/camvid_ti_dtop_s0" ...
 
-A row is LABEL=WORKDIR[@STEP][:noexit|:without_exits|:tau=T]: the latest checkpoint of a
+A row is LABEL=WORKDIR[@STEP][:noexit|:without_exits|:nomerge|:tau=T]: the latest checkpoint of a
 training workdir (or the one at STEP, e.g. the DToP BASE model at `prune_from_step`), run with
 its own config; `:noexit` runs it with nothing halting (exit threshold 1; the exit heads still
 run), as DToP reports its BASE model; `:without_exits` runs it with no exit layers at all
-(exit_head='segvit': the same weights as SegViT, or dCTS with token sharing); `:tau=T` runs it
-at halting confidence T instead of the trained run's.
+(exit_head='segvit': the same weights as SegViT, or dCTS with token sharing); `:nomerge` runs
+an ALGM model with nothing merging (similarity thresholds above 1: SegViT's computation, its
+own weights); `:tau=T` runs it at halting confidence T instead of the trained run's. With
+ALGM's merges the tokens cell is the count entering the encoder, then after each merge, and
+halted is the share of the merged tokens the exits halt.
 
 mIoU: the eval split with the run's own evaluation settings (CamVid cpu: the 101 val images,
 whole, at the training scale). Tokens, GFLOPs and time: `--num_images` eval images resized
@@ -36,14 +39,17 @@ from step_jax.models import variables as variables_lib
 from step_jax.runtime import checkpoint as ckpt_lib
 
 
+SPEC = "LABEL=WORKDIR[@STEP][:noexit|:without_exits|:nomerge|:tau=T]"
+
+
 def parse_row(spec):
-  """'LABEL=WORKDIR[@STEP][:noexit|:without_exits|:tau=T]' → (label, workdir, step or None,
-  exit threshold or None for the run's own, whether the exits stay)."""
+  """SPEC → (label, workdir, step or None, exit threshold or None for the run's own, the
+  suffix: '', 'noexit', 'without_exits', 'nomerge' or 'tau')."""
   label, eq, rest = spec.partition("=")
   if not eq or not label or not rest:
-    raise ValueError(f"--row={spec!r}: use LABEL=WORKDIR[@STEP][:noexit|:without_exits|:tau=T]")
+    raise ValueError(f"--row={spec!r}: use {SPEC}")
   rest, _, flag = rest.partition(":")
-  threshold, exits = None, flag != "without_exits"
+  threshold = None
   if flag in ("noexit", "without_exits"):
     threshold = 1.0
   elif flag.startswith("tau="):
@@ -53,23 +59,30 @@ def parse_row(spec):
       threshold = -1.0
     if not 0.0 <= threshold <= 1.0:
       raise ValueError(f"--row={spec!r}: tau must be a number in [0, 1], got {flag[4:]!r}")
-  elif flag:
-    raise ValueError(f"--row={spec!r}: the suffix is ':noexit', ':without_exits' or ':tau=T', "
-                     f"got {flag!r}")
+    flag = "tau"
+  elif flag not in ("", "nomerge"):
+    raise ValueError(f"--row={spec!r}: the suffix is ':noexit', ':without_exits', ':nomerge' "
+                     f"or ':tau=T', got {flag!r}")
   workdir, _, step = rest.partition("@")
   if step and not step.isdigit():
     raise ValueError(f"--row={spec!r}: @STEP must be a step number, got {step!r}")
-  return label, workdir, int(step) if step else None, threshold, exits
+  return label, workdir, int(step) if step else None, threshold, flag
 
 
 def measure(spec, res, images, **kw):
   """One row: sweep.measure_row on the run's own config at res², its trained weights."""
-  label, workdir, step, threshold, exits = parse_row(spec)
+  label, workdir, step, threshold, flag = parse_row(spec)
   config = ckpt_lib.read_config(workdir)
   variables, got_step = variables_lib.restore(config, workdir, step)
   if threshold is not None:
     config.model.exit_threshold = threshold
-  if not exits:
+  merges = merges_of(config.model)
+  if flag == "nomerge":
+    if not merges:
+      raise ValueError(f"--row={spec!r}: ':nomerge' is for ALGM models (merge 'algm' or "
+                       f"'dcts_algm'), this run's merge is {config.model.get('merge')!r}")
+    config.model.update(algm_threshold=2.0, algm_global_min=2.0)   # cosine ≤ 1: none merge
+  if flag == "without_exits":
     if config.model.get("exit_layers") and config.model.get("exit_head") != "segvit":
       raise ValueError(f"--row={spec!r}: ':without_exits' needs exit_head='segvit' (its exits "
                        "add no parameters); use ':noexit'")
@@ -78,10 +91,24 @@ def measure(spec, res, images, **kw):
   r = sweep.measure_row(config, images, trained=[(workdir, variables, config.method)],
                         exit_share=-1.0, quality=False, **kw)   # (agreement: not a column)
   m = config.model
+  stage = r["mean_tokens_per_stage"]   # entering, after each merge, after each exit
+  r.update(merged_tokens=stage[1:1 + merges],
+           halted_share=1 - stage[-1] / stage[merges] if merges else r["halted_share"])
   r.update(label=label, spec=spec, step=got_step, seed=config.seed,
            exit_head=m.get("exit_head", "dtop") if m.get("exit_layers", ()) else "",
            exits_on=threshold != 1.0, exit_threshold=m.get("exit_threshold"))
   return r
+
+
+def merges_of(model_config):
+  """How many token counts ALGM's merges add inside the encoder (algm: local and global;
+  dcts_algm: global; otherwise none)."""
+  return {"algm": 2, "dcts_algm": 1}.get(model_config.get("merge", "none"), 0)
+
+
+def tokens_cell(row):
+  """'4096' or, with merges inside the encoder, '4096 → 1930 → 1204'."""
+  return " → ".join(f"{t:.0f}" for t in [row["tokens"]] + list(row.get("merged_tokens", [])))
 
 
 def exit_cell(row):
@@ -106,7 +133,7 @@ def table(rows, res, images):
   for r in rows:
     lines.append(
         f"| {r['label']} | {r['step']} | {cell(r['miou'] and 100 * r['miou'], '.1f')} | "
-        f"{r['tokens']:.0f} | {100 * r['halted_share']:.1f} % | {r['gflops_useful']:.2f} | "
+        f"{tokens_cell(r)} | {100 * r['halted_share']:.1f} % | {r['gflops_useful']:.2f} | "
         f"{r['gflops_executed']:.2f} | {r.get('gflops_policy') or 0:.2f} | "
         f"{base['gflops_useful'] / r['gflops_useful']:.2f}× | "
         f"{r['ms_per_image_median']:.0f} | "
@@ -119,7 +146,7 @@ def main(argv):
   del argv
   f = flags.FLAGS
   if not f.row:
-    raise app.UsageError("give at least one --row=LABEL=WORKDIR[@STEP][:noexit|:tau=T]")
+    raise app.UsageError(f"give at least one --row={SPEC}")
   config = ckpt_lib.read_config(parse_row(f.row[0])[1])
   config.data.image_size = (f.res, f.res)
   images = tokens.load_images(config, f.images, f.num_images)
@@ -143,8 +170,8 @@ def main(argv):
 
 
 if __name__ == "__main__":
-  flags.DEFINE_multi_string("row", [], "LABEL=WORKDIR[@STEP][:noexit|:tau=T], repeatable; the first "
-                            "row is the reference of the ratios.")
+  flags.DEFINE_multi_string("row", [], f"{SPEC}, repeatable; the first row is the "
+                            "reference of the ratios.")
   flags.DEFINE_integer("res", 1024, "Square size the eval images are resized to for tokens, "
                        "GFLOPs and time.")
   flags.DEFINE_string("images", "", "Folder of images; default: the first run's eval split.")

@@ -208,16 +208,22 @@ def test_profile_algm_pieces_run_and_sum_to_model_macs(images, method):
 
 
 def test_compare_row_specs():
-  assert compare.parse_row("SegViT=wd/a") == ("SegViT", "wd/a", None, None, True)
+  assert compare.parse_row("SegViT=wd/a") == ("SegViT", "wd/a", None, None, "")
   assert compare.parse_row("DToP-BASE=wd/b@1500:noexit") == ("DToP-BASE", "wd/b", 1500, 1.0,
-                                                              True)
-  assert compare.parse_row("STEP=wd/c:tau=0.85") == ("STEP", "wd/c", None, 0.85, True)
-  assert compare.parse_row("dCTS=wd/d:without_exits") == ("dCTS", "wd/d", None, 1.0, False)
+                                                              "noexit")
+  assert compare.parse_row("STEP=wd/c:tau=0.85") == ("STEP", "wd/c", None, 0.85, "tau")
+  assert compare.parse_row("dCTS=wd/d:without_exits") == ("dCTS", "wd/d", None, 1.0,
+                                                          "without_exits")
+  assert compare.parse_row("SegViT cost=wd/e:nomerge") == ("SegViT cost", "wd/e", None, None,
+                                                           "nomerge")
   for bad, msg in (("wd/a", "use LABEL=WORKDIR"), ("x=wd@last", "@STEP must be a step"),
                    ("x=wd:off", "the suffix is ':noexit', ':without_exits'"),
                    ("x=wd:tau=high", "tau must be a number"), ("x=wd:tau=1.5", "tau must")):
     with pytest.raises(ValueError, match=msg):
       compare.parse_row(bad)
+  assert compare.tokens_cell(dict(tokens=4096.0)) == "4096"
+  assert compare.tokens_cell(dict(tokens=4096.0, merged_tokens=[1930.4, 1204.0])) == (
+      "4096 → 1930 → 1204")
   row = dict(exit_head="atm", exits_on=True, exit_threshold=(0.85,))
   assert compare.exit_cell(row) == "atm, τ 0.85"
   assert compare.exit_cell(dict(row, exits_on=False)) == "atm (off)"
