@@ -11,8 +11,8 @@ training workdir (or the one at STEP, e.g. the DToP BASE model at `prune_from_st
 its own config; `:noexit` runs it with nothing halting (exit threshold 1; the exit heads still
 run), as DToP reports its BASE model; `:without_exits` runs it with no exit layers at all
 (exit_head='segvit': the same weights as SegViT, or dCTS with token sharing); `:nomerge` runs
-an ALGM model with nothing merging (similarity thresholds above 1: SegViT's computation, its
-own weights); `:tau=T` runs it at halting confidence T instead of the trained run's. With
+an ALGM model as its base method (SegViT, or dCTS for dcts_algm; with exits, those exits):
+what ALGM with nothing merging computes, without its matching, with its weights; `:tau=T` runs it at halting confidence T instead of the trained run's. With
 ALGM's merges the tokens cell is the count entering the encoder, then after each merge, and
 halted is the share of the merged tokens the exits halt.
 
@@ -81,7 +81,10 @@ def measure(spec, res, images, **kw):
     if not merges:
       raise ValueError(f"--row={spec!r}: ':nomerge' is for ALGM models (merge 'algm' or "
                        f"'dcts_algm'), this run's merge is {config.model.get('merge')!r}")
-    config.model.update(algm_threshold=2.0, algm_global_min=2.0)   # cosine ≤ 1: none merge
+    # Nothing merging is the base method exactly (tests/test_algm.py); run it as that
+    # method's own program, without ALGM's matching: its cost, with these weights.
+    config.model.merge = {"algm": "none", "dcts_algm": "dcts"}[config.model.merge]
+    merges = 0
   if flag == "without_exits":
     if config.model.get("exit_layers") and config.model.get("exit_head") != "segvit":
       raise ValueError(f"--row={spec!r}: ':without_exits' needs exit_head='segvit' (its exits "
