@@ -51,6 +51,24 @@ def test_pretrained_init_and_shapes_on_an_odd_size():
                                 pre["params"]["stem_conv"]["kernel"])
 
 
+
+def test_image_by_image_features_equal_the_batch(monkeypatch):
+  """On a CPU the EfficientNet runs image by image at inference (policy.per_image_features);
+  its scores equal the whole batch's (the path GPUs and training take), and they do not
+  depend on which images share the batch."""
+  net = policy_lib.PolicyNet(train_backbone=False)
+  x = jnp.asarray(np.random.default_rng(0).integers(0, 256, (3, 256, 256, 3)), jnp.float32)
+  variables = net.init(jax.random.PRNGKey(0), x[:1])
+  assert policy_lib.per_image_features(False, False)   # this test runs on a CPU
+  assert not policy_lib.per_image_features(True, False)
+  score = lambda x: jax.jit(lambda v, x: net.apply(v, x))(variables, x)   # traced anew
+  looped, alone = score(x), score(x[1:2])
+  monkeypatch.setattr(policy_lib, "per_image_features", lambda train, init: False)
+  batched = score(x)
+  for k in looped:
+    assert_close(looped[k], batched[k], 1e-5)
+    assert_close(looped[k][1:2], alone[k], 1e-5)
+
 @pytest.mark.slow  # trains the EfficientNet backbone too (minutes of compile on a CPU)
 def test_train_policy_end_to_end(tmp_path):
   cfg = policy_config.get_config("dataset=synthetic,size=smoke")
