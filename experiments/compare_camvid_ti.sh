@@ -92,16 +92,22 @@ elif [ "${1:-}" = algm ]; then
   # (1 seed each), the same recipe (2000 steps, one schedule); the policy of the exit runs.
   mkdir -p "$W"
   train camvid_ti_algm_s0 method=algm
-  train camvid_ti_dcts_algm_s0 method=dcts_algm --config.model.policy.init_from=$POLICY_SEGVIT
+  # Its policy trains first (150 steps, deterministic: the same as $POLICY_SEGVIT's).
+  train camvid_ti_dcts_algm_s0 method=dcts_algm
   train camvid_ti_algm_s1 method=algm --config.seed=1
   train camvid_ti_algm_dtop_s0 method=algm_dtop
 elif [ "${1:-}" = table_algm ]; then
   # Issue 28's side-by-side alone (~16 min): SegViT, dCTS and the default STEP rows beside
-  # ALGM and its compositions, measured in one run.
+  # ALGM and its compositions, measured in one run. The first row, the reference of the
+  # ratios, is SegViT's program with ALGM s1's weights (':nomerge': what nothing merging
+  # computes, without ALGM's matching), so that the table stands on ALGM's runs alone where
+  # the SegViT/STEP workdirs are gone (their records stay in experiments/results).
   rows=()
   add() { [ -d "$W/${2%%[@:]*}" ] && rows+=(--row="$1=$W/$2") || echo "missing: $W/$2" >&2; }
+  add "SegViT's program, ALGM s1 weights" camvid_ti_algm_s1:nomerge
   add "SegViT s0" camvid_ti_segvit_s0
   add "SegViT s1" camvid_ti_segvit_s1
+  add "+dCTS's program, dCTS&ALGM s0 weights" camvid_ti_dcts_algm_s0:nomerge
   add "+dCTS (STEP@[6,8] s0 weights, no exits)" camvid_ti_step68_from_segvit_s0:without_exits
   add "+STEP@[6,8] τ .8 (default) from SegViT s0" camvid_ti_step68_from_segvit_s0
   add "+STEP@[6,8] τ .8 (default) from SegViT s1" camvid_ti_step68_from_segvit_s1
