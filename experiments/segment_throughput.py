@@ -80,8 +80,10 @@ if __name__ == "__main__":
   flags.DEFINE_integer("res", 1024, "Square image side the frames are resized to.")
   flags.DEFINE_float("exit_share", 0.4, "Random exit heads: halt this share per exit.")
   flags.DEFINE_multi_integer("batch", [1, 8, 32], "Batch sizes, repeatable.")
-  flags.DEFINE_enum("dispatch", "device", ["device", "host", "host_split"], "Bucket dispatch.")
-  flags.DEFINE_float("bucket_ratio", 0.0, "The host dispatches' ladder (0: the model's).")
+  flags.DEFINE_enum("dispatch", "auto", ["auto", "device", "host", "host_split"],
+                    "Bucket dispatch (auto: the evaluation default, dispatch.resolve).")
+  flags.DEFINE_float("bucket_ratio", 0.0, "The host dispatches' ladder (0: the model's; "
+                     "under auto 1.05).")
   flags.DEFINE_string("work", "workdirs/segment_throughput", "Frames, model and outputs.")
   flags.DEFINE_string("out", "", "Append the JSON lines to this file.")
   flags.mark_flags_as_required(["policy"])
