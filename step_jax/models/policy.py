@@ -20,7 +20,9 @@ def per_image_features(train, initializing):
   floats: 1 GB for 32 images at 1024²) and a batch's leave the caches; image by image the
   policy net took 294-307 ms per image at batch 8 and 32 against 503-725 batched (Ti/16
   CamVid config at 1024², 2-core Xeon, a training sharing the CPU; batch 1: 366 ms). Every
-  batch size then computes each image's scores alike. GPUs keep the batch."""
+  batch size then computes each image's scores alike. GPUs keep the batch. The choice is
+  made when tracing: a `jax.export` artifact lowered on a CPU host for CUDA keeps the loop
+  (same scores; on the GPU the policy net then runs image by image)."""
   return not train and not initializing and jax.default_backend() == "cpu"
 
 
