@@ -27,7 +27,8 @@ per-image sizes travel as data, so a dataset of varying image sizes compiles onl
 programs (their number is reported). Window positions, crops and resizes that depend on the
 true size are computed inside the program from those sizes.
 
-Bucket dispatch (`config.eval.dispatch`, dispatch.DISPATCHES): 'device' runs each batch in
+Bucket dispatch (`config.eval.dispatch`: 'auto', the default, picks one per model with
+`dispatch.resolve`, or dispatch.DISPATCHES): 'device' runs each batch in
 one jitted program (padding, model with its capacity buckets chosen by `lax.switch`, scores,
 confusion matrix; sliding windows as a `lax.scan`); 'host' / 'host_split' run the model
 through `dispatch.HostBuckets` (the merge first, its token count read back, the batch in
@@ -44,7 +45,7 @@ the border clip), so a batch runs window by window, window k of each of its imag
 model batch, added to the image's scores on the device that holds the image; windows of
 different images are not mixed across batches, which would group counts more tightly but
 move every window's scores to its image's device (and process). The default and the
-measurements behind it: configs/common.py (analysis/benchmark.py `measure_evaluation`).
+measurements behind it: evaluation/dispatch.py (analysis/benchmark.py `measure_evaluation`).
 
 Multi-host: every process reads the whole split (so all agree on the batch plan) and feeds
 its rows of each global batch; the confusion matrix is a global sum. With the host dispatch
