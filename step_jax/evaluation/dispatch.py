@@ -46,7 +46,14 @@ DISPATCHES = ("device", "host", "host_split")
 # faster (only the capacities the data needs); at batch 1 it is level (dCTS) or 9 % slower
 # (STEP: each segment's read-back), which its shorter compile repays on splits up to ~40
 # images. Executed/useful GFLOPs: 1.03-1.08 on the host, 1.04-1.30 on the device (the 1/8
-# exit ladder at batch 8). Unmeasured on a GPU, where each read-back costs a host sync.
+# exit ladder at batch 8). Over a whole split the host compiles more (every capacity some
+# image needs): STEP ViT-Ti/16, the 101 CamVid val frames at 1024², step-segment
+# (experiments/results/segment_throughput_cpu/rows_auto.jsonl), images/s (compile s):
+#   batch 1: device 1.13 (45) vs host_split 1.10 (113); batch 8: 1.07 (43) vs 1.26 (110)
+# so a one-shot run of ~100 images of a small model ends sooner on the device (138 vs 190 s
+# at batch 8; even at ~460 images); a training's periodic evaluations compile once, and
+# bulk inference and larger models repay it. Unmeasured on a GPU, where each read-back costs
+# a host sync.
 AUTO_RATIO = 1.05   # the host's ladder under 'auto' (padding ≤ 5 %)
 
 
