@@ -6,15 +6,16 @@ of which the policy net), ms/image and ratios to the first row.
       --row="DToP-BASE=workdirs/camvid_ti_dtop_s0@1500:noexit" \
       --row="+DToP@[8]=workdirs/camvid_ti_dtop_s0" ...
 
-A row is LABEL=WORKDIR[@STEP][:noexit|:without_exits|:nomerge|:tau=T]: the latest checkpoint of a
-training workdir (or the one at STEP, e.g. the DToP BASE model at `prune_from_step`), run with
+A row is LABEL=WORKDIR[@STEP][:noexit|:without_exits|:nomerge|:tau=T]: the latest checkpoint
+of a training workdir (or the one at STEP, e.g. the DToP BASE model at `prune_from_step`), run with
 its own config; `:noexit` runs it with nothing halting (exit threshold 1; the exit heads still
 run), as DToP reports its BASE model; `:without_exits` runs it with no exit layers at all
 (exit_head='segvit': the same weights as SegViT, or dCTS with token sharing); `:nomerge` runs
 an ALGM model as its base method (SegViT, or dCTS for dcts_algm; with exits, those exits):
-what ALGM with nothing merging computes, without its matching, with its weights; `:tau=T` runs it at halting confidence T instead of the trained run's. With
-ALGM's merges the tokens cell is the count entering the encoder, then after each merge, and
-halted is the share of the merged tokens the exits halt.
+what ALGM with nothing merging computes, without its matching, with its weights; `:tau=T`
+runs it at halting confidence T instead of the trained run's. With ALGM's merges the tokens
+cell is the count entering the encoder, then after each merge, and halted is the share of the
+merged tokens the exits halt.
 
 mIoU: the eval split with the run's own evaluation settings (CamVid cpu: the 101 val images,
 whole, at the training scale). Tokens, GFLOPs and time: `--num_images` eval images resized
@@ -35,6 +36,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 import sweep  # noqa: E402
 from step_jax.analysis import profile as profile_lib  # noqa: E402
 from step_jax.evaluation import tokens
+from step_jax.models import segmenter
 from step_jax.models import variables as variables_lib
 from step_jax.runtime import checkpoint as ckpt_lib
 
@@ -106,7 +108,8 @@ def measure(spec, res, images, **kw):
 def merges_of(model_config):
   """How many token counts ALGM's merges add inside the encoder (algm: local and global;
   dcts_algm: global; otherwise none)."""
-  return {"algm": 2, "dcts_algm": 1}.get(model_config.get("merge", "none"), 0)
+  return len(segmenter.encoder_merge_layers(model_config.get("merge", "none"),
+                                            model_config.get("algm_layers", ())))
 
 
 def tokens_cell(row):

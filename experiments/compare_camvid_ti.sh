@@ -33,6 +33,11 @@ OLD=exits=8,exit_tau=0.9,recipe=dtop   # the recorded rows before 2026-12-03: on
 POLICY=$W/camvid_ti_step_atm_s0/policy      # trained by the first STEP run, then shared
 POLICY_SEGVIT=$W/camvid_ti_step_segvit_s0/policy   # the same for issue 30's runs
 
+rows=()
+add() {  # add LABEL RUN[@STEP][:SUFFIX]: a row of the table modes, where its workdir exists
+  [ -d "$W/${2%%[@:]*}" ] && rows+=(--row="$1=$W/$2") || echo "missing: $W/$2" >&2
+}
+
 train() {  # train NAME CONFIG-ARGS [FLAGS...]
   local name=$1 args=$2; shift 2
   [ -f "$W/$name/eval_val.json" ] && return 0
@@ -102,8 +107,6 @@ elif [ "${1:-}" = table_algm ]; then
   # ratios, is SegViT's program with ALGM s1's weights (':nomerge': what nothing merging
   # computes, without ALGM's matching), so that the table stands on ALGM's runs alone where
   # the SegViT/STEP workdirs are gone (their records stay in experiments/results).
-  rows=()
-  add() { [ -d "$W/${2%%[@:]*}" ] && rows+=(--row="$1=$W/$2") || echo "missing: $W/$2" >&2; }
   add "SegViT's program, ALGM s1 weights" camvid_ti_algm_s1:nomerge
   add "SegViT s0" camvid_ti_segvit_s0
   add "SegViT s1" camvid_ti_segvit_s1
@@ -120,8 +123,6 @@ elif [ "${1:-}" = table_algm ]; then
   $PY experiments/compare.py "${rows[@]}" --res=1024 --num_images=4 --reps=3 \
       --out=experiments/results/compare_camvid_ti_algm
 elif [ "${1:-}" = table ]; then
-  rows=()
-  add() { [ -d "$W/${2%%[@:]*}" ] && rows+=(--row="$1=$W/$2") || echo "missing: $W/$2" >&2; }
   add "SegViT s0" camvid_ti_segvit_s0
   add "SegViT s1" camvid_ti_segvit_s1
   add "DToP-BASE" camvid_ti_dtop_s0@1500:noexit

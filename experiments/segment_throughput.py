@@ -22,6 +22,7 @@ from PIL import Image
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from configs import step as step_config  # noqa: E402
 from step_jax.analysis import benchmark  # noqa: E402
+from step_jax.evaluation import dispatch  # noqa: E402
 from step_jax.evaluation import tokens  # noqa: E402
 from step_jax.inference import segment  # noqa: E402
 from step_jax.interop import export  # noqa: E402
@@ -80,7 +81,7 @@ if __name__ == "__main__":
   flags.DEFINE_integer("res", 1024, "Square image side the frames are resized to.")
   flags.DEFINE_float("exit_share", 0.4, "Random exit heads: halt this share per exit.")
   flags.DEFINE_multi_integer("batch", [1, 8, 32], "Batch sizes, repeatable.")
-  flags.DEFINE_enum("dispatch", "auto", ["auto", "device", "host", "host_split"],
+  flags.DEFINE_enum("dispatch", "auto", list(dispatch.CHOICES),
                     "Bucket dispatch (auto: the evaluation default, dispatch.resolve).")
   flags.DEFINE_float("bucket_ratio", 0.0, "The host dispatches' ladder (0: the model's; "
                      "under auto 1.05).")

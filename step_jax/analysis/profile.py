@@ -203,7 +203,8 @@ def _merged_blocks(config, model, plan, grid, batch, add):
   d, depth, mlp = v["width"], v["depth"], v["mlp_dim"]
   c, layers = int(config.num_classes), m.get("head_layers", segmenter.HEAD_LAYERS)
   local = model.merge == "algm"
-  merges = zip(model.algm_layers[0 if local else 1:], plan["merged"], plan["merged_caps"])
+  merges = zip(segmenter.encoder_merge_layers(model.merge, model.algm_layers), plan["merged"],
+               plan["merged_caps"])
   n, cap, masked = plan["tokens"], plan["slots"], not local   # the grid: no key mask
   inputs = lambda n, cap: (jnp.ones((batch, cap, d), model.backbone.dtype),
                            _mask(cap, n, batch) if masked else None)

@@ -45,7 +45,7 @@ def run():
   flags.DEFINE_enum("on_error", "skip", inference.ON_ERROR, "A file that cannot be segmented "
                     "(unreadable, corrupt, 16-bit, empty, too large): skip it and list it in "
                     "summary.json, or stop with an error.")
-  flags.DEFINE_enum("dispatch", None, ["auto"] + list(dispatch.DISPATCHES), "Where the "
+  flags.DEFINE_enum("dispatch", None, list(dispatch.CHOICES), "Where the "
                     "token-capacity buckets are chosen: per model (auto), in the one program, "
                     "on the host, or on the host with each image alone after the first exit "
                     "(default: the config's eval.dispatch).")

@@ -34,6 +34,7 @@ from step_jax.models import supertokens
 # by lax.switch, on the host (HostBuckets), or on the host with each image in its own
 # capacity after the first exit (HostBuckets(split_exits=True)).
 DISPATCHES = ("device", "host", "host_split")
+CHOICES = ("auto",) + DISPATCHES   # what config.eval.dispatch and step-segment accept
 
 # config.eval.dispatch='auto' (the evaluation and step-segment default) picks the host for
 # every model whose token counts vary, measured on a quiet 2-core CPU (Intel Xeon), ViT-B/16,
@@ -64,8 +65,8 @@ def resolve(model, dispatch, bucket_ratio):
   whose counts are decided inside the one program); bucket_ratio 0 then means AUTO_RATIO on
   the host. The ratio is the host dispatches' ladder: 'device' runs the model's own buckets
   (a fine ladder there compiles every capacity), so it resolves to 0."""
-  if dispatch not in DISPATCHES + ("auto",):
-    raise ValueError(f"bucket dispatch {dispatch!r}: use one of auto, {', '.join(DISPATCHES)}")
+  if dispatch not in CHOICES:
+    raise ValueError(f"bucket dispatch {dispatch!r}: use one of {', '.join(CHOICES)}")
   if dispatch == "auto":
     varies = model.shares_tokens or bool(model.exit_layers)
     if not varies or model.merges_in_encoder or model.merge == "oracle":

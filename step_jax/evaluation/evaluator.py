@@ -93,9 +93,9 @@ def settings(config) -> dict:
     raise ValueError(f"config.eval.stride={stride} larger than the window {crop} leaves gaps")
   patch = vit_lib.decode_variant(config.model.variant)["patch_size"]
   dispatch = ev.get("dispatch", "auto") or "auto"
-  if dispatch not in ("auto",) + dispatch_lib.DISPATCHES:
-    raise ValueError(f"config.eval.dispatch={dispatch!r}: use one of auto, "
-                     f"{', '.join(dispatch_lib.DISPATCHES)}")
+  if dispatch not in dispatch_lib.CHOICES:
+    raise ValueError(f"config.eval.dispatch={dispatch!r}: use one of "
+                     f"{', '.join(dispatch_lib.CHOICES)}")
   bucket_ratio = float(ev.get("bucket_ratio", 0) or 0)
   if bucket_ratio and bucket_ratio <= 1:
     raise ValueError(f"config.eval.bucket_ratio={bucket_ratio}: use 0 (the model's buckets) "

@@ -113,7 +113,8 @@ def segment_files(model_dir, source, output, *, save=("labels",), batch_size=0,
   multiple of this process's devices. dispatch ('auto', 'device', 'host', 'host_split';
   dispatch.resolve) and bucket_ratio (0: the model's buckets, or under 'auto' the host's
   1.05; r > 1: segmenter.geometric_buckets(r)): where the capacity buckets are chosen and
-  their ladder (None: the config's eval.dispatch and eval.bucket_ratio; module doc). stream: where progress and failures go (stderr).
+  their ladder (None: the config's eval.dispatch and eval.bucket_ratio; module doc).
+  stream: where progress and failures go (stderr).
   """
   save = tuple(dict.fromkeys(save))
   if not save or set(save) - set(OUTPUTS):
@@ -122,9 +123,8 @@ def segment_files(model_dir, source, output, *, save=("labels",), batch_size=0,
     raise ValueError(f"on_error={on_error!r}: use 'skip' or 'fatal'")
   if batch_size < 0:
     raise ValueError(f"batch_size={batch_size} must be 0 (the config's) or positive")
-  if dispatch is not None and dispatch not in ("auto",) + dispatch_lib.DISPATCHES:
-    raise ValueError(f"dispatch={dispatch!r}: use one of auto, "
-                     f"{', '.join(dispatch_lib.DISPATCHES)}")
+  if dispatch is not None and dispatch not in dispatch_lib.CHOICES:
+    raise ValueError(f"dispatch={dispatch!r}: use one of {', '.join(dispatch_lib.CHOICES)}")
   if bucket_ratio is not None and bucket_ratio and bucket_ratio <= 1:
     raise ValueError(f"bucket_ratio={bucket_ratio}: use 0 (the model's buckets) or a ratio "
                      "> 1, e.g. 1.05")

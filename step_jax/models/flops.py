@@ -40,6 +40,7 @@ from step_jax.models import efficientnet
 from step_jax.models import vit as vit_lib
 from step_jax.models import builder
 from step_jax.models.segmenter import ENCODER_MERGES, HEAD_LAYERS, POLICY_MERGES
+from step_jax.models.segmenter import encoder_merge_layers
 
 Number = Union[int, float]
 
@@ -294,7 +295,7 @@ def token_macs(config, tokens: Number, stage_tokens: Optional[Sequence[Number]] 
   backbone = patch_embed_macs(tokens, d, p)
   merges = ()
   if merge in ENCODER_MERGES:   # 'dcts_algm' merges in the global block only
-    merge_layers = tuple(m.algm_layers)[0 if merge == "algm" else 1:]
+    merge_layers = encoder_merge_layers(merge, m.algm_layers)
     merged = tuple(merged_tokens) if merged_tokens is not None else (tokens,) * len(merge_layers)
     if len(merged) != len(merge_layers):
       raise ValueError(f"merged_tokens={merged} needs one count per merge of "

@@ -35,6 +35,15 @@ POLICY_MERGES = ("cts", "dcts", "dcts_algm")
 ENCODER_MERGES = ("algm", "dcts_algm")
 
 
+def encoder_merge_layers(merge, algm_layers):
+  """1-based blocks where `merge` merges tokens inside the encoder: ALGM's local and global
+  merge ('algm'), the global one only ('dcts_algm': supertokens form no 2x2 windows), none
+  otherwise."""
+  if merge not in ENCODER_MERGES:
+    return ()
+  return tuple(algm_layers)[0 if merge == "algm" else 1:]
+
+
 def geometric_buckets(ratio=1.1, smallest=0.1):
   """Capacity fractions smallest, smallest·ratio, ... up to 1: a bucket never holds more
   than `ratio` times the tokens it serves (above the smallest), for ~log(1/smallest)/log(ratio)
