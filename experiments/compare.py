@@ -83,8 +83,9 @@ def measure(spec, res, images, **kw):
     if not merges:
       raise ValueError(f"--row={spec!r}: ':nomerge' is for ALGM models (merge 'algm' or "
                        f"'dcts_algm'), this run's merge is {config.model.get('merge')!r}")
-    # Nothing merging is the base method exactly (tests/test_algm.py); run it as that
-    # method's own program, without ALGM's matching: its cost, with these weights.
+    # Nothing merging is the base method exactly (tests/test_algm_model.py and
+    # test_algm_compose.py); run it as that method's own program, without ALGM's matching:
+    # its cost, with these weights.
     config.model.merge = {"algm": "none", "dcts_algm": "dcts"}[config.model.merge]
     merges = 0
   if flag == "without_exits":
