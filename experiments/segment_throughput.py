@@ -30,7 +30,7 @@ from step_jax.runtime import writers  # noqa: E402
 
 KEYS = ("images", "images_per_s", "seconds", "compile_s", "compiled_shapes", "mean_tokens_full",
         "mean_tokens_kept", "mean_tokens_halted", "gflops_useful", "gflops_executed",
-        "dispatch", "bucket_ratio", "batch_size")
+        "dispatch", "bucket_ratio", "batch_size", "model_compile")
 
 
 def main(argv):

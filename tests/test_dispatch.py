@@ -14,7 +14,6 @@ from step_jax.analysis import benchmark
 from step_jax.evaluation import dispatch
 from step_jax.evaluation import tokens
 from step_jax.models import segmenter
-from step_jax.models import supertokens
 
 
 @functools.lru_cache(maxsize=None)
@@ -67,8 +66,7 @@ def test_host_buckets_give_the_one_program_outputs(method, exit_head, exit_mode)
         int(np.max(want_info["num_tokens"])), caps)
   if model.exit_layers and exit_mode == "compact":   # exits: no slot beyond the ladder's
     active = np.asarray(info["active_tokens"]).max(0)
-    ladder = supertokens.bucket_capacities(int(np.asarray(info["stage_capacity"])[0]),
-                                           model.exit_buckets, multiple=8)
+    ladder = model.exit_capacities((8, 8))   # the one program's exit ladder
     for s, cap in enumerate(np.asarray(info["stage_capacity"])[1:], start=1):
       assert int(cap) == dispatch.pick_capacity(int(active[s]), ladder)
     # split_exits: each image alone after the first exit, in its own smallest capacity;
@@ -96,6 +94,7 @@ def test_host_buckets_give_the_one_program_outputs(method, exit_head, exit_mode)
 def test_only_the_capacities_used_are_compiled_and_then_reused():
   ladder = segmenter.geometric_buckets(1.05, 0.1)    # 48 buckets: far too many to compile
   model, variables, images = _prepared("step", buckets=ladder)
+  images = np.concatenate([images, images[1:3, ::-1]])   # upside down: 28 and 16 tokens
   host = dispatch.HostBuckets(model)
   for im in images:
     host(variables, im[None])
@@ -107,7 +106,30 @@ def test_only_the_capacities_used_are_compiled_and_then_reused():
   used = {dispatch.pick_capacity(int(c), model.capacities((8, 8))) for c in counts}
   firsts = [k for k in host.compile_s if k[0] == "segment 1"]
   assert len(firsts) == len(used) < len(model.capacities((8, 8)))
+  # A later segment compiles once per exit capacity it runs in, whatever the supertoken
+  # capacity before it: its state arrives padded to the grid's slots, one shape for all.
+  assert len(used) > 1
+  for name in ("segment 2", "segment 3"):
+    keys = [k for k in host.compile_s if k[0] == name]
+    assert len({k[2] for k in keys}) == 1 and len({k[1] for k in keys}) == len(keys)
+  assert len([k for k in host.compile_s if k[0] == "finish"]) == len(used)
+  summary = host.compile_summary()   # what evaluation and step-segment report
+  assert summary["segment 1"]["programs"] == summary["finish"]["programs"] == len(used)
+  assert sum(r["programs"] for r in summary.values()) == len(host.compile_s)
   assert len(host.compile_s) == len(host._compiled)   # pylint: disable=protected-access
+
+
+def test_the_exit_ladder_steps_below_a_tenth_and_is_geometric_above():
+  ladder = segmenter.exit_ladder(1.05)
+  assert ladder[:3] == (1 / 32, 2 / 32, 3 / 32) and ladder[-1] == 1.0
+  above = np.asarray(ladder[3:])
+  assert above[0] == 0.1 and np.all(above[1:] / above[:-1] <= 1.05 ** 2 + 1e-5)   # 6 digits
+  model = dispatch.with_ladder(_prepared("step")[0], 1.05)
+  assert model.exit_buckets == ladder and model.buckets == segmenter.geometric_buckets(1.05)
+  # On a 64x64 grid: 128-token steps up to 10 %, then at most 1.1025x apart.
+  caps = np.asarray(model.exit_capacities((64, 64)))
+  assert caps[:3].tolist() == [128, 256, 384] and caps[-1] == 4096
+  assert np.all(caps[4:] / caps[3:-1] <= 1.1025 + 8 / caps[3:-1])
 
 
 def test_pick_capacity_and_group_by_tokens():

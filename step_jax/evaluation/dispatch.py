@@ -9,7 +9,9 @@ that holds it; with compacting exits, each later segment is a program of its own
 smallest exit capacity that holds the tokens still active. Every (program, capacity) pair is
 compiled the first time a batch needs it and kept, so a fine ladder (e.g.
 `segmenter.geometric_buckets(1.05)`) bounds the padding at 5 % while compiling only the
-capacities the data uses. The price is one device→host read per segment, small next to a
+capacities the data uses. The state leaves the first segment padded to the grid's slots and
+the exit ladder is relative to the grid, so a later segment compiles once per exit capacity,
+not once per (supertoken capacity, exit capacity) pair. The price is one device→host read per segment, small next to a
 ViT forward at the resolutions STEP is for; outputs equal the one-program model's.
 
 `group_by_tokens` orders images so that a batch holds images of similar token counts, which
@@ -27,7 +29,6 @@ import jax.numpy as jnp
 import numpy as np
 
 from step_jax.models import segmenter as segmenter_lib
-from step_jax.models import supertokens
 
 
 # Where the capacity buckets are chosen (`model.bucket_dispatch`): in the one jitted program
@@ -47,14 +48,16 @@ CHOICES = ("auto",) + DISPATCHES   # what config.eval.dispatch and step-segment 
 # faster (only the capacities the data needs); at batch 1 it is level (dCTS) or 9 % slower
 # (STEP: each segment's read-back), which its shorter compile repays on splits up to ~40
 # images. Executed/useful GFLOPs: 1.03-1.08 on the host, 1.04-1.30 on the device (the 1/8
-# exit ladder at batch 8). Over a whole split the host compiles more (every capacity some
-# image needs): STEP ViT-Ti/16, the 101 CamVid val frames at 1024², step-segment
-# (experiments/results/segment_throughput_cpu/rows_auto.jsonl), images/s (compile s):
-#   batch 1: device 1.13 (45) vs host_split 1.10 (113); batch 8: 1.07 (43) vs 1.26 (110)
-# so a one-shot run of ~100 images of a small model ends sooner on the device (138 vs 190 s
-# at batch 8; even at ~460 images); a training's periodic evaluations compile once, and
-# bulk inference and larger models repay it. Unmeasured on a GPU, where each read-back costs
-# a host sync.
+# exit ladder at batch 8). Over a whole split the host compiles every capacity some image
+# needs. Since the later segments compile once per exit capacity (state padded to the grid)
+# and the exit ladder is segmenter.exit_ladder, the 101 CamVid val frames at 1024² compile
+# (experiments/results/host_compile_cpu; one program each on the device):
+#   STEP Ti/16, step-segment, batch 8: device 70 s, host_split 92 s (was 2.5× the device's)
+#   STEP B/16, batch 1: device 70 s, host_split ~93 s (44 programs of 1-4 s each)
+# so a one-shot run of ~100 images compiles ~1.3× longer on the host; a training's periodic
+# evaluations compile once, bulk inference repays it (18 % more images/s at batch 8 on the
+# Ti/16 frames), and a persistent compilation cache (JAX_COMPILATION_CACHE_DIR) loads the
+# programs on later runs. Unmeasured on a GPU, where each read-back costs a host sync.
 AUTO_RATIO = 1.05   # the host's ladder under 'auto' (padding ≤ 5 %)
 
 
@@ -86,10 +89,10 @@ def host_buckets(model, dispatch):
 
 def with_ladder(model, ratio):
   """The model with the geometric ladder `segmenter.geometric_buckets(ratio)` for its
-  supertokens and its exits (ratio 0: the model's own buckets). The buckets change no output,
-  only the padding and the programs compiled: with the host dispatch only the capacities the
-  data needs compile, so a fine ladder (1.05) costs little; on device every one of them does.
-  """
+  supertokens and `segmenter.exit_ladder(ratio)` after its first exit (ratio 0: the model's
+  own buckets). The buckets change no output, only the padding and the programs compiled:
+  with the host dispatch only the capacities the data needs compile, so a fine ladder (1.05)
+  costs little; on device every one of them does."""
   if not ratio:
     return model
   if ratio <= 1:
@@ -98,8 +101,8 @@ def with_ladder(model, ratio):
   if model.merges_in_encoder:   # its buckets are chosen inside the encoder, on device
     raise ValueError(f"merge={model.merge!r} chooses its buckets inside the encoder, in the "
                      "one program: a fine ladder would compile every capacity; use ratio 0")
-  ladder = segmenter_lib.geometric_buckets(ratio)
-  return model.clone(buckets=ladder, exit_buckets=ladder)
+  return model.clone(buckets=segmenter_lib.geometric_buckets(ratio),
+                     exit_buckets=segmenter_lib.exit_ladder(ratio))
 
 
 def host_value(x):
@@ -152,12 +155,12 @@ class HostBuckets:
     self._count = lambda v, x: model.apply(v, x, method=segmenter_lib.Segmenter.token_count)
     self._whole = lambda v, x, level, capacity: model.apply(v, x, level=level,
                                                             capacity=capacity)
-    self._begin = lambda v, x, level, capacity: model.apply(
-        v, x, level, capacity, method=segmenter_lib.Segmenter.begin_staged)
+    self._begin = lambda v, x, level, capacity, slots: model.apply(
+        v, x, level, capacity, slots, method=segmenter_lib.Segmenter.begin_staged)
     self._segment = lambda v, state, s, capacity: model.apply(
         v, state, s, capacity, method=segmenter_lib.Segmenter.continue_staged)
-    self._end = lambda v, state, x, level: model.apply(
-        v, state, x, level, method=segmenter_lib.Segmenter.end_staged)
+    self._end = lambda v, state, x, level, capacity: model.apply(
+        v, state, x, level, capacity, method=segmenter_lib.Segmenter.end_staged)
 
   def _run(self, name, fn, static, *args):
     """fn(*args, **static), compiled once per (name, static values, argument shapes)."""
@@ -187,8 +190,13 @@ class HostBuckets:
       if not m.shares_tokens:
         return self._run("model", lambda v, x: m.apply(v, x), {}, variables, images)
       return self._run("model", self._whole, dict(capacity=cap), variables, images, level)
-    state = self._run("segment 1", self._begin, dict(capacity=cap), variables, images, level)
-    caps = supertokens.bucket_capacities(cap, m.exit_buckets, multiple=8)
+    # The state leaves the first program padded to the grid's largest capacity, and the exit
+    # ladder is the one program's (not relative to this batch's capacity): the later segments
+    # compile once per exit capacity, not once per (supertoken capacity, exit capacity).
+    slots = m.capacities(grid)[-1] if m.shares_tokens else n
+    state = self._run("segment 1", self._begin, dict(capacity=cap, slots=slots), variables,
+                      images, level)
+    caps = m.exit_capacities(grid)
     parts = [state]
     if self.split_exits and len(images) > 1:   # one image each (0-d leaves are shared)
       parts = [jax.tree.map(lambda a, i=i: a[i:i + 1] if a.ndim else a, state)
@@ -203,7 +211,16 @@ class HostBuckets:
                            *parts)
     else:
       state = parts[0]
-    return self._run("finish", self._end, {}, variables, state, images, level)
+    return self._run("finish", self._end, dict(capacity=cap), variables, state, images, level)
+
+  def compile_summary(self):
+    """{program name: dict(programs=how many capacities/shapes compiled, seconds)}."""
+    out = {}
+    for key, seconds in self.compile_s.items():
+      row = out.setdefault(key[0], dict(programs=0, seconds=0.0))
+      row["programs"] += 1
+      row["seconds"] = round(row["seconds"] + seconds, 2)
+    return out
 
   def merge(self, variables, images):
     """(level map [B, gh, gw], supertokens per image [B]) as device arrays: the policy net

@@ -529,7 +529,8 @@ class Evaluator:
     if self.host is not None:
       out.update(bucket_ratio=self.s["bucket_ratio"],
                  model_programs=len(self.host.compile_s),
-                 model_compile_s=sum(self.host.compile_s.values()))
+                 model_compile_s=sum(self.host.compile_s.values()),
+                 model_compile=self.host.compile_summary())
     return out
 
   def _grouped_batches(self, variables):

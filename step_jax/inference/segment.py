@@ -107,7 +107,8 @@ def segment_files(model_dir, source, output, *, save=("labels",), batch_size=0,
   merges inside the encoder) / halted (by the exits) per image, gflops_useful / executed (flops.token_macs of the valid tokens and of the
   compiled slots; tokens and GFLOPs are None with sliding windows, whose windows' maps
   overlap), images_per_s (compile time left out), seconds, compile_s, compiled_shapes,
-  dispatch and bucket_ratio.
+  dispatch and bucket_ratio; model_compile: the host dispatch's programs and their compile
+  seconds by name (dispatch.HostBuckets.compile_summary).
 
   batch_size: images per program call (0: the config's evaluation batch), rounded up to a
   multiple of this process's devices. dispatch ('auto', 'device', 'host', 'host_split';
@@ -151,6 +152,7 @@ def segment_files(model_dir, source, output, *, save=("labels",), batch_size=0,
       images_per_s=run.done / max(seconds - run.compile_s, 1e-9), seconds=seconds,
       compile_s=run.compile_s, compiled_shapes=len(run.shapes), batch_size=run.batch,
       dispatch=run.dispatch, bucket_ratio=run.bucket_ratio,
+      model_compile=run.host.compile_summary() if run.host is not None else None,
       devices=len(run.devices), processes=files_lib.process_share()[1])
   return progress_lib.write_summary(summary, output)
 

@@ -13,7 +13,6 @@ from typing import Optional, Sequence, Union
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
-import numpy as np
 
 from step_jax.models import algm_encoder
 from step_jax.models import atm
@@ -56,6 +55,17 @@ def geometric_buckets(ratio=1.1, smallest=0.1):
     out.append(round(f, 6))
     f *= ratio
   return tuple(out) + (1.0,)
+
+def exit_ladder(ratio):
+  """Capacity fractions for the segments after the first exit under a host ladder of `ratio`
+  (evaluation.dispatch.with_ladder): geometric with ratio² from 10 % of the grid, and below it
+  steps of 1/32 of the grid. Halting leaves anything from a few tokens to all of them, and
+  later segments run fewer blocks: a floor of 10 % would pad an image that halts almost
+  everything to 10 % (measured +3-4 % executed GFLOPs at ViT-B/16), while the steps waste at
+  most 1/32 of a full segment; the coarser ratio costs little padding (a small share of the
+  compute runs there) and halves these segments' programs."""
+  return tuple(i / 32 for i in range(1, 4)) + geometric_buckets(ratio ** 2, 0.1)
+
 
 # Early-exit head designs (Segmenter.exit_head):
 #   'segvit' (default): SegViT's own head, unchanged; an exit at layer e runs the head's stage 0
@@ -453,16 +463,29 @@ class Segmenter(nn.Module):
     return self.pad_state(state, slots)
 
   def pad_state(self, state, slots):
-    """The staged state of tokens in a capacity, padded to `slots` token slots (invalid)."""
-    extra = slots - state["x"].shape[1]
-    pad = lambda a, value=0: jnp.pad(a, [(0, 0)] * (a.ndim - 1) + [(0, extra)],
-                                     constant_values=value)
-    pad_tokens = lambda a: jnp.pad(a, ((0, 0), (0, extra), (0, 0)))
-    return dict(state, x=pad_tokens(state["x"]), features=[pad_tokens(f) for f in state["features"]],
-                valid=pad(state["valid"], False),
-                active=pad(state["active"], False), canvas=pad(state["canvas"]),
-                halt_stage=pad(state["halt_stage"], len(self.exit_layers)),
-                results=[dict(r, pred_masks=pad(r["pred_masks"])) for r in state["results"]])
+    """The staged state of tokens in a capacity, padded to `slots` token slots (invalid), or
+    cut back to its first `slots` (the host dispatch runs the later segments on one padded
+    size and cuts the state back to the supertokens' capacity for the head)."""
+    def fit(a, axis, value=0):
+      if slots <= a.shape[axis]:
+        return jax.lax.slice_in_dim(a, 0, slots, axis=axis)
+      widths = [(0, 0)] * a.ndim
+      widths[axis] = (0, slots - a.shape[axis])
+      return jnp.pad(a, widths, constant_values=value)
+    last = lambda a, value=0: fit(a, a.ndim - 1, value)
+    return dict(state, x=fit(state["x"], 1), features=[fit(f, 1) for f in state["features"]],
+                valid=last(state["valid"], False), active=last(state["active"], False),
+                canvas=last(state["canvas"]),
+                halt_stage=last(state["halt_stage"], len(self.exit_layers)),
+                results=[dict(r, pred_masks=last(r["pred_masks"])) for r in state["results"]])
+
+  def exit_capacities(self, grid):
+    """The capacities of the segments after the first exit (one program and host dispatch
+    alike): the exit ladder inside each supertoken capacity (supertokens.exit_capacities),
+    or relative to the grid without token sharing."""
+    if not self.shares_tokens:
+      return supertokens.bucket_capacities(grid[0] * grid[1], self.exit_buckets, multiple=8)
+    return supertokens.exit_capacities(self.capacities(grid), self.exit_buckets)
 
   def token_count(self, images, labels=None):
     """(level map [B, gh, gw], supertokens per image [B]): the merge alone, for callers that
@@ -470,9 +493,11 @@ class Segmenter(nn.Module):
     level = self.merge_levels(images, labels)
     return level, supertokens.token_layout(level)["count"]
 
-  def begin_staged(self, images, level, capacity):
+  def begin_staged(self, images, level, capacity, slots=None):
     """Host-dispatched early exit, first program: tokens (supertokens of `level` in `capacity`
-    slots, or every patch) through the blocks up to the first exit; the staged state."""
+    slots, or every patch) through the blocks up to the first exit; the staged state, padded
+    to `slots` (default: capacity) so that the later segments' programs do not depend on the
+    supertoken capacity."""
     if self.merges_in_encoder:   # (evaluation.dispatch runs these in one program)
       raise ValueError(f"merge={self.merge!r} merges inside the encoder: no host-dispatched "
                        "early exit; call the model")
@@ -482,15 +507,18 @@ class Segmenter(nn.Module):
       tokens = self.backbone.embed(x).reshape(x.shape[0], grid[0] * grid[1], -1)
       return self.stage_segment(self.stage_init(tokens, None), 0, (), train=False)
     layout = supertokens.token_layout(level)
-    return self.first_segment(x, layout, grid, capacity, capacity, False)
+    return self.first_segment(x, layout, grid, capacity, slots or capacity, False)
 
   def continue_staged(self, state, s, capacity):
     """Segment s of a host-dispatched early exit, its active tokens in `capacity` slots."""
     return self.stage_segment(state, s, (capacity,), train=False)
 
-  def end_staged(self, state, images, level):
-    """The last program of a host-dispatched early exit: (outputs, info) as __call__'s."""
+  def end_staged(self, state, images, level, capacity=None):
+    """The last program of a host-dispatched early exit: (outputs, info) as __call__'s;
+    capacity: the supertokens' (the state is cut back to it from begin_staged's slots)."""
     grid = self.grid(images)
+    if capacity is not None and capacity < state["x"].shape[1]:
+      state = self.pad_state(state, capacity)
     out, info = self.stage_finish(state), dict(grid=grid)
     if self.merge != "none":
       layout = supertokens.token_layout(level)
@@ -548,7 +576,7 @@ class Segmenter(nn.Module):
         branches = [functools.partial(Segmenter.first_segment, grid=grid, capacity=c,
                                       slots=slots, train=train) for c in caps]
         state = nn.switch(idx, branches, self, x, layout)
-        exit_caps = supertokens.exit_capacities(caps, self.exit_buckets)
+        exit_caps = self.exit_capacities(grid)
         for s in range(1, len(self.exit_layers) + 1):
           state = self.stage_segment(state, s, exit_caps, train=train)
         out = self.unshare_outputs(self.stage_finish(state, train=train), layout)
