@@ -11,8 +11,9 @@ compiled the first time a batch needs it and kept, so a fine ladder (e.g.
 `segmenter.geometric_buckets(1.05)`) bounds the padding at 5 % while compiling only the
 capacities the data uses. The state leaves the first segment padded to the grid's slots and
 the exit ladder is relative to the grid, so a later segment compiles once per exit capacity,
-not once per (supertoken capacity, exit capacity) pair. The price is one device→host read per segment, small next to a
-ViT forward at the resolutions STEP is for; outputs equal the one-program model's.
+not once per (supertoken capacity, exit capacity) pair. The price is one device→host read
+per segment, small next to a ViT forward at the resolutions STEP is for; outputs equal the
+one-program model's.
 
 `group_by_tokens` orders images so that a batch holds images of similar token counts, which
 keeps the batch's capacity (set by its largest count) close to every image's own.
