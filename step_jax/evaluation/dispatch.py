@@ -54,8 +54,9 @@ CHOICES = ("auto",) + DISPATCHES   # what config.eval.dispatch and step-segment 
 # and the exit ladder is segmenter.exit_ladder, the 101 CamVid val frames at 1024² compile
 # (experiments/results/host_compile_cpu; one program each on the device):
 #   STEP Ti/16, step-segment, batch 8: device 70 s, host_split 92 s (was 2.5× the device's)
-#   STEP B/16, batch 1: device 91 s, host_split 128 s (50 programs of 1.7-3.6 s each)
-# so a one-shot run of ~100 images compiles 1.3-1.4× longer on the host; a training's
+#   STEP B/16, batch 1: device 91 s, host_split 128 s (50 programs of 1.7-3.6 s each);
+#              batch 8: device 110 s, host_split 133 s (48 programs)
+# so a one-shot run of ~100 images compiles 1.2-1.4× longer on the host; a training's
 # periodic evaluations compile once, bulk inference repays it (4-18 % more images/s at batch
 # 8 on the Ti/16 frames, executed/useful 1.05 vs 1.25), and a persistent compilation cache
 # (JAX_COMPILATION_CACHE_DIR) loads the programs on later runs. Unmeasured on a GPU, where each read-back costs a host sync.
