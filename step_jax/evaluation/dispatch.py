@@ -59,7 +59,8 @@ CHOICES = ("auto",) + DISPATCHES   # what config.eval.dispatch and step-segment 
 # so a one-shot run of ~100 images compiles 1.2-1.4× longer on the host; a training's
 # periodic evaluations compile once, bulk inference repays it (4-18 % more images/s at batch
 # 8 on the Ti/16 frames, executed/useful 1.05 vs 1.25), and a persistent compilation cache
-# (JAX_COMPILATION_CACHE_DIR) loads the programs on later runs. Unmeasured on a GPU, where each read-back costs a host sync.
+# (JAX_COMPILATION_CACHE_DIR) loads the programs on later runs. Unmeasured on a GPU, where
+# each read-back costs a host sync.
 AUTO_RATIO = 1.05   # the host's ladder under 'auto' (padding ≤ 5 %)
 
 
@@ -195,7 +196,7 @@ class HostBuckets:
     # The state leaves the first program padded to the grid's largest capacity, and the exit
     # ladder is the one program's (not relative to this batch's capacity): the later segments
     # compile once per exit capacity, not once per (supertoken capacity, exit capacity).
-    slots = m.capacities(grid)[-1] if m.shares_tokens else n
+    slots = m.capacities(grid)[-1]   # the grid (n) itself without token sharing
     state = self._run("segment 1", self._begin, dict(capacity=cap, slots=slots), variables,
                       images, level)
     caps = m.exit_capacities(grid)
@@ -221,8 +222,8 @@ class HostBuckets:
     for key, seconds in self.compile_s.items():
       row = out.setdefault(key[0], dict(programs=0, seconds=0.0))
       row["programs"] += 1
-      row["seconds"] = round(row["seconds"] + seconds, 2)
-    return out
+      row["seconds"] += seconds
+    return {k: dict(v, seconds=round(v["seconds"], 2)) for k, v in out.items()}
 
   def merge(self, variables, images):
     """(level map [B, gh, gw], supertokens per image [B]) as device arrays: the policy net

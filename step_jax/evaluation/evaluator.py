@@ -527,8 +527,7 @@ class Evaluator:
                shapes=[dict(image=list(k[0]), label=list(k[1])) for k in sorted(self.shapes)],
                eval_time_s=time.time() - t0)
     if self.host is not None:
-      out.update(bucket_ratio=self.s["bucket_ratio"],
-                 model_programs=len(self.host.compile_s),
+      out.update(bucket_ratio=self.s["bucket_ratio"], model_programs=len(self.host.compile_s),
                  model_compile_s=sum(self.host.compile_s.values()),
                  model_compile=self.host.compile_summary())
     return out

@@ -56,6 +56,7 @@ def geometric_buckets(ratio=1.1, smallest=0.1):
     f *= ratio
   return tuple(out) + (1.0,)
 
+
 def exit_ladder(ratio):
   """Capacity fractions for the segments after the first exit under a host ladder of `ratio`
   (evaluation.dispatch.with_ladder): geometric with ratio² from 10 % of the grid, and below it
