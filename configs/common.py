@@ -160,7 +160,8 @@ def add_runtime_defaults(config):
       dispatch="auto",
       bucket_ratio=0.0,               # host ladder: 0 the model's buckets (under auto: 1.05);
                                       # r > 1 segmenter.geometric_buckets(r)
-      group_batches=16))              # host: sort by tokens in pools of N batches (held decoded)
+      group_batches=0))               # host: sort by tokens and plan capacities in pools of N
+                                      # batches (held decoded; 0: evaluator.POOL_IMAGES images)
   protocol = datasets.get(config.data.name).eval
   if protocol:  # the dataset's protocol, the same for every method
     res = int(config.data.image_size[0])

@@ -1,6 +1,7 @@
 """Host-dispatched buckets: the same outputs as the one-program model, only the capacities a
 batch needs compiled, the smallest capacity that holds the batch, grouping by token count."""
 import functools
+import itertools
 
 import jax
 import numpy as np
@@ -139,6 +140,87 @@ def test_pick_capacity_and_group_by_tokens():
     dispatch.pick_capacity(65, (16, 32, 64))
   groups = dispatch.group_by_tokens([50, 10, 40, 10, 30], 2)
   assert [g.tolist() for g in groups] == [[1, 3], [4, 2], [0]]
+
+
+def _fewest_new(needs, weights, cost, ratio, compiled, multiple, limit):
+  """plan_capacities' answer by brute force: how many new capacities the cheapest plan
+  within the budget needs."""
+  up = lambda c: min(limit, max(multiple, -(-c // multiple) * multiple))
+  cand = sorted({up(c) for c in needs} | {c for c in compiled if c >= min(needs)})
+  executed = lambda caps: sum(w * cost(dispatch.pick_capacity(c, caps))
+                              for c, w in zip(needs, weights))
+  budget = max(ratio * sum(w * cost(c) for c, w in zip(needs, weights)), executed(cand))
+  old = [c for c in cand if c in compiled]
+  for k in range(len(cand) + 1):
+    for new in itertools.combinations([c for c in cand if c not in compiled], k):
+      caps = sorted(set(new) | set(old))
+      if caps and caps[-1] >= max(needs) and executed(caps) <= budget * (1 + 1e-9):
+        return k
+  raise AssertionError("no plan")
+
+
+def test_plan_capacities_is_the_fewest_new_programs_within_the_padding():
+  rng = np.random.default_rng(0)
+  cost = lambda c: c * (c + 100)
+  for _ in range(200):
+    n = int(rng.integers(1, 7))
+    needs, weights = rng.integers(0, 200, n), rng.integers(1, 4, n)
+    compiled = set(rng.integers(8, 210, int(rng.integers(0, 3))).tolist())
+    ratio = float(rng.choice([1.0, 1.05, 1.2, 1.5]))
+    caps = dispatch.plan_capacities(needs, weights, cost, ratio, compiled, 8, 256)
+    assert list(caps) == sorted(set(caps)) and caps[-1] >= needs.max()
+    assert all(c in compiled or c % 8 == 0 for c in caps)
+    assert len(set(caps) - compiled) == _fewest_new(needs.tolist(), weights.tolist(), cost,
+                                                    ratio, compiled, 8, 256)
+    useful = np.sum(weights * needs * (needs + 100))
+    executed = sum(w * cost(dispatch.pick_capacity(c, caps)) for c, w in zip(needs, weights))
+    rounded = -(-np.maximum(needs, 1) // 8) * 8
+    assert executed <= max(ratio * useful, np.sum(weights * rounded * (rounded + 100))) * 1.001
+  # Capacities sit on the counts: three clusters, three capacities at 10 % padding.
+  needs = [100, 98, 97, 400, 390, 800, 795, 790]
+  assert dispatch.plan_capacities(needs, [1] * 8, cost, 1.1, multiple=1) == (100, 400, 800)
+  assert dispatch.plan_capacities(needs, [1] * 8, cost, 1.0, multiple=1) == tuple(
+      sorted(set(needs)))
+  assert dispatch.plan_capacities(needs, [1] * 8, cost, 1.1, compiled={800, 1000},
+                                  multiple=1) == (100, 400, 800)
+  for bad, match in [(dict(needs=[], weights=[]), "non-empty"),
+                     (dict(needs=[5], weights=[1, 2]), "must be equal"),
+                     (dict(needs=[5], weights=[1], ratio=0.9), "ratio 0.9 < 1"),
+                     (dict(needs=[300], weights=[1], limit=256), "300 tokens exceed")]:
+    kw = {**dict(cost=cost, ratio=1.05), **bad}
+    with pytest.raises(ValueError, match=match):
+      dispatch.plan_capacities(**kw)
+
+
+def test_planned_capacities_give_the_one_program_outputs_and_pad_within_the_ratio():
+  model, variables, images = _prepared("step")
+  images = np.concatenate([images, images[1:3, ::-1]])   # mixed token counts
+  want, want_info = jax.jit(model.clone(buckets=(1.0,), exit_buckets=(1.0,)).apply)(
+      variables, images)
+  host = dispatch.HostBuckets(model, split_exits=True, plan_ratio=1.2)
+  results = host.run(variables, [(images[i:i + 2], None) for i in range(0, len(images), 2)])
+  got = jax.tree.map(lambda *a: np.concatenate(a), *[r[0] for r in results])
+  assert_close(got, want, 1e-5)
+  cost = lambda c: c * (c + 2 * model.backbone.width + model.backbone.mlp_dim)
+  caps = np.concatenate([np.asarray(r[1]["stage_capacity"]) for r in results], -1)
+  active = np.asarray(want_info["active_tokens"]).T        # [stages, images]
+  np.testing.assert_array_equal(np.concatenate([r[1]["halt_stage"] for r in results]),
+                                want_info["halt_stage"])
+  for s in range(1, len(caps)):   # each later segment pads within 20 % (or to 8 slots)
+    need = np.maximum(-(-active[s] // 8) * 8, 8)
+    assert np.sum(cost(caps[s])) <= max(1.2 * np.sum(cost(active[s])), np.sum(cost(need)))
+    assert np.all(caps[s] >= active[s])
+  # The first segment: a capacity per pair of images, planned over the three pairs.
+  firsts = [int(np.max(r[1]["capacity"])) for r in results]
+  needs = [int(np.max(want_info["num_tokens"][i:i + 2])) for i in range(0, len(images), 2)]
+  assert all(c >= n for c, n in zip(firsts, needs))
+  assert sum(cost(c) for c in firsts) <= max(1.2 * sum(cost(n) for n in needs),
+                                             sum(cost(-(-n // 16) * 16) for n in needs))
+  assert len([k for k in host.compile_s if k[0] == "segment 1"]) == len(set(firsts))
+  # A second run of the same calls compiles nothing: the planned capacities are reused.
+  before = len(host.compile_s)
+  host.run(variables, [(images[i:i + 2], None) for i in range(0, len(images), 2)])
+  assert len(host.compile_s) == before
 
 
 @pytest.mark.slow   # ~60 s on 2 CPU cores; the test above covers the host buckets' outputs

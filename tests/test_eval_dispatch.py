@@ -136,7 +136,7 @@ def test_bad_dispatch_settings_are_refused(tmp_path):
       ("dispatch", "gpu", "config.eval.dispatch='gpu': use one of auto, device, host, "
                    "host_split"),
       ("bucket_ratio", 0.9, "config.eval.bucket_ratio=0.9: use 0"),
-      ("group_batches", 0, "config.eval.group_batches=0: use 1")):
+      ("group_batches", -1, "config.eval.group_batches=-1: use 0")):
     bad = cfg.copy_and_resolve_references()
     bad.eval[key] = value
     with pytest.raises(ValueError, match=message.replace("(", r"\(")):

@@ -83,11 +83,13 @@ def resolve(model, dispatch, bucket_ratio):
   return dispatch, 0.0 if dispatch == "device" else float(bucket_ratio)
 
 
-def host_buckets(model, dispatch):
-  """HostBuckets for 'host' / 'host_split'; None for 'device' (the one jitted program)."""
+def host_buckets(model, dispatch, plan_ratio=0.0):
+  """HostBuckets for 'host' / 'host_split'; None for 'device' (the one jitted program).
+  plan_ratio: see HostBuckets (0: the model's ladder)."""
   if dispatch not in DISPATCHES:
     raise ValueError(f"bucket dispatch {dispatch!r}: use one of {', '.join(DISPATCHES)}")
-  return None if dispatch == "device" else HostBuckets(model, dispatch == "host_split")
+  return None if dispatch == "device" else HostBuckets(model, dispatch == "host_split",
+                                                       plan_ratio)
 
 
 def with_ladder(model, ratio):
@@ -124,6 +126,66 @@ def pick_capacity(count, capacities):
   return int(capacities[i])
 
 
+def plan_capacities(needs, weights, cost, ratio, compiled=(), multiple=8, limit=None):
+  """Capacities for items (a batch, or an image, that needs `needs` tokens and holds
+  `weights` images), each item then run in the smallest of them that holds it: the fewest
+  capacities outside `compiled` (whose programs exist) such that the executed cost
+  Σ weight·cost(capacity) stays within `ratio` times the useful Σ weight·cost(need), or,
+  where rounding to `multiple` alone exceeds that, the least cost there is. cost(c): one
+  image's cost in c slots, increasing. The candidates are the needs rounded up to `multiple`
+  (at most `limit`) and the compiled capacities, chosen by a dynamic program over them
+  (best[k][j]: the least cost of the items up to candidate j, j the largest capacity used,
+  with at most k new ones). Returns the sorted capacities used.
+
+  Unlike a fixed ladder, whose rungs sit where no count may fall, the capacities sit on the
+  counts, so fewer of them meet the same padding (HostBuckets.run)."""
+  needs = np.asarray(needs, np.int64)
+  weights = np.asarray(weights, np.float64)
+  if needs.ndim != 1 or needs.shape != weights.shape or not len(needs):
+    raise ValueError(f"plan_capacities: needs {needs.shape} and weights {weights.shape} must "
+                     "be equal, non-empty 1-d")
+  if ratio < 1:
+    raise ValueError(f"plan_capacities: ratio {ratio} < 1")
+  limit = int(limit) if limit else int(needs.max()) + multiple
+  if needs.max() > limit:
+    raise ValueError(f"{needs.max()} tokens exceed the largest capacity {limit}")
+  rounded = np.minimum(limit, np.maximum(multiple, -(-needs // multiple) * multiple))
+  compiled = {int(c) for c in compiled if c >= needs.min()}
+  above = [c for c in compiled if c >= rounded.max()]
+  top = min(above) if above else int(rounded.max())
+  cand = np.array(sorted(c for c in set(rounded.tolist()) | compiled if c <= top))
+  f = np.array([cost(int(c)) for c in cand], np.float64)
+  new = np.array([int(c) not in compiled for c in cand])
+  slot = np.searchsorted(cand, needs, side="left")   # the smallest candidate holding each
+  held = np.cumsum(np.bincount(slot, weights, minlength=len(cand)))   # items ≤ cand[j]
+  useful = float(np.sum(weights * np.array([cost(int(c)) for c in needs], np.float64)))
+  budget = max(ratio * useful, float(np.sum(weights * f[slot]))) * (1 + 1e-9)
+  best, back = [], []
+  for k in range(len(cand) + 1):
+    cost_k, arg_k = np.full(len(cand), np.inf), np.full(len(cand), -2)
+    for j in range(len(cand)):
+      if k < new[j]:
+        continue
+      cost_k[j], arg_k[j] = held[j] * f[j], -1   # cand[j] the smallest capacity used
+      if j:
+        before = best[k - 1][:j] if new[j] else cost_k[:j]
+        v = before + (held[j] - held[:j]) * f[j]
+        i = int(np.argmin(v))
+        if v[i] < cost_k[j]:
+          cost_k[j], arg_k[j] = v[i], i
+    best.append(cost_k)
+    back.append(arg_k)
+    whole = np.where(held >= held[-1], cost_k, np.inf)   # capacities that hold every item
+    j = int(np.argmin(whole))
+    if whole[j] <= budget:
+      caps = []
+      while j >= 0:
+        caps.append(int(cand[j]))
+        j, k = back[k][j], k - int(new[j])
+      return tuple(sorted(caps))
+  raise AssertionError("unreachable: every candidate its own capacity meets the budget")
+
+
 def group_by_tokens(counts, batch):
   """Image indices in batches of `batch`, ordered by token count (ties in input order), so
   that each batch's largest count, which sets its capacity, is close to all of its counts."""
@@ -151,10 +213,15 @@ class HostBuckets:
   shape); `calls`, how many batches each ran.
   """
 
-  def __init__(self, model, split_exits=False):
+  def __init__(self, model, split_exits=False, plan_ratio=0.0):
     self.model = model
     self.split_exits = split_exits
-    self.compile_s, self.calls, self._compiled = {}, {}, {}
+    self.plan_ratio = float(plan_ratio)
+    self.compile_s, self.calls, self._compiled, self._planned = {}, {}, {}, {}
+    # One image's encoder MACs in c token slots, up to a constant: QKV, output and MLP
+    # projections (linear in c) and attention (c²); what plan_capacities weighs padding by.
+    v = model.backbone
+    self._cost = lambda c: c * (c + 2 * v.width + v.mlp_dim)
     self._count = lambda v, x: model.apply(v, x, method=segmenter_lib.Segmenter.token_count)
     self._whole = lambda v, x, level, capacity: model.apply(v, x, level=level,
                                                             capacity=capacity)
@@ -180,41 +247,74 @@ class HostBuckets:
     """(outputs, info) as model.apply's. merge: these images' (level map, count), from
     `merge` on them earlier (e.g. by a pass that sorted images by count), so the policy net
     and the merge do not run twice; default: they run here."""
+    return self.run(variables, [(images, merge)])[0]
+
+  def run(self, variables, calls):
+    """[(outputs, info)] of each call (images, merge or None), as __call__'s. Every call
+    passes a program before any passes the next (their states are held in between), so
+    that with `plan_ratio` each program's capacities are planned over all of them."""
     m = self.model
-    grid = m.grid(images)
-    n = grid[0] * grid[1]
-    level, cap = None, n
+    calls = [(x, merge if merge is not None or not m.shares_tokens else self.merge(variables, x))
+             for x, merge in calls]
+    keys = [(m.grid(x), len(x)) for x, _ in calls]
+    caps = [key[0][0] * key[0][1] for key in keys]
     # ALGM merges inside the encoder: its buckets (and with exits, theirs) are chosen on
     # device, in one program (dcts_algm: the supertokens' here, the merged tokens' in it).
     if m.shares_tokens:
-      level, count = merge if merge is not None else self.merge(variables, images)
-      cap = pick_capacity(int(np.max(host_value(count))), m.capacities(grid))
+      caps = self._capacities("segment 1", [merge[1] for _, merge in calls], keys,
+                              [m.capacities(g) for g, _ in keys], 16)
     if not m.exit_layers or m.exit_mode != "compact" or m.merges_in_encoder:
       if not m.shares_tokens:
-        return self._run("model", lambda v, x: m.apply(v, x), {}, variables, images)
-      return self._run("model", self._whole, dict(capacity=cap), variables, images, level)
+        return [self._run("model", lambda v, x: m.apply(v, x), {}, variables, x)
+                for x, _ in calls]
+      return [self._run("model", self._whole, dict(capacity=c), variables, x, merge[0])
+              for (x, merge), c in zip(calls, caps)]
     # The state leaves the first program padded to the grid's largest capacity, and the exit
     # ladder is the one program's (not relative to this batch's capacity): the later segments
     # compile once per exit capacity, not once per (supertoken capacity, exit capacity).
-    slots = m.capacities(grid)[-1]   # the grid (n) itself without token sharing
-    state = self._run("segment 1", self._begin, dict(capacity=cap, slots=slots), variables,
-                      images, level)
-    caps = m.exit_capacities(grid)
-    parts = [state]
-    if self.split_exits and len(images) > 1:   # one image each (0-d leaves are shared)
-      parts = [jax.tree.map(lambda a, i=i: a[i:i + 1] if a.ndim else a, state)
-               for i in range(len(images))]
+    parts = []   # per call: its state, or one state per image (split_exits; 0-d leaves shared)
+    for (x, merge), (grid, b), c in zip(calls, keys, caps):
+      state = self._run("segment 1", self._begin,
+                        dict(capacity=c, slots=m.capacities(grid)[-1]), variables, x,
+                        merge and merge[0])
+      parts.append([jax.tree.map(lambda a, i=i: a[i:i + 1] if a.ndim else a, state)
+                    for i in range(b)] if self.split_exits and b > 1 else [state])
+    flat = [(i, j) for i, p in enumerate(parts) for j in range(len(p))]
     for s in range(1, len(m.exit_layers) + 1):
-      for i, part in enumerate(parts):
-        active = int(np.max(host_value(part["active"]).sum(-1)))
-        parts[i] = self._run(f"segment {s + 1}", self._segment,
-                             dict(s=s, capacity=pick_capacity(active, caps)), variables, part)
-    if len(parts) > 1:   # per-image capacities become [B] per stage
-      state = jax.tree.map(lambda *a: jnp.concatenate(a) if a[0].ndim else jnp.stack(a),
-                           *parts)
-    else:
-      state = parts[0]
-    return self._run("finish", self._end, dict(capacity=cap), variables, state, images, level)
+      active = [parts[i][j]["active"].sum(-1) for i, j in flat]
+      part_keys = [(keys[i][0], len(parts[i][j]["active"])) for i, j in flat]
+      part_caps = self._capacities(f"segment {s + 1}", active, part_keys,
+                                   [m.exit_capacities(g) for g, _ in part_keys], 8)
+      for (i, j), c in zip(flat, part_caps):
+        parts[i][j] = self._run(f"segment {s + 1}", self._segment, dict(s=s, capacity=c),
+                                variables, parts[i][j])
+    out = []
+    for (x, merge), p, c in zip(calls, parts, caps):
+      state = p[0] if len(p) == 1 else jax.tree.map(   # per-image capacities: [B] per stage
+          lambda *a: jnp.concatenate(a) if a[0].ndim else jnp.stack(a), *p)
+      out.append(self._run("finish", self._end, dict(capacity=c), variables, state, x,
+                           merge and merge[0]))
+    return out
+
+  def _capacities(self, name, counts, keys, ladders, multiple):
+    """The capacity of each item of program `name` (counts: its tokens per image; keys:
+    its (grid, batch size); ladders: the model's capacities for it): the smallest of the
+    ladder that holds its largest count, or with `plan_ratio`, of the capacities
+    plan_capacities chooses over the items of one key (beside those compiled before)."""
+    needs = [int(np.max(host_value(c))) for c in counts]
+    if not self.plan_ratio:
+      return [pick_capacity(n, ladder) for n, ladder in zip(needs, ladders)]
+    out = [None] * len(needs)
+    for key in dict.fromkeys(keys):
+      rows = [i for i, k in enumerate(keys) if k == key]
+      ladder = ladders[rows[0]]
+      caps = ladder if len(ladder) == 1 else plan_capacities(   # CTS: one exact capacity
+          [needs[i] for i in rows], [key[1]] * len(rows), self._cost, self.plan_ratio,
+          self._planned.get((name, key), ()), multiple, ladder[-1])
+      self._planned[(name, key)] = self._planned.get((name, key), frozenset()) | set(caps)
+      for i in rows:
+        out[i] = pick_capacity(needs[i], caps)
+    return out
 
   def compile_summary(self):
     """{program name: dict(programs=how many capacities/shapes compiled, seconds)}."""

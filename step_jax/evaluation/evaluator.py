@@ -36,7 +36,8 @@ the smallest capacity of the ladder that holds it, each capacity compiled on fir
 between small jitted programs for the padding and the scores. `config.eval.bucket_ratio`
 sets the ladder (1.05: `segmenter.geometric_buckets(1.05)`, at most 5 % padding; 0: the
 model's). On the host the images of one bucket shape are sorted by token count in pools of
-`config.eval.group_batches` batches (the confusion matrix does not depend on the order), so
+`config.eval.group_batches` batches (0: POOL_IMAGES images; the confusion matrix does not
+depend on the order), so
 that a batch's capacity, set by its largest count, is close to each image's own; the sorting
 pass's level maps are kept (a grid of int32 per image and window) and handed to the batch
 that runs the image, so the policy net and the merge run once per image. Sliding
@@ -100,10 +101,10 @@ def settings(config) -> dict:
   if bucket_ratio and bucket_ratio <= 1:
     raise ValueError(f"config.eval.bucket_ratio={bucket_ratio}: use 0 (the model's buckets) "
                      "or a ratio > 1, e.g. 1.05")
-  group_batches = int(ev.get("group_batches", 16))
-  if group_batches < 1:
-    raise ValueError(f"config.eval.group_batches={group_batches}: use 1 (batches in reading "
-                     "order) or more")
+  group_batches = int(ev.get("group_batches", 0) or 0)
+  if group_batches < 0:
+    raise ValueError(f"config.eval.group_batches={group_batches}: use 0 (pools of "
+                     f"{POOL_IMAGES} images), 1 (batches in reading order) or more")
   return dict(mode=mode, crop=crop, stride=stride, patch=patch, dispatch=dispatch,
               bucket_ratio=bucket_ratio, group_batches=group_batches,
               resize_short=int(ev.get("resize_short", 0) or 0),
@@ -111,6 +112,19 @@ def settings(config) -> dict:
               label_multiple=int(ev.get("label_multiple", 32) or 1),
               batch_size=int(ev.get("batch_size", 0) or config.get("eval_batch_size", 8)),
               pad_value=tuple(float(v) for v in config.model.get("pixel_mean", (127.5,) * 3)))
+
+
+# The host dispatch's pools (config.eval.group_batches=0): images sorted by token count and
+# run together, so that a pool's capacities are planned over its images
+# (dispatch.HostBuckets.run). Replayed on ViT-B/16 STEP's counts over the 101 CamVid val frames
+# at 1024² (experiments/ladder_sim.py), pools of 16 images compile 105 s and the whole split
+# 66 s; a pool holds its images' states between programs (~13 MB each at B/16, 1024²).
+POOL_IMAGES = 128
+
+
+def pool_batches(s, batch):
+  """Batches per pool of the host dispatch: config.eval.group_batches, or 0: POOL_IMAGES."""
+  return s["group_batches"] or max(1, -(-POOL_IMAGES // batch))
 
 
 def target_size(h, w, resize_short=0, max_long=0):
@@ -398,19 +412,29 @@ def host_scores(host, variables, images, sizes, s, merges=None):
   sliding windows, which run window k of every image as one model batch (module doc).
   merges: host_merges of these images (rows in this order), reused: the policy net and the
   merge then run once per image, not again here."""
-  x = _pixels(images, sizes, s["pad_value"])
-  merge = lambda k: merges[k] if merges else None
-  if s["mode"] == "whole":
-    outputs, info = host(variables, x, merge=merge(0))
-    return _predict(outputs, x.shape[1:3]), info
-  size = tuple(x.shape[1:3])
-  canvas = count = None
-  for k in range(num_windows(size, s)):
-    outputs, _ = host(variables, _window(x, sizes, k, crop=s["crop"], stride=s["stride"]),
-                      merge=merge(k))
-    canvas, count = _add_window(canvas, count, outputs, sizes, k, size=size, crop=s["crop"],
-                                stride=s["stride"])
-  return _average(canvas, count), None
+  return next(pool_scores(host, variables, [(images, sizes, merges)], s))
+
+
+def pool_scores(host, variables, batches, s):
+  """host_scores of each (images, sizes, merges) of `batches`, yielded batch by batch; the
+  model's calls on all of them run together (host.run), so that its capacities are planned
+  over the pool."""
+  xs = [_pixels(images, sizes, s["pad_value"]) for images, sizes, _ in batches]
+  calls = [(window, merges[k] if merges else None)
+           for x, (_, sizes, merges) in zip(xs, batches)
+           for k, window in enumerate(_model_inputs(x, sizes, s))]
+  results = iter(host.run(variables, calls))
+  for x, (_, sizes, _) in zip(xs, batches):
+    if s["mode"] == "whole":
+      outputs, info = next(results)
+      yield _predict(outputs, x.shape[1:3]), info
+      continue
+    size = tuple(x.shape[1:3])
+    canvas = count = None
+    for k in range(num_windows(size, s)):
+      canvas, count = _add_window(canvas, count, next(results)[0], sizes, k, size=size,
+                                  crop=s["crop"], stride=s["stride"])
+    yield _average(canvas, count), None
 
 
 def host_merges(host, variables, images, sizes, s):
@@ -486,7 +510,7 @@ class Evaluator:
     self.s["dispatch"], self.s["bucket_ratio"] = dispatch_lib.resolve(
         model, self.s["dispatch"], self.s["bucket_ratio"])
     self.model = model = dispatch_lib.with_ladder(model, self.s["bucket_ratio"])
-    self.host = dispatch_lib.host_buckets(model, self.s["dispatch"])
+    self.host = dispatch_lib.host_buckets(model, self.s["dispatch"], self.s["bucket_ratio"])
     if self.host is not None and self.s["oracle"]:
       raise ValueError("the oracle merge reads labels inside the one program: evaluate it with "
                        "config.eval.dispatch='device'")
@@ -504,21 +528,20 @@ class Evaluator:
     conf = np.zeros((self.config.num_classes,) * 2, np.int64)
     t0 = time.time()
     if self.host is None:
-      batches = ((key, batch, None) for key, batch in eval_batches(
-          self.source, self.s, self.batch_size, process_index=jax.process_index(),
-          process_count=jax.process_count()))
-    else:
-      batches = self._grouped_batches(as_variables(params))
-    for key, host_batch, merges in batches:
-      self.shapes.add(key)
-      batch = sharding_lib.put_batch(host_batch, self.mesh)
-      if self.host is None:
-        c = self._step(params, batch)
-      else:
-        scores, _ = host_scores(self.host, as_variables(params), batch["image"],
-                                batch["sizes"], self.s, merges=merges)
-        c = self._confusion(scores, batch)
-      conf += np.asarray(jax.device_get(c), np.int64)
+      for key, host_batch in eval_batches(self.source, self.s, self.batch_size,
+                                          process_index=jax.process_index(),
+                                          process_count=jax.process_count()):
+        self.shapes.add(key)
+        c = self._step(params, sharding_lib.put_batch(host_batch, self.mesh))
+        conf += np.asarray(jax.device_get(c), np.int64)
+    for pool in self._pools(as_variables(params)) if self.host is not None else ():
+      self.shapes.update(key for key, _, _ in pool)
+      batches = [sharding_lib.put_batch(b, self.mesh) for _, b, _ in pool]
+      scores = pool_scores(self.host, as_variables(params),
+                           [(b["image"], b["sizes"], m) for b, (_, _, m) in zip(batches, pool)],
+                           self.s)
+      for batch, (x, _) in zip(batches, scores):
+        conf += np.asarray(jax.device_get(self._confusion(x, batch)), np.int64)
     self.confusion = conf
     names = getattr(self.source, "class_names", None)
     out = metrics_lib.summarize(conf, list(names) if names is not None else None)
@@ -532,19 +555,19 @@ class Evaluator:
                  model_compile=self.host.compile_summary())
     return out
 
-  def _grouped_batches(self, variables):
-    """(key, host batch, merges) for the host dispatch: the images of one bucket shape in
-    pools of `group_batches` batches, each pool sorted by token count (counts gathered from
-    every process, so all sort alike) and cut into batches; merges: the sorting pass's level
-    maps of the batch's images (host_scores reuses them), None where no pass ran. Models
-    without a merge before the encoder (SegViT, DToP, ALGM) have no count to sort by:
-    reading order."""
+  def _pools(self, variables):
+    """Pools of (key, host batch, merges) for the host dispatch: the images of one bucket
+    shape in pools of `group_batches` batches, each pool sorted by token count (counts
+    gathered from every process, so all sort alike) and cut into batches; merges: the sorting
+    pass's level maps of the batch's images (host_scores reuses them), None where no pass
+    ran. Models without a merge before the encoder (SegViT, DToP, ALGM) have no count to sort
+    by: reading order. A pool's batches run together (pool_scores)."""
     b, pi, pc = self.batch_size, jax.process_index(), jax.process_count()
     batch = lambda key, exs: make_batch(key, exs, self.s, b, process_index=pi,
                                         process_count=pc, repeat=True)
     # This process's rows of a global [b, ...] array, placed as put_batch places a batch.
     place = lambda a: sharding_lib.put_batch(a[pi * (b // pc):(pi + 1) * (b // pc)], self.mesh)
-    for key, exs in eval_groups(self.source, self.s, b * self.s["group_batches"]):
+    for key, exs in eval_groups(self.source, self.s, b * pool_batches(self.s, b)):
       merges = None
       if len(exs) > b and self.model.shares_tokens:
         merges = []
@@ -555,11 +578,12 @@ class Evaluator:
                                           self.s), len(exs[i:i + b]))
         order = np.argsort([sum(int(c) for _, c in m) for m in merges], kind="stable")
         exs, merges = [exs[i] for i in order], [merges[i] for i in order]
+      pool = []
       for i in range(0, len(exs), b):
         rows = list(range(i, min(i + b, len(exs))))
         rows += rows[:1] * (b - len(rows))   # make_batch's repeat of the first image
-        yield key, batch(key, exs[i:i + b]), \
-            merges and merges_of(rows, merges, place)
+        pool.append((key, batch(key, exs[i:i + b]), merges and merges_of(rows, merges, place)))
+      yield pool
 
 
 def evaluate(config, params, *, model=None, mesh=None, split=None, source=None):

@@ -102,13 +102,13 @@ def segment_files(model_dir, source, output, *, save=("labels",), batch_size=0,
                   on_error="skip", dispatch=None, bucket_ratio=None, stream=None):
   """Segments `source` (a folder, a glob, an image or a video) with the model in `model_dir`
   into `output` (module docstring); returns the summary written to output/summary.json:
-  images segmented by this run, already_done (skipped: finished by an earlier run), failed
-  [{file, error}], mean_tokens_full / kept (entering the encoder) / merged (away by ALGM's
-  merges inside the encoder) / halted (by the exits) per image, gflops_useful / executed (flops.token_macs of the valid tokens and of the
-  compiled slots; tokens and GFLOPs are None with sliding windows, whose windows' maps
-  overlap), images_per_s (compile time left out), seconds, compile_s, compiled_shapes,
-  dispatch and bucket_ratio; model_compile: the host dispatch's programs and their compile
-  seconds by name (dispatch.HostBuckets.compile_summary).
+  images segmented by this run, already_done (skipped: finished by an earlier run), failed [{file,
+  error}], mean_tokens_full / kept (entering the encoder) / merged (away by ALGM's merges inside
+  the encoder) / halted (by the exits) per image, gflops_useful / executed (flops.token_macs of
+  the valid tokens and of the compiled slots; tokens and GFLOPs are None with sliding windows,
+  whose windows' maps overlap), images_per_s (compile time left out), seconds, compile_s,
+  compiled_shapes, dispatch and bucket_ratio; model_compile: the host dispatch's programs and
+  their compile seconds by name (dispatch.HostBuckets.compile_summary).
 
   batch_size: images per program call (0: the config's evaluation batch), rounded up to a
   multiple of this process's devices. dispatch ('auto', 'device', 'host', 'host_split';
@@ -181,7 +181,7 @@ class _Run:
     if self.fixed_hw is None:   # the model with its evaluation ladder, run as dispatched
       self.model = dispatch_lib.with_ladder(self.model, self.bucket_ratio)
       self.call = api.inference_fn(self.model)
-    self.host = dispatch_lib.host_buckets(self.model, self.dispatch)
+    self.host = dispatch_lib.host_buckets(self.model, self.dispatch, self.bucket_ratio)
     self.colours = datasets.palette(self.config.data.name, int(self.config.num_classes))
     self.output, self.save, self.on_error, self.stream = output, save, on_error, stream
     self.devices = jax.local_devices()
@@ -257,48 +257,53 @@ class _Run:
 
   def segment(self, entries):
     """Runs the batches of `entries`; each batch's outputs are written while the next one
-    runs on the devices."""
+    runs on the devices. On the host dispatch a pool's batches run together (its
+    capacities planned over the pool, evaluator.pool_scores)."""
     in_flight = None
     if self.host is None:
-      batches = _batches(entries, self.batch)
+      pools = _batches(entries, self.batch)
     else:   # pools of one shape sorted by token count (module doc)
-      batches = _batches(entries, self.batch, self.batch * self.s["group_batches"],
-                         self.token_counts)
-    for group in batches:
-      padded, out_hw = key = group[0].key
-      self.shapes.add(padded)
-      images, sizes = _stack(group, self.batch, padded)
-      args = (self.variables, jax.device_put(images, self.rows),
-              jax.device_put(sizes, self.rows))
+      pools = _batches(entries, self.batch,
+                       self.batch * evaluator.pool_batches(self.s, self.batch), self.token_counts)
+    for pool in pools:
+      args = []
+      for group in pool:
+        images, sizes = _stack(group, self.batch, group[0].key[0])
+        args.append((self.variables, jax.device_put(images, self.rows),
+                     jax.device_put(sizes, self.rows)))
       if self.host is None:
-        result = self.compiled(self.models, padded,
-                               functools.partial(_scores, call=self.call, s=self.s),
-                               *args)(*args)
+        results = (self.compiled(self.models, group[0].key[0],
+                                 functools.partial(_scores, call=self.call, s=self.s),
+                                 *a)(*a) for group, a in zip(pool, args))
       else:
-        result = self.host_scores(*args, merges=self.merges(group))
-      scores = result.pop("scores")
-      result["pred"] = self.compiled(self.labels, key, functools.partial(_labels, out_hw=out_hw),
-                                     scores, args[2])(scores, args[2])
-      if in_flight:
-        self.write(*in_flight)
-      in_flight = (group, result)
-      self.show()
+        results = self.host_scores(args, [self.merges(group) for group in pool])
+      for group, a, result in zip(pool, args, results):
+        padded, out_hw = key = group[0].key
+        self.shapes.add(padded)
+        scores = result.pop("scores")
+        result["pred"] = self.compiled(self.labels, key, functools.partial(_labels, out_hw=out_hw),
+                                       scores, a[2])(scores, a[2])
+        if in_flight:
+          self.write(*in_flight)
+        in_flight = (group, result)
+        self.show()
     if in_flight:
       self.write(*in_flight)
     self.show(force=True)
     self.progress.close()
 
-  def host_scores(self, variables, images, sizes, merges=None):
-    """_scores' dict with the model's capacities chosen on the host (`merges`: see
-    evaluator.host_scores)."""
+  def host_scores(self, args, merges):
+    """_scores' dict of each batch (variables, images, sizes) of a pool, yielded in turn,
+    the model's capacities chosen on the host (`merges`: see evaluator.host_scores)."""
     before = sum(self.host.compile_s.values())
-    scores, info = evaluator.host_scores(self.host, variables, images, sizes, self.s,
-                                         merges=merges)
-    self.compile_s += sum(self.host.compile_s.values()) - before
-    result = dict(scores=scores)
-    if info is not None:
-      result.update({k: v for k, v in info.items() if k in TOKEN_KEYS})
-    return result
+    for scores, info in evaluator.pool_scores(
+        self.host, self.variables, [(a[1], a[2], m) for a, m in zip(args, merges)], self.s):
+      self.compile_s += sum(self.host.compile_s.values()) - before
+      before = sum(self.host.compile_s.values())
+      result = dict(scores=scores)
+      if info is not None:
+        result.update({k: v for k, v in info.items() if k in TOKEN_KEYS})
+      yield result
 
   def token_counts(self, entries):
     """Tokens of each entry (the merge alone), for sorting a pool; batches as segment's.
@@ -376,9 +381,9 @@ def _prepare(name, where, image, model, s, fixed_hw, rows_per_device):
 
 
 def _batches(entries, batch, pool=0, counts=None):
-  """Lists of up to `batch` entries of one key, each as soon as it is full, the rest last.
-  With `pool` and `counts` (entries → token counts): pools of up to `pool` entries of one
-  key, each sorted by token count and cut into batches."""
+  """Pools (lists of batches: lists of up to `batch` entries of one key), each as soon as it
+  is full, the rest last: one batch each, or with `pool` and `counts` (entries → token
+  counts) up to `pool` entries of one key, sorted by token count and cut into batches."""
   pool = pool or batch
 
   def cut(group):
@@ -389,9 +394,9 @@ def _batches(entries, batch, pool=0, counts=None):
   for e in entries:
     pending.setdefault(e.key, []).append(e)
     if len(pending[e.key]) == pool:
-      yield from cut(pending.pop(e.key))
+      yield cut(pending.pop(e.key))
   for group in pending.values():
-    yield from cut(group)
+    yield cut(group)
 
 
 def _stack(group, batch, padded):
