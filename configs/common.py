@@ -158,8 +158,9 @@ def add_runtime_defaults(config):
       # picks per model: host_split with exits, host for token sharing, else device. Why,
       # with the measurements: evaluation/dispatch.py (AUTO_RATIO, resolve).
       dispatch="auto",
-      bucket_ratio=0.0,               # host ladder: 0 the model's buckets (under auto: 1.05);
-                                      # r > 1 segmenter.geometric_buckets(r)
+      bucket_ratio=0.0,               # host: r > 1 bounds each program's padding over a pool
+                                      # (capacities planned on its counts); 0 the model's
+                                      # ladder (under auto: 1.05)
       group_batches=0))               # host: sort by tokens and plan capacities in pools of N
                                       # batches (held decoded; 0: evaluator.POOL_IMAGES images)
   protocol = datasets.get(config.data.name).eval

@@ -4,23 +4,30 @@ The one-program model (`Segmenter.__call__`) picks its bucket on device with `la
 every capacity of the ladder is compiled up front, whether or not an image ever needs it: a
 fine ladder, the only kind that wastes little, costs a compile time that grows with its
 length. `HostBuckets` splits the forward where the token count becomes known: the merge runs
-first and its count is read back; the batch then runs in the smallest capacity of the ladder
-that holds it; with compacting exits, each later segment is a program of its own, run in the
-smallest exit capacity that holds the tokens still active. Every (program, capacity) pair is
-compiled the first time a batch needs it and kept, so a fine ladder (e.g.
-`segmenter.geometric_buckets(1.05)`) bounds the padding at 5 % while compiling only the
-capacities the data uses. The state leaves the first segment padded to the grid's slots and
-the exit ladder is relative to the grid, so a later segment compiles once per exit capacity,
-not once per (supertoken capacity, exit capacity) pair. The price is one device→host read
-per segment, small next to a ViT forward at the resolutions STEP is for; outputs equal the
-one-program model's.
+first and its count is read back; the batch then runs in a capacity that holds it; with
+compacting exits, each later segment is a program of its own, run in a capacity that holds
+the tokens still active. Every (program, capacity) pair is compiled the first time a batch
+needs it and kept. The state leaves the first segment padded to the grid's slots and the
+exit capacities do not depend on the supertoken capacity, so a later segment compiles once
+per exit capacity, not once per (supertoken capacity, exit capacity) pair. The price is one
+device→host read per segment, small next to a ViT forward at the resolutions STEP is for;
+outputs equal the one-program model's.
+
+Which capacities: without `plan_ratio`, the smallest of the model's ladder (e.g.
+`segmenter.geometric_buckets(1.05)`, padding ≤ 5 % per image). With it, `HostBuckets.run`
+takes a pool of calls and passes all of them through a program before any goes on to the
+next, so each program's token counts are known before it runs: `plan_capacities` then
+places the fewest new capacities on those counts such that the pool's padding in that
+program stays within the ratio. A ladder must put rungs where no count falls; the plan puts
+them where the counts are, and fewer of them bound the same padding.
 
 `group_by_tokens` orders images so that a batch holds images of similar token counts, which
 keeps the batch's capacity (set by its largest count) close to every image's own.
 
 Several processes (jax.distributed, a batch split over them): every count is read as the
-whole batch's, gathered from all processes (`host_value`), so each process picks the same
-capacity and compiles and runs the same programs, as SPMD requires.
+whole batch's, gathered from all processes (`host_value`), so each process picks (or plans,
+from the same counts) the same capacities and compiles and runs the same programs, as SPMD
+requires.
 """
 import time
 
@@ -69,7 +76,8 @@ def resolve(model, dispatch, bucket_ratio):
   exits (halting varies per image far more than the merge), 'host' for token sharing without
   exits, 'device' where there is nothing to choose on the host (SegViT; ALGM and the oracle,
   whose counts are decided inside the one program); bucket_ratio 0 then means AUTO_RATIO on
-  the host. The ratio is the host dispatches' ladder: 'device' runs the model's own buckets
+  the host. The ratio is the host dispatches' (their ladder, and with HostBuckets.run on a
+  pool the padding bound of its planned capacities): 'device' runs the model's own buckets
   (a fine ladder there compiles every capacity), so it resolves to 0."""
   if dispatch not in CHOICES:
     raise ValueError(f"bucket dispatch {dispatch!r}: use one of {', '.join(CHOICES)}")
@@ -234,14 +242,28 @@ class HostBuckets:
 
   def _run(self, name, fn, static, *args):
     """fn(*args, **static), compiled once per (name, static values, argument shapes)."""
-    shapes = tuple((a.shape, str(a.dtype)) for a in jax.tree.leaves(args[1:]))
-    key = (name, tuple(sorted(static.items())), shapes)
-    if key not in self._compiled:
+    return self._run_each(name, fn, [(static, args)])[0]
+
+  def _run_each(self, name, fn, items):
+    """[fn(*args, **static) for (static, args) in items], every program they need compiled
+    before any of them runs, and after their inputs are ready: nothing executes while XLA
+    compiles (on a CPU both would share the cores) and compile_s counts compiling alone."""
+    keys = [(name, tuple(sorted(static.items())),
+             tuple((a.shape, str(a.dtype)) for a in jax.tree.leaves(args[1:])))
+            for static, args in items]
+    missing = {k: item for k, item in zip(keys, items) if k not in self._compiled}
+    if missing:
+      jax.block_until_ready([args for _, args in items])
+    for key, (static, args) in missing.items():
       t = time.perf_counter()
-      self._compiled[key] = jax.jit(lambda *a: fn(*a, **static)).lower(*args).compile()
+      self._compiled[key] = jax.jit(
+          lambda *a, static=static: fn(*a, **static)).lower(*args).compile()
       self.compile_s[key] = time.perf_counter() - t
-    self.calls[key] = self.calls.get(key, 0) + 1
-    return self._compiled[key](*args)
+    out = []
+    for key, (_, args) in zip(keys, items):
+      self.calls[key] = self.calls.get(key, 0) + 1
+      out.append(self._compiled[key](*args))
+    return out
 
   def __call__(self, variables, images, merge=None):
     """(outputs, info) as model.apply's. merge: these images' (level map, count), from
@@ -265,36 +287,35 @@ class HostBuckets:
                               [m.capacities(g) for g, _ in keys], 16)
     if not m.exit_layers or m.exit_mode != "compact" or m.merges_in_encoder:
       if not m.shares_tokens:
-        return [self._run("model", lambda v, x: m.apply(v, x), {}, variables, x)
-                for x, _ in calls]
-      return [self._run("model", self._whole, dict(capacity=c), variables, x, merge[0])
-              for (x, merge), c in zip(calls, caps)]
+        return self._run_each("model", lambda v, x: m.apply(v, x),
+                              [({}, (variables, x)) for x, _ in calls])
+      return self._run_each("model", self._whole, [(dict(capacity=c), (variables, x, merge[0]))
+                                                   for (x, merge), c in zip(calls, caps)])
     # The state leaves the first program padded to the grid's largest capacity, and the exit
     # ladder is the one program's (not relative to this batch's capacity): the later segments
     # compile once per exit capacity, not once per (supertoken capacity, exit capacity).
-    parts = []   # per call: its state, or one state per image (split_exits; 0-d leaves shared)
-    for (x, merge), (grid, b), c in zip(calls, keys, caps):
-      state = self._run("segment 1", self._begin,
-                        dict(capacity=c, slots=m.capacities(grid)[-1]), variables, x,
-                        merge and merge[0])
-      parts.append([jax.tree.map(lambda a, i=i: a[i:i + 1] if a.ndim else a, state)
-                    for i in range(b)] if self.split_exits and b > 1 else [state])
+    states = self._run_each("segment 1", self._begin, [
+        (dict(capacity=c, slots=m.capacities(grid)[-1]), (variables, x, merge and merge[0]))
+        for (x, merge), (grid, _), c in zip(calls, keys, caps)])
+    # Per call: its state, or one state per image (split_exits; 0-d leaves shared).
+    parts = [[jax.tree.map(lambda a, i=i: a[i:i + 1] if a.ndim else a, state)
+              for i in range(b)] if self.split_exits and b > 1 else [state]
+             for state, (_, b) in zip(states, keys)]
     flat = [(i, j) for i, p in enumerate(parts) for j in range(len(p))]
     for s in range(1, len(m.exit_layers) + 1):
       active = [parts[i][j]["active"].sum(-1) for i, j in flat]
       part_keys = [(keys[i][0], len(parts[i][j]["active"])) for i, j in flat]
       part_caps = self._capacities(f"segment {s + 1}", active, part_keys,
                                    [m.exit_capacities(g) for g, _ in part_keys], 8)
-      for (i, j), c in zip(flat, part_caps):
-        parts[i][j] = self._run(f"segment {s + 1}", self._segment, dict(s=s, capacity=c),
-                                variables, parts[i][j])
-    out = []
-    for (x, merge), p, c in zip(calls, parts, caps):
-      state = p[0] if len(p) == 1 else jax.tree.map(   # per-image capacities: [B] per stage
-          lambda *a: jnp.concatenate(a) if a[0].ndim else jnp.stack(a), *p)
-      out.append(self._run("finish", self._end, dict(capacity=c), variables, state, x,
-                           merge and merge[0]))
-    return out
+      done = self._run_each(f"segment {s + 1}", self._segment, [
+          (dict(s=s, capacity=c), (variables, parts[i][j])) for (i, j), c in zip(flat, part_caps)])
+      for (i, j), state in zip(flat, done):
+        parts[i][j] = state
+    states = [p[0] if len(p) == 1 else jax.tree.map(   # per-image capacities: [B] per stage
+        lambda *a: jnp.concatenate(a) if a[0].ndim else jnp.stack(a), *p) for p in parts]
+    return self._run_each("finish", self._end, [
+        (dict(capacity=c), (variables, state, x, merge and merge[0]))
+        for (x, merge), state, c in zip(calls, states, caps)])
 
   def _capacities(self, name, counts, keys, ladders, multiple):
     """The capacity of each item of program `name` (counts: its tokens per image; keys:

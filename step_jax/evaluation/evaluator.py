@@ -31,14 +31,14 @@ Bucket dispatch (`config.eval.dispatch`: 'auto', the default, picks one per mode
 `dispatch.resolve`, or dispatch.DISPATCHES): 'device' runs each batch in
 one jitted program (padding, model with its capacity buckets chosen by `lax.switch`, scores,
 confusion matrix; sliding windows as a `lax.scan`); 'host' / 'host_split' run the model
-through `dispatch.HostBuckets` (the merge first, its token count read back, the batch in
-the smallest capacity of the ladder that holds it, each capacity compiled on first use)
-between small jitted programs for the padding and the scores. `config.eval.bucket_ratio`
-sets the ladder (1.05: `segmenter.geometric_buckets(1.05)`, at most 5 % padding; 0: the
-model's). On the host the images of one bucket shape are sorted by token count in pools of
-`config.eval.group_batches` batches (0: POOL_IMAGES images; the confusion matrix does not
-depend on the order), so
-that a batch's capacity, set by its largest count, is close to each image's own; the sorting
+through `dispatch.HostBuckets` (the merge first, its token count read back, each program
+compiled per capacity on first use; host_scoring.py) between small jitted programs for the
+padding and the scores. On the host the images of one bucket shape are sorted by token
+count in pools of `config.eval.group_batches` batches (0: POOL_IMAGES images; the confusion
+matrix does not depend on the order), so that a batch's capacity, set by its largest count,
+is close to each image's own, and a pool runs together: `config.eval.bucket_ratio` (1.05
+under 'auto') bounds the padding of each program over the pool, with capacities planned on
+the pool's counts (`dispatch.plan_capacities`; 0: the model's own ladder). The sorting
 pass's level maps are kept (a grid of int32 per image and window) and handed to the batch
 that runs the image, so the policy net and the merge run once per image. Sliding
 windows: every image of a bucket shape has the same windows (n, at the same places up to
@@ -65,8 +65,10 @@ import numpy as np
 
 from step_jax.data import get_source
 from step_jax.evaluation import dispatch as dispatch_lib
+from step_jax.evaluation import host_scoring
 from step_jax.evaluation import metrics as metrics_lib
 from step_jax.evaluation import tokens
+from step_jax.evaluation import windows
 from step_jax.models import resize as resize_lib
 from step_jax.models import segmenter
 from step_jax.models import variables as variables_lib
@@ -226,82 +228,28 @@ def eval_batches(source, s, batch_size, *, process_index=0, process_count=1):
 ################################################################################
 # On-device inference.                                                         #
 ################################################################################
-def _fill_outside(images, hw, value):
-  """Pixels outside each image's true [h, w] → `value` (float32 [B, H, W, 3])."""
-  _, hb, wb, _ = images.shape
-  inside = ((jnp.arange(hb)[None, :, None] < hw[:, 0, None, None])
-            & (jnp.arange(wb)[None, None, :] < hw[:, 1, None, None]))
-  return jnp.where(inside[..., None], images.astype(jnp.float32),
-                   jnp.asarray(value, jnp.float32))
-
-
-def slide_windows(hw, bucket_hw, crop, stride):
-  """Window origins (y [B, n], x [B, n]) and validity [B, n] for true sizes hw [B, 2].
-
-  The static window count n is the bucket's; an image uses the first
-  `(max(h - crop + stride - 1, 0) // stride + 1)` rows of windows (mmseg `slide_inference`),
-  each clipped to end inside the image: y1 = max(min(i·stride + crop, h) - crop, 0).
-  """
-  axes = []
-  for a in range(2):
-    n = (bucket_hw[a] - crop[a]) // stride[a] + 1
-    i = jnp.arange(n)[None, :]
-    size = hw[:, a, None]
-    grids = jnp.maximum(size - crop[a] + stride[a] - 1, 0) // stride[a] + 1
-    start = jnp.maximum(jnp.minimum(i * stride[a] + crop[a], size) - crop[a], 0)
-    axes.append((start, i < grids))
-  (y, vy), (x, vx) = axes
-  ny, nx = y.shape[1], x.shape[1]
-  yy = jnp.repeat(y, nx, axis=1)
-  xx = jnp.tile(x, (1, ny))
-  valid = jnp.repeat(vy, nx, axis=1) & jnp.tile(vx, (1, ny))
-  return yy, xx, valid
-
-
 def infer(params, images, hw, *, apply_fn, mode, crop, stride, pad_value):
   """Class scores [B, Hb, Wb, C] of padded images uint8 [B, Hb, Wb, 3] with true sizes
   hw [B, 2]; only [:h, :w] of each image is meaningful.
 
   apply_fn(params, x float32 [B, h, w, 3] in pixel units) → scores [B, h, w, C].
   """
-  x = _fill_outside(images, hw, pad_value)
+  x = windows.fill_outside(images, hw, pad_value)
   if mode == "whole":
     return apply_fn(params, x)
   b, hb, wb, _ = x.shape
   ch, cw = crop
-  ys, xs, valid = slide_windows(hw, (hb, wb), crop, stride)     # [B, n]
+  ys, xs, valid = windows.slide_windows(hw, (hb, wb), crop, stride)     # [B, n]
 
   def body(carry, win):
     y, x0, ok = win                                            # [B] each
-    scores = apply_fn(params, _crop_windows(x, y, x0, crop))    # [B, ch, cw, C]
-    return _add_windows(*carry, scores, y, x0, ok), None
+    scores = apply_fn(params, windows.crop_windows(x, y, x0, crop))    # [B, ch, cw, C]
+    return windows.add_windows(*carry, scores, y, x0, ok), None
 
   num_classes = jax.eval_shape(apply_fn, params, x[:, :ch, :cw]).shape[-1]
   init = (jnp.zeros((b, hb, wb, num_classes), jnp.float32), jnp.zeros((b, hb, wb, 1), jnp.float32))
   (canvas, count), _ = jax.lax.scan(body, init, (ys.T, xs.T, valid.T))
   return canvas / jnp.maximum(count, 1.0)
-
-
-def _crop_windows(x, y, x0, crop):
-  """One window per image: x [B, H, W, 3] at origins y, x0 [B] → [B, ch, cw, 3]."""
-  return jax.vmap(lambda img, yi, xi: jax.lax.dynamic_slice(img, (yi, xi, 0), crop + (3,)))(
-      x, y, x0)
-
-
-def _add_windows(canvas, count, scores, y, x0, ok):
-  """Adds one window's scores [B, ch, cw, C] per image (where ok [B]) into canvas
-  [B, H, W, C] at y, x0 [B], and 1 into the window count [B, H, W, 1]."""
-  scores = scores * ok[:, None, None, None].astype(scores.dtype)
-  ch, cw = scores.shape[1:3]
-
-  def add(c, n, s, yi, xi, oki):
-    c = jax.lax.dynamic_update_slice(
-        c, jax.lax.dynamic_slice(c, (yi, xi, 0), s.shape) + s, (yi, xi, 0))
-    n = jax.lax.dynamic_update_slice(
-        n, jax.lax.dynamic_slice(n, (yi, xi, 0), (ch, cw, 1)) + oki.astype(n.dtype),
-        (yi, xi, 0))
-    return c, n
-  return jax.vmap(add)(canvas, count, scores, y, x0, ok)
 
 
 def _bilinear_taps(n_in, n_out, n_out_static):
@@ -352,119 +300,6 @@ def confusion(scores, batch, *, num_classes, ignore_index):
             & (jnp.arange(wl)[None, None, :] < sizes[:, 3, None, None]))
   label = jnp.where(inside, label, ignore_index)
   return metrics_lib.confusion_matrix(pred, label, num_classes, ignore_index, batch["valid"])
-
-
-################################################################################
-# Host-chosen buckets (config.eval.dispatch 'host', 'host_split').             #
-################################################################################
-# The model runs through dispatch.HostBuckets (its programs compiled per capacity on first
-# use); these small programs pad its input and take its outputs to class scores.
-@functools.partial(jax.jit, static_argnums=2)
-def _pixels(images, sizes, pad_value):
-  return _fill_outside(images, sizes[:, :2], pad_value)
-
-
-_predict = jax.jit(segmenter.predict_scores, static_argnums=1)
-
-
-@functools.partial(jax.jit, static_argnames=("crop", "stride"))
-def _window(x, sizes, k, *, crop, stride):
-  """Window k (of slide_windows') of each image of x [B, Hb, Wb, 3]: [B, ch, cw, 3]."""
-  ys, xs, _ = slide_windows(sizes[:, :2], x.shape[1:3], crop, stride)
-  return _crop_windows(x, ys[:, k], xs[:, k], crop)
-
-
-@functools.partial(jax.jit, static_argnames=("size", "crop", "stride"))
-def _add_window(canvas, count, outputs, sizes, k, *, size, crop, stride):
-  """(canvas, count) after adding the scores of window k (the model's outputs on it);
-  canvas None: the first window, on zeros [B, *size, C]."""
-  scores = segmenter.predict_scores(outputs, crop)
-  if canvas is None:
-    b, c = scores.shape[0], scores.shape[-1]
-    canvas = jnp.zeros((b, *size, c), jnp.float32)
-    count = jnp.zeros((b, *size, 1), jnp.float32)
-  ys, xs, valid = slide_windows(sizes[:, :2], size, crop, stride)
-  return _add_windows(canvas, count, scores, ys[:, k], xs[:, k], valid[:, k])
-
-
-_average = jax.jit(lambda canvas, count: canvas / jnp.maximum(count, 1.0))
-
-
-def num_windows(size, s):
-  """Windows of the sliding protocol `s` over a bucket of `size` (every image of it)."""
-  return math.prod((n - c) // st + 1 for n, c, st in zip(size, s["crop"], s["stride"]))
-
-
-def _model_inputs(x, sizes, s):
-  """The model's input of each call host_scores makes on padded pixels x: x itself (whole),
-  or window k of every image (slide), one at a time."""
-  if s["mode"] == "whole":
-    yield x
-    return
-  for k in range(num_windows(x.shape[1:3], s)):
-    yield _window(x, sizes, k, crop=s["crop"], stride=s["stride"])
-
-
-def host_scores(host, variables, images, sizes, s, merges=None):
-  """(class scores [B, Hb, Wb, C], info) of padded images uint8 [B, Hb, Wb, 3] with true
-  sizes sizes[:, :2], as `infer` computes them, the model run by `host` (a
-  dispatch.HostBuckets). info: the model's token maps and counts in whole mode; None for
-  sliding windows, which run window k of every image as one model batch (module doc).
-  merges: host_merges of these images (rows in this order), reused: the policy net and the
-  merge then run once per image, not again here."""
-  return next(pool_scores(host, variables, [(images, sizes, merges)], s))
-
-
-def pool_scores(host, variables, batches, s):
-  """host_scores of each (images, sizes, merges) of `batches`, yielded batch by batch; the
-  model's calls on all of them run together (host.run), so that its capacities are planned
-  over the pool."""
-  xs = [_pixels(images, sizes, s["pad_value"]) for images, sizes, _ in batches]
-  calls = [(window, merges[k] if merges else None)
-           for x, (_, sizes, merges) in zip(xs, batches)
-           for k, window in enumerate(_model_inputs(x, sizes, s))]
-  results = iter(host.run(variables, calls))
-  for x, (_, sizes, _) in zip(xs, batches):
-    if s["mode"] == "whole":
-      outputs, info = next(results)
-      yield _predict(outputs, x.shape[1:3]), info
-      continue
-    size = tuple(x.shape[1:3])
-    canvas = count = None
-    for k in range(num_windows(size, s)):
-      canvas, count = _add_window(canvas, count, next(results)[0], sizes, k, size=size,
-                                  crop=s["crop"], stride=s["stride"])
-    yield _average(canvas, count), None
-
-
-def host_merges(host, variables, images, sizes, s):
-  """The merge of each model call host_scores makes (whole: one; slide: one per window):
-  a list of (level map [B, gh, gw], tokens [B]) as numpy, every process the whole batch's.
-  Only for models that share tokens before the encoder (host.model.shares_tokens)."""
-  x = _pixels(images, sizes, s["pad_value"])
-  return [tuple(dispatch_lib.host_value(a) for a in host.merge(variables, window))
-          for window in _model_inputs(x, sizes, s)]
-
-
-def host_token_counts(host, variables, images, sizes, s):
-  """Tokens per image [B] as numpy (every process the whole batch's): the merge's count of
-  the whole image, or summed over its windows."""
-  x = _pixels(images, sizes, s["pad_value"])
-  return sum(host.token_counts(variables, window) for window in _model_inputs(x, sizes, s))
-
-
-def merges_of(rows, merges, place):
-  """host_scores' `merges` for a batch of images given by their `rows` in per-image merges
-  (`merges[i]`: image i's [(level, count)] per call, from host_merges), the arrays placed
-  by `place` (numpy [B, ...] → the device arrays the model takes)."""
-  return [tuple(place(np.stack([merges[i][k][j] for i in rows])) for j in range(2))
-          for k in range(len(merges[rows[0]]))]
-
-
-def per_image(merges, n):
-  """host_merges' batch-level list → one [(level, count)] per call for each of its first n
-  images."""
-  return [[(level[i], count[i]) for level, count in merges] for i in range(n)]
 
 
 ################################################################################
@@ -537,7 +372,7 @@ class Evaluator:
     for pool in self._pools(as_variables(params)) if self.host is not None else ():
       self.shapes.update(key for key, _, _ in pool)
       batches = [sharding_lib.put_batch(b, self.mesh) for _, b, _ in pool]
-      scores = pool_scores(self.host, as_variables(params),
+      scores = host_scoring.pool_scores(self.host, as_variables(params),
                            [(b["image"], b["sizes"], m) for b, (_, _, m) in zip(batches, pool)],
                            self.s)
       for batch, (x, _) in zip(batches, scores):
@@ -559,9 +394,9 @@ class Evaluator:
     """Pools of (key, host batch, merges) for the host dispatch: the images of one bucket
     shape in pools of `group_batches` batches, each pool sorted by token count (counts
     gathered from every process, so all sort alike) and cut into batches; merges: the sorting
-    pass's level maps of the batch's images (host_scores reuses them), None where no pass
+    pass's level maps of the batch's images (host_scoring reuses them), None where no pass
     ran. Models without a merge before the encoder (SegViT, DToP, ALGM) have no count to sort
-    by: reading order. A pool's batches run together (pool_scores)."""
+    by: reading order. A pool's batches run together (host_scoring.pool_scores)."""
     b, pi, pc = self.batch_size, jax.process_index(), jax.process_count()
     batch = lambda key, exs: make_batch(key, exs, self.s, b, process_index=pi,
                                         process_count=pc, repeat=True)
@@ -574,15 +409,16 @@ class Evaluator:
         for i in range(0, len(exs), b):
           x = batch(key, exs[i:i + b])
           x = sharding_lib.put_batch(dict(image=x["image"], sizes=x["sizes"]), self.mesh)
-          merges += per_image(host_merges(self.host, variables, x["image"], x["sizes"],
-                                          self.s), len(exs[i:i + b]))
+          calls = host_scoring.host_merges(self.host, variables, x["image"], x["sizes"], self.s)
+          merges += host_scoring.per_image(calls, len(exs[i:i + b]))
         order = np.argsort([sum(int(c) for _, c in m) for m in merges], kind="stable")
         exs, merges = [exs[i] for i in order], [merges[i] for i in order]
       pool = []
       for i in range(0, len(exs), b):
         rows = list(range(i, min(i + b, len(exs))))
         rows += rows[:1] * (b - len(rows))   # make_batch's repeat of the first image
-        pool.append((key, batch(key, exs[i:i + b]), merges and merges_of(rows, merges, place)))
+        pool.append((key, batch(key, exs[i:i + b]),
+                     merges and host_scoring.merges_of(rows, merges, place)))
       yield pool
 
 

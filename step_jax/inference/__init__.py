@@ -24,12 +24,12 @@ by padded shape (one program compiled per shape, as evaluation does).
 
 Bucket dispatch (`dispatch`, default the config's eval.dispatch; `bucket_ratio`, its
 eval.bucket_ratio; 'auto' picks per model, evaluation/dispatch.py resolve): 'device' runs
-the one program per shape; 'host' / 'host_split' choose
-the capacities on the host as evaluation does (evaluation/evaluator.py host_scores), and
-sort the images of one padded shape by token count in pools of eval.group_batches batches
-before batching them; every entry keeps its file name, so each image's outputs still go to
-its own files. With several processes each segments its own files on its own devices, so
-no capacity needs agreeing between processes.
+the one program per shape; 'host' / 'host_split' choose the capacities on the host as
+evaluation does (evaluation/host_scoring.py), and sort the images of one padded shape by
+token count in pools of eval.group_batches batches (0: evaluator.POOL_IMAGES images) before
+batching them, the capacities planned over the pool; every entry keeps its file name, so
+each image's outputs still go to its own files. With several processes each segments its own
+files on its own devices, so no capacity needs agreeing between processes.
 
 A rerun continues a killed one: every file is written to a temporary name in its folder and
 renamed, and an image whose requested outputs all exist is skipped (outputs are not checked

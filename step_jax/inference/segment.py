@@ -19,6 +19,7 @@ from step_jax.data import datasets
 from step_jax.data import decode
 from step_jax.evaluation import dispatch as dispatch_lib
 from step_jax.evaluation import evaluator
+from step_jax.evaluation import host_scoring
 from step_jax.evaluation import tokens as tokens_lib
 from step_jax.inference import files as files_lib
 from step_jax.inference import progress as progress_lib
@@ -258,7 +259,7 @@ class _Run:
   def segment(self, entries):
     """Runs the batches of `entries`; each batch's outputs are written while the next one
     runs on the devices. On the host dispatch a pool's batches run together (its
-    capacities planned over the pool, evaluator.pool_scores)."""
+    capacities planned over the pool, host_scoring.pool_scores)."""
     in_flight = None
     if self.host is None:
       pools = _batches(entries, self.batch)
@@ -294,9 +295,9 @@ class _Run:
 
   def host_scores(self, args, merges):
     """_scores' dict of each batch (variables, images, sizes) of a pool, yielded in turn,
-    the model's capacities chosen on the host (`merges`: see evaluator.host_scores)."""
+    the model's capacities chosen on the host (`merges`: see host_scoring.host_scores)."""
     before = sum(self.host.compile_s.values())
-    for scores, info in evaluator.pool_scores(
+    for scores, info in host_scoring.pool_scores(
         self.host, self.variables, [(a[1], a[2], m) for a, m in zip(args, merges)], self.s):
       self.compile_s += sum(self.host.compile_s.values()) - before
       before = sum(self.host.compile_s.values())
@@ -312,10 +313,10 @@ class _Run:
       group = entries[i:i + self.batch]
       images, sizes = _stack(group, self.batch, group[0].key[0])
       before = sum(self.host.compile_s.values())
-      merges = evaluator.host_merges(self.host, self.variables,
+      merges = host_scoring.host_merges(self.host, self.variables,
                                      jax.device_put(images, self.rows),
                                      jax.device_put(sizes, self.rows), self.s)
-      for e, merge in zip(group, evaluator.per_image(merges, len(group))):
+      for e, merge in zip(group, host_scoring.per_image(merges, len(group))):
         e.merge = merge
       self.compile_s += sum(self.host.compile_s.values()) - before
     return np.array([sum(int(c) for _, c in e.merge) for e in entries])
@@ -326,7 +327,7 @@ class _Run:
     if any(e.merge is None for e in group):
       return None
     rows = list(range(len(group))) + [0] * (self.batch - len(group))
-    return evaluator.merges_of(rows, [e.merge for e in group],
+    return host_scoring.merges_of(rows, [e.merge for e in group],
                                lambda a: jax.device_put(a, self.rows))
 
   def show(self, force=False):
