@@ -49,26 +49,24 @@ CHOICES = ("auto",) + DISPATCHES   # what config.eval.dispatch and step-segment 
 # every model whose token counts vary, measured on a quiet 2-core CPU (Intel Xeon), ViT-B/16,
 # 8 CamVid val images at 1024², trained CamVid policy, random ViT/heads (exits calibrated to
 # halt 40 %), seconds per image (compile seconds), experiments/results/eval_dispatch_cpu/
-# {dcts,step}_b16_1024_reuse.jsonl:
+# {dcts,step}_b16_1024_reuse.jsonl (a ladder then, before capacities were planned):
 #   dCTS  batch 1: device 5.79 (37.0)  host       5.82 (7.9);  batch 8: 9.48 (19.5) vs 7.69 (9.8)
 #   STEP  batch 1: device 4.83 (39.2)  host_split 5.29 (19.4); batch 8: 8.70 (39.3) vs 6.82 (13.0)
 # At the default evaluation batch (8) the host is 19-22 % faster per image and compiles 2-3×
 # faster (only the capacities the data needs); at batch 1 it is level (dCTS) or 9 % slower
 # (STEP: each segment's read-back), which its shorter compile repays on splits up to ~40
 # images. Executed/useful GFLOPs: 1.03-1.08 on the host, 1.04-1.30 on the device (the 1/8
-# exit ladder at batch 8). Over a whole split the host compiles every capacity some image
-# needs. Since the later segments compile once per exit capacity (state padded to the grid)
-# and the exit ladder is segmenter.exit_ladder, the 101 CamVid val frames at 1024² compile
-# (experiments/results/host_compile_cpu; one program each on the device):
-#   STEP Ti/16, step-segment, batch 8: device 70 s, host_split 92 s (was 2.5× the device's)
-#   STEP B/16, batch 1: device 91 s, host_split 128 s (50 programs of 1.7-3.6 s each);
-#              batch 8: device 110 s, host_split 133 s (48 programs)
-# so a one-shot run of ~100 images compiles 1.2-1.4× longer on the host; a training's
-# periodic evaluations compile once, bulk inference repays it (4-18 % more images/s at batch
-# 8 on the Ti/16 frames, executed/useful 1.05 vs 1.25), and a persistent compilation cache
-# (JAX_COMPILATION_CACHE_DIR) loads the programs on later runs. Unmeasured on a GPU, where
-# each read-back costs a host sync.
-AUTO_RATIO = 1.05   # the host's ladder under 'auto' (padding ≤ 5 %)
+# exit ladder at batch 8). Over a whole split the host compiles every capacity the data
+# needs: with a fixed ladder (state padded to the grid, segmenter.exit_ladder) the 101 CamVid
+# val frames at 1024², STEP B/16, compiled 128 s against the one program's 91 s at batch 1
+# (50 programs). Evaluation and step-segment plan the capacities over pools of
+# evaluator.POOL_IMAGES images (HostBuckets.run, plan_capacities) instead: the same frames
+# compile 35 programs in 86 s against the one program's 102 s at batch 1 (executed/useful
+# 1.040) and 33 in 79 s against 107 s at batch 8 (grouped; 1.051), measured one after the
+# other (experiments/results/host_compile_cpu/b16_planned.py). A training's periodic
+# evaluations compile once; a persistent compilation cache (JAX_COMPILATION_CACHE_DIR) loads
+# the programs on later runs. Unmeasured on a GPU, where each read-back costs a host sync.
+AUTO_RATIO = 1.05   # the host's padding bound under 'auto' (≤ 5 % per program and pool)
 
 
 def resolve(model, dispatch, bucket_ratio):
