@@ -369,14 +369,16 @@ class Evaluator:
         self.shapes.add(key)
         c = self._step(params, sharding_lib.put_batch(host_batch, self.mesh))
         conf += np.asarray(jax.device_get(c), np.int64)
-    for pool in self._pools(as_variables(params)) if self.host is not None else ():
-      self.shapes.update(key for key, _, _ in pool)
-      batches = [sharding_lib.put_batch(b, self.mesh) for _, b, _ in pool]
-      scores = host_scoring.pool_scores(self.host, as_variables(params),
-                           [(b["image"], b["sizes"], m) for b, (_, _, m) in zip(batches, pool)],
-                           self.s)
-      for batch, (x, _) in zip(batches, scores):
-        conf += np.asarray(jax.device_get(self._confusion(x, batch)), np.int64)
+    else:
+      variables = as_variables(params)
+      for pool in self._pools(variables):
+        self.shapes.update(key for key, _, _ in pool)
+        batches = [sharding_lib.put_batch(b, self.mesh) for _, b, _ in pool]
+        scores = host_scoring.pool_scores(
+            self.host, variables,
+            [(b["image"], b["sizes"], m) for b, (_, _, m) in zip(batches, pool)], self.s)
+        for batch, (x, _) in zip(batches, scores):
+          conf += np.asarray(jax.device_get(self._confusion(x, batch)), np.int64)
     self.confusion = conf
     names = getattr(self.source, "class_names", None)
     out = metrics_lib.summarize(conf, list(names) if names is not None else None)

@@ -314,8 +314,8 @@ class _Run:
       images, sizes = _stack(group, self.batch, group[0].key[0])
       before = sum(self.host.compile_s.values())
       merges = host_scoring.host_merges(self.host, self.variables,
-                                     jax.device_put(images, self.rows),
-                                     jax.device_put(sizes, self.rows), self.s)
+                                        jax.device_put(images, self.rows),
+                                        jax.device_put(sizes, self.rows), self.s)
       for e, merge in zip(group, host_scoring.per_image(merges, len(group))):
         e.merge = merge
       self.compile_s += sum(self.host.compile_s.values()) - before
@@ -328,7 +328,7 @@ class _Run:
       return None
     rows = list(range(len(group))) + [0] * (self.batch - len(group))
     return host_scoring.merges_of(rows, [e.merge for e in group],
-                               lambda a: jax.device_put(a, self.rows))
+                                  lambda a: jax.device_put(a, self.rows))
 
   def show(self, force=False):
     self.progress.update(self.done, len(self.failed), self.skipped, self.compile_s, force=force)

@@ -2,14 +2,10 @@
 token count (as evaluation and step-segment), compile seconds per program; executed/useful."""
 import json, time, sys, numpy as np
 sys.path.insert(0, ".")
-from configs import step as step_config
-from step_jax.analysis import benchmark
+from b16_setup import prepared
 from step_jax.evaluation import dispatch, tokens
 OUT = sys.argv[1]
-config = step_config.get_config("method=step,variant=B/16,dataset=camvid,res=1024")
-config.model.policy.init_from = "workdirs/policy_camvid"
-imgs = tokens.load_images(config, "workdirs/segment_throughput/frames", 101)
-config, model, variables, w = benchmark.prepare(config, "fp32", None, imgs[:8], 0.4)
+config, model, variables, imgs = prepared()
 h = dispatch.HostBuckets(dispatch.with_ladder(model, 1.05), split_exits=True)
 t0 = time.time()
 pad8 = lambda idx: np.resize(idx, 8)   # every batch of 8 images (the last repeats)

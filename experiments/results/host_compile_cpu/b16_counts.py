@@ -2,14 +2,10 @@
 seconds under host_split (b1), then the one-program compile at b1 and b8."""
 import json, time, sys, jax, numpy as np
 sys.path.insert(0, ".")
-from configs import step as step_config
-from step_jax.analysis import benchmark
+from b16_setup import prepared
 from step_jax.evaluation import dispatch, tokens
-config = step_config.get_config("method=step,variant=B/16,dataset=camvid,res=1024")
-config.model.policy.init_from = "workdirs/policy_camvid"
 OUT = sys.argv[1]
-imgs = tokens.load_images(config, "workdirs/segment_throughput/frames", 101)
-config, model, variables, w = benchmark.prepare(config, "fp32", None, imgs[:8], 0.4)
+config, model, variables, imgs = prepared()
 print("taus", model.exit_threshold, flush=True)
 host_model = dispatch.with_ladder(model, 1.05)
 h = dispatch.HostBuckets(host_model, split_exits=True)

@@ -7,14 +7,10 @@ token count), then the one program's compile at b1 and b8 measured right after.
 """
 import json, time, sys, jax, numpy as np
 sys.path.insert(0, ".")
-from configs import step as step_config
-from step_jax.analysis import benchmark
+from b16_setup import prepared
 from step_jax.evaluation import dispatch, tokens
 OUT = sys.argv[1]
-config = step_config.get_config("method=step,variant=B/16,dataset=camvid,res=1024")
-config.model.policy.init_from = "workdirs/policy_camvid"
-imgs = tokens.load_images(config, "workdirs/segment_throughput/frames", 101)
-config, model, variables, w = benchmark.prepare(config, "fp32", None, imgs[:8], 0.4)
+config, model, variables, imgs = prepared()
 out = dict(taus=[float(t) for t in np.atleast_1d(model.exit_threshold)])
 for b in (1, 8):
   h = dispatch.HostBuckets(dispatch.with_ladder(model, 1.05), split_exits=True, plan_ratio=1.05)
