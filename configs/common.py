@@ -98,14 +98,15 @@ def model_config(variant, res):
       head_layers=segmenter.HEAD_LAYERS, head_dropout=0.1, drop_path=drop_path,
       dtype="float32", remat=False,
       # ViT self-attention: 'auto' = jax.nn.dot_product_attention on a GPU (cuDNN's fused
-      # kernel in bf16), on a CPU the written-out einsum below 512 tokens, 'chunked' (blocks,
-      # no N x N matrix) from 512 on (models/attention.resolve_impl).
+      # kernel in bf16), on a CPU the written-out einsum below 512 tokens, from 512 on the
+      # fused C++ kernel 'cpu_fused' (or 'chunked', blocks in plain JAX, where it does not
+      # build); no N x N matrix either way (models/attention.resolve_impl).
       attention_impl="auto",
       # Inference: the blocks as one lax.scan (one compiled block per capacity bucket).
       scan_blocks=False,
       # Inference: capacity buckets chosen on device in the one program ('device'), or on
       # the host between programs compiled on first use ('host', evaluation/dispatch.py;
-      # affordable with a fine ladder, e.g. buckets = segmenter.geometric_buckets(1.05)), or
+      # affordable with a fine ladder, e.g. buckets = capacity.geometric_buckets(1.05)), or
       # 'host_split': the same, each image in its own capacity after the first exit. For the
       # benchmark; evaluation and step-segment read config.eval.dispatch.
       bucket_dispatch="device",

@@ -37,6 +37,7 @@ from ml_collections import config_flags
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from step_jax.analysis import benchmark  # noqa: E402
 from step_jax.evaluation import tokens  # noqa: E402
+from step_jax.models import capacity  # noqa: E402
 from step_jax.models import segmenter  # noqa: E402
 from step_jax.models import variables as variables_lib  # noqa: E402
 from step_jax.runtime import checkpoint  # noqa: E402
@@ -49,11 +50,11 @@ DESIGNS = {
                                   group=False),
     "eighths, device, grouped": dict(ladder=segmenter.BUCKETS, dispatch="device", scan=False,
                                      group=True),
-    "geometric 1.1, scan": dict(ladder=segmenter.geometric_buckets(1.1), dispatch="device",
+    "geometric 1.1, scan": dict(ladder=capacity.geometric_buckets(1.1), dispatch="device",
                                 scan=True, group=False),
-    "geometric 1.05, host": dict(ladder=segmenter.geometric_buckets(1.05), dispatch="host",
+    "geometric 1.05, host": dict(ladder=capacity.geometric_buckets(1.05), dispatch="host",
                                  scan=False, group=True),
-    "geometric 1.05, host, split exits": dict(ladder=segmenter.geometric_buckets(1.05),
+    "geometric 1.05, host, split exits": dict(ladder=capacity.geometric_buckets(1.05),
                                               dispatch="host_split", scan=False, group=True),
 }
 

@@ -23,6 +23,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from step_jax.analysis import benchmark  # noqa: E402
 from step_jax.evaluation import dispatch  # noqa: E402
 from step_jax.evaluation import tokens  # noqa: E402
+from step_jax.models import capacity  # noqa: E402
 from step_jax.models import flops  # noqa: E402
 from step_jax.models import segmenter  # noqa: E402
 from step_jax.models import supertokens  # noqa: E402
@@ -30,8 +31,8 @@ from step_jax.models import vit as vit_lib  # noqa: E402
 
 LADDERS = {
     "eighths (7)": segmenter.BUCKETS,
-    "geometric 1.1": segmenter.geometric_buckets(1.1),
-    "geometric 1.05": segmenter.geometric_buckets(1.05),
+    "geometric 1.1": capacity.geometric_buckets(1.1),
+    "geometric 1.05": capacity.geometric_buckets(1.05),
 }
 
 

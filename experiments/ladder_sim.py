@@ -23,24 +23,24 @@ from absl import flags
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from configs import step as step_config  # noqa: E402
 from step_jax.evaluation import dispatch  # noqa: E402
+from step_jax.models import capacity  # noqa: E402
 from step_jax.models import flops  # noqa: E402
-from step_jax.models import segmenter  # noqa: E402
 from step_jax.models import supertokens  # noqa: E402
 from step_jax.models import vit as vit_lib  # noqa: E402
 
 SEGMENTS = ("segment 1", "segment 2", "segment 3", "finish")
 # name: (supertoken ladder, exit ladder) as fractions of the grid.
 DESIGNS = {
-    "1.05 / 1.05 from 10 % (before)": (segmenter.geometric_buckets(1.05),
-                                       segmenter.geometric_buckets(1.05)),
-    "1.05 / 1.1025 from 10 %": (segmenter.geometric_buckets(1.05),
-                                segmenter.geometric_buckets(1.05 ** 2)),
-    "1.05 / 1.05 from 2 %": (segmenter.geometric_buckets(1.05),
-                             segmenter.geometric_buckets(1.05, 0.02)),
-    "1.05 / exit_ladder(1.05) (now)": (segmenter.geometric_buckets(1.05),
-                                       segmenter.exit_ladder(1.05)),
-    "1.05 / 1.2, steps of 1/32": (segmenter.geometric_buckets(1.05),
-                                  (1 / 32, 2 / 32, 3 / 32) + segmenter.geometric_buckets(1.2)),
+    "1.05 / 1.05 from 10 % (before)": (capacity.geometric_buckets(1.05),
+                                       capacity.geometric_buckets(1.05)),
+    "1.05 / 1.1025 from 10 %": (capacity.geometric_buckets(1.05),
+                                capacity.geometric_buckets(1.05 ** 2)),
+    "1.05 / 1.05 from 2 %": (capacity.geometric_buckets(1.05),
+                             capacity.geometric_buckets(1.05, 0.02)),
+    "1.05 / exit_ladder(1.05) (now)": (capacity.geometric_buckets(1.05),
+                                       capacity.exit_ladder(1.05)),
+    "1.05 / 1.2, steps of 1/32": (capacity.geometric_buckets(1.05),
+                                  (1 / 32, 2 / 32, 3 / 32) + capacity.geometric_buckets(1.2)),
 }
 
 

@@ -261,7 +261,7 @@ def memory_estimate(model, batch, height, width):
   b = model.backbone
   n = (height // b.patch_size) * (width // b.patch_size)
   impl = attention.resolve_impl(b.attention_impl, b.dtype, b.width // b.num_heads, n)
-  attn = 0 if impl in ("cudnn", "chunked") else 2 * b.num_heads * n * n * 4
+  attn = 0 if impl in ("cudnn", "chunked", "cpu_fused") else 2 * b.num_heads * n * n * 4
   act = 4 * n * (b.width + b.mlp_dim) * jnp.dtype(b.dtype).itemsize
   pixels = 2 * model.head.num_classes * height * width * 4
   h = model.head
@@ -311,7 +311,7 @@ def segment(model, variables, images, *, labels=None, dispatch="device"):
   token maps cover the padded grid. `labels` ([H, W] / [B, H, W]) feed the 'oracle' merge.
   `dispatch` ('device', 'host', 'host_split'; the Flax model only): where the token buckets
   are chosen, see configs/common.py `bucket_dispatch`; the host designs pad less with a fine
-  ladder (`model.clone(buckets=segmenter.geometric_buckets(1.05))`) and compile on first use.
+  ladder (`model.clone(buckets=capacity.geometric_buckets(1.05))`) and compile on first use.
   """
   images = np.asarray(images)
   single = images.ndim == 3

@@ -1,6 +1,7 @@
-"""ViT self-attention through jax.nn.dot_product_attention ('xla'; cuDNN on a GPU) and through
-key/value blocks with an online softmax ('chunked') gives the written-out einsum reference's
-outputs and gradients, with padding and halted tokens."""
+"""ViT self-attention through jax.nn.dot_product_attention ('xla'; cuDNN on a GPU), through
+key/value blocks with an online softmax ('chunked') and through the fused C++ CPU kernel
+('cpu_fused') gives the written-out einsum reference's outputs and gradients, with padding and
+halted tokens."""
 import functools
 
 import jax
@@ -13,13 +14,23 @@ from numerics import assert_close_norm
 
 from step_jax.models import atm
 from step_jax.models import attention
+from step_jax.models import cpu_attention
 from step_jax.models import early_exit
 from step_jax.models import segmenter
 from step_jax.models import vit
 
 
-def test_resolve_impl():
+# The kernel runs on x86-64 Linux CPUs with AVX2 and FMA and a C++ compiler; elsewhere 'auto'
+# keeps the plain JAX paths (tested below) and its own tests skip, saying why.
+KERNEL = cpu_attention.available() and jax.default_backend() == "cpu"
+needs_kernel = pytest.mark.skipif(not KERNEL, reason=f"no fused CPU attention here: "
+                                  f"{cpu_attention.cpu_problem() or 'see the log'}")
+BLOCKED = ["chunked", pytest.param("cpu_fused", marks=needs_kernel)]
+
+
+def test_resolve_impl(monkeypatch):
   gpu = jax.default_backend() == "gpu"
+  monkeypatch.setattr(cpu_attention, "available", lambda: False)
   assert attention.resolve_impl("auto", jnp.float32, 64, 16) == ("xla" if gpu else "einsum")
   assert attention.resolve_impl("auto", jnp.bfloat16, 64, 16) == ("cudnn" if gpu else "einsum")
   assert attention.resolve_impl("auto", jnp.bfloat16, 60, 16) == ("xla" if gpu else "einsum")
@@ -31,6 +42,48 @@ def test_resolve_impl():
   assert attention.resolve_impl("xla", jnp.bfloat16, 64, n) == "xla"
   with pytest.raises(ValueError, match="attention_impl='flash'"):
     attention.resolve_impl("flash", jnp.float32, 64, 16)
+  # Where the kernel runs, 'auto' takes it from CPU_CHUNKED_FROM tokens on, for head dims it
+  # serves; 'portable' (exported artifacts) never does.
+  monkeypatch.setattr(cpu_attention, "available", lambda: True)
+  monkeypatch.setattr(jax, "device_count", lambda: 1)
+  if not gpu:
+    assert attention.resolve_impl("auto", jnp.float32, 64, n) == "cpu_fused"
+    assert attention.resolve_impl("auto", jnp.float32, 64, n - 1) == "einsum"
+    assert attention.resolve_impl("auto", jnp.float32, 40, n) == "chunked"
+    assert attention.resolve_impl("portable", jnp.float32, 64, n) == "chunked"
+    monkeypatch.setattr(jax, "device_count", lambda: 2)   # a sharded batch: blocks in JAX
+    assert attention.resolve_impl("auto", jnp.float32, 64, n) == "chunked"
+  else:
+    with pytest.raises(ValueError, match="runs on CPUs only"):
+      attention.resolve_impl("cpu_fused", jnp.float32, 64, n)
+
+
+def test_kernel_build_failure_is_reported(monkeypatch, tmp_path):
+  """A compiler that fails: build() raises with the command and the compiler's words."""
+  monkeypatch.setenv("CXX", "false")
+  monkeypatch.setenv("STEP_JAX_KERNEL_DIR", str(tmp_path))
+  with pytest.raises(RuntimeError, match="false .*cpu_attention.cc.* failed"):
+    cpu_attention.build()
+  assert not list(tmp_path.iterdir())   # no half-written library left behind
+
+
+@needs_kernel
+@pytest.mark.parametrize("n, heads, dim", [(601, 3, 64), (37, 2, 16), (300, 1, 32)])
+def test_cpu_kernel_equals_einsum_with_statistics(n, heads, dim):
+  """The kernel alone: several query blocks (96) and key blocks (256), token counts that are
+  not multiples of the 16-key panels, a fully masked row, random halts, a padded bucket; the
+  row max and 1 / sum it returns are the softmax's."""
+  q, k, v = (jax.random.normal(jax.random.key(i), (3, n, heads, dim)) for i in range(3))
+  key_mask = _key_mask(3, n, 5)
+  out, m, inv_l = jax.jit(cpu_attention.attention)(q * dim ** -0.5, k, v, key_mask)
+  logits = jnp.einsum("bqhd,bkhd->bhqk", q * dim ** -0.5, k)
+  attn = attention.masked_softmax(logits, key_mask)
+  assert_close(out, jnp.einsum("bhqk,bkhd->bqhd", attn, v), 1e-5)
+  masked = jnp.where(key_mask[:, None, None], logits, -1e9)
+  assert_close(m, masked.max(-1), 1e-5)
+  assert_close(inv_l, 1 / jnp.exp(masked - masked.max(-1, keepdims=True)).sum(-1), 1e-5)
+  with pytest.raises(ValueError, match="D a multiple of 16"):
+    cpu_attention.attention(q[..., :8], k[..., :8], v[..., :8], key_mask)
 
 
 @pytest.mark.parametrize("masked", [False, True])
@@ -56,9 +109,9 @@ def test_fused_equals_einsum_with_key_mask_and_gradients(masked):
     assert_close(np.asarray(y3)[keep], np.asarray(y2)[keep], 1e-5)
 
 
-@pytest.mark.parametrize("impl", ["xla", "chunked"])
+@pytest.mark.parametrize("impl", ["xla", "chunked", pytest.param("cpu_fused", marks=needs_kernel)])
 def test_fused_path_refuses_attention_dropout_in_training(impl):
-  x = jnp.ones((1, 4, 8))
+  x = jnp.ones((1, 4, 32))
   layer = attention.SelfAttention(2, dropout=0.1, impl=impl)
   params = layer.init(jax.random.key(0), x)
   layer.apply(params, x)                                   # inference: fine
@@ -75,12 +128,14 @@ def _key_mask(b, n, seed):
   return jnp.asarray(mask)
 
 
-def test_chunked_layer_equals_einsum_with_key_mask_and_gradients():
-  """601 tokens: 2 query blocks and 3 key blocks of the default sizes, each padded. (Without
-  a key mask: the model test below, whose first blocks have none.)"""
+@pytest.mark.parametrize("impl", BLOCKED)
+def test_blocked_layer_equals_einsum_with_key_mask_and_gradients(impl):
+  """601 tokens: 2 query blocks and 3 key blocks of the default sizes, each padded (the
+  kernel: 7 query blocks, 3 key blocks, 16-key panels padded). (Without a key mask: the
+  model test below, whose first blocks have none.)"""
   n = 601
   assert n % attention.Q_BLOCK and n % attention.K_BLOCK and n > 2 * attention.K_BLOCK
-  x = jax.random.normal(jax.random.key(0), (3, n, 32))
+  x = jax.random.normal(jax.random.key(0), (3, n, 64))
   key_mask = _key_mask(3, n, 1)
   make = lambda impl: attention.SelfAttention(4, impl=impl)
   params = make("einsum").init(jax.random.key(2), x, key_mask)
@@ -91,12 +146,12 @@ def test_chunked_layer_equals_einsum_with_key_mask_and_gradients():
   grad = lambda impl: jax.jit(jax.value_and_grad(functools.partial(loss, impl), (0, 1),
                                                  has_aux=True))(params, x)
   (_, y1), g1 = grad("einsum")
-  (_, y2), g2 = grad("chunked")
+  (_, y2), g2 = grad(impl)
   assert_close(y2, y1, 1e-5)
   assert_close(g2, g1, 1e-5, what="grads")
   assert np.all(np.isfinite(np.asarray(y2)))   # the fully masked row too
   # Masked keys have no influence.
-  y3 = jax.jit(make("chunked").apply)(params, jnp.where(key_mask[..., None], x, 100.0), key_mask)
+  y3 = jax.jit(make(impl).apply)(params, jnp.where(key_mask[..., None], x, 100.0), key_mask)
   keep = np.asarray(key_mask)
   assert_close(np.asarray(y3)[keep], np.asarray(y2)[keep], 1e-5)
 
@@ -202,12 +257,13 @@ def test_fused_model_equals_einsum_model(case):
   _compare(CASES[case], grads=False, impl="xla")
 
 
+@pytest.mark.parametrize("impl", BLOCKED)
 @pytest.mark.parametrize("case", _slow("segvit", "supertokens", "step_segvit"))
-def test_chunked_model_equals_einsum_model(case):
-  _compare(CASES[case], grads=False, impl="chunked")
+def test_blocked_model_equals_einsum_model(case, impl):
+  _compare(CASES[case], grads=False, impl=impl)
 
 
-@pytest.mark.parametrize("impl", ["xla", "chunked"])
+@pytest.mark.parametrize("impl", ["xla", "chunked", pytest.param("cpu_fused", marks=needs_kernel)])
 @pytest.mark.parametrize("case", _slow(*CASES))
 def test_fused_model_gradients_equal_einsum_model(case, impl):
   _compare(CASES[case], grads=True, impl=impl)

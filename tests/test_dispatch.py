@@ -14,6 +14,7 @@ from step_jax import api
 from step_jax.analysis import benchmark
 from step_jax.evaluation import dispatch
 from step_jax.evaluation import tokens
+from step_jax.models import capacity
 from step_jax.models import segmenter
 
 
@@ -93,7 +94,7 @@ def test_host_buckets_give_the_one_program_outputs(method, exit_head, exit_mode)
 
 
 def test_only_the_capacities_used_are_compiled_and_then_reused():
-  ladder = segmenter.geometric_buckets(1.05, 0.1)    # 48 buckets: far too many to compile
+  ladder = capacity.geometric_buckets(1.05, 0.1)    # 48 buckets: far too many to compile
   model, variables, images = _prepared("step", buckets=ladder)
   images = np.concatenate([images, images[1:3, ::-1]])   # upside down: 28 and 16 tokens
   host = dispatch.HostBuckets(model)
@@ -121,12 +122,12 @@ def test_only_the_capacities_used_are_compiled_and_then_reused():
 
 
 def test_the_exit_ladder_steps_below_a_tenth_and_is_geometric_above():
-  ladder = segmenter.exit_ladder(1.05)
+  ladder = capacity.exit_ladder(1.05)
   assert ladder[:3] == (1 / 32, 2 / 32, 3 / 32) and ladder[-1] == 1.0
   above = np.asarray(ladder[3:])
   assert above[0] == 0.1 and np.all(above[1:] / above[:-1] <= 1.05 ** 2 + 1e-5)   # 6 digits
   model = dispatch.with_ladder(_prepared("step")[0], 1.05)
-  assert model.exit_buckets == ladder and model.buckets == segmenter.geometric_buckets(1.05)
+  assert model.exit_buckets == ladder and model.buckets == capacity.geometric_buckets(1.05)
   # On a 64x64 grid: 128-token steps up to 10 %, then at most 1.1025x apart.
   caps = np.asarray(model.exit_capacities((64, 64)))
   assert caps[:3].tolist() == [128, 256, 384] and caps[-1] == 4096

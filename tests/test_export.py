@@ -18,6 +18,7 @@ from step_jax import api
 from step_jax.runtime import checkpoint as ckpt_lib
 from step_jax.interop import export
 from step_jax.data import synthetic
+from step_jax.models import attention
 from step_jax.models import variables as variables_lib
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -83,6 +84,23 @@ def test_jax_artifact_round_trip(step_model, tmp_path):
     np.testing.assert_array_equal(got[k], live[k][1:], err_msg=k)
   assert (got["pred"] == live["pred"][1:]).mean() > 0.999
   assert jax.eval_shape(exp.call, restored, images[:1])["pred"].shape == (1, 128, 128)
+
+
+def test_artifact_takes_the_plain_jax_attention():
+  """At 512 tokens 'auto' takes the fused CPU kernel where it runs, a custom call of this
+  process only: the artifact must take the plain JAX path instead (and can then be
+  serialized and run anywhere)."""
+  cfg = segvit.get_config("variant=Mu/16,dataset=synthetic,res=256")
+  cfg.data.image_size = (256, 512)                            # 16 x 32 = 512 tokens
+  model, variables = api.build(cfg)
+  assert model.backbone.attention_impl == "auto"
+  x = jax.ShapeDtypeStruct((1, 256, 512, 3), np.float32)
+  live = jax.jit(api.inference_fn(model)).lower(variables, x).as_text()
+  if attention.resolve_impl("auto", np.float32, 32, 512) == "cpu_fused":
+    assert "step_jax_cpu_attention" in live    # so that the check below can fail
+  exp = export.export_inference(model, variables, (256, 512), platforms=("cpu",), batch=1)
+  assert "step_jax_cpu_attention" not in exp.mlir_module()
+  exp.serialize()
 
 
 def test_parameter_files_round_trip(step_model, tmp_path):

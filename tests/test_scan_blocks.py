@@ -7,7 +7,7 @@ import pytest
 
 from numerics import assert_close  # tests/numerics.py
 
-from step_jax.models import segmenter
+from step_jax.models import capacity
 from step_jax.models import supertokens
 from step_jax.models import vit
 
@@ -49,7 +49,7 @@ def test_scanned_step_model_matches_the_unrolled_one():
 
 
 def test_geometric_buckets():
-  b = segmenter.geometric_buckets(1.1, 0.1)
+  b = capacity.geometric_buckets(1.1, 0.1)
   assert b[0] == 0.1 and b[-1] == 1.0 and len(b) == 26
   assert all(1.0 < hi / lo <= 1.1 + 1e-4 for lo, hi in zip(b[:-2], b[1:-1]))
   caps = supertokens.bucket_capacities(4096, b)
@@ -58,4 +58,4 @@ def test_geometric_buckets():
     cap = caps[int(supertokens.bucket_index(jnp.asarray([n]), caps))]
     assert n <= cap <= 1.1 * n + 16
   with pytest.raises(ValueError, match="ratio > 1"):
-    segmenter.geometric_buckets(1.0)
+    capacity.geometric_buckets(1.0)

@@ -14,7 +14,7 @@ device→host read per segment, small next to a ViT forward at the resolutions S
 outputs equal the one-program model's.
 
 Which capacities: without `plan_ratio`, the smallest of the model's ladder (e.g.
-`segmenter.geometric_buckets(1.05)`, padding ≤ 5 % per image). With it, `HostBuckets.run`
+`capacity.geometric_buckets(1.05)`, padding ≤ 5 % per image). With it, `HostBuckets.run`
 takes a pool of calls and passes all of them through a program before any goes on to the
 next, so each program's token counts are known before it runs: `plan_capacities` then
 places the fewest new capacities on those counts such that the pool's padding in that
@@ -36,6 +36,7 @@ from jax.experimental import multihost_utils
 import jax.numpy as jnp
 import numpy as np
 
+from step_jax.models import capacity
 from step_jax.models import segmenter as segmenter_lib
 
 
@@ -57,7 +58,7 @@ CHOICES = ("auto",) + DISPATCHES   # what config.eval.dispatch and step-segment 
 # (STEP: each segment's read-back), which its shorter compile repays on splits up to ~40
 # images. Executed/useful GFLOPs: 1.03-1.08 on the host, 1.04-1.30 on the device (the 1/8
 # exit ladder at batch 8). Over a whole split the host compiles every capacity the data
-# needs: with a fixed ladder (state padded to the grid, segmenter.exit_ladder) the 101 CamVid
+# needs: with a fixed ladder (state padded to the grid, capacity.exit_ladder) the 101 CamVid
 # val frames at 1024², STEP B/16, compiled 128 s against the one program's 91 s at batch 1
 # (50 programs). Evaluation and step-segment plan the capacities over pools of
 # evaluator.POOL_IMAGES images (HostBuckets.run, plan_capacities) instead: the same frames
@@ -99,8 +100,8 @@ def host_buckets(model, dispatch, plan_ratio=0.0):
 
 
 def with_ladder(model, ratio):
-  """The model with the geometric ladder `segmenter.geometric_buckets(ratio)` for its
-  supertokens and `segmenter.exit_ladder(ratio)` after its first exit (ratio 0: the model's
+  """The model with the geometric ladder `capacity.geometric_buckets(ratio)` for its
+  supertokens and `capacity.exit_ladder(ratio)` after its first exit (ratio 0: the model's
   own buckets). The buckets change no output, only the padding and the programs compiled:
   with the host dispatch only the capacities the data needs compile, so a fine ladder (1.05)
   costs little; on device every one of them does."""
@@ -112,8 +113,8 @@ def with_ladder(model, ratio):
   if model.merges_in_encoder:   # its buckets are chosen inside the encoder, on device
     raise ValueError(f"merge={model.merge!r} chooses its buckets inside the encoder, in the "
                      "one program: a fine ladder would compile every capacity; use ratio 0")
-  return model.clone(buckets=segmenter_lib.geometric_buckets(ratio),
-                     exit_buckets=segmenter_lib.exit_ladder(ratio))
+  return model.clone(buckets=capacity.geometric_buckets(ratio),
+                     exit_buckets=capacity.exit_ladder(ratio))
 
 
 def host_value(x):

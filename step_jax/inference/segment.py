@@ -114,7 +114,7 @@ def segment_files(model_dir, source, output, *, save=("labels",), batch_size=0,
   batch_size: images per program call (0: the config's evaluation batch), rounded up to a
   multiple of this process's devices. dispatch ('auto', 'device', 'host', 'host_split';
   dispatch.resolve) and bucket_ratio (0: the model's buckets, or under 'auto' the host's
-  1.05; r > 1: segmenter.geometric_buckets(r)): where the capacity buckets are chosen and
+  1.05; r > 1: capacity.geometric_buckets(r)): where the capacity buckets are chosen and
   their ladder (None: the config's eval.dispatch and eval.bucket_ratio; module doc).
   stream: where progress and failures go (stderr).
   """

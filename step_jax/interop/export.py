@@ -55,6 +55,10 @@ def export_inference(model, variables, image_hw, *, platforms=("cpu", "cuda"), b
   """
   if getattr(model, "merge", "none") == "oracle":
     raise ValueError("merge='oracle' reads labels; it cannot be exported for inference")
+  if model.backbone.attention_impl in ("auto", "cpu_fused"):
+    # The fused CPU attention is a custom call registered by this process: the artifact takes
+    # the plain JAX paths, which run anywhere.
+    model = model.clone(backbone=model.backbone.clone(attention_impl="portable"))
   fn = api.inference_fn(model)
   b = export.symbolic_shape("b")[0] if batch is None else int(batch)
   images = jax.ShapeDtypeStruct((b, *image_hw, 3), jnp.float32)

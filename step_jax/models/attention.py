@@ -11,6 +11,8 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
+from step_jax.models import cpu_attention
+
 Dtype = Any
 
 # Added to masked logits: large enough to zero them after softmax in fp32, finite so a
@@ -27,7 +29,9 @@ def masked_softmax(logits, key_mask):
 
 
 # Self-attention implementations (SelfAttention.impl, config `model.attention_impl`).
-IMPLS = ("auto", "xla", "cudnn", "einsum", "chunked")
+# 'portable' is 'auto' without the C++ kernel: what exported artifacts use, since they must
+# run where the kernel is not registered.
+IMPLS = ("auto", "portable", "xla", "cudnn", "einsum", "chunked", "cpu_fused")
 
 # 'auto' on a CPU: the written-out einsum below this many tokens, 'chunked' from it on.
 # ViT encoder forward, jitted, batch 1, fp32, ms, median of 3 after a warmup, the two paths
@@ -48,22 +52,41 @@ CPU_CHUNKED_FROM = 512
 # keeps ~3 fp32 [B, heads, N, N] matrices per layer (13 GB each for ViT-B/16 at 16384
 # tokens, 2048² images) and 'chunked' only blocks of them.
 GPU_CHUNKED_FROM = 16384
+# From CPU_CHUNKED_FROM tokens on, 'auto' takes the fused C++ kernel ('cpu_fused',
+# cpu_attention.cc) where it builds. One attention, fp32, batch 1, heads of 64, forward, ms,
+# medians of 5, interleaved; 2-core AMD EPYC (Zen 3, AVX2), quiet, 2026-12-04
+# (experiments/attention_kernel.py; its record in experiments/results/peer_bench_cpu):
+#   heads x tokens   3 x 1024   12 x 1024   3 x 4096   12 x 4096
+#   cpu_fused          12.0       27.8        98.0       405.8
+#   chunked             9.9       73.8       120.7       684.1
+#   PyTorch SDPA        7.4       26.4        97.4       408.5
+# Training keeps 'chunked's blocked backward (from the kernel's row statistics), so below
+# 512 tokens, where that backward loses to the einsum's, the einsum stays.
 
 
 def resolve_impl(impl, dtype, head_dim, num_tokens):
-  """The path 'auto' takes for `num_tokens` keys (other values pass through). On a GPU:
-  cuDNN's fused kernel where it applies (bf16/fp16, head dim a multiple of 8 up to 128), else
-  XLA's `jax.nn.dot_product_attention`, or 'chunked' from GPU_CHUNKED_FROM tokens. Elsewhere
-  (XLA:CPU has no fused attention) the written-out einsum, or 'chunked' from
-  CPU_CHUNKED_FROM tokens; the einsum was 9 % faster than 'xla' (ViT-B/16 512²) and planned
-  31 % less temporary memory (1.77 vs 2.57 GB at 1024²;
+  """The path 'auto' / 'portable' take for `num_tokens` keys (others pass through). On a
+  GPU: cuDNN's fused kernel where it applies (bf16/fp16, head dim a multiple of 8 up to 128),
+  else XLA's `jax.nn.dot_product_attention`, or 'chunked' from GPU_CHUNKED_FROM tokens.
+  Elsewhere the written-out einsum below CPU_CHUNKED_FROM tokens, and from there on the fused
+  C++ kernel ('cpu_fused'; 'auto' only, see the numbers above) where it builds, the head dim
+  suits it and there is one device (the kernel does not split over a sharded batch), else
+  'chunked'. The einsum was 9 % faster than 'xla' (ViT-B/16 512²) and
+  planned 31 % less temporary memory (1.77 vs 2.57 GB at 1024²;
   experiments/results/attention_memory_cpu_b16_1024.json)."""
   if impl not in IMPLS:
     raise ValueError(f"attention_impl={impl!r}: use one of {IMPLS}")
-  if impl != "auto":
+  gpu = jax.default_backend() == "gpu"
+  if impl == "cpu_fused" and gpu:
+    raise ValueError("attention_impl='cpu_fused' runs on CPUs only; on a GPU use 'auto'")
+  if impl not in ("auto", "portable"):
     return impl
-  if jax.default_backend() != "gpu":
-    return "chunked" if num_tokens >= CPU_CHUNKED_FROM else "einsum"
+  if not gpu:
+    if num_tokens < CPU_CHUNKED_FROM:
+      return "einsum"
+    fused = (impl == "auto" and head_dim % cpu_attention.HEAD_DIM_MULTIPLE == 0
+             and jax.device_count() == 1 and cpu_attention.available())
+    return "cpu_fused" if fused else "chunked"
   fused_ok = (jnp.dtype(dtype) in (jnp.bfloat16, jnp.float16) and head_dim % 8 == 0
               and head_dim <= 128)
   if fused_ok:
@@ -109,11 +132,15 @@ def chunked_attention(q, k, v, key_mask=None, *, q_block=Q_BLOCK, k_block=K_BLOC
   the einsum path (masked_softmax), a fully masked row included: its masked keys get the same
   logit -1e9, so it averages all N values uniformly.
   """
-  b, n, h, dh = k.shape
-  nq = q.shape[1]
-  q_block, k_block = _even_block(nq, q_block), _even_block(n, k_block)
-  pad = lambda x, to, value=0: jnp.pad(x, [(0, 0), (0, -x.shape[1] % to)]
-                                       + [(0, 0)] * (x.ndim - 2), constant_values=value)
+  blocks = _layout(q, k, v, key_mask, q_block, k_block)
+  return _unblock(_flash(*blocks[:5]), q.shape)
+
+
+def _layout(q, k, v, key_mask, q_block, k_block):
+  """_flash's operands: q/k/v in head-major blocks, the keys' keep/fill blocks (None when
+  every key is attended and N divides into blocks), and the query block size."""
+  b, n = k.shape[:2]
+  q_block, k_block = _even_block(q.shape[1], q_block), _even_block(n, k_block)
   if key_mask is None and n % k_block == 0:
     keep = fill = None   # every key attended: no masking pass over the logits
   else:
@@ -121,11 +148,21 @@ def chunked_attention(q, k, v, key_mask=None, *, q_block=Q_BLOCK, k_block=K_BLOC
     # Padding slots (N not a multiple of the block) sit below the masked keys' -1e9, so
     # that they get no weight even in a fully masked row.
     fill = jnp.full((b, n), _MASK_VALUE, jnp.float32)
-    keep = _blocks(pad(keep, k_block), k_block)
-    fill = _blocks(pad(fill, k_block, 2 * _MASK_VALUE), k_block)
-  out = _flash(_head_blocks(pad(q, q_block), q_block), _head_blocks(pad(k, k_block), k_block),
-               _head_blocks(pad(v, k_block), k_block), keep, fill)
-  # [nq, B, H, Q, Dh] -> [B, N, H, Dh]
+    keep = _blocks(_pad(keep, k_block), k_block)
+    fill = _blocks(_pad(fill, k_block, 2 * _MASK_VALUE), k_block)
+  return (_head_blocks(_pad(q, q_block), q_block), _head_blocks(_pad(k, k_block), k_block),
+          _head_blocks(_pad(v, k_block), k_block), keep, fill, q_block)
+
+
+def _pad(x, to, value=0):
+  """x [B, N, ...] padded along N to a multiple of `to`."""
+  return jnp.pad(x, [(0, 0), (0, -x.shape[1] % to)] + [(0, 0)] * (x.ndim - 2),
+                 constant_values=value)
+
+
+def _unblock(out, shape):
+  """[nq, B, H, Q, Dh] -> [B, N, H, Dh] (`shape`, the queries' shape; padding dropped)."""
+  b, nq, h, dh = shape
   return out.transpose(1, 0, 3, 2, 4).reshape(b, -1, h, dh)[:, :nq]
 
 
@@ -216,6 +253,64 @@ def _flash_bwd(res, d_out):
 _flash.defvjp(_flash_fwd, _flash_bwd)
 
 
+@jax.custom_vjp
+def _flash_from_stats(q, k, v, keep, fill, out, m, inv_l):
+  """`out` (blocked), computed by another forward from the same operands, with _flash's
+  backward from that forward's row max and 1 / sum: no forward runs twice."""
+  return out
+
+
+def _from_stats_fwd(q, k, v, keep, fill, out, m, inv_l):
+  return out, (q, k, v, keep, fill, out, m, inv_l)
+
+
+def _from_stats_bwd(res, d_out):
+  zeros = tuple(jnp.zeros_like(x) for x in res[5:])
+  return _flash_bwd(res, d_out) + zeros
+
+
+_flash_from_stats.defvjp(_from_stats_fwd, _from_stats_bwd)
+
+
+def cpu_fused_attention(q, k, v, key_mask=None):
+  """chunked_attention's result from the fused C++ kernel (cpu_attention.py): the same
+  arguments and rule (masked keys at -1e9), fp32 inside; gradients by chunked_attention's
+  blocked backward from the kernel's row statistics."""
+  keep = jnp.ones(k.shape[:2], bool) if key_mask is None else key_mask
+  return _fused(q, k, v, keep)
+
+
+@jax.custom_vjp
+def _fused(q, k, v, keep):
+  return cpu_attention.attention(q, k, v, keep)[0].astype(q.dtype)
+
+
+def _fused_fwd(q, k, v, keep):
+  out, m, inv_l = cpu_attention.attention(q, k, v, keep)
+  out = out.astype(q.dtype)
+  return out, (q, k, v, keep, out, m, inv_l)
+
+
+def _fused_bwd(res, d_out):
+  q, k, v, keep, out, m, inv_l = res
+  b, nq, h, _ = q.shape
+
+  def replay(q, k, v):
+    qb, kb, vb, keep_b, fill, q_block = _layout(q, k, v, keep, Q_BLOCK, K_BLOCK)
+    # Padded query rows (zeros, zero cotangent) get max 0 and sum 1: finite, no gradient.
+    stats = lambda x, pad: jnp.moveaxis(
+        jnp.pad(x, [(0, 0), (0, 0), (0, -nq % q_block)], constant_values=pad).reshape(
+            b, h, -1, q_block), 2, 0)
+    out_b = _head_blocks(_pad(out, q_block), q_block)
+    return _unblock(_flash_from_stats(qb, kb, vb, keep_b, fill, out_b, stats(m, 0.0),
+                                      stats(inv_l, 1.0)), q.shape)
+  _, vjp = jax.vjp(replay, q, k, v)
+  return (*vjp(d_out), None)
+
+
+_fused.defvjp(_fused_fwd, _fused_bwd)
+
+
 class SelfAttention(nn.Module):
   """Self-attention with a fused qkv projection (timm / torch MultiheadAttention layout).
 
@@ -246,8 +341,9 @@ class SelfAttention(nn.Module):
       if self.dropout and train:
         raise ValueError(f"attention_impl={impl!r} has no dropout on the attention weights; "
                          "use 'einsum' for attention dropout")
-      if impl == "chunked":
-        out = chunked_attention(q * (d // h) ** -0.5, k, v, key_mask)
+      if impl in ("chunked", "cpu_fused"):
+        fn = chunked_attention if impl == "chunked" else cpu_fused_attention
+        out = fn(q * (d // h) ** -0.5, k, v, key_mask)
       else:
         mask = None if key_mask is None else key_mask[:, None, None, :]
         out = jax.nn.dot_product_attention(q, k, v, mask=mask, scale=(d // h) ** -0.5,

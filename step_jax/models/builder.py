@@ -88,7 +88,7 @@ def build(model_cfg, num_classes: int, image_size: Sequence[int], ignore_index: 
   """Builds the model from a `config.model` ConfigDict (see configs/common.py).
 
   Keys: variant, out_layers, head_dim, head_heads, head_layers, head_dropout, drop_path, dtype,
-  remat, attention_impl (auto | xla | cudnn | einsum | chunked), scan_blocks, posemb_grid, pixel_mean/std; token
+  remat, attention_impl (attention.IMPLS), scan_blocks, posemb_grid, pixel_mean/std; token
   sharing: merge ('none' | 'cts' | 'dcts' | 'oracle' | 'algm' | 'dcts_algm'), thresholds, cts_shared, superpatch_resize, buckets, policy (a ConfigDict with
   source, hidden); ALGM: algm_layers, algm_threshold, algm_global_min, algm_batch_min; early
   exit: exit_layers, exit_threshold, exit_mode, keep_top_k, exit_buckets, exit_head_heads.
