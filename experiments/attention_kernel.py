@@ -2,7 +2,7 @@
 
 Per cell (heads x tokens, heads of 64, batch 1, fp32, forward): the fused C++ kernel
 ('cpu_fused'), the blocked plain-JAX path ('chunked') and torch's SDPA run interleaved, one
-call each per round after a warm-up round; ms median (min-max) of --reps rounds, and each
+call each per round in a rotating order, after a warm-up round; ms median (min-max) of --reps rounds, and each
 path's max |difference| to torch's output relative to its largest value.
 
   python experiments/attention_kernel.py --cells=3x1024,12x1024,3x4096,12x4096 \\
@@ -45,8 +45,12 @@ def cell_row(heads, tokens, reps):
     calls[name] = lambda jitted=jitted: jax.block_until_ready(jitted(q, k, v))
   ms = {name: [] for name in calls}
   outs = {}
+  names = list(calls)
   for rnd in range(reps + 1):
-    for name, call in calls.items():
+    # The order rotates: a path that runs right after another pays for the threads that
+    # one leaves spinning, so each path follows each other one in turn.
+    for name in names[rnd % len(names):] + names[:rnd % len(names)]:
+      call = calls[name]
       t = time.perf_counter()
       outs[name] = call()
       if rnd:

@@ -54,12 +54,12 @@ CPU_CHUNKED_FROM = 512
 GPU_CHUNKED_FROM = 16384
 # From CPU_CHUNKED_FROM tokens on, 'auto' takes the fused C++ kernel ('cpu_fused',
 # cpu_attention.cc) where it builds. One attention, fp32, batch 1, heads of 64, forward, ms,
-# medians of 5, interleaved; 2-core AMD EPYC (Zen 3, AVX2), quiet, 2026-12-04
-# (experiments/attention_kernel.py; its record in experiments/results/peer_bench_cpu):
+# medians of 6 rounds in rotating order; 2-core AMD EPYC (Zen 3, AVX2), quiet, 2026-12-04
+# (experiments/attention_kernel.py; experiments/results/peer_bench_cpu/attention_kernel.jsonl):
 #   heads x tokens   3 x 1024   12 x 1024   3 x 4096   12 x 4096
-#   cpu_fused          12.0       27.8        98.0       405.8
-#   chunked             9.9       73.8       120.7       684.1
-#   PyTorch SDPA        7.4       26.4        97.4       408.5
+#   cpu_fused          10.5       34.2       100.3      378.0
+#   chunked            10.9       58.6       140.4      593.9
+#   PyTorch SDPA        7.0       33.5       101.6      400.9
 # Training keeps 'chunked's blocked backward (from the kernel's row statistics), so below
 # 512 tokens, where that backward loses to the einsum's, the einsum stays.
 

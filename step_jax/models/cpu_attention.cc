@@ -4,8 +4,7 @@
 // block of QB queries) the keys go by in blocks of KB with an online softmax (fp32 running
 // max and sum), and the two matmuls run in register-blocked 6 x 16 micro-kernels on packed
 // operands, so a block of logits stays in the L2 cache and is read twice (softmax, p·v)
-// instead of being written out. Work items spread over threads of our own (XLA's pool waits
-// for the call). Semantics are those of the einsum path (attention.masked_softmax): a masked
+// instead of being written out. Work items spread over XLA's intra-op threads. Semantics are those of the einsum path (attention.masked_softmax): a masked
 // key's logit is replaced by -1e9, so a fully masked row averages every value uniformly.
 //
 // q [B, Nq, H, D] (already scaled), k/v [B, Nk, H, D], key mask [B, Nk] -> out [B, Nq, H, D],
@@ -17,8 +16,11 @@
 #include <atomic>
 #include <cmath>
 #include <cstdint>
+#include <condition_variable>
 #include <cstring>
-#include <thread>
+#include <functional>
+#include <memory>
+#include <mutex>
 #include <vector>
 
 #include "xla/ffi/api/ffi.h"
@@ -197,23 +199,58 @@ void attend_block(const float* q, const float* kp, const float* vp, const float*
   }
 }
 
-template <typename F>
-void parallel_for(int64_t n, int64_t threads, F fn) {
-  threads = std::max<int64_t>(1, std::min(threads, n));
-  std::atomic<int64_t> next{0};
-  auto work = [&](int64_t worker) {
-    for (int64_t i = next++; i < n; i = next++) fn(worker, i);
+// Work items 0..n-1 over XLA's own intra-op threads (already running, so no thread starts
+// and no competition with them): the calling thread and up to num_threads - 1 tasks on the
+// pool pull items until none are left. The caller returns once every item is done; a task
+// the pool starts late finds nothing to do and touches only the shared counters.
+struct Items {
+  explicit Items(int64_t n, std::function<void(int64_t)> fn) : n(n), fn(std::move(fn)) {}
+  void work() {
+    for (int64_t i = next++; i < n; i = next++) {
+      fn(i);
+      if (++done == n) {
+        std::lock_guard<std::mutex> lock(mu);
+        all_done.notify_all();
+      }
+    }
+  }
+  const int64_t n;
+  const std::function<void(int64_t)> fn;
+  std::atomic<int64_t> next{0}, done{0};
+  std::mutex mu;
+  std::condition_variable all_done;
+};
+
+void parallel_for(ffi::ThreadPool& pool, int64_t n, std::function<void(int64_t)> fn) {
+  auto items = std::make_shared<Items>(n, std::move(fn));
+  const int64_t helpers = std::min<int64_t>(pool.num_threads(), n) - 1;
+  for (int64_t t = 0; t < helpers; ++t) pool.Schedule([items] { items->work(); });
+  items->work();
+  std::unique_lock<std::mutex> lock(items->mu);
+  items->all_done.wait(lock, [&] { return items->done.load() == n; });
+}
+
+// Per-thread scratch, kept between calls (one work item's query block, logits and
+// accumulators).
+float* scratch(size_t floats) {
+  struct Buffer {
+    ~Buffer() { std::free(ptr); }
+    float* ptr = nullptr;
+    size_t size = 0;
   };
-  std::vector<std::thread> pool;
-  for (int64_t w = 1; w < threads; ++w) pool.emplace_back(work, w);
-  work(0);
-  for (auto& t : pool) t.join();
+  thread_local Buffer buffer;
+  if (buffer.size < floats) {
+    std::free(buffer.ptr);
+    buffer.ptr = static_cast<float*>(std::aligned_alloc(32, (floats * 4 + 31) / 32 * 32));
+    buffer.size = floats;
+  }
+  return buffer.ptr;
 }
 
 ffi::Error Attention(ffi::Buffer<ffi::F32> q, ffi::Buffer<ffi::F32> k, ffi::Buffer<ffi::F32> v,
                      ffi::Buffer<ffi::PRED> key_mask, ffi::ResultBuffer<ffi::F32> out,
                      ffi::ResultBuffer<ffi::F32> row_max, ffi::ResultBuffer<ffi::F32> inv_sum,
-                     int64_t num_threads) {
+                     ffi::ThreadPool pool) {
   auto qd = q.dimensions(), kd = k.dimensions(), vd = v.dimensions();
   bool ok = qd.size() == 4 && kd.size() == 4 && vd.size() == 4 && qd[3] % NR == 0;
   for (int i = 0; ok && i < 4; ++i) ok = vd[i] == kd[i] && (i == 1 || qd[i] == kd[i]);
@@ -235,17 +272,14 @@ ffi::Error Attention(ffi::Buffer<ffi::F32> q, ffi::Buffer<ffi::F32> k, ffi::Buff
     }
   const int64_t heads = s.b * s.h, panel = s.nk_pad * s.d;
   AlignedFloats kp(heads * panel), vp(heads * panel);
-  parallel_for(heads, num_threads, [&](int64_t, int64_t i) {
+  parallel_for(pool, heads, [&](int64_t i) {
     pack_keys(k.typed_data(), v.typed_data(), s, i / s.h, i % s.h, kp.ptr + i * panel,
               vp.ptr + i * panel);
   });
   const int64_t qblocks = (s.nq + QB - 1) / QB;
-  const int64_t threads = std::max<int64_t>(1, std::min(num_threads, heads * qblocks));
-  const int64_t scratch = QB * s.d * 2 + QB * KB;
-  AlignedFloats work(threads * scratch);
-  parallel_for(heads * qblocks, threads, [&](int64_t w, int64_t i) {
+  parallel_for(pool, heads * qblocks, [&](int64_t i) {
     const int64_t hb = i / qblocks, bi = hb / s.h, hi = hb % s.h;
-    float* base = work.ptr + w * scratch;
+    float* base = scratch(QB * s.d * 2 + QB * KB);
     attend_block(q.typed_data(), kp.ptr + hb * panel, vp.ptr + hb * panel,
                  fill.data() + bi * s.nk_pad, keep_all.data() + bi * blocks, s, bi, hi,
                  (i % qblocks) * QB, base, base + QB * s.d, base + QB * s.d + QB * KB,
@@ -265,4 +299,4 @@ XLA_FFI_DEFINE_HANDLER_SYMBOL(StepJaxCpuAttention, Attention,
                                   .Ret<ffi::Buffer<ffi::F32>>()
                                   .Ret<ffi::Buffer<ffi::F32>>()
                                   .Ret<ffi::Buffer<ffi::F32>>()
-                                  .Attr<int64_t>("num_threads"));
+                                  .Ctx<ffi::ThreadPool>());

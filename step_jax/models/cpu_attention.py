@@ -24,7 +24,6 @@ import tempfile
 
 import jax
 import jax.numpy as jnp
-import numpy as np
 
 SOURCE = os.path.join(os.path.dirname(os.path.abspath(__file__)), "cpu_attention.cc")
 TARGET = "step_jax_cpu_attention"
@@ -101,14 +100,6 @@ def available():
   return _load()[0]
 
 
-def threads():
-  """The CPUs this process may use (as XLA's own pool)."""
-  try:
-    return len(os.sched_getaffinity(0))
-  except AttributeError:
-    return os.cpu_count() or 1
-
-
 def attention(q, k, v, key_mask):
   """out [B, Nq, H, D], row max and 1 / row sum [B, H, Nq] of softmax(q kᵀ) v in fp32.
 
@@ -126,5 +117,4 @@ def attention(q, k, v, key_mask):
   stats = jax.ShapeDtypeStruct((b, h, nq), f32)
   call = jax.ffi.ffi_call(TARGET, (jax.ShapeDtypeStruct(q.shape, f32), stats, stats),
                           vmap_method="sequential")
-  return call(q.astype(f32), k.astype(f32), v.astype(f32), key_mask.astype(bool),
-              num_threads=np.int64(threads()))
+  return call(q.astype(f32), k.astype(f32), v.astype(f32), key_mask.astype(bool))
