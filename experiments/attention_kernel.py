@@ -2,8 +2,9 @@
 
 Per cell (heads x tokens, heads of 64, batch 1, fp32, forward): the fused C++ kernel
 ('cpu_fused'), the blocked plain-JAX path ('chunked') and torch's SDPA run interleaved, one
-call each per round in a rotating order, after a warm-up round; ms median (min-max) of --reps rounds, and each
-path's max |difference| to torch's output relative to its largest value.
+call each per round in a rotating order, after a warm-up round; ms median (min-max) of
+--reps rounds, and each path's max |difference| to torch's output relative to its largest
+value.
 
   python experiments/attention_kernel.py --cells=3x1024,12x1024,3x4096,12x4096 \\
       --out=experiments/results/peer_bench_cpu/attention_kernel.jsonl

@@ -4,8 +4,9 @@
 // block of QB queries) the keys go by in blocks of KB with an online softmax (fp32 running
 // max and sum), and the two matmuls run in register-blocked 6 x 16 micro-kernels on packed
 // operands, so a block of logits stays in the L2 cache and is read twice (softmax, p·v)
-// instead of being written out. Work items spread over XLA's intra-op threads. Semantics are those of the einsum path (attention.masked_softmax): a masked
-// key's logit is replaced by -1e9, so a fully masked row averages every value uniformly.
+// instead of being written out. Work items spread over XLA's intra-op threads. Semantics
+// are those of the einsum path (attention.masked_softmax): a masked key's logit is replaced
+// by -1e9, so a fully masked row averages every value uniformly.
 //
 // q [B, Nq, H, D] (already scaled), k/v [B, Nk, H, D], key mask [B, Nk] -> out [B, Nq, H, D],
 // and per row the softmax's max and 1 / sum [B, H, Nq] (the backward's residuals).
