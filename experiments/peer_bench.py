@@ -6,8 +6,9 @@ The baseline a user compares with is the PyTorch ViT they run today (timm, whose
 mode), our `vit.ViT` encoder (jitted, attention_impl 'auto') and our whole SegViT (encoder +
 ATM head, `builder.build`), batch 1, fp32 (--dtype=bf16: all three in bf16), random weights,
 on the GPU where torch and jax have one; the three run interleaved, one
-call each per round after a warm-up round (jit compile, torch's first call), so a busy CPU
-slows all of them alike. Each row has the median, min and max of --reps rounds and the
+call each per round in a rotating order (from 2026-12-04; before, timm always ran first)
+after a warm-up round (jit compile, torch's first call), so a busy CPU slows all of them
+alike. Each row has the median, min and max of --reps rounds and the
 median of the per-round ratios timm / ours (> 1: we are faster).
 
 Cells that do not fit (L/16 at 2048², or the N x N 'einsum' path at 2048²) are compiled only:
@@ -121,8 +122,13 @@ def time_cell(variant, res, reps, dtype="fp32"):
            "ours_encoder": our_encoder(variant, res, dtype=dtype),
            "ours_segvit": our_segvit(variant, res, dtype)}
   ms = {k: [] for k in calls}
+  names = list(calls)
   for rnd in range(reps + 1):
-    for name, call in calls.items():
+    # The order rotates: whatever runs right after torch competes with the OpenMP threads
+    # it leaves spinning (one attention: 10.5 ms after torch, 6-9 ms in a row), so each
+    # path follows each other one in turn.
+    for name in names[rnd % len(names):] + names[:rnd % len(names)]:
+      call = calls[name]
       t = time.perf_counter()
       call()
       if rnd:
