@@ -71,8 +71,8 @@ def resolve_impl(impl, dtype, head_dim, num_tokens):
   Elsewhere the written-out einsum below CPU_CHUNKED_FROM tokens, and from there on the fused
   C++ kernel ('cpu_fused'; 'auto' only, see the numbers above) where it builds, the head dim
   suits it and there is one device (the kernel does not split over a sharded batch), else
-  'chunked'. The einsum was 9 % faster than 'xla' (ViT-B/16 512²) and
-  planned 31 % less temporary memory (1.77 vs 2.57 GB at 1024²;
+  'chunked'. The einsum was 9 % faster than 'xla' (ViT-B/16 512²) and planned 31 % less
+  temporary memory (1.77 vs 2.57 GB at 1024²;
   experiments/results/attention_memory_cpu_b16_1024.json)."""
   if impl not in IMPLS:
     raise ValueError(f"attention_impl={impl!r}: use one of {IMPLS}")
