@@ -118,7 +118,7 @@ inline float hsum(__m256 x) {
 struct AlignedFloats {  // 32-byte aligned scratch, zeroed
   explicit AlignedFloats(size_t n)
       : ptr(static_cast<float*>(std::aligned_alloc(32, ((n * 4 + 31) / 32) * 32))) {
-    std::memset(ptr, 0, n * 4);
+    if (ptr != nullptr) std::memset(ptr, 0, n * 4);
   }
   ~AlignedFloats() { std::free(ptr); }
   float* ptr;
@@ -273,6 +273,8 @@ ffi::Error Attention(ffi::Buffer<ffi::F32> q, ffi::Buffer<ffi::F32> k, ffi::Buff
     }
   const int64_t heads = s.b * s.h, panel = s.nk_pad * s.d;
   AlignedFloats kp(heads * panel), vp(heads * panel);
+  if (kp.ptr == nullptr || vp.ptr == nullptr)
+    return ffi::Error::Internal("cpu attention: out of memory packing keys and values");
   parallel_for(pool, heads, [&](int64_t i) {
     pack_keys(k.typed_data(), v.typed_data(), s, i / s.h, i % s.h, kp.ptr + i * panel,
               vp.ptr + i * panel);
