@@ -10,7 +10,6 @@ value.
       --out=experiments/results/peer_bench_cpu/attention_kernel.jsonl
 """
 import os
-import statistics
 import sys
 import time
 
@@ -44,24 +43,12 @@ def cell_row(heads, tokens, reps):
   for name, fn in IMPLS.items():
     jitted = jax.jit(fn)
     calls[name] = lambda jitted=jitted: jax.block_until_ready(jitted(q, k, v))
-  ms = {name: [] for name in calls}
-  outs = {}
-  names = list(calls)
-  for rnd in range(reps + 1):
-    # The order rotates: a path that runs right after another pays for the threads that
-    # one leaves spinning, so each path follows each other one in turn.
-    for name in names[rnd % len(names):] + names[:rnd % len(names)]:
-      call = calls[name]
-      t = time.perf_counter()
-      outs[name] = call()
-      if rnd:
-        ms[name].append(1000 * (time.perf_counter() - t))
+  ms, outs = peer_bench.interleave(calls, reps)
   ref = outs["torch_sdpa"].transpose(1, 2).numpy()
   row = dict(kind="attention", heads=heads, tokens=tokens, head_dim=64, batch=1,
              dtype="float32", reps=reps)
   for name, t in ms.items():
-    row[name] = dict(ms_median=round(statistics.median(t), 1), ms_min=round(min(t), 1),
-                     ms_max=round(max(t), 1))
+    row[name] = peer_bench.spread(t)
     if name != "torch_sdpa":
       row[name]["max_rel_diff"] = float(np.abs(np.asarray(outs[name]) - ref).max()
                                         / np.abs(ref).max())
@@ -74,7 +61,7 @@ def main(argv):
   threads = os.cpu_count()
   torch.set_num_threads(threads)
   if not cpu_attention.available():
-    raise SystemExit(f"the fused CPU attention does not run here: {cpu_attention._load()[1]}")
+    raise SystemExit(f"the fused CPU attention does not run here: {cpu_attention.why_not()}")
   for cell in FLAGS.cells.split(","):
     heads, _, tokens = cell.partition("x")
     row = cell_row(int(heads), int(tokens), FLAGS.reps)

@@ -116,30 +116,41 @@ def our_segvit(variant, res, dtype="fp32"):
   return lambda: jax.block_until_ready(fn(variables, x))
 
 
-def time_cell(variant, res, reps, dtype="fp32"):
-  """One row: the three callables interleaved, `reps` timed rounds after a warm-up round."""
-  calls = {"timm": timm_encoder(variant, res, dtype),
-           "ours_encoder": our_encoder(variant, res, dtype=dtype),
-           "ours_segvit": our_segvit(variant, res, dtype)}
-  ms = {k: [] for k in calls}
+def interleave(calls, reps):
+  """{name: callable} called once each per round, `reps` timed rounds after a warm-up round:
+  ({name: [ms per round]}, {name: the last round's result})."""
+  ms, outs = {k: [] for k in calls}, {}
   names = list(calls)
   for rnd in range(reps + 1):
     # The order rotates: whatever runs right after torch competes with the OpenMP threads
     # it leaves spinning (one attention: 10.5 ms after torch, 6-9 ms in a row), so each
     # path follows each other one in turn.
     for name in names[rnd % len(names):] + names[:rnd % len(names)]:
-      call = calls[name]
       t = time.perf_counter()
-      call()
+      outs[name] = calls[name]()
       if rnd:
         ms[name].append(1000 * (time.perf_counter() - t))
+  return ms, outs
+
+
+def spread(t):
+  """Median, min and max of a list of ms, rounded."""
+  return dict(ms_median=round(statistics.median(t), 1), ms_min=round(min(t), 1),
+              ms_max=round(max(t), 1))
+
+
+def time_cell(variant, res, reps, dtype="fp32"):
+  """One row: the three callables interleaved, `reps` timed rounds after a warm-up round."""
+  calls = {"timm": timm_encoder(variant, res, dtype),
+           "ours_encoder": our_encoder(variant, res, dtype=dtype),
+           "ours_segvit": our_segvit(variant, res, dtype)}
+  ms, _ = interleave(calls, reps)
   row = dict(kind="time", variant=variant, res=res, tokens=(res // 16) ** 2, batch=1,
              dtype=jnp.dtype(DTYPES[dtype]).name, reps=reps,
              ours_attention=attention.resolve_impl("auto", DTYPES[dtype], 64,
                                                    (res // 16) ** 2))
   for name, t in ms.items():
-    row[name] = dict(ms_median=round(statistics.median(t), 1), ms_min=round(min(t), 1),
-                     ms_max=round(max(t), 1))
+    row[name] = spread(t)
   ratios = [a / b for a, b in zip(ms["timm"], ms["ours_encoder"])]
   row["timm_over_ours_encoder"] = dict(median=round(statistics.median(ratios), 3),
                                        min=round(min(ratios), 3), max=round(max(ratios), 3))

@@ -24,7 +24,7 @@ from step_jax.models import vit
 # keeps the plain JAX paths (tested below) and its own tests skip, saying why.
 KERNEL = cpu_attention.available() and jax.default_backend() == "cpu"
 needs_kernel = pytest.mark.skipif(not KERNEL, reason=f"no fused CPU attention here: "
-                                  f"{cpu_attention.cpu_problem() or 'see the log'}")
+                                  f"{cpu_attention.why_not()}")
 BLOCKED = ["chunked", pytest.param("cpu_fused", marks=needs_kernel)]
 
 

@@ -61,43 +61,27 @@ inline __m256 exp_nonpositive(__m256 x) {
   return _mm256_and_ps(_mm256_mul_ps(p, _mm256_castsi256_ps(e)), keep);
 }
 
-// s[MR][NR] (row stride lds) = a[MR][d] (row stride d) · bᵀ, b packed as [d][NR].
-inline void tile_qk(const float* a, const float* b, int d, float* s, int lds) {
-  __m256 c[MR][2];
-  for (int r = 0; r < MR; ++r) c[r][0] = c[r][1] = _mm256_setzero_ps();
-  for (int t = 0; t < d; ++t) {
-    __m256 b0 = _mm256_load_ps(b + t * NR), b1 = _mm256_load_ps(b + t * NR + 8);
+// The micro-kernel of both matmuls: c[MR][NR] (row stride ldc) = a[MR][n] (row stride lda)
+// · b[n][NR] (row stride ldb), added to c's values when `accumulate`. q·kᵀ: a = queries, b =
+// a key panel packed as [d][NR]; p·v: a = probabilities, b = value rows.
+inline void tile(const float* a, int lda, const float* b, int ldb, int n, float* c, int ldc,
+                 bool accumulate) {
+  __m256 acc[MR][2];
+  for (int r = 0; r < MR; ++r) {
+    acc[r][0] = accumulate ? _mm256_load_ps(c + r * ldc) : _mm256_setzero_ps();
+    acc[r][1] = accumulate ? _mm256_load_ps(c + r * ldc + 8) : _mm256_setzero_ps();
+  }
+  for (int t = 0; t < n; ++t) {
+    __m256 b0 = _mm256_load_ps(b + t * ldb), b1 = _mm256_load_ps(b + t * ldb + 8);
     for (int r = 0; r < MR; ++r) {
-      __m256 x = _mm256_broadcast_ss(a + r * d + t);
-      c[r][0] = _mm256_fmadd_ps(x, b0, c[r][0]);
-      c[r][1] = _mm256_fmadd_ps(x, b1, c[r][1]);
+      __m256 x = _mm256_broadcast_ss(a + r * lda + t);
+      acc[r][0] = _mm256_fmadd_ps(x, b0, acc[r][0]);
+      acc[r][1] = _mm256_fmadd_ps(x, b1, acc[r][1]);
     }
   }
   for (int r = 0; r < MR; ++r) {
-    _mm256_store_ps(s + r * lds, c[r][0]);
-    _mm256_store_ps(s + r * lds + 8, c[r][1]);
-  }
-}
-
-// acc[MR][NR] (row stride ldc) += p[MR][n] (row stride ldp) · v[n][NR] (row stride ldv).
-inline void tile_pv(const float* p, int ldp, const float* v, int ldv, int n, float* acc,
-                    int ldc) {
-  __m256 c[MR][2];
-  for (int r = 0; r < MR; ++r) {
-    c[r][0] = _mm256_load_ps(acc + r * ldc);
-    c[r][1] = _mm256_load_ps(acc + r * ldc + 8);
-  }
-  for (int j = 0; j < n; ++j) {
-    __m256 b0 = _mm256_load_ps(v + j * ldv), b1 = _mm256_load_ps(v + j * ldv + 8);
-    for (int r = 0; r < MR; ++r) {
-      __m256 x = _mm256_broadcast_ss(p + r * ldp + j);
-      c[r][0] = _mm256_fmadd_ps(x, b0, c[r][0]);
-      c[r][1] = _mm256_fmadd_ps(x, b1, c[r][1]);
-    }
-  }
-  for (int r = 0; r < MR; ++r) {
-    _mm256_store_ps(acc + r * ldc, c[r][0]);
-    _mm256_store_ps(acc + r * ldc + 8, c[r][1]);
+    _mm256_store_ps(c + r * ldc, acc[r][0]);
+    _mm256_store_ps(c + r * ldc + 8, acc[r][1]);
   }
 }
 
@@ -160,7 +144,8 @@ void attend_block(const float* q, const float* kp, const float* vp, const float*
     const int64_t n = std::min<int64_t>(KB, s.nk_pad - k0);
     for (int64_t t = 0; t < tiles; ++t)
       for (int64_t c = 0; c < n; c += NR)
-        tile_qk(qs + t * MR * d, kp + (k0 + c) * d, d, logits + t * MR * KB + c, KB);
+        tile(qs + t * MR * d, d, kp + (k0 + c) * d, NR, d, logits + t * MR * KB + c, KB,
+             false);
     const bool masked = !keep_all[k0 / KB];
     for (int64_t i = 0; i < tiles * MR; ++i) {
       float* si = logits + i * KB;
@@ -188,7 +173,7 @@ void attend_block(const float* q, const float* kp, const float* vp, const float*
     }
     for (int64_t t = 0; t < tiles; ++t)
       for (int64_t c = 0; c < d; c += NR)
-        tile_pv(logits + t * MR * KB, KB, vp + k0 * d + c, d, n, acc + t * MR * d + c, d);
+        tile(logits + t * MR * KB, KB, vp + k0 * d + c, d, n, acc + t * MR * d + c, d, true);
   }
   const int64_t stat = (bi * s.h + hi) * s.nq + q0;
   for (int64_t i = 0; i < rows; ++i) {

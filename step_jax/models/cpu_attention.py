@@ -100,6 +100,11 @@ def available():
   return _load()[0]
 
 
+def why_not():
+  """Why the kernel does not run here ('' where it does)."""
+  return _load()[1]
+
+
 def attention(q, k, v, key_mask):
   """out [B, Nq, H, D], row max and 1 / row sum [B, H, Nq] of softmax(q kᵀ) v in fp32.
 
@@ -108,7 +113,7 @@ def attention(q, k, v, key_mask):
   attention.py gives it the blocked backward.
   """
   if not available():
-    raise RuntimeError(f"the fused CPU attention cannot run here: {_load()[1]}")
+    raise RuntimeError(f"the fused CPU attention cannot run here: {why_not()}")
   b, nq, h, d = q.shape
   if d % HEAD_DIM_MULTIPLE or k.shape != v.shape or k.shape[0] != b or k.shape[2:] != (h, d):
     raise ValueError(f"cpu attention: q {q.shape}, k {k.shape}, v {v.shape}: need q [B, Nq, "
