@@ -19,6 +19,12 @@ Cells that do not fit (L/16 at 2048², or the N x N 'einsum' path at 2048²) are
   python experiments/peer_bench.py --memory --cells=B/16@2048,L/16@2048 \
       --impls=einsum,chunked --out=experiments/results/peer_bench_cpu/memory.jsonl
 
+`--split` rows profile both encoders (fp32) instead: ms and GFLOP/s of the dense layers and of
+the attention, the rest as one figure (split_cell).
+
+  python experiments/peer_bench.py --split --cells=Ti/16@512,B/16@512 \
+      --out=experiments/results/peer_bench_cpu/split.jsonl
+
 Resumable: a cell already in --out (same kind, variant, size, threads) is skipped, so a run
 stopped half-way continues with the next cell.
 """
@@ -35,7 +41,9 @@ import jax.numpy as jnp
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from configs import step as step_config  # noqa: E402
+from step_jax.analysis import ops  # noqa: E402
 from step_jax.models import attention  # noqa: E402
+from step_jax.models import cpu_attention  # noqa: E402
 from step_jax.models import builder  # noqa: E402
 from step_jax.models import vit  # noqa: E402
 from step_jax.runtime import writers  # noqa: E402
@@ -95,7 +103,8 @@ def timm_encoder(variant, res, dtype="fp32"):
 DTYPES = {"fp32": jnp.float32, "bf16": jnp.bfloat16}
 
 
-def our_encoder(variant, res, impl="auto", dtype="fp32"):
+def our_encoder_program(variant, res, impl="auto", dtype="fp32"):
+  """Our encoder at res², compiled, and its arguments (random weights, a fixed input)."""
   x = jax.random.uniform(jax.random.key(1), (1, res, res, 3))
   model = vit.ViT(**vit.decode_variant(variant), posemb_grid=(res // 16, res // 16),
                   attention_impl=attention.resolve_impl(impl, DTYPES[dtype], 64,
@@ -103,7 +112,12 @@ def our_encoder(variant, res, impl="auto", dtype="fp32"):
                   dtype=DTYPES[dtype])
   variables = jax.jit(model.init)(jax.random.key(0), x)
   fn = jax.jit(lambda v, im: model.apply(v, im)[0])
-  return lambda: jax.block_until_ready(fn(variables, x))
+  return fn.lower(variables, x).compile(), (variables, x)
+
+
+def our_encoder(variant, res, impl="auto", dtype="fp32"):
+  compiled, args = our_encoder_program(variant, res, impl, dtype)
+  return lambda: jax.block_until_ready(compiled(*args))
 
 
 def our_segvit(variant, res, dtype="fp32"):
@@ -157,6 +171,53 @@ def time_cell(variant, res, reps, dtype="fp32"):
   return row
 
 
+def encoder_gflops(variant, res):
+  """FLOPs (÷1e9) of the encoder's dense layers (patch embedding, qkv, projection, MLP) and
+  of its attention (q·kᵀ and p·v) at res², batch 1."""
+  v, n = vit.decode_variant(variant), (res // 16) ** 2
+  w = v["width"]
+  dense = 2 * n * 768 * w + v["depth"] * 2 * n * w * (4 * w + 2 * v["mlp_dim"])
+  return dense / 1e9, v["depth"] * 4 * n * n * w / 1e9
+
+
+def split_cell(variant, res, reps):
+  """Where each encoder's time goes (fp32, batch 1): ms per call in dense layers, attention
+  and everything else, and the GFLOP/s of the first two. Ours from a jax.profiler trace
+  (step_jax.analysis.ops), timm's from torch.profiler's self times; timed separately (the
+  profilers would slow each other), so compare shares and rates rather than totals."""
+  from torch import profiler  # pylint: disable=g-import-not-at-top
+  dense_gf, attn_gf = encoder_gflops(variant, res)
+  compiled, args = our_encoder_program(variant, res)
+  rows, wall = ops.op_times(compiled, args, reps=reps, warmup=1)
+  is_attention = lambda r: r["kind"] == f"custom-call {cpu_attention.TARGET}"
+  ours = dict(wall_ms=wall, dense_ms=sum(r["ms"] for r in rows if r["dot"]),
+              attention_ms=sum(r["ms"] for r in rows if is_attention(r)),
+              other_ms=sum(r["ms"] for r in rows if not r["dot"] and not is_attention(r)))
+  call = timm_encoder(variant, res)
+  call()
+  with profiler.profile(activities=[profiler.ProfilerActivity.CPU]) as prof:
+    t = time.perf_counter()
+    for _ in range(reps):
+      call()
+    timm_wall = 1000 * (time.perf_counter() - t) / reps
+  self_ms = {e.key: e.self_cpu_time_total / 1000 / reps for e in prof.key_averages()}
+  dense_ops = ("aten::addmm", "aten::mkldnn_convolution", "aten::mm")
+  timm = dict(wall_ms=timm_wall, dense_ms=sum(self_ms.get(k, 0) for k in dense_ops),
+              attention_ms=sum(v for k, v in self_ms.items() if "scaled_dot_product" in k))
+  timm["other_ms"] = sum(self_ms.values()) - timm["dense_ms"] - timm["attention_ms"]
+  for d in (ours, timm):
+    d["dense_gflop_per_s"] = dense_gf / d["dense_ms"] * 1000 if d["dense_ms"] else None
+    d["attention_gflop_per_s"] = attn_gf / d["attention_ms"] * 1000 if d["attention_ms"] \
+        else None
+    for k in list(d):
+      d[k] = round(d[k], 1) if d[k] is not None else None
+  return dict(kind="split", variant=variant, res=res, tokens=(res // 16) ** 2, batch=1,
+              dtype="float32", reps=reps, dense_gflop=round(dense_gf, 2),
+              attention_gflop=round(attn_gf, 2), ours=ours, timm=timm,
+              ours_attention=attention.resolve_impl("auto", jnp.float32, 64,
+                                                    (res // 16) ** 2))
+
+
 def memory_cell(variant, res, impl):
   """XLA's planned bytes for our encoder's forward at res² with attention path `impl`."""
   model = vit.ViT(**vit.decode_variant(variant), posemb_grid=(res // 16, res // 16),
@@ -186,14 +247,19 @@ def main(argv):
                  torch_device="cuda" if torch.cuda.is_available() else "cpu")
   jobs = [(v, r, impl) for v, r in parse_cells(FLAGS.cells)
           for impl in (FLAGS.impls.split(",") if FLAGS.memory else [""])]
+  kind = "memory" if FLAGS.memory else "split" if FLAGS.split else "time"
   for variant, res, impl in jobs:
-    key = ("memory" if FLAGS.memory else "time", variant, res, impl, threads,
-           "float32" if FLAGS.memory else jnp.dtype(DTYPES[FLAGS.dtype]).name)
+    key = (kind, variant, res, impl, threads,
+           jnp.dtype(DTYPES[FLAGS.dtype]).name if kind == "time" else "float32")
     if key in done:
       print(f"skip {variant}@{res} {impl} (in {FLAGS.out})", flush=True)
       continue
-    row = memory_cell(variant, res, impl) if FLAGS.memory else time_cell(
-        variant, res, FLAGS.reps, FLAGS.dtype)
+    if kind == "memory":
+      row = memory_cell(variant, res, impl)
+    elif kind == "split":
+      row = split_cell(variant, res, FLAGS.reps)
+    else:
+      row = time_cell(variant, res, FLAGS.reps, FLAGS.dtype)
     row.update(machine, when=time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()))
     writers.print_row(row, FLAGS.out)
 
@@ -204,6 +270,8 @@ if __name__ == "__main__":
   flags.DEFINE_integer("threads", 0, "torch threads (0: every core, as XLA uses).")
   flags.DEFINE_enum("dtype", "fp32", list(DTYPES), "Compute dtype of both (--memory: fp32).")
   flags.DEFINE_bool("memory", False, "Compile only: XLA's planned bytes per --impls path.")
+  flags.DEFINE_bool("split", False, "Profile both encoders (fp32): ms and GFLOP/s of dense "
+                    "layers and attention.")
   flags.DEFINE_string("impls", "einsum,chunked", "Attention paths for --memory.")
   flags.DEFINE_string("out", "", "JSON-lines file the rows are appended to (resumable).")
   app.run(main)

@@ -121,6 +121,17 @@ def test_profile_pieces_sum_to_model_flops(images, prepared, tmp_path):
     assert len(list(csv.reader(f))) == len(table) + 1
 
 
+def test_run_profile_writes_the_forward_op_by_op(tmp_path):
+  """step-profile's files: the per-piece table and ops.md/json, whose dot fusions hold the
+  encoder's matmuls."""
+  text = profile_lib.run_profile(_cfg("segvit"), str(tmp_path), num_images=1, reps=1,
+                                 warmup=0, config_name="tiny segvit")
+  assert {"profile.md", "ops.md", "ops.json"} <= set(os.listdir(tmp_path))
+  assert "| full forward |" in text and "| op kind |" in text
+  ops_rows = json.load(open(tmp_path / "ops.json"))["rows"]
+  assert sum(r["count"] for r in ops_rows if r["dot"]) >= 4 * 4   # 4 blocks x 4 dense layers
+
+
 def test_profile_segvit_pieces_sum_to_model_macs():
   cfg = _cfg("segvit")
   model = builder.build(cfg.model, cfg.num_classes, (64, 64), 255)
@@ -365,6 +376,23 @@ def test_peer_bench_cells():
   mem = {impl: peer_bench.memory_cell("Mu/16", 512, impl)["temp_bytes"]
          for impl in ("einsum", "chunked")}
   assert mem["chunked"] < mem["einsum"]
+
+
+def test_peer_bench_split_counts_the_encoders_flops():
+  """--split rows: the analytic FLOPs they divide by are XLA's count of our encoder, and both
+  encoders' time is split into dense layers, attention and the rest."""
+  for variant, res in (("Ti/16", 256), ("B/16", 256)):   # XLA adds elementwise ops (≤ 5 %)
+    compiled, _ = peer_bench.our_encoder_program(variant, res, impl="einsum")
+    cost = compiled.cost_analysis()
+    cost = cost[0] if isinstance(cost, (list, tuple)) else cost
+    dense, attn = peer_bench.encoder_gflops(variant, res)
+    assert 0.94 < (dense + attn) * 1e9 / cost["flops"] <= 1.0, variant
+  pytest.importorskip("step_jax.testing.tv_shim")
+  pytest.importorskip("timm")
+  row = peer_bench.split_cell("Mu/16", 384, reps=1)   # 576 tokens: the fused path if it builds
+  for side in ("ours", "timm"):
+    assert row[side]["dense_ms"] > 0 and row[side]["dense_gflop_per_s"] > 0
+    assert row[side]["attention_ms"] > 0 or row["ours_attention"] != "cpu_fused"
 
 
 def test_halt_sweep_matches_the_model_at_each_threshold(images, prepared):

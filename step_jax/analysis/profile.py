@@ -19,7 +19,8 @@ given beside it as a cross-check.
 
 Weights: `--workdir` (a training run) or random ones, with exit thresholds
 calibrated to halt `--exit_share` of the active tokens per exit (as analysis.benchmark does).
-Writes <out>/profile.{md,csv,json,png}.
+Writes <out>/profile.{md,csv,json,png}, and <out>/ops.{md,json}: the full forward op by op
+(step_jax.analysis.ops).
 """
 import csv
 import functools
@@ -34,6 +35,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from step_jax.analysis import benchmark
+from step_jax.analysis import ops
 from step_jax.evaluation import tokens as tokens_lib
 from step_jax.models import algm
 from step_jax.models import algm_encoder
@@ -280,17 +282,23 @@ def dispatch_ms(reps=20):
   return 1000 * time_programs({0: (f, (jnp.zeros(8),))}, reps, 2)[0]
 
 
-def profile(config, model, variables, images, *, batch=1, reps=5, warmup=2, plans=None):
-  """Rows (one per piece, then 'full forward' and 'other'), averaged over `images`:
-  name, layer, tokens, capacity, gflops (useful), gflops_executed, xla_gflops, ms.
-  `plans`: stage_plan's result when already computed."""
-  plans = plans or stage_plan(model, variables, images)
-
-  def fwd(v, x):  # the whole forward as step_jax.analysis.benchmark times it
+def full_forward(model, variables, images, batch=1):
+  """The whole forward as step_jax.analysis.benchmark times it, compiled for `batch` images
+  of `images`' size."""
+  def fwd(v, x):
     out, _ = model.apply(v, x)
     return segmenter.predict_scores(out, x.shape[1:3])
+  return jax.jit(fwd).lower(variables, np.asarray(images)[:1].repeat(batch, 0)).compile()
+
+
+def profile(config, model, variables, images, *, batch=1, reps=5, warmup=2, plans=None,
+            full=None):
+  """Rows (one per piece, then 'full forward' and 'other'), averaged over `images`:
+  name, layer, tokens, capacity, gflops (useful), gflops_executed, xla_gflops, ms.
+  `plans`: stage_plan's result, `full`: full_forward's, when already computed."""
+  plans = plans or stage_plan(model, variables, images)
   images = np.asarray(images)
-  full = jax.jit(fwd).lower(variables, images[:1].repeat(batch, 0)).compile()
+  full = full or full_forward(model, variables, images, batch)
   programs, xla, per_image = {}, {}, []   # one program per (piece, bucket) met
   for i, (plan, im) in enumerate(zip(plans, images)):
     rows = pieces(config, model, plan, im, batch)
@@ -400,10 +408,12 @@ def plot(rows, path, title):
 def run_profile(config, out, workdir=None, *, images="", num_images=4, exit_share=0.4,
                 dtype="fp32", batch=1, reps=5, warmup=2, config_name=""):
   """Profiles `config` (trained weights of `workdir`, or random ones), writes
-  <out>/profile.{md,csv,json,png} and returns the markdown table."""
+  <out>/profile.{md,csv,json,png} and <out>/ops.{md,json}, and returns the markdown tables."""
   ims = tokens_lib.load_images(config, images, num_images)
   config, model, variables, weights = load(config, ims, workdir, exit_share, dtype)
-  table = profile(config, model, variables, ims, batch=batch, reps=reps, warmup=warmup)
+  full = full_forward(model, variables, ims, batch)
+  table = profile(config, model, variables, ims, batch=batch, reps=reps, warmup=warmup,
+                  full=full)
   dev = jax.devices()[0]
   header = dict(config=config_name,
                 device=f"{dev.platform}:{getattr(dev, 'device_kind', '')} "
@@ -412,4 +422,13 @@ def run_profile(config, out, workdir=None, *, images="", num_images=4, exit_shar
                 dispatch_ms=dispatch_ms(), dtype=dtype,
                 exit_threshold=np.atleast_1d(model.exit_threshold).tolist()
                 if model.exit_layers else None)
-  return write(table, out, header)
+  text = write(table, out, header)
+  # Op by op (the first image's full forward): which XLA op the time goes to.
+  rows, wall = ops.op_times(full, (variables, np.asarray(ims)[:1].repeat(batch, 0)),
+                            reps=reps, warmup=warmup)
+  op_text = ops.markdown(rows, wall, f"Ops of the full forward of image 1, `{config_name}`")
+  with open(os.path.join(out, "ops.md"), "w") as f:
+    f.write(op_text + "\n")
+  with open(os.path.join(out, "ops.json"), "w") as f:
+    json.dump(dict(header, wall_ms=wall, rows=rows), f, indent=1)
+  return text + "\n\n" + op_text
