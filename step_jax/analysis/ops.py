@@ -8,6 +8,9 @@ after what it fuses; `ynn_fusion` is YNNPACK's on CPU), custom calls go by targe
 fusion that contains a dot or convolution (the FLOPs' home) is told apart from one that does
 not (YNNPACK fuses elementwise ops too): `ynn_fusion (dot)` vs `ynn_fusion`.
 
+XLA:CPU only: there each op runs as a thunk traced under the op's name; on a GPU the trace
+names kernels (use xprof or Nsight there).
+
 Control-flow ops (while, conditional, call) are left out of the sum: the ops they run are
 traced as their own events. Async thunks may overlap, so the sum can exceed wall time.
 """
@@ -29,19 +32,18 @@ _CONTROL = ("while", "conditional", "call")
 
 def instructions(hlo_text):
   """{instruction name: (kind, has_dot)} of an HLO module's text (compiled.as_text())."""
-  bodies, current, lines = {}, None, []
+  bodies, current = {}, None   # computation name -> its instruction lines
   for line in hlo_text.splitlines():
     m = _COMPUTATION.match(line)
     if m:
-      current, lines = m.group(1), []
-    elif line.startswith("}") and current:
-      bodies[current] = "\n".join(lines)
+      current = bodies.setdefault(m.group(1), [])
+    elif line.startswith("}"):
       current = None
-    elif current:
-      lines.append(line)
+    elif current is not None:
+      current.append(line)
   found = {}
   for body in bodies.values():
-    for line in body.splitlines():
+    for line in body:
       m = _INSTR.match(line)
       if not m:
         continue
@@ -54,7 +56,7 @@ def instructions(hlo_text):
       else:
         kind = opcode
       called = re.search(r"calls=%(\S+?)[,\s]", line + " ")
-      inner = bodies.get(called.group(1), "") if called else ""
+      inner = "\n".join(bodies.get(called.group(1), [])) if called else ""
       has_dot = opcode in ("dot", "convolution") or bool(re.search(r" (dot|convolution)\(",
                                                                      inner))
       found[name] = (f"{kind} (dot)" if has_dot and opcode == "fusion" else kind, has_dot)

@@ -19,8 +19,8 @@ given beside it as a cross-check.
 
 Weights: `--workdir` (a training run) or random ones, with exit thresholds
 calibrated to halt `--exit_share` of the active tokens per exit (as analysis.benchmark does).
-Writes <out>/profile.{md,csv,json,png}, and <out>/ops.{md,json}: the full forward op by op
-(step_jax.analysis.ops).
+Writes <out>/profile.{md,csv,json,png}, and on the CPU <out>/ops.{md,json}: the full forward op
+by op (step_jax.analysis.ops).
 """
 import csv
 import functools
@@ -423,6 +423,8 @@ def run_profile(config, out, workdir=None, *, images="", num_images=4, exit_shar
                 exit_threshold=np.atleast_1d(model.exit_threshold).tolist()
                 if model.exit_layers else None)
   text = write(table, out, header)
+  if jax.default_backend() != "cpu":   # a GPU trace names kernels, not ops: use xprof there
+    return text + "\n\nops.md: written on the CPU backend only."
   # Op by op (the first image's full forward): which XLA op the time goes to.
   rows, wall = ops.op_times(full, (variables, np.asarray(ims)[:1].repeat(batch, 0)),
                             reps=reps, warmup=warmup)
