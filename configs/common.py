@@ -98,9 +98,9 @@ def model_config(variant, res):
       head_layers=segmenter.HEAD_LAYERS, head_dropout=0.1, drop_path=drop_path,
       dtype="float32", remat=False,
       # ViT self-attention: 'auto' = jax.nn.dot_product_attention on a GPU (cuDNN's fused
-      # kernel in bf16), on a CPU the written-out einsum below 512 tokens, from 512 on the
-      # fused C++ kernel 'cpu_fused' (or 'chunked', blocks in plain JAX, where it does not
-      # build); no N x N matrix either way (models/attention.resolve_impl).
+      # kernel in bf16), on a CPU the fused C++ kernel 'cpu_fused' from 128 tokens in
+      # inference and from 512 in training (or 'chunked', blocks in plain JAX, from 512
+      # where it does not build), the written-out einsum below (models/attention.resolve_impl).
       attention_impl="auto",
       # Inference: the blocks as one lax.scan (one compiled block per capacity bucket).
       scan_blocks=False,

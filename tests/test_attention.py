@@ -42,17 +42,25 @@ def test_resolve_impl(monkeypatch):
   assert attention.resolve_impl("xla", jnp.bfloat16, 64, n) == "xla"
   with pytest.raises(ValueError, match="attention_impl='flash'"):
     attention.resolve_impl("flash", jnp.float32, 64, 16)
-  # Where the kernel runs, 'auto' takes it from CPU_CHUNKED_FROM tokens on, for head dims it
-  # serves; 'portable' (exported artifacts) never does.
+  # Where the kernel runs, 'auto' takes it for head dims it serves: in training from
+  # CPU_CHUNKED_FROM tokens on, in inference from CPU_FUSED_FROM; 'portable' (exported
+  # artifacts) never does.
   monkeypatch.setattr(cpu_attention, "available", lambda: True)
   monkeypatch.setattr(jax, "device_count", lambda: 1)
   if not gpu:
-    assert attention.resolve_impl("auto", jnp.float32, 64, n) == "cpu_fused"
-    assert attention.resolve_impl("auto", jnp.float32, 64, n - 1) == "einsum"
-    assert attention.resolve_impl("auto", jnp.float32, 40, n) == "chunked"
-    assert attention.resolve_impl("portable", jnp.float32, 64, n) == "chunked"
+    small = attention.CPU_FUSED_FROM
+    for train in (True, False):
+      assert attention.resolve_impl("auto", jnp.float32, 64, n, train) == "cpu_fused"
+      assert attention.resolve_impl("auto", jnp.float32, 64, small - 1, train) == "einsum"
+      assert attention.resolve_impl("auto", jnp.float32, 40, n, train) == "chunked"
+      assert attention.resolve_impl("auto", jnp.float32, 40, n - 1, train) == "einsum"
+      assert attention.resolve_impl("portable", jnp.float32, 64, n, train) == "chunked"
+      assert attention.resolve_impl("portable", jnp.float32, 64, n - 1, train) == "einsum"
+    assert attention.resolve_impl("auto", jnp.float32, 64, n - 1, train=True) == "einsum"
+    assert attention.resolve_impl("auto", jnp.float32, 64, small) == "cpu_fused"
     monkeypatch.setattr(jax, "device_count", lambda: 2)   # a sharded batch: blocks in JAX
     assert attention.resolve_impl("auto", jnp.float32, 64, n) == "chunked"
+    assert attention.resolve_impl("auto", jnp.float32, 64, small) == "einsum"
   else:
     with pytest.raises(ValueError, match="runs on CPUs only"):
       attention.resolve_impl("cpu_fused", jnp.float32, 64, n)
@@ -117,6 +125,22 @@ def test_fused_path_refuses_attention_dropout_in_training(impl):
   layer.apply(params, x)                                   # inference: fine
   with pytest.raises(ValueError, match="no dropout on the attention weights"):
     layer.apply(params, x, train=True, rngs={"dropout": jax.random.key(1)})
+
+
+@needs_kernel
+def test_auto_takes_the_kernel_in_inference_and_the_einsum_in_training(monkeypatch):
+  """At 200 tokens (between CPU_FUSED_FROM and CPU_CHUNKED_FROM) 'auto' runs the kernel when
+  nothing needs its backward, the einsum in training; both give the einsum's outputs."""
+  monkeypatch.setattr(jax, "device_count", lambda: 1)   # one device, as outside the tests
+  x = jax.random.normal(jax.random.key(0), (1, 200, 128))
+  key_mask = jax.random.uniform(jax.random.key(1), (1, 200)) < 0.7
+  auto, ref = attention.SelfAttention(2, impl="auto"), attention.SelfAttention(2, impl="einsum")
+  params = ref.init(jax.random.key(2), x, key_mask)
+  for train in (False, True):
+    fn = lambda p, train=train: auto.apply(p, x, key_mask, train=train)
+    calls_kernel = cpu_attention.TARGET in jax.jit(fn).lower(params).as_text()
+    assert calls_kernel == (not train), train
+    assert_close(fn(params), ref.apply(params, x, key_mask, train=train), 1e-5)
 
 
 def _key_mask(b, n, seed):

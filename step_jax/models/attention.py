@@ -61,17 +61,28 @@ GPU_CHUNKED_FROM = 16384
 #   chunked            10.9       58.6       140.4      593.9
 #   PyTorch SDPA        7.0       33.5       101.6      400.9
 # Training keeps 'chunked's blocked backward (from the kernel's row statistics), so below
-# 512 tokens, where that backward loses to the einsum's, the einsum stays.
+# 512 tokens, where that backward loses to the einsum's, the einsum stays. Inference needs no
+# backward, and there the kernel's forward beats the einsum's from far fewer tokens: ms,
+# medians of 15 rounds interleaved, same machine, 2026-12-05 (einsum / cpu_fused):
+#   tokens          64          128         196         256         344         400
+#   3 heads     0.20 / 0.20 0.60 / 0.50 1.30 / 0.60 1.60 / 0.70 1.90 / 0.90 1.80 / 1.20
+#   12 heads    0.60 / 0.40 1.90 / 0.90 3.20 / 1.50 5.90 / 2.10 6.00 / 3.80 9.50 / 4.80
+# and whole encoders in inference at 196 / 256 / 400 tokens (224², 256², 320²) ran 1.11 /
+# 1.18 / 1.15x faster with it (Ti/16) and 1.05 / 1.09 / 1.13x (B/16); so inference ('auto',
+# train=False) takes the kernel from CPU_FUSED_FROM tokens.
+CPU_FUSED_FROM = 128
 
 
-def resolve_impl(impl, dtype, head_dim, num_tokens):
+def resolve_impl(impl, dtype, head_dim, num_tokens, train=False):
   """The path 'auto' / 'portable' take for `num_tokens` keys (others pass through). On a
   GPU: cuDNN's fused kernel where it applies (bf16/fp16, head dim a multiple of 8 up to 128),
   else XLA's `jax.nn.dot_product_attention`, or 'chunked' from GPU_CHUNKED_FROM tokens.
-  Elsewhere the written-out einsum below CPU_CHUNKED_FROM tokens, and from there on the fused
-  C++ kernel ('cpu_fused'; 'auto' only, see the numbers above) where it builds, the head dim
-  suits it and there is one device (the kernel does not split over a sharded batch), else
-  'chunked'. The einsum was 9 % faster than 'xla' (ViT-B/16 512²) and planned 31 % less
+  Elsewhere the fused C++ kernel ('cpu_fused'; 'auto' only, see the numbers above) where it
+  builds, the head dim suits it and there is one device (the kernel does not split over a
+  sharded batch): from CPU_FUSED_FROM tokens in inference, from CPU_CHUNKED_FROM in training
+  (`train`: its backward is 'chunked''s); below those the written-out einsum; and
+  'chunked' from CPU_CHUNKED_FROM tokens where the kernel does not apply. The einsum was
+  9 % faster than 'xla' (ViT-B/16 512²) and planned 31 % less
   temporary memory (1.77 vs 2.57 GB at 1024²;
   experiments/results/attention_memory_cpu_b16_1024.json)."""
   if impl not in IMPLS:
@@ -82,11 +93,14 @@ def resolve_impl(impl, dtype, head_dim, num_tokens):
   if impl not in ("auto", "portable"):
     return impl
   if not gpu:
-    if num_tokens < CPU_CHUNKED_FROM:
+    fused_from = CPU_CHUNKED_FROM if train else CPU_FUSED_FROM
+    if num_tokens < fused_from:
       return "einsum"
     fused = (impl == "auto" and head_dim % cpu_attention.HEAD_DIM_MULTIPLE == 0
              and jax.device_count() == 1 and cpu_attention.available())
-    return "cpu_fused" if fused else "chunked"
+    if fused:
+      return "cpu_fused"
+    return "chunked" if num_tokens >= CPU_CHUNKED_FROM else "einsum"
   fused_ok = (jnp.dtype(dtype) in (jnp.bfloat16, jnp.float16) and head_dim % 8 == 0
               and head_dim <= 128)
   if fused_ok:
@@ -318,7 +332,7 @@ class SelfAttention(nn.Module):
   the attention weights); 'xla' / 'cudnn' call `jax.nn.dot_product_attention` (cuDNN: the
   fused flash-style kernel, no [B, H, N, N] matrix in memory); 'chunked' is
   chunked_attention (blocks in plain JAX, no [B, H, N, N] matrix either, on any device);
-  'auto' picks by device, dtype and token count (resolve_impl).
+  'auto' picks by device, dtype, token count and whether it trains (resolve_impl).
   The key mask (padding in capacity buckets, halted tokens) is a boolean mask on the keys in
   every path; softmax statistics are fp32 in every path.
   """
@@ -336,7 +350,7 @@ class SelfAttention(nn.Module):
                                      kernel_init=nn.initializers.xavier_uniform(), name=name)
     qkv = dense(3 * d, "qkv")(x).reshape(b, n, 3, h, d // h)
     q, k, v = qkv[:, :, 0], qkv[:, :, 1], qkv[:, :, 2]          # [B, N, H, Dh]
-    impl = resolve_impl(self.impl, self.dtype, d // h, n)
+    impl = resolve_impl(self.impl, self.dtype, d // h, n, train)
     if impl != "einsum":
       if self.dropout and train:
         raise ValueError(f"attention_impl={impl!r} has no dropout on the attention weights; "
