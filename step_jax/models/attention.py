@@ -67,7 +67,11 @@ GPU_CHUNKED_FROM = 16384
 #   tokens          64          128         196         256         344         400
 #   3 heads     0.20 / 0.20 0.60 / 0.50 1.30 / 0.60 1.60 / 0.70 1.90 / 0.90 1.80 / 1.20
 #   12 heads    0.60 / 0.40 1.90 / 0.90 3.20 / 1.50 5.90 / 2.10 6.00 / 3.80 9.50 / 4.80
-# and whole encoders in inference at 196 / 256 / 400 tokens (224², 256², 320²) ran 1.11 /
+# (Forward + backward on this AMD EPYC, 5 rounds, einsum / cpu_fused / chunked / torch SDPA,
+# ms: 12 x 128 6.2 / 5.2 / 4.2 / 3.0, 12 x 196 11.9 / 9.1 / 5.9 / 5.1, 12 x 400 28.6 / 20.7 /
+# 23.6 / 14.4: the blocked paths win in training too from 128 tokens here, unlike on the
+# Xeon above; training keeps CPU_CHUNKED_FROM until one rule holds on both.)
+# Whole encoders in inference at 196 / 256 / 400 tokens (224², 256², 320²) ran 1.11 /
 # 1.18 / 1.15x faster with it (Ti/16) and 1.05 / 1.09 / 1.13x (B/16); so inference ('auto',
 # train=False) takes the kernel from CPU_FUSED_FROM tokens.
 CPU_FUSED_FROM = 128
