@@ -184,7 +184,9 @@ def split_cell(variant, res, reps):
   """Where each encoder's time goes (fp32, batch 1): ms per call in dense layers, attention
   and everything else, and the GFLOP/s of the first two. Ours from a jax.profiler trace
   (step_jax.analysis.ops), timm's from torch.profiler's self times; timed separately (the
-  profilers would slow each other), so compare shares and rates rather than totals."""
+  profilers would slow each other), so compare shares and rates rather than totals. Our
+  attention is told apart only as the fused kernel's custom call (`ours_attention`
+  'cpu_fused'); on the plain JAX paths its matmuls count as dense."""
   from torch import profiler  # pylint: disable=g-import-not-at-top
   dense_gf, attn_gf = encoder_gflops(variant, res)
   compiled, args = our_encoder_program(variant, res)

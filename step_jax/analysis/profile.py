@@ -298,7 +298,7 @@ def profile(config, model, variables, images, *, batch=1, reps=5, warmup=2, plan
   `plans`: stage_plan's result, `full`: full_forward's, when already computed."""
   plans = plans or stage_plan(model, variables, images)
   images = np.asarray(images)
-  full = full or full_forward(model, variables, images, batch)
+  full = full if full is not None else full_forward(model, variables, images, batch)
   programs, xla, per_image = {}, {}, []   # one program per (piece, bucket) met
   for i, (plan, im) in enumerate(zip(plans, images)):
     rows = pieces(config, model, plan, im, batch)
@@ -408,7 +408,7 @@ def plot(rows, path, title):
 def run_profile(config, out, workdir=None, *, images="", num_images=4, exit_share=0.4,
                 dtype="fp32", batch=1, reps=5, warmup=2, config_name=""):
   """Profiles `config` (trained weights of `workdir`, or random ones), writes
-  <out>/profile.{md,csv,json,png} and <out>/ops.{md,json}, and returns the markdown tables."""
+  <out>/profile.{md,csv,json,png} and (CPU) <out>/ops.{md,json}; returns the markdown tables."""
   ims = tokens_lib.load_images(config, images, num_images)
   config, model, variables, weights = load(config, ims, workdir, exit_share, dtype)
   full = full_forward(model, variables, ims, batch)
