@@ -86,19 +86,20 @@ def test_jax_artifact_round_trip(step_model, tmp_path):
   assert jax.eval_shape(exp.call, restored, images[:1])["pred"].shape == (1, 128, 128)
 
 
-def test_artifact_takes_the_plain_jax_attention():
-  """At 512 tokens 'auto' takes the fused CPU kernel where it runs, a custom call of this
-  process only: the artifact must take the plain JAX path instead (and can then be
-  serialized and run anywhere)."""
+def test_artifact_takes_the_plain_jax_attention(monkeypatch):
+  """In inference from CPU_FUSED_FROM tokens 'auto' takes the fused CPU kernel where it runs,
+  a custom call of this process only: the artifact must take the plain JAX path instead (and
+  can then be serialized and run anywhere)."""
+  monkeypatch.setattr(jax, "device_count", lambda: 1)   # one device, as outside the tests
   cfg = segvit.get_config("variant=Mu/16,dataset=synthetic,res=256")
-  cfg.data.image_size = (256, 512)                            # 16 x 32 = 512 tokens
+  cfg.data.image_size = (128, 256)                            # 8 x 16 = 128 tokens
   model, variables = api.build(cfg)
   assert model.backbone.attention_impl == "auto"
-  x = jax.ShapeDtypeStruct((1, 256, 512, 3), np.float32)
+  x = jax.ShapeDtypeStruct((1, 128, 256, 3), np.float32)
   live = jax.jit(api.inference_fn(model)).lower(variables, x).as_text()
-  if attention.resolve_impl("auto", np.float32, 32, 512) == "cpu_fused":
+  if attention.resolve_impl("auto", np.float32, 32, 128) == "cpu_fused":
     assert "step_jax_cpu_attention" in live    # so that the check below can fail
-  exp = export.export_inference(model, variables, (256, 512), platforms=("cpu",), batch=1)
+  exp = export.export_inference(model, variables, (128, 256), platforms=("cpu",), batch=1)
   assert "step_jax_cpu_attention" not in exp.mlir_module()
   exp.serialize()
 
