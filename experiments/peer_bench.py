@@ -44,6 +44,7 @@ from configs import step as step_config  # noqa: E402
 from step_jax.analysis import ops  # noqa: E402
 from step_jax.models import attention  # noqa: E402
 from step_jax.models import cpu_attention  # noqa: E402
+from step_jax.models import flops  # noqa: E402
 from step_jax.models import builder  # noqa: E402
 from step_jax.models import vit  # noqa: E402
 from step_jax.runtime import writers  # noqa: E402
@@ -103,13 +104,16 @@ def timm_encoder(variant, res, dtype="fp32"):
 DTYPES = {"fp32": jnp.float32, "bf16": jnp.bfloat16}
 
 
+def our_attention(res, impl="auto", dtype="fp32"):
+  """The attention path `impl` resolves to in our encoder at res² (heads of 64, inference)."""
+  return attention.resolve_impl(impl, DTYPES[dtype], 64, (res // 16) ** 2)
+
+
 def our_encoder_program(variant, res, impl="auto", dtype="fp32"):
   """Our encoder at res², compiled, and its arguments (random weights, a fixed input)."""
   x = jax.random.uniform(jax.random.key(1), (1, res, res, 3))
   model = vit.ViT(**vit.decode_variant(variant), posemb_grid=(res // 16, res // 16),
-                  attention_impl=attention.resolve_impl(impl, DTYPES[dtype], 64,
-                                                        (res // 16) ** 2),
-                  dtype=DTYPES[dtype])
+                  attention_impl=our_attention(res, impl, dtype), dtype=DTYPES[dtype])
   variables = jax.jit(model.init)(jax.random.key(0), x)
   fn = jax.jit(lambda v, im: model.apply(v, im)[0])
   return fn.lower(variables, x).compile(), (variables, x)
@@ -161,8 +165,7 @@ def time_cell(variant, res, reps, dtype="fp32"):
   ms, _ = interleave(calls, reps)
   row = dict(kind="time", variant=variant, res=res, tokens=(res // 16) ** 2, batch=1,
              dtype=jnp.dtype(DTYPES[dtype]).name, reps=reps,
-             ours_attention=attention.resolve_impl("auto", DTYPES[dtype], 64,
-                                                   (res // 16) ** 2))
+             ours_attention=our_attention(res, dtype=dtype))
   for name, t in ms.items():
     row[name] = spread(t)
   ratios = [a / b for a, b in zip(ms["timm"], ms["ours_encoder"])]
@@ -176,8 +179,8 @@ def encoder_gflops(variant, res):
   of its attention (q·kᵀ and p·v) at res², batch 1."""
   v, n = vit.decode_variant(variant), (res // 16) ** 2
   w = v["width"]
-  dense = 2 * n * 768 * w + v["depth"] * 2 * n * w * (4 * w + 2 * v["mlp_dim"])
-  return dense / 1e9, v["depth"] * 4 * n * n * w / 1e9
+  dense = flops.patch_embed_macs(n, w, 16) + v["depth"] * n * w * (4 * w + 2 * v["mlp_dim"])
+  return 2 * dense / 1e9, v["depth"] * 4 * n * n * w / 1e9
 
 
 def split_cell(variant, res, reps):
@@ -216,8 +219,7 @@ def split_cell(variant, res, reps):
   return dict(kind="split", variant=variant, res=res, tokens=(res // 16) ** 2, batch=1,
               dtype="float32", reps=reps, dense_gflop=round(dense_gf, 2),
               attention_gflop=round(attn_gf, 2), ours=ours, timm=timm,
-              ours_attention=attention.resolve_impl("auto", jnp.float32, 64,
-                                                    (res // 16) ** 2))
+              ours_attention=our_attention(res))
 
 
 def memory_cell(variant, res, impl):
